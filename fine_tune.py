@@ -1,0 +1,283 @@
+"""Supervised fine-tuning of an SSL encoder, or the same recipe from scratch (the baseline).
+
+    python fine_tune.py --data_dir ./data/medical_images --label_file ./data/medical_images/labels.csv \\
+        --ssl_checkpoint ./checkpoints/best_ssl_model.pth --freeze_encoder --unfreeze_after_epoch 25
+    python fine_tune.py --data_dir ./data/medical_images --label_file ./data/medical_images/labels.csv \\
+        --label_fraction 0.1                                  # baseline from scratch on 10% of the labels
+    python fine_tune.py ... --resume                          # continue the interrupted run
+
+An SSL-initialised run writes best_finetuned_model.pth, a from-scratch run best_baseline_model.pth
+(so the spec's two commands, which share --output_dir, no longer overwrite each other); --output_name
+overrides. Beside it: <run>_history.csv, <run>_training.png, last_<run>_checkpoint.pth.
+Training uses the train split (or its --label_fraction), the best epoch is chosen on the val split,
+and the test split is never read.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data_loader
+import utils
+from model_ssl import Classifier, ModelConfig, use_small_stem
+from utils import UserError
+
+RESUME_KEYS = ("label_fraction", "seed", "num_classes", "image_size", "batch_size", "freeze_encoder",
+               "unfreeze_after_epoch", "ssl_checkpoint")
+
+
+# ============ data ============
+
+def load_ssl(args):
+    """The SSL checkpoint (validated) or None for a from-scratch baseline."""
+    if not args.ssl_checkpoint:
+        return None
+    return utils.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
+
+
+def build_data(args, ssl, device):
+    """Label table, the labelled train subset, val indices, and loaders over decoded images."""
+    table = data_loader.read_label_table(args.label_file, args.data_dir, args.num_classes, seed=args.seed,
+                                         val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    if args.num_classes is not None and args.num_classes != table.num_classes:
+        raise UserError(f"--num_classes {args.num_classes}, but {args.label_file} has {table.num_classes} classes "
+                        f"({', '.join(table.class_names)}); fix --num_classes or the label file")
+    train_idx = data_loader.stratified_subset(table.labels, table.indices("train"), args.label_fraction, args.seed)
+    val_idx = table.indices("val")
+    for name, idx in (("train", train_idx), ("val", val_idx)):
+        if len(idx) == 0:
+            raise UserError(f"{args.label_file}: the {name} split is empty; add images or a 'split' column")
+    used = np.concatenate([train_idx, val_idx])            # the test images are never decoded here
+    files = [table.filenames[i] for i in used]
+    store = data_loader.ImageStore(args.data_dir, files, args.image_size, cache_gb=args.cache_gb,
+                                   channels=ssl["channels"] if ssl else None)
+    labels = table.labels[used]
+    local_train, local_val = np.arange(len(train_idx)), np.arange(len(train_idx), len(used))
+    pin = device.type == "cuda"
+    train_loader = data_loader.BatchLoader(store, local_train, labels, batch_size=args.batch_size, shuffle=True,
+                                           seed=args.seed, drop_last=len(local_train) > args.batch_size,
+                                           num_workers=args.num_workers, pin_memory=pin)
+    val_loader = data_loader.BatchLoader(store, local_val, labels, batch_size=args.batch_size,
+                                         num_workers=args.num_workers, pin_memory=pin)
+    return table, train_idx, store, train_loader, val_loader
+
+
+# ============ model and optimisation ============
+
+def build_model(args, ssl, num_classes):
+    if ssl is None:
+        config = ModelConfig(backbone=args.backbone, small_stem=use_small_stem(args.image_size))
+        return Classifier(config, num_classes)
+    config = ModelConfig(**ssl["model_config"])
+    if config.small_stem != use_small_stem(args.image_size):
+        raise UserError(f"--image_size {args.image_size} needs the {'small' if use_small_stem(args.image_size) else 'standard'} "
+                        f"stem but {args.ssl_checkpoint} was pretrained with the other one at {ssl['image_size']} px; "
+                        f"leave --image_size out to use {ssl['image_size']}")
+    model = Classifier(config, num_classes)
+    utils.load_state_strict(model.encoder, ssl["encoder"], "encoder", args.ssl_checkpoint)
+    return model
+
+
+def build_optimizer(args, model, steps_per_epoch, pretrained: bool):
+    """AdamW; a pretrained encoder learns at lr x encoder_lr_scale, a from-scratch one at the full lr."""
+    encoder_lr = args.lr * (args.encoder_lr_scale if pretrained else 1.0)
+    groups = [{"params": model.head.parameters(), "lr": args.lr},
+              {"params": model.encoder.parameters(), "lr": encoder_lr}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = utils.warmup_cosine(optimizer, 0, args.num_epochs * steps_per_epoch)
+    return optimizer, scheduler
+
+
+def class_weights(args, labels, num_classes, device):
+    if args.class_weights == "none":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1))
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def make_loss_fn(augment, device, weights):
+    def loss_fn(model, batch):
+        images, labels, _ = batch
+        x = augment(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        logits = model(x)
+        return F.cross_entropy(logits.float(), labels.to(device), weight=weights), len(labels)
+    return loss_fn
+
+
+@torch.no_grad()
+def validate(model, loader, device, autocast_dtype, num_classes) -> dict:
+    """Loss, accuracy and balanced accuracy on the val split."""
+    model.eval()
+    losses, preds, trues = [], [], []
+    for images, labels, _ in loader:
+        x = data_loader.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(x).float()
+        losses.append(F.cross_entropy(logits, labels.to(device), reduction="sum").item())
+        preds.append(logits.argmax(1).cpu())
+        trues.append(labels)
+    pred, true = torch.cat(preds).numpy(), torch.cat(trues).numpy()
+    recalls = [np.mean(pred[true == c] == c) for c in range(num_classes) if np.any(true == c)]
+    return {"loss": sum(losses) / len(true), "accuracy": float(np.mean(pred == true)),
+            "balanced_accuracy": float(np.mean(recalls))}
+
+
+def is_better(metrics: dict, best) -> bool:
+    """Higher balanced accuracy wins; ties go to the lower val loss."""
+    if best is None:
+        return True
+    return (metrics["balanced_accuracy"], -metrics["loss"]) > (best["balanced_accuracy"], -best["loss"])
+
+
+# ============ checkpoints ============
+
+def run_names(args, pretrained: bool):
+    """(checkpoint file name, short run name) such as ('best_finetuned_model.pth', 'finetuned')."""
+    name = args.output_name or ("best_finetuned_model.pth" if pretrained else "best_baseline_model.pth")
+    if not name.endswith(".pth"):
+        name += ".pth"
+    run = name[:-4].removeprefix("best_").removesuffix("_model")
+    return name, run
+
+
+def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metrics, history_file) -> dict:
+    files = np.asarray(table.filenames)
+    return {
+        "kind": "classifier", "model_config": model.config.to_dict(), "num_classes": table.num_classes,
+        "class_names": list(table.class_names), "image_size": args.image_size, "channels": store.channels,
+        "normalization": {"mean": list(data_loader.IMAGENET_MEAN), "std": list(data_loader.IMAGENET_STD)},
+        "encoder": model.encoder.state_dict(), "head": model.head.state_dict(),
+        "init": "ssl" if ssl else "scratch",
+        "ssl_checkpoint": os.path.basename(args.ssl_checkpoint) if ssl else None,
+        "label_file_sha256": table.sha256, "split_seed": args.seed, "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction,
+        "splits": {s: files[table.indices(s)].tolist() for s in data_loader.SPLITS},
+        "train_files": files[train_idx].tolist(), "label_fraction": args.label_fraction,
+        "val_metrics": val_metrics, "history_file": history_file, "epoch": epoch,
+        "args": {k: v for k, v in vars(args).items() if k != "device_obj"},
+    }
+
+
+# ============ main ============
+
+def check_args(args) -> None:
+    if not 0 < args.label_fraction <= 1:
+        raise UserError(f"--label_fraction {args.label_fraction}: must be in (0, 1], e.g. 0.1 for 10% of the labels")
+    if args.num_epochs < 1 or args.batch_size < 1:
+        raise UserError("--num_epochs and --batch_size must be at least 1")
+
+
+def main(args):
+    check_args(args)
+    device = utils.resolve_device(args.device)
+    autocast_dtype, precision_note = utils.resolve_precision(args.precision, args.amp, device)
+    utils.seed_everything(args.seed)
+    if args.num_workers is None:
+        args.num_workers = 0
+    utils.configure_cpu_threads(device, args.num_workers)
+
+    # ============ preparing data and model ============
+    ssl = load_ssl(args)
+    args.image_size = args.image_size or (ssl["image_size"] if ssl else 224)
+    table, train_idx, store, train_loader, val_loader = build_data(args, ssl, device)
+    model = build_model(args, ssl, table.num_classes).to(device).to(memory_format=torch.channels_last)
+    if args.freeze_encoder and ssl is None:
+        print("warning: --freeze_encoder without --ssl_checkpoint freezes a random encoder until "
+              f"epoch {args.unfreeze_after_epoch}")
+    optimizer, scheduler = build_optimizer(args, model, len(train_loader), pretrained=ssl is not None)
+    scaler = utils.make_grad_scaler(device, autocast_dtype)
+    weights = class_weights(args, table.labels[train_idx], table.num_classes, device)
+    name, run = run_names(args, ssl is not None)
+    paths = {k: os.path.join(args.output_dir, v) for k, v in {
+        "best": name, "last": f"last_{run}_checkpoint.pth", "history": f"{run}_history.csv",
+        "plot": f"{run}_training.png", "settings": f"{run}_settings.json"}.items()}
+
+    start_epoch, best = 0, None
+    if args.resume:
+        resume = paths["last"] if args.resume == "auto" else args.resume
+        ckpt = utils.load_checkpoint(resume, "classifier", "--resume")
+        utils.check_resume_compatible(ckpt, args, RESUME_KEYS, resume)
+        best = utils.restore_training_state(ckpt, {"encoder": model.encoder, "head": model.head},
+                                            optimizer, scheduler, scaler, resume)
+        start_epoch = ckpt["epoch"]
+    history = utils.History(paths["history"], resume=start_epoch > 0)
+    history.truncate(start_epoch)
+
+    settings = {"device": str(device), "precision": precision_note, "init": "ssl" if ssl else "scratch",
+                "writes": paths["best"], "classes": table.class_names, "train_images": len(train_idx),
+                "val_images": len(table.indices("val")), "test_images_held_out": len(table.indices("test")),
+                "small_stem": model.config.small_stem, **vars(args)}
+    utils.print_settings(f"fine-tuning ({'from ' + args.ssl_checkpoint if ssl else 'from scratch: baseline'})", settings)
+    utils.write_settings(paths["settings"], settings)
+
+    # ============ training ============
+    augment = data_loader.BatchAugment(data_loader.SUPERVISED_AUGMENT, args.image_size)
+    loss_fn = make_loss_fn(augment, device, weights)
+    for epoch in range(start_epoch, args.num_epochs):
+        frozen = args.freeze_encoder and epoch < args.unfreeze_after_epoch
+        model.freeze_encoder(frozen)
+        train_loader.set_epoch(epoch)
+        stats = utils.train_one_epoch(model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
+                                      autocast_dtype=autocast_dtype, scheduler=scheduler, epoch=epoch,
+                                      num_epochs=args.num_epochs, desc="fine-tune" + (" (frozen)" if frozen else ""))
+        val = validate(model, val_loader, device, autocast_dtype, table.num_classes)
+        improved = is_better(val, best)
+        if improved:
+            best = val
+        ckpt = checkpoint_dict(model, args, ssl, table, train_idx, store, epoch + 1, val,
+                               os.path.basename(paths["history"]))
+        if improved:
+            utils.save_checkpoint(ckpt, paths["best"])
+        utils.save_checkpoint({**ckpt, **utils.training_state(optimizer, scheduler, scaler, best)}, paths["last"])
+        history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
+                        "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
+                        "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]})
+        utils.plot_history(paths["history"], paths["plot"], f"fine-tuning ({run})")
+        print(f"epoch {epoch + 1}/{args.num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
+              f"val_acc {val['accuracy']:.3f}  val_bal_acc {val['balanced_accuracy']:.3f}"
+              f"{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}", flush=True)
+    print(f"done: best epoch by val balanced accuracy {best['balanced_accuracy']:.3f} -> {paths['best']}")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
+                                parents=[utils.common_parser()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's names are relative to")
+    p.add_argument("--label_file", default="./data/medical_images/labels.csv",
+                   help="CSV filename,label[,split][,patient_id]")
+    p.add_argument("--ssl_checkpoint", default=None,
+                   help="best_ssl_model.pth from train_ssl.py; leave out to train from scratch (the baseline)")
+    p.add_argument("--output_dir", default="./checkpoints", help="where the model, history and plots go")
+    p.add_argument("--output_name", default=None,
+                   help="checkpoint file name (default: best_finetuned_model.pth with --ssl_checkpoint, "
+                        "best_baseline_model.pth without)")
+    p.add_argument("--num_classes", type=int, default=None, help="number of classes (default: from the label file)")
+    p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"],
+                   help="encoder for a from-scratch run (an SSL checkpoint brings its own)")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="training resolution (default: the SSL checkpoint's, else 224)")
+    p.add_argument("--batch_size", type=int, default=32, help="images per step")
+    p.add_argument("--num_epochs", type=int, default=50, help="fine-tuning epochs")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (and of a from-scratch encoder)")
+    p.add_argument("--encoder_lr_scale", type=float, default=0.1,
+                   help="learning rate of a pretrained encoder relative to --lr once it trains")
+    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--freeze_encoder", action="store_true",
+                   help="train only the head (encoder weights and BatchNorm statistics fixed) until --unfreeze_after_epoch")
+    p.add_argument("--unfreeze_after_epoch", type=int, default=25, help="epoch after which the whole network trains")
+    p.add_argument("--label_fraction", type=float, default=1.0,
+                   help="stratified fraction of the train split to train on (val and test untouched)")
+    p.add_argument("--class_weights", default="none", choices=["none", "balanced"],
+                   help="balanced: weight the loss by inverse class frequency (rare diseases)")
+    p.add_argument("--val_fraction", type=float, default=0.15, help="val share when the label file has no split column")
+    p.add_argument("--test_fraction", type=float, default=0.15, help="test share when the label file has no split column")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from last_<run>_checkpoint.pth (no value: the one in --output_dir)")
+    return p
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser())

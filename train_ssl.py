@@ -1,0 +1,277 @@
+"""SimCLR pretraining on unlabelled images -> best_ssl_model.pth.
+
+    python train_ssl.py --data_dir ./data/medical_images --output_dir ./checkpoints --num_epochs 100
+    python train_ssl.py --data_dir ./data/medical_images --label_file ./data/medical_images/labels.csv \\
+        --image_size 64 --num_epochs 30 --eval_every 5        # keep test images out, watch kNN accuracy
+    python train_ssl.py --data_dir ./data/medical_images --resume  # continue from last_ssl_checkpoint.pth
+    torchrun --standalone --nproc_per_node 2 train_ssl.py --data_dir ./data/medical_images
+
+Outputs in --output_dir: best_ssl_model.pth (lowest loss, or best kNN accuracy when a label file is
+given), last_ssl_checkpoint.pth (full state, every epoch), ssl_history.csv, ssl_training.png,
+ssl_settings.json.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data_loader
+import utils
+from model_ssl import ModelConfig, SimCLR, nt_xent_loss, use_small_stem
+from utils import UserError
+
+RESUME_KEYS = ("backbone", "image_size", "projection_dim", "batch_size", "optimizer", "seed")
+
+
+# ============ data ============
+
+def pretraining_files(args):
+    """Every readable image under data_dir, minus the test split of --label_file when given."""
+    files = data_loader.list_images(args.data_dir)
+    table, excluded = None, []
+    if args.label_file:
+        table = data_loader.read_label_table(args.label_file, args.data_dir, seed=args.seed)
+        excluded = sorted(np.asarray(table.filenames)[table.indices("test")].tolist())
+        held_out = set(excluded)
+        files = [f for f in files if f not in held_out]
+    if len(files) < 2:
+        raise UserError(f"--data_dir {args.data_dir}: SimCLR needs at least 2 images, found {len(files)}")
+    return files, table, excluded
+
+
+def build_loader(args, files, dist):
+    """A shuffled batch loader over decoded images (or the per-image PIL pipeline for --augment pil)."""
+    if args.augment == "pil":
+        transform = data_loader.build_pil_transform(data_loader.SSL_AUGMENT, args.image_size)
+        dataset = data_loader.PILTwoViewDataset(args.data_dir, files, transform)
+        sampler = torch.utils.data.DistributedSampler(dataset, dist["world_size"], dist["rank"], seed=args.seed) \
+            if dist["world_size"] > 1 else torch.utils.data.RandomSampler(dataset)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                             num_workers=args.num_workers, drop_last=len(files) > args.batch_size)
+        return None, loader
+    store = data_loader.ImageStore(args.data_dir, files, args.image_size, cache_gb=args.cache_gb, skip_unreadable=True)
+    loader = data_loader.BatchLoader(
+        store, np.arange(len(store)), batch_size=args.batch_size, shuffle=True, seed=args.seed,
+        drop_last=len(store) // dist["world_size"] > args.batch_size, num_workers=args.num_workers,
+        rank=dist["rank"], world_size=dist["world_size"], pin_memory=args.device_obj.type == "cuda")
+    return store, loader
+
+
+def make_loss_fn(augment, device, temperature, collapse_log, dist):
+    """Two augmented views per image, one forward over both, NT-Xent over the (global) batch."""
+    def loss_fn(model, batch):
+        if augment is None:                      # PIL path: views were made by the workers
+            v1, v2 = (v.to(device, non_blocking=True) for v in batch)
+        else:
+            images = batch[0].to(device, non_blocking=True)
+            v1, v2 = augment(images), augment(images)
+        x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
+        z1, z2 = model(x).float().chunk(2)
+        if dist["world_size"] > 1:
+            z1_all, z2_all = utils.all_gather_with_grad(z1), utils.all_gather_with_grad(z2)
+            loss = nt_xent_loss(z1, z2, temperature, z1_all, z2_all, offset=dist["rank"] * z1.shape[0])
+        else:
+            loss = nt_xent_loss(z1, z2, temperature)
+        collapse_log.append(F.normalize(z1.detach(), dim=1).std(dim=0).mean().item())
+        return loss, v1.shape[0]
+    return loss_fn
+
+
+# ============ model and optimisation ============
+
+def build_model(args):
+    config = ModelConfig(backbone=args.backbone, small_stem=use_small_stem(args.image_size),
+                         projection_dim=args.projection_dim)
+    return SimCLR(config)
+
+
+def build_optimizer(args, model, steps_per_epoch):
+    groups = utils.split_decay_groups(model, args.weight_decay)
+    if args.optimizer == "lars":
+        optimizer = utils.LARS(groups, lr=args.lr)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    scheduler = utils.warmup_cosine(optimizer, args.warmup_epochs * steps_per_epoch,
+                                    args.num_epochs * steps_per_epoch)
+    return optimizer, scheduler
+
+
+def knn_accuracy(model, table, args, device, autocast_dtype, channels):
+    """kNN (k=20) on frozen encoder features: train split -> val split."""
+    files = list(table.filenames)
+    store = data_loader.ImageStore(args.data_dir, files, args.image_size, cache_gb=args.cache_gb, channels=channels)
+    feats = {}
+    for split in ("train", "val"):
+        idx = table.indices(split)
+        loader = data_loader.BatchLoader(store, idx, table.labels, batch_size=args.batch_size)
+        feats[split] = utils.extract_features(model.encoder, loader, data_loader.normalize, device, autocast_dtype)
+    (f_train, y_train, _), (f_val, y_val, _) = feats["train"], feats["val"]
+    if len(y_val) == 0 or len(y_train) == 0:
+        return None
+    scores = utils.knn_predict(f_train, y_train, f_val, table.num_classes)
+    return (scores.argmax(1) == y_val).float().mean().item()
+
+
+# ============ checkpoints ============
+
+def checkpoint_dict(model, args, epoch, loss, knn, table, excluded, channels) -> dict:
+    return {
+        "kind": "ssl", "model_config": model.config.to_dict(), "image_size": args.image_size,
+        "channels": channels, "normalization": {"mean": list(data_loader.IMAGENET_MEAN),
+                                                "std": list(data_loader.IMAGENET_STD)},
+        "encoder": model.encoder.state_dict(), "projector": model.projector.state_dict(),
+        "args": {k: v for k, v in vars(args).items() if k != "device_obj"}, "epoch": epoch, "loss": loss,
+        "knn_accuracy": knn, "label_file_sha256": table.sha256 if table else None, "excluded_files": excluded,
+    }
+
+
+def resume_path(args) -> str | None:
+    if not args.resume:
+        return None
+    return os.path.join(args.output_dir, "last_ssl_checkpoint.pth") if args.resume == "auto" else args.resume
+
+
+# ============ main ============
+
+def main(args):
+    dist = utils.init_distributed()
+    device = args.device_obj = utils.resolve_device(args.device) if not dist["distributed"] else dist["device"]
+    autocast_dtype, precision_note = utils.resolve_precision(args.precision, args.amp, device)
+    utils.seed_everything(args.seed + dist["rank"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # ============ preparing data ============
+    files, table, excluded = pretraining_files(args)
+    if args.num_workers is None:
+        args.num_workers = utils.default_num_workers(device, streaming=args.augment == "pil")
+    utils.configure_cpu_threads(device, args.num_workers)
+    store, loader = build_loader(args, files, dist)
+    channels = store.channels if store is not None else 3
+    augment = data_loader.BatchAugment(data_loader.SSL_AUGMENT, args.image_size) if store is not None else None
+
+    # ============ building model and optimizer ============
+    model = build_model(args).to(device).to(memory_format=torch.channels_last)
+    if args.sync_bn and dist["distributed"]:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer, scheduler = build_optimizer(args, model, max(1, len(loader)))
+    scaler = utils.make_grad_scaler(device, autocast_dtype)
+    train_model = utils.wrap_ddp(model, dist)
+
+    start_epoch, best = 0, None
+    if resume_path(args):
+        ckpt = utils.load_checkpoint(resume_path(args), "ssl", "--resume")
+        utils.check_resume_compatible(ckpt, args, RESUME_KEYS, resume_path(args))
+        best = utils.restore_training_state(ckpt, {"encoder": model.encoder, "projector": model.projector},
+                                            optimizer, scheduler, scaler, resume_path(args))
+        start_epoch = ckpt["epoch"]
+    history = utils.History(os.path.join(args.output_dir, "ssl_history.csv"), resume=start_epoch > 0)
+    history.truncate(start_epoch)
+
+    settings = {"device": str(device), "precision": precision_note, "images": len(files),
+                "excluded_test_images": len(excluded), "cached_in_memory": getattr(store, "in_memory", False),
+                "channels": channels, "small_stem": model.config.small_stem, "steps_per_epoch": len(loader),
+                "world_size": dist["world_size"], "start_epoch": start_epoch,
+                **{k: v for k, v in vars(args).items() if k != "device_obj"}}
+    if dist["is_main"]:
+        utils.print_settings("SimCLR pretraining", settings)
+        utils.write_settings(os.path.join(args.output_dir, "ssl_settings.json"), settings)
+
+    # ============ training ============
+    for epoch in range(start_epoch, args.num_epochs):
+        _set_epoch(loader, epoch)
+        collapse = []
+        stats = utils.train_one_epoch(train_model, loader, optimizer,
+                                      make_loss_fn(augment, device, args.temperature, collapse, dist),
+                                      device=device, scaler=scaler, autocast_dtype=autocast_dtype,
+                                      scheduler=scheduler, epoch=epoch, num_epochs=args.num_epochs,
+                                      desc="pretrain", show_progress=dist["is_main"])
+        stats["loss"] = utils.all_reduce_mean(stats["loss"], dist)
+        knn = None
+        due = table is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs)
+        if due and dist["is_main"]:
+            knn = knn_accuracy(model, table, args, device, autocast_dtype, channels)
+        if not dist["is_main"]:
+            continue
+        row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": stats["lr"], "images_per_sec": stats["images_per_sec"],
+               "knn_accuracy": "" if knn is None else knn, "embedding_std": float(np.mean(collapse))}
+        improved = _improved(best, stats["loss"], knn, table is not None)
+        if improved:
+            best = knn if table is not None else stats["loss"]
+        ckpt = checkpoint_dict(model, args, epoch + 1, stats["loss"], knn, table, excluded, channels)
+        if improved:
+            utils.save_checkpoint(ckpt, os.path.join(args.output_dir, "best_ssl_model.pth"))
+        utils.save_checkpoint({**ckpt, **utils.training_state(optimizer, scheduler, scaler, best)},
+                              os.path.join(args.output_dir, "last_ssl_checkpoint.pth"))
+        history.append(row)
+        utils.plot_history(history.path, os.path.join(args.output_dir, "ssl_training.png"), "SimCLR pretraining")
+        print(_epoch_line(epoch, args.num_epochs, stats, knn, row["embedding_std"], improved), flush=True)
+        _warn_collapse(row["embedding_std"], model.config.projection_dim)
+    if dist["is_main"]:
+        print(f"done: best model in {os.path.join(args.output_dir, 'best_ssl_model.pth')}")
+    utils.cleanup_distributed(dist)
+
+
+def _set_epoch(loader, epoch: int) -> None:
+    """Reshuffle deterministically per epoch (our BatchLoader, or a DistributedSampler)."""
+    target = loader if hasattr(loader, "set_epoch") else getattr(loader, "sampler", None)
+    if hasattr(target, "set_epoch"):
+        target.set_epoch(epoch)
+
+
+def _improved(best, loss, knn, monitored_by_knn) -> bool:
+    if monitored_by_knn:
+        return knn is not None and (best is None or knn > best)
+    return best is None or loss < best
+
+
+def _epoch_line(epoch, num_epochs, stats, knn, std, improved) -> str:
+    knn_text = f"  knn_acc {knn:.3f}" if knn is not None else ""
+    return (f"epoch {epoch + 1}/{num_epochs}  loss {stats['loss']:.4f}  lr {stats['lr']:.2e}  "
+            f"{stats['images_per_sec']:.0f} img/s  emb_std {std:.3f}{knn_text}{'  *saved best*' if improved else ''}")
+
+
+def _warn_collapse(std: float, dim: int) -> None:
+    """Normalised embeddings spread over the sphere have per-dimension std near 1/sqrt(dim)."""
+    if std < 0.2 / np.sqrt(dim):
+        print(f"warning: embedding std {std:.4f} is far below 1/sqrt({dim}) = {1 / np.sqrt(dim):.3f}: the "
+              f"representation may be collapsing; lower --lr or raise --temperature", file=sys.stderr)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="SimCLR self-supervised pretraining.", parents=[utils.common_parser()],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", default="./data/medical_images", help="folder of unlabelled images (recursive)")
+    p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go")
+    p.add_argument("--label_file", default=None,
+                   help="optional labels.csv: its test split is left out of pretraining and a kNN monitor "
+                        "(train -> val) picks the best epoch")
+    p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"], help="ResNet encoder")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="images per step per process (2x views); under torchrun the global batch is this x processes")
+    p.add_argument("--num_epochs", type=int, default=100, help="pretraining epochs")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (after warm-up)")
+    p.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay (not on biases and norms)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "lars"],
+                   help="adam (AdamW) as in the spec, or LARS as in the SimCLR paper (use lr ~ 0.3 x batch/256)")
+    p.add_argument("--warmup_epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay")
+    p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
+    p.add_argument("--projection_dim", type=int, default=128, help="output size of the projection head")
+    p.add_argument("--image_size", type=int, default=224,
+                   help="training resolution in pixels; 32 or less uses the small-image stem")
+    p.add_argument("--augment", default="batch", choices=["batch", "pil"],
+                   help="batch: decode once, augment whole batches on the device; pil: classic per-image "
+                        "torchvision pipeline in DataLoader workers (reference)")
+    p.add_argument("--eval_every", type=int, default=5, help="epochs between kNN evaluations (with --label_file)")
+    p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")
+    return p
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser())

@@ -1,0 +1,565 @@
+"""What two or more scripts share: errors, seeding, devices and precision, checkpoints, the
+training loop, history files, schedules, feature extraction and kNN.
+
+Nothing here reads `args`; every function takes explicit parameters. The CLIs import it:
+
+    from utils import UserError, save_checkpoint, load_checkpoint, train_one_epoch
+"""
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KINDS = ("ssl", "classifier")
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad file, bad flag): reported as one line, exit 2."""
+
+
+# ============ command line ============
+
+def common_parser() -> argparse.ArgumentParser:
+    """Flags shared by the three CLIs (passed as `parents=`)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--seed", type=int, default=42, help="random seed (splits, initialisation, augmentation)")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision; auto = bf16 on CUDA that supports it (else fp16), bf16 on a CPU "
+                        "with native bf16 instructions, fp32 otherwise")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="shorthand: --no-amp forces fp32, --amp means --precision auto")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader worker processes when images stream from disk (default: chosen from the "
+                        "CPU count; 0 when images are cached in memory)")
+    g.add_argument("--cache_gb", type=float, default=4.0,
+                   help="memory budget in GiB for decoded images kept in RAM; larger datasets stream from disk")
+    return p
+
+
+def run_cli(main, parser: argparse.ArgumentParser, argv=None):
+    """Parse, run main(args), and turn a UserError into one line on stderr and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is saved; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+# ============ reproducibility, devices, precision ============
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device {name!r} is not a device name ({e}); use auto, cpu, cuda or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU advertises bf16 arithmetic (AVX512-BF16 or AMX-BF16 on x86, BF16 on Arm)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return False
+    flags = set(text.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(requested: str, amp, device: torch.device):
+    """Returns (autocast dtype or None for fp32, a sentence saying why)."""
+    if amp is False:
+        return None, "fp32 (--no-amp)"
+    if requested == "fp32":
+        return None, "fp32 (asked for)"
+    if requested == "bf16":
+        return torch.bfloat16, "bf16 (asked for)"
+    if requested == "fp16":
+        if device.type == "cpu":
+            raise UserError("--precision fp16 is not supported on CPU; use bf16 or fp32")
+        return torch.float16, "fp16 (asked for)"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "bf16 (auto: this GPU supports bf16)"
+        return torch.float16, "fp16 (auto: this GPU has no bf16)"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16, "bf16 (auto: this CPU has native bf16 instructions)"
+    return None, f"fp32 (auto: no native bf16 on this {device.type})"
+
+
+def configure_cpu_threads(device: torch.device, num_workers: int) -> None:
+    """Leave one core per DataLoader worker so workers never fight the model for cores."""
+    if device.type == "cpu" and num_workers > 0:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
+
+
+def default_num_workers(device: torch.device, streaming: bool) -> int:
+    """No workers for in-memory data; for streaming, a few on a GPU machine, at most one on a small CPU."""
+    cores = os.cpu_count() or 1
+    if not streaming:
+        return 0
+    if device.type == "cpu":
+        return 1 if cores >= 4 else 0
+    return min(8, max(1, cores - 1))
+
+
+# ============ atomic files ============
+
+def _atomic_write(path: str, write_fn, binary: bool) -> None:
+    """Write through `write_fn(fileobj)` into a temporary file beside `path`, fsync, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"cannot write to {folder}: {e.strerror}; choose a writable --output_dir")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise UserError(f"could not write {path}: {e.strerror or e}; the previous file, if any, is intact")
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def atomic_savefig(fig, path: str, dpi: int = 120) -> None:
+    import matplotlib.pyplot as plt
+
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"), binary=True)
+    plt.close(fig)
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ============ checkpoints ============
+
+def save_checkpoint(state: dict, path: str) -> None:
+    """Atomically save a dict of plain types and tensors (loadable with weights_only=True)."""
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    _atomic_write(path, lambda f: torch.save(state, f), binary=True)
+
+
+def load_checkpoint(path: str, kind: str | tuple | None = None, flag: str = "--checkpoint") -> dict:
+    """Load a checkpoint safely (weights_only=True) and check it is one of ours, of the expected kind."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with code, truncated zip, not a torch file at all
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise UserError(f"{flag} {path}: refused, the file contains objects other than tensors and plain "
+                            f"types, and loading it could run code (only checkpoints written by this toolkit load)")
+        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({first[:120]})")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in CHECKPOINT_KINDS or "model_config" not in ckpt:
+        raise UserError(f"{flag} {path}: not a checkpoint written by this toolkit (expected a dict with "
+                        f"'kind' in {CHECKPOINT_KINDS} and 'model_config')")
+    expected = (kind,) if isinstance(kind, str) else kind
+    if expected and ckpt["kind"] not in expected:
+        hint = {"ssl": "train_ssl.py writes best_ssl_model.pth",
+                "classifier": "fine_tune.py writes best_finetuned_model.pth / best_baseline_model.pth"}
+        raise UserError(f"{flag} {path}: is a {ckpt['kind']!r} checkpoint, expected {' or '.join(expected)!r} "
+                        f"({'; '.join(hint[k] for k in expected)})")
+    return ckpt
+
+
+def load_state_strict(module: nn.Module, state: dict, what: str, path: str) -> None:
+    """load_state_dict(strict=True) with a one-line message naming the first mismatch."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+                  else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
+        raise UserError(f"{path}: the {what} weights do not fit the model built from its config ({detail})")
+    module.load_state_dict(state, strict=True)
+
+
+def rng_states() -> dict:
+    """Every RNG a run draws from, as tensors and plain types (weights_only-loadable)."""
+    states = {"torch": torch.get_rng_state(), "numpy": _numpy_state_to_plain(np.random.get_state()),
+              "python": _python_state_to_plain(random.getstate())}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(_plain_to_numpy_state(states["numpy"]))
+    random.setstate(_plain_to_python_state(states["python"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _numpy_state_to_plain(s):
+    return {"name": s[0], "keys": torch.from_numpy(s[1].astype(np.int64)), "pos": int(s[2]),
+            "has_gauss": int(s[3]), "cached": float(s[4])}
+
+
+def _plain_to_numpy_state(d):
+    return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
+def _python_state_to_plain(s):
+    return {"version": s[0], "state": torch.tensor(s[1], dtype=torch.int64), "gauss": s[2]}
+
+
+def _plain_to_python_state(d):
+    return (d["version"], tuple(int(v) for v in d["state"].tolist()), d["gauss"])
+
+
+# ============ optimisation ============
+
+def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to zero, stepped once per optimizer step."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as SimCLR uses it: SGD with momentum, where parameters in groups with
+    `lars_exclude=True` (biases and BatchNorm) get neither the trust ratio nor weight decay."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d_p = p.grad
+                if not g["lars_exclude"]:
+                    d_p = d_p.add(p, alpha=g["weight_decay"])
+                    p_norm, g_norm = torch.norm(p), torch.norm(d_p)
+                    trust = torch.where((p_norm > 0) & (g_norm > 0), g["eta"] * p_norm / g_norm,
+                                        torch.ones_like(p_norm))
+                    d_p = d_p.mul(trust)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.clone(d_p).detach()
+                else:
+                    buf.mul_(g["momentum"]).add_(d_p)
+                p.add_(buf, alpha=-g["lr"])
+        return loss
+
+
+def split_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Biases and normalisation parameters (1-D tensors) get no weight decay and no LARS adaptation."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+# ============ the training loop ============
+
+class NonFiniteLossError(UserError):
+    pass
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, *, device, scaler, autocast_dtype=None,
+                    scheduler=None, epoch: int = 0, num_epochs: int = 0, desc: str = "train",
+                    show_progress: bool = True) -> dict:
+    """One pass over `loader`; `loss_fn(model, batch) -> (loss, num_images)` holds the task.
+
+    Returns {'loss': mean loss per image, 'lr': last learning rate, 'images_per_sec': throughput}.
+    """
+    from tqdm import tqdm
+
+    model.train()
+    total_loss, total_images, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{num_epochs}", leave=False, disable=not show_progress,
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    for batch in bar:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss, n = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the loss became {loss.item()} in epoch {epoch + 1}; lower --lr, try --precision fp32, and "
+                f"check the images for blank or corrupt files (the last good checkpoint is kept)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.item() * n
+        total_images += n
+        rate = total_images / max(1e-9, time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        img_s=f"{rate:.0f}")
+    elapsed = max(1e-9, time.perf_counter() - start)
+    return {"loss": total_loss / max(1, total_images), "lr": optimizer.param_groups[0]["lr"],
+            "images_per_sec": total_images / elapsed}
+
+
+def make_grad_scaler(device: torch.device, autocast_dtype) -> torch.amp.GradScaler:
+    """A real scaler only for fp16; a pass-through otherwise, so there is one backward path."""
+    return torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+
+
+# ============ history files and curves ============
+
+class History:
+    """Rows of per-epoch metrics in a CSV, rewritten atomically each epoch; `--resume` reloads it."""
+
+    def __init__(self, path: str, resume: bool = False):
+        self.path = path
+        self.rows = []
+        if resume and os.path.isfile(path):
+            with open(path, newline="") as f:
+                self.rows = [dict(r) for r in csv.DictReader(f)]
+
+    def truncate(self, num_epochs: int) -> None:
+        self.rows = [r for r in self.rows if int(r["epoch"]) <= num_epochs]
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        fields = list(dict.fromkeys(k for r in self.rows for k in r))
+        lines = [",".join(fields)]
+        for r in self.rows:
+            lines.append(",".join(_fmt(r.get(k, "")) for k in fields))
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def plot_history(csv_path: str, png_path: str, title: str) -> None:
+    """One panel per metric column of a history CSV, epochs on the x axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.read_csv(csv_path)
+    cols = [c for c in df.columns if c != "epoch" and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
+    if not cols:
+        return
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        d = df[["epoch", col]].dropna()
+        ax.plot(d["epoch"], d[col], marker="o", ms=3)
+        ax.set_title(col.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(col.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_savefig(fig, png_path)
+
+
+def write_settings(path: str, settings: dict) -> None:
+    atomic_write_json(path, settings)
+
+
+def print_settings(title: str, settings: dict) -> None:
+    print(f"== {title} ==")
+    for k, v in settings.items():
+        print(f"  {k:<22} {v}")
+
+
+# ============ features and kNN ============
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, loader, prepare, device: torch.device, autocast_dtype=None):
+    """Encoder features for every batch of `loader`; `prepare(uint8_batch) -> normalised float batch`.
+
+    Returns (features (N, D) float32 on CPU, labels (N,) int64, indices (N,) int64)."""
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels, indices = [], [], []
+    for images, y, idx in loader:
+        x = prepare(images.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            f = encoder(x)
+        feats.append(f.float().cpu())
+        labels.append(y)
+        indices.append(idx)
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels), torch.cat(indices)
+
+
+def knn_predict(train_features, train_labels, query_features, num_classes: int, k: int = 20,
+                temperature: float = 0.1) -> torch.Tensor:
+    """Weighted kNN on cosine similarity (Wu et al. 2018); returns class scores (Q, num_classes)."""
+    train = F.normalize(train_features, dim=1)
+    query = F.normalize(query_features, dim=1)
+    k = min(k, train.shape[0])
+    sim, idx = (query @ train.T).topk(k, dim=1)                         # (Q, k)
+    weights = (sim / temperature).exp()
+    votes = torch.zeros(query.shape[0], num_classes)
+    votes.scatter_add_(1, train_labels[idx], weights)
+    return votes / votes.sum(dim=1, keepdim=True)
+
+
+@contextmanager
+def timer():
+    start = time.perf_counter()
+    result = {}
+    yield result
+    result["seconds"] = time.perf_counter() - start
+
+
+# ============ resumable training state ============
+
+def training_state(optimizer, scheduler, scaler, best_metric) -> dict:
+    """What `--resume` needs beyond the weights: optimizer, schedule, scaler, RNGs, best so far."""
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_states(), "best_metric": best_metric}
+
+
+def restore_training_state(ckpt: dict, modules: dict, optimizer, scheduler, scaler, path: str):
+    """Load weights (strictly) and the full training state saved by `training_state`; returns best_metric."""
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"--resume {path}: has no training state ({', '.join(missing)}); resume from a "
+                        f"last_*_checkpoint.pth, not a best_* model")
+    for key, module in modules.items():
+        load_state_strict(module, ckpt[key], key, path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_states(ckpt["rng"])
+    return ckpt["best_metric"]
+
+
+def check_resume_compatible(ckpt: dict, args, keys: tuple, path: str) -> None:
+    """Refuse to resume a run with settings that change the network or the data it sees."""
+    saved = ckpt.get("args", {})
+    for k in keys:
+        if k in saved and saved[k] != getattr(args, k):
+            raise UserError(f"--resume {path}: was run with --{k} {saved[k]}, now --{k} {getattr(args, k)}; "
+                            f"use the same value or start a new --output_dir")
+
+
+# ============ distributed (torchrun) ============
+
+def init_distributed() -> dict:
+    """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU); a no-op otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return {"distributed": False, "rank": 0, "world_size": 1, "is_main": True, "device": None}
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    rank = dist.get_rank()
+    return {"distributed": True, "rank": rank, "world_size": dist.get_world_size(), "is_main": rank == 0,
+            "device": device}
+
+
+def cleanup_distributed(dist_info: dict) -> None:
+    if dist_info["distributed"]:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: nn.Module, dist_info: dict, find_unused_parameters: bool = False) -> nn.Module:
+    if not dist_info["distributed"]:
+        return model
+    device_ids = [dist_info["device"].index] if dist_info["device"].type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                               find_unused_parameters=find_unused_parameters)
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from every process along dim 0, keeping the autograd graph to each part.
+
+    Backward sums the incoming gradients across processes (torch.distributed.nn.all_gather), so with
+    DDP's gradient averaging the parameter gradients equal the single-process ones.
+    """
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def all_reduce_mean(value: float, dist_info: dict) -> float:
+    if not dist_info["distributed"]:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64,
+                     device=dist_info["device"] if dist_info["device"].type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return (t / dist_info["world_size"]).item()
