@@ -4,10 +4,14 @@ augmentations, and the synthetic chest X-ray generator.
     python data_loader.py                                   # 500 synthetic images + labels.csv in ./data/medical_images
     python data_loader.py --num_images 200 --num_unlabeled 2000 --image_size 64 --output_dir ./data/small
     python data_loader.py --from_npz ../shared/data/breastmnist.npz --output_dir ./data/breastmnist
+
+Unlabelled folders: `list_readable_images(data_dir)` (corrupt files skipped with one warning).
+Labelled data: `read_label_table(...)` then `ImageStore(...)`, where a corrupt file is an error.
 """
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,23 +31,99 @@ SPLITS = ("train", "val", "test")
 # ============ readers ============
 
 def read_pixels(path: str) -> np.ndarray:
-    """The stored pixel values of an image file, in their own dtype: (H, W) or (H, W, 3)."""
+    """The stored pixel values of an image file: (H, W) or (H, W, 3).
+
+    Bitmaps keep their own dtype (uint8, uint16 for 16-bit PNG/TIFF, int32 or float32 for 32-bit
+    TIFF); alpha is dropped and palettes are expanded. DICOM returns the modality-rescaled,
+    VOI-windowed image as float32 in [0, 1] (MONOCHROME1 inverted), or uint8 RGB for colour.
+    """
     if path.lower().endswith(".dcm"):
-        raise UserError(f"{path}: DICOM reading is not available yet")
-    with Image.open(path) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            return np.array(im).astype(np.uint16 if im.mode.startswith("I;16") else np.int32)
-        if im.mode == "L":
-            return np.array(im)
-        return np.array(im.convert("RGB"))
+        return _read_dicom(path)
+    try:
+        with Image.open(path) as im:
+            im.seek(0)                      # first page of a multi-page TIFF
+            return _pil_pixels(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: not a readable image ({_reason(e)}); re-export it or remove it from the data")
+
+
+def _pil_pixels(im: Image.Image) -> np.ndarray:
+    if im.mode.startswith("I;16"):
+        return np.array(im).astype(np.uint16)
+    if im.mode in ("I", "F", "L"):
+        return np.array(im)
+    if im.mode in ("1", "LA", "La"):
+        return np.array(im.convert("L"))
+    if im.mode == "P":
+        im = im.convert("RGBA")         # expands the palette, with its transparency if any
+        if _palette_is_gray(im):
+            return np.array(im.convert("L"))
+    return np.array(im.convert("RGB"))
+
+
+def _palette_is_gray(im: Image.Image) -> bool:
+    """A palette image whose colours are all grays reads as (H, W), like the grayscale it is."""
+    rgb = np.asarray(im)[..., :3]
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all())
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:120]
+
+
+def _read_dicom(path: str) -> np.ndarray:
+    """Modality LUT, then the stored window (else a 0.5-99.5 percentile one); colour stays RGB."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_color_lut, apply_modality_lut
+    except ImportError:
+        raise UserError(f"{path}: reading DICOM needs pydicom; run `pip install pydicom`")
+    try:
+        ds = pydicom.dcmread(path)
+        pixels = ds.pixel_array
+    except Exception as e:  # pydicom raises many types for truncated, compressed or non-DICOM files
+        raise UserError(f"{path}: not a readable DICOM image ({_reason(e)}); re-export it or remove it "
+                        f"from the data (compressed files may need `pip install pylibjpeg`)")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[len(pixels) // 2]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    if pixels.ndim == 3:                   # pydicom already converted YBR to RGB
+        return to_uint8(pixels)
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    lo, hi = _dicom_window(ds, values)
+    x = np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    if photometric == "MONOCHROME1":       # 0 means white in MONOCHROME1
+        x = 1.0 - x
+    return x.astype(np.float32)
+
+
+def _dicom_window(ds, values: np.ndarray) -> tuple:
+    """(low, high) from WindowCenter/WindowWidth (first of several), else robust percentiles."""
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is not None and width is not None:
+        c, w = _first_value(center), _first_value(width)
+        if w > 0:
+            return c - w / 2, c + w / 2
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    return (float(lo), float(hi)) if hi > lo else (float(values.min()), float(values.max()))
+
+
+def _first_value(v) -> float:
+    return float(v[0]) if isinstance(v, Sequence) else float(v)
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Scale any pixel array to uint8; data wider than 8 bits is stretched to its own full range."""
+    """Any pixel array as uint8: floats in [0, 1] (windowed DICOM) map to 0-255; other wider data
+    is stretched to its own min..max, so 16-bit images use the full range instead of clipping at 255."""
     if pixels.dtype == np.uint8:
         return pixels
     x = pixels.astype(np.float64)
     lo, hi = float(x.min()), float(x.max())
+    if np.issubdtype(pixels.dtype, np.floating) and lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
     if hi <= lo:
         return np.zeros(pixels.shape, np.uint8)
     return np.round((x - lo) / (hi - lo) * 255.0).astype(np.uint8)
@@ -55,18 +135,47 @@ def load_image(path: str) -> np.ndarray:
 
 
 def list_images(data_dir: str) -> list[str]:
-    """Every supported image under `data_dir`, recursively, as sorted relative paths."""
+    """Every supported image under `data_dir`, recursively, as sorted relative paths ('/'-separated).
+
+    Hidden files (editor and macOS `._` droppings) and this tool's own preview.png are left out."""
     if not os.path.isdir(data_dir):
-        raise UserError(f"--data_dir {data_dir}: no such folder")
+        raise UserError(f"--data_dir {data_dir}: no such folder; check the path")
     found = []
     for root, dirs, files in os.walk(data_dir):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and name != "preview.png":
-                found.append(os.path.relpath(os.path.join(root, name), data_dir))
+            if name.lower().endswith(IMAGE_EXTENSIONS) and name != "preview.png" and not name.startswith("."):
+                found.append(os.path.relpath(os.path.join(root, name), data_dir).replace(os.sep, "/"))
     if not found:
-        raise UserError(f"--data_dir {data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(f"--data_dir {data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                        f"in it and its subfolders)")
     return sorted(found)
+
+
+def filter_readable(root: str, filenames: list, quiet: bool = False) -> tuple[list, list]:
+    """(readable, skipped) filenames, decoding each once; prints one warning naming the skipped ones.
+
+    For unlabelled folders, where a corrupt file should not stop pretraining. Labelled data must not
+    be filtered silently: ImageStore raises a UserError naming the file instead."""
+    kept, skipped = [], []
+    for name in filenames:
+        try:
+            load_image(os.path.join(root, name))
+            kept.append(name)
+        except UserError:
+            skipped.append(name)
+    if skipped and not quiet:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"warning: skipped {len(skipped)} unreadable image(s) under {root}: {shown}", file=sys.stderr)
+    return kept, skipped
+
+
+def list_readable_images(data_dir: str) -> list[str]:
+    """The unlabelled dataset: every readable image under `data_dir` (corrupt ones skipped with a warning)."""
+    kept, _ = filter_readable(data_dir, list_images(data_dir))
+    if not kept:
+        raise UserError(f"--data_dir {data_dir}: none of the images could be read; check the files")
+    return kept
 
 
 # ============ label files and splits ============
@@ -90,74 +199,168 @@ class LabelTable:
         return np.flatnonzero(self.splits == split)
 
 
+LABEL_COLUMNS = ("filename", "label", "split", "patient_id")
+SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
+
+
 def read_label_table(label_file: str, data_dir: str, num_classes: int | None = None, seed: int = 42,
                      val_fraction: float = 0.15, test_fraction: float = 0.15) -> LabelTable:
-    """Read `filename,label[,split][,patient_id]` (header optional) and assign splits."""
-    import pandas as pd
+    """Read `filename,label[,split][,patient_id]` (header optional) and assign splits.
 
-    if not os.path.isfile(label_file):
-        raise UserError(f"--label_file {label_file}: no such file")
-    first = open(label_file, encoding="utf-8-sig").readline().strip().lower()
-    has_header = first.startswith("filename")
-    df = pd.read_csv(label_file, header=0 if has_header else None, dtype=str, encoding="utf-8-sig")
-    if not has_header:
-        df.columns = ["filename", "label", "split", "patient_id"][: len(df.columns)]
-    df = df.fillna("")
-    if df.empty:
-        raise UserError(f"--label_file {label_file}: no rows")
-    raw = df["label"].str.strip()
-    if raw.str.fullmatch(r"-?\d+").all():
-        labels = raw.astype(np.int64).to_numpy()
-        n = num_classes or int(labels.max()) + 1
-        class_names = [str(i) for i in range(n)]
-    else:
-        class_names = sorted(raw.unique())
-        labels = raw.map({c: i for i, c in enumerate(class_names)}).to_numpy().astype(np.int64)
-    if num_classes is not None and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
-        raise UserError(f"--label_file {label_file}: label {bad} is outside [0, {num_classes}); "
-                        f"check --num_classes")
-    filenames = df["filename"].str.strip().tolist()
-    missing = [f for f in filenames if not os.path.isfile(os.path.join(data_dir, f))]
-    if missing:
-        raise UserError(f"--label_file {label_file}: {len(missing)} file(s) not found under {data_dir}, "
-                        f"first {missing[0]!r}")
-    patients = df["patient_id"].str.strip().to_numpy() if "patient_id" in df else np.array(filenames)
+    Labels are integers or class names (sorted names become 0..K-1). A `split` column wins;
+    otherwise `assign_splits` makes a seeded, stratified split grouped by patient. Every problem in
+    the file is a UserError naming it."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir}: no such folder; check the path")
+    df = _read_label_csv(label_file)
+    labels, class_names = _parse_labels(df["label"], label_file, num_classes)
+    filenames = _check_filenames(df["filename"], label_file, data_dir)
+    patients = df["patient_id"].to_numpy(str) if "patient_id" in df else np.array(filenames, dtype=str)
     if "split" in df:
-        splits = df["split"].str.strip().str.lower().to_numpy()
+        splits = _parse_splits(df["split"], label_file)
     else:
         splits = assign_splits(labels, patients, seed, val_fraction, test_fraction)
+    _check_split_coverage(splits, labels, class_names, label_file)
     return LabelTable(filenames, labels, splits.astype(str), patients.astype(str), class_names,
                       sha256_file(label_file))
 
 
-def assign_splits(labels: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float,
-                  test_fraction: float) -> np.ndarray:
-    """Stratified train/val/test split of whole groups (patients), deterministic for a seed."""
+def _read_label_csv(label_file: str):
+    """The label CSV as strings with named columns; a header is recognised by a `filename` or `label` cell."""
+    import pandas as pd
+
+    if not os.path.isfile(label_file):
+        raise UserError(f"--label_file {label_file}: no such file; check the path")
+    try:
+        with open(label_file, encoding="utf-8-sig") as f:
+            first = [c.strip().lower() for c in f.readline().split(",")]
+        has_header = "filename" in first or "label" in first
+        df = pd.read_csv(label_file, header=0 if has_header else None, dtype=str, encoding="utf-8-sig",
+                         skipinitialspace=True, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"--label_file {label_file}: the file is empty; write rows `filename,label`")
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"--label_file {label_file}: not a readable CSV ({_reason(e)}); write rows `filename,label`")
+    if has_header:
+        df.columns = [str(c).strip().lower() for c in df.columns]
+        if "filename" not in df or "label" not in df:
+            raise UserError(f"--label_file {label_file}: the header {','.join(df.columns)} lacks a filename or "
+                            f"label column; name them `filename,label[,split][,patient_id]`")
+    elif len(df.columns) > len(LABEL_COLUMNS):
+        raise UserError(f"--label_file {label_file}: {len(df.columns)} columns and no header; add a header line "
+                        f"naming them (filename,label,split,patient_id)")
+    else:
+        df.columns = list(LABEL_COLUMNS[: len(df.columns)])
+    if df.empty:
+        raise UserError(f"--label_file {label_file}: no rows; add lines `filename,label`")
+    if "label" not in df:
+        raise UserError(f"--label_file {label_file}: only one column; each row needs `filename,label`")
+    df = df.apply(lambda col: col.str.strip())
+    blank = np.flatnonzero((df["filename"] == "").to_numpy() | (df["label"] == "").to_numpy())
+    if len(blank):
+        raise UserError(f"--label_file {label_file}: row {blank[0] + 1 + has_header} has an empty filename or "
+                        f"label; fill it in or delete the row")
+    return df
+
+
+def _parse_labels(raw, label_file: str, num_classes: int | None) -> tuple[np.ndarray, list]:
+    """(labels int64 (N,), class names): integers are taken as indices, anything else as sorted names."""
+    if raw.str.fullmatch(r"-?\d+(\.0*)?").all():
+        labels = raw.astype(float).astype(np.int64).to_numpy()
+        n = num_classes if num_classes is not None else int(labels.max()) + 1
+        bad = labels[(labels < 0) | (labels >= n)]
+        if len(bad):
+            raise UserError(f"--label_file {label_file}: label {int(bad[0])} is outside [0, {n}); "
+                            f"fix the row or set --num_classes")
+        missing = sorted(set(range(n)) - set(labels.tolist()))
+        if missing:
+            print(f"warning: {label_file}: no image has label {', '.join(map(str, missing))} "
+                  f"of the {n} classes", file=sys.stderr)
+        return labels, [str(i) for i in range(n)]
+    class_names = sorted(raw.unique())
+    if num_classes is not None and len(class_names) != num_classes:
+        raise UserError(f"--label_file {label_file}: the labels name {len(class_names)} classes "
+                        f"({', '.join(class_names[:6])}) but --num_classes is {num_classes}; make them agree")
+    labels = raw.map({c: i for i, c in enumerate(class_names)}).to_numpy().astype(np.int64)
+    return labels, class_names
+
+
+def _check_filenames(col, label_file: str, data_dir: str) -> list:
+    """Filenames ('/'-separated, relative to data_dir) that are unique and exist."""
+    filenames = [f.replace("\\", "/") for f in col.tolist()]
+    seen, dupes = set(), []
+    for f in filenames:
+        if f in seen:
+            dupes.append(f)
+        seen.add(f)
+    if dupes:
+        raise UserError(f"--label_file {label_file}: {len(dupes)} duplicate filename(s), first {dupes[0]!r}; "
+                        f"keep one row per image")
+    missing = [f for f in filenames if not os.path.isfile(os.path.join(data_dir, f))]
+    if missing:
+        raise UserError(f"--label_file {label_file}: {len(missing)} file(s) not found under {data_dir}, first "
+                        f"{missing[0]!r}; fix the path (relative to --data_dir) or remove the row")
+    return filenames
+
+
+def _parse_splits(col, label_file: str) -> np.ndarray:
+    splits = col.str.lower().map(lambda s: SPLIT_ALIASES.get(s, s)).to_numpy(str)
+    unknown = [str(s) for s in splits if s not in SPLITS]
+    if unknown:
+        raise UserError(f"--label_file {label_file}: unknown split {unknown[0]!r}; use train, val or test")
+    return splits
+
+
+def _check_split_coverage(splits: np.ndarray, labels: np.ndarray, class_names: list, label_file: str) -> None:
+    """No train split is an error; an empty val/test split or a class absent from train is a warning."""
+    if not (splits == "train").any():
+        raise UserError(f"--label_file {label_file}: the train split is empty; mark some rows `train`")
+    for split in ("val", "test"):
+        if not (splits == split).any():
+            print(f"warning: {label_file}: the {split} split is empty", file=sys.stderr)
+    absent = sorted(set(np.unique(labels)) - set(np.unique(labels[splits == "train"])))
+    if absent:
+        names = ", ".join(class_names[c] for c in absent)
+        print(f"warning: {label_file}: class(es) {names} have no training image", file=sys.stderr)
+
+
+def assign_splits(labels: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float = 0.15,
+                  test_fraction: float = 0.15) -> np.ndarray:
+    """Stratified train/val/test split of whole groups (patients), deterministic for a seed.
+
+    Groups are stratified by their majority label; every class with a group keeps at least one
+    group in train. The result does not depend on the row order."""
     rng = np.random.default_rng(seed)
+    labels, groups = np.asarray(labels), np.asarray(groups).astype(str)
     splits = np.empty(len(labels), dtype=object)
     group_ids, group_of = np.unique(groups, return_inverse=True)
     group_label = np.array([np.bincount(labels[group_of == g]).argmax() for g in range(len(group_ids))])
     for c in np.unique(group_label):
         members = rng.permutation(np.flatnonzero(group_label == c))
-        n_test = int(round(len(members) * test_fraction))
-        n_val = int(round(len(members) * val_fraction))
+        n_test = min(int(round(len(members) * test_fraction)), len(members) - 1)
+        n_val = max(0, min(int(round(len(members) * val_fraction)), len(members) - 1 - n_test))
         for split, part in (("test", members[:n_test]), ("val", members[n_test:n_test + n_val]),
                             ("train", members[n_test + n_val:])):
             splits[np.isin(group_of, part)] = split
     return splits.astype(str)
 
 
-def stratified_subset(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A stratified, seeded fraction of `indices` with at least one image of every class present."""
-    if fraction >= 1.0:
-        return np.sort(indices)
+def stratified_subset(labels: np.ndarray, indices: np.ndarray, fraction: float = 1.0, seed: int = 0,
+                      per_class: int | None = None) -> np.ndarray:
+    """A stratified, seeded subset of `indices`: `fraction` of each class, or `per_class` images of
+    each; at least one image of every class present. Smaller fractions are nested in larger ones."""
+    if per_class is None and not 0.0 < fraction <= 1.0:
+        raise UserError(f"label fraction {fraction} is outside (0, 1]; pass e.g. 0.1 for 10% of the labels")
+    if per_class is not None and per_class < 1:
+        raise UserError(f"per-class label count {per_class} must be at least 1")
+    indices = np.asarray(indices)
     rng = np.random.default_rng(seed)
     chosen = []
     for c in np.unique(labels[indices]):
-        members = rng.permutation(indices[labels[indices] == c])
-        chosen.append(members[: max(1, int(round(len(members) * fraction)))])
-    return np.sort(np.concatenate(chosen))
+        members = rng.permutation(np.sort(indices[labels[indices] == c]))
+        n = per_class if per_class is not None else int(round(len(members) * fraction))
+        chosen.append(members[: max(1, n)])
+    return np.sort(np.concatenate(chosen)) if chosen else indices[:0]
 
 
 # ============ decoded images and batches ============
@@ -167,13 +370,19 @@ def decode_to_tensor(path: str, image_size: int, channels: int) -> torch.Tensor:
     pixels = load_image(path)
     im = Image.fromarray(pixels)
     im = im.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.BILINEAR)
-    arr = np.asarray(im)
+    arr = np.array(im)                      # a writable copy; PIL's buffer is read-only
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 class ImageStore(torch.utils.data.Dataset):
-    """Images decoded once to uint8 (C, S, S); kept in RAM when they fit in `cache_gb`."""
+    """Images decoded once to uint8 (C, S, S); kept in RAM when they fit in `cache_gb`.
+
+    Labelled data (the default): an unreadable file is a UserError naming it, since dropping it
+    would silently shift the labels. Unlabelled data: pass `skip_unreadable=True` (or filter the
+    list first with `filter_readable` / `list_readable_images`); skipped files are named in one
+    warning and removed from `self.filenames`. A streaming store (larger than `cache_gb`) decodes
+    lazily, so there an unreadable file raises only when it is reached."""
 
     def __init__(self, root: str, filenames: list, image_size: int, cache_gb: float = 4.0,
                  channels: int | None = None, skip_unreadable: bool = False):
@@ -181,31 +390,39 @@ class ImageStore(torch.utils.data.Dataset):
         self.channels = channels or self._guess_channels()
         need_gb = len(self.filenames) * self.channels * image_size * image_size / 2**30
         self.in_memory = need_gb <= cache_gb
+        if not self.in_memory and skip_unreadable:
+            self.filenames, _ = filter_readable(root, self.filenames)
         self.images = None
         if self.in_memory:
             decoded = [self._decode_or_none(i, skip_unreadable) for i in range(len(self.filenames))]
             skipped = [f for f, t in zip(self.filenames, decoded) if t is None]
             if skipped:
-                print(f"warning: skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}"
-                      f"{' ...' if len(skipped) > 5 else ''}", file=sys.stderr)
+                shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+                print(f"warning: skipped {len(skipped)} unreadable image(s) under {root}: {shown}", file=sys.stderr)
                 self.filenames = [f for f, t in zip(self.filenames, decoded) if t is not None]
             if not self.filenames:
-                raise UserError(f"{root}: none of the images could be read")
+                raise UserError(f"{root}: none of the images could be read; check the files")
             self.images = torch.stack([t for t in decoded if t is not None])
 
     def _decode_or_none(self, i: int, skip_unreadable: bool):
         try:
             return self._decode(i)
-        except (OSError, ValueError, UserError) as e:
+        except UserError:
             if skip_unreadable:
                 return None
-            raise UserError(f"{os.path.join(self.root, self.filenames[i])}: cannot read this image ({e})")
+            raise
 
     def _guess_channels(self) -> int:
-        sample = self.filenames[: 16]
-        colour = any(load_image(os.path.join(self.root, f)).ndim == 3 and not _is_gray(os.path.join(self.root, f))
-                     for f in sample)
-        return 3 if colour else 1
+        """3 when any of the first readable images has real colour, else 1."""
+        for name in self.filenames[:16]:
+            try:
+                arr = load_image(os.path.join(self.root, name))
+            except UserError:
+                continue
+            if arr.ndim == 3 and not (np.array_equal(arr[..., 0], arr[..., 1])
+                                      and np.array_equal(arr[..., 0], arr[..., 2])):
+                return 3
+        return 1
 
     def _decode(self, i: int) -> torch.Tensor:
         return decode_to_tensor(os.path.join(self.root, self.filenames[i]), self.image_size, self.channels)
@@ -215,11 +432,6 @@ class ImageStore(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.images[i] if self.images is not None else self._decode(i)
-
-
-def _is_gray(path: str) -> bool:
-    arr = load_image(path)
-    return arr.ndim == 2 or (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]))
 
 
 class BatchLoader:
@@ -297,7 +509,7 @@ SSL_AUGMENT = AugmentConfig()
 SUPERVISED_AUGMENT = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), rotation=10.0, brightness=0.2,
                                    contrast=0.2, blur_p=0.0)
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 crops, then falls back to a centre crop
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale, used for the contrast mean
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale, used for the contrast mean
 
 
 def blur_kernel_size(image_size: int) -> int:
@@ -348,12 +560,10 @@ class BatchAugment(nn.Module):
         c, n = self.config, CROP_ATTEMPTS
         u = torch.rand(b, 2 * n + 9, generator=generator, dtype=torch.float64,
                        device=generator.device if generator is not None else "cpu").cpu()
-        crop = self._crop(u[:, :n], u[:, n:2 * n], height, width)
         off_x, off_y, flip, angle, bright, contrast, order, blur, sigma = u[:, 2 * n:].unbind(1)
+        crop_w, crop_h, crop_cx, crop_cy = self._crop(u[:, :n], u[:, n:2 * n], off_x, off_y, height, width)
         return dict(
-            crop_w=crop[0].float(), crop_h=crop[1].float(),                    # fractions of the side
-            crop_cx=((1 - crop[0]) * (2 * off_x - 1)).float(),                # normalised centre, crop inside
-            crop_cy=((1 - crop[1]) * (2 * off_y - 1)).float(),
+            crop_w=crop_w.float(), crop_h=crop_h.float(), crop_cx=crop_cx.float(), crop_cy=crop_cy.float(),
             flip=flip < c.hflip_p,
             angle=_lerp(angle, -c.rotation, c.rotation).float(),                # degrees, counter-clockwise
             brightness=_lerp(bright, max(0.0, 1 - c.brightness), 1 + c.brightness).float(),
@@ -363,34 +573,39 @@ class BatchAugment(nn.Module):
             sigma=_lerp(sigma, *self.sigma_range).float(),                      # output pixels
         )
 
-    def _crop(self, u_scale, u_ratio, height, width):
+    def _crop(self, u_scale, u_ratio, u_x, u_y, height, width):
         """RandomResizedCrop.get_params, vectorised: the first of 10 candidates (area fraction uniform,
-        aspect log-uniform) that fits inside the image, else torchvision's centre-crop fallback.
-        Sizes stay continuous (sub-pixel) instead of rounded. Returns width and height fractions."""
+        aspect log-uniform, sides rounded to whole pixels) that fits inside the image, else torchvision's
+        centre-crop fallback; the offset is a whole pixel, uniform over every position that fits.
+        Returns the crop's width, height (fractions of the side) and centre (normalised, [-1, 1])."""
         c = self.config
-        area = c.crop_scale[0] + (c.crop_scale[1] - c.crop_scale[0]) * u_scale          # (B, 10)
+        area = height * width * (c.crop_scale[0] + (c.crop_scale[1] - c.crop_scale[0]) * u_scale)  # (B, 10)
         lo, hi = np.log(c.crop_ratio[0]), np.log(c.crop_ratio[1])
-        ratio = torch.exp(lo + (hi - lo) * u_ratio)                                      # w/h in pixels
-        fw = torch.sqrt(area * ratio * height / width)
-        fh = torch.sqrt(area / ratio * width / height)
-        ok = (fw <= 1) & (fh <= 1)
-        first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)                           # first that fits
+        ratio = torch.exp(lo + (hi - lo) * u_ratio)
+        w, h = torch.sqrt(area * ratio).round(), torch.sqrt(area / ratio).round()
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)
         in_ratio = width / height
-        fallback = ((1.0, in_ratio / c.crop_ratio[0]) if in_ratio < c.crop_ratio[0] else
-                    (c.crop_ratio[1] / in_ratio, 1.0) if in_ratio > c.crop_ratio[1] else (1.0, 1.0))
+        fallback = ((width, round(width / c.crop_ratio[0])) if in_ratio < c.crop_ratio[0] else
+                    (round(height * c.crop_ratio[1]), height) if in_ratio > c.crop_ratio[1] else (width, height))
         any_ok = ok.any(dim=1)
-        fw = torch.where(any_ok, fw.gather(1, first).squeeze(1), fallback[0])
-        fh = torch.where(any_ok, fh.gather(1, first).squeeze(1), fallback[1])
-        return fw, fh
+        w = torch.where(any_ok, w.gather(1, first).squeeze(1), float(fallback[0]))
+        h = torch.where(any_ok, h.gather(1, first).squeeze(1), float(fallback[1]))
+        left = torch.where(any_ok, torch.floor(u_x * (width - w + 1)), (width - w) // 2)
+        top = torch.where(any_ok, torch.floor(u_y * (height - h + 1)), (height - h) // 2)
+        return w / width, h / height, (2 * left + w) / width - 1, (2 * top + h) / height - 1
 
     def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
-        """The augmentation with given parameters (see sample_params), on the device of `images`."""
-        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-        x = self._warp(x, p)                                                # (B, C, S, S), new tensor
-        x = self._jitter(x, p)
-        if self.config.blur_p > 0:
-            x = self._blur_subset(x, p)
-        return self._normalize(x)
+        """The augmentation with given parameters (see sample_params), on the device of `images`.
+        Always fp32, also inside the trainer's autocast: bf16 keeps 8 bits, no more than the uint8 input
+        it came from, and on a CPU without bf16 instructions it is slower."""
+        with torch.autocast(images.device.type, enabled=False):
+            scale = 1 / 255 if images.dtype == torch.uint8 else 1.0  # folded into the jitter: one pass less
+            x = self._warp(images.float(), p)                               # (B, C, S, S), new tensor
+            x = self._jitter(x, p, scale)
+            if self.config.blur_p > 0:
+                x = self._blur_subset(x, p)
+            return self._normalize(x)
 
     def _warp(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         """Output pixel o (normalised, [-1, 1]^2) shows the cropped image at q = flip(R(-angle) o), which
@@ -407,21 +622,22 @@ class BatchAugment(nn.Module):
         centre = torch.stack([p["crop_cx"], p["crop_cy"]], dim=1).view(b, 1, 1, 2)
         grid = torch.addcmul(centre, q, size)
         if self.config.rotation > 0:
-            grid.masked_fill_(q.abs().amax(dim=-1, keepdim=True) > 1, -2.0)  # -2 is off the image: zero
+            outside = torch.linalg.vector_norm(q, ord=float("inf"), dim=-1, keepdim=True) > 1
+            grid.masked_fill_(outside, -2.0)                                # -2 is off the image: zero
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
-    def _jitter(self, x: torch.Tensor, p: dict) -> torch.Tensor:
-        """ColorJitter(brightness, contrast): the two in a random order per sample, each clamped to [0, 1].
-        Both are x -> clamp(f * x + (1 - f) * target); brightness blends with black, contrast with the
-        image's grayscale mean, so one pass per step serves both orders."""
+    def _jitter(self, x: torch.Tensor, p: dict, scale: float = 1.0) -> torch.Tensor:
+        """ColorJitter(brightness, contrast) on scale * x: the two in a random order per sample, each
+        clamped to [0, 1]. Both are x -> clamp(f * x + (1 - f) * target); brightness blends with black,
+        contrast with the image's grayscale mean, so one multiply-add per step serves both orders."""
         b = x.shape[0]
-        first = p["contrast_first"]
-        f1 = torch.where(first, p["contrast"], p["brightness"]).view(b, 1, 1, 1)
-        f2 = torch.where(first, p["brightness"], p["contrast"]).view(b, 1, 1, 1)
-        t1 = torch.where(first.view(b, 1, 1, 1), _gray_mean(x), 0.0)
-        x = (x * f1).add_(t1 * (1 - f1)).clamp_(0, 1)
-        t2 = torch.where(first.view(b, 1, 1, 1), 0.0, _gray_mean(x))
-        return x.mul_(f2).add_(t2 * (1 - f2)).clamp_(0, 1)
+        first = p["contrast_first"].view(b, 1, 1, 1)
+        f1 = torch.where(first, p["contrast"].view(b, 1, 1, 1), p["brightness"].view(b, 1, 1, 1))
+        f2 = torch.where(first, p["brightness"].view(b, 1, 1, 1), p["contrast"].view(b, 1, 1, 1))
+        t1 = torch.where(first, _gray_mean(x) * scale, 0.0)
+        x = torch.addcmul(t1 * (1 - f1), x, f1 * scale).clamp_(0, 1)
+        t2 = torch.where(first, 0.0, _gray_mean(x))
+        return torch.addcmul(t2 * (1 - f2), x, f2, out=x).clamp_(0, 1)
 
     def _blur_subset(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         """Blur only the chosen samples (a third of the batch). nonzero() waits for the device once per
@@ -527,15 +743,329 @@ class PILTwoViewDataset(torch.utils.data.Dataset):
 
 
 # ============ synthetic chest X-rays ============
+#
+# A posterior-anterior chest radiograph drawn in normalised coordinates (x right, y down, both in
+# [-1, 1]; the patient's left is on the image right, so the heart bulges to the right). Classes:
+CLASS_DESCRIPTIONS = (
+    "normal: clear lung fields, heart width under half the thorax, sharp costophrenic angles",
+    "consolidation: a patchy airspace opacity filling part of one lung zone",
+    "nodules: two to five small round opacities scattered in the lungs",
+    "pleural effusion: fluid at one lung base, blunting the costophrenic angle with a meniscus",
+    "cardiomegaly: heart wider than half the thorax (cardiothoracic ratio about 0.55-0.65)",
+)
+MAX_SYNTHETIC_CLASSES = len(CLASS_DESCRIPTIONS)
+# Scales the density every finding adds (and the heart enlargement). At 1.0 findings are visible
+# by eye but small next to ribs, noise and exposure (a linear model on raw 64 px pixels gets ~0.43
+# on 3 classes); not yet calibrated against a from-scratch ResNet-18: tune it here.
+FINDING_STRENGTH = 1.0
+IMAGES_PER_PATIENT = (2, 4)      # inclusive range; a patient's images share anatomy and class
+
+
+def _smoothstep(edge_width: float, signed_distance: np.ndarray) -> np.ndarray:
+    """A soft 0/1 mask: 1 where signed_distance < 0, with a ramp `edge_width` wide."""
+    return np.clip(0.5 - signed_distance / edge_width, 0.0, 1.0)
+
+
+def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in about [-1, 1]: a cells x cells grid upsampled bicubically to size x size."""
+    coarse = rng.standard_normal((cells, cells)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC))
+
+
+def _patient_anatomy(rng: np.random.Generator, label: int) -> dict:
+    """Body habitus and organ geometry shared by every image of one patient."""
+    lung_x = rng.uniform(0.34, 0.39)
+    lung_w = rng.uniform(0.25, 0.30)
+    ctr = rng.uniform(0.40, 0.49)                 # cardiothoracic ratio of a normal heart
+    enlargement = rng.uniform(0.12, 0.18)         # drawn for every class so the other draws line up
+    ctr += FINDING_STRENGTH * enlargement * (label == 4)
+    return dict(
+        body_w=rng.uniform(0.80, 0.95), body_h=rng.uniform(1.2, 1.4), tissue=rng.uniform(0.42, 0.55),
+        lung_x=lung_x, lung_w=lung_w, apex=rng.uniform(-0.78, -0.66), dome=rng.uniform(0.42, 0.56),
+        dome_lift=rng.uniform(0.03, 0.07), dome_h=rng.uniform(0.10, 0.16),
+        heart_w=ctr * (lung_x + lung_w), heart_x=rng.uniform(0.11, 0.16), heart_h=rng.uniform(0.27, 0.33),
+        spine_w=rng.uniform(0.06, 0.08), rib_gap=rng.uniform(0.13, 0.16), rib_bend=rng.uniform(0.45, 0.75),
+        rib_phase=rng.uniform(0, 1), air=rng.uniform(0.26, 0.34),
+    )
+
+
+def _coordinates(rng: np.random.Generator, size: int) -> tuple:
+    """The pixel grid in patient coordinates, after a per-image shift, scale and small rotation."""
+    t = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)   # float32 halves the render time
+    y, x = np.meshgrid(t, t, indexing="ij")
+    angle = np.float32(np.deg2rad(np.clip(rng.normal(0, 3), -7, 7)))
+    scale = np.float32(rng.uniform(0.92, 1.05))
+    dx, dy = rng.normal(0, 0.04, size=2).astype(np.float32)
+    xr = (np.cos(angle) * x + np.sin(angle) * y) * scale + dx
+    yr = (-np.sin(angle) * x + np.cos(angle) * y) * scale + dy
+    return xr, yr
+
+
+def _lungs(a: dict, x: np.ndarray, y: np.ndarray, edge: float) -> tuple:
+    """Soft masks (lungs, abdomen below the diaphragm domes) and the dome height per pixel."""
+    side = (x < 0).astype(np.float32)                             # the right hemidiaphragm sits higher
+    u = (np.abs(x) - a["lung_x"]) / a["lung_w"]                   # -1 medial edge, +1 lateral edge
+    dome = a["dome"] - side * a["dome_lift"] - a["dome_h"] * (1 - np.clip(u + 0.2, 0, 1) ** 2)
+    top, bottom = a["apex"], a["dome"] + 0.15
+    v = (y - (top + bottom) / 2) / ((bottom - top) / 2)
+    shape = np.sqrt(u ** 2 + np.clip(v, None, 0) ** 2 + np.clip(v, 0, None) ** 8) - 1
+    lungs = _smoothstep(edge, shape * a["lung_w"]) * _smoothstep(edge, y - dome)
+    abdomen = _smoothstep(edge, dome - y) * (np.abs(x) < a["body_w"])
+    return lungs, abdomen, dome
+
+
+def _ribs(a: dict, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Posterior ribs as curved bands falling laterally, plus the clavicles."""
+    phase = (y - a["rib_bend"] * (np.abs(x) - 0.05) ** 2) / a["rib_gap"] + a["rib_phase"]
+    ribs = np.clip(np.cos(2 * np.pi * phase) - 0.2, 0, 1) ** 1.5
+    ribs *= (np.abs(x) > a["spine_w"]) * (y > a["apex"] - 0.05) * (y < a["dome"])
+    clavicle = np.exp(-((y - (a["apex"] + 0.04 + 0.12 * np.abs(x))) / 0.035) ** 2) * (np.abs(x) < 0.55)
+    return ribs + clavicle
+
+
+def _consolidation(rng, a, x, y, lungs, size):
+    """A patchy opacity: thresholded smooth noise inside a blob in one lung zone."""
+    side = int(rng.choice([-1, 1]))
+    cx = side * (a["lung_x"] + rng.uniform(-0.4, 0.4) * a["lung_w"])
+    cy = rng.uniform(a["apex"] + 0.25, a["dome"] - 0.1)
+    radius = rng.uniform(0.18, 0.28)
+    blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * radius ** 2))
+    patches = np.clip(_smooth_field(rng, size, 9) * 0.8 + 0.6, 0, 1)
+    return 0.26 * blob * patches * lungs
+
+
+def _nodules(rng, a, x, y, lungs, size):
+    """Two to five round opacities, at least 1.5 px in radius so augmentation cannot erase them."""
+    out = np.zeros_like(x)
+    for _ in range(rng.integers(2, 6)):
+        side = int(rng.choice([-1, 1]))
+        cx = side * (a["lung_x"] + rng.uniform(-0.6, 0.6) * a["lung_w"])
+        cy = rng.uniform(a["apex"] + 0.15, a["dome"] - 0.15)
+        r = max(rng.uniform(0.035, 0.06), 3.0 / size)
+        d2 = ((x - cx) ** 2 + (y - cy) ** 2) / r ** 2
+        out += 0.22 * np.sqrt(np.clip(1 - d2, 0, 1))
+    return out * np.clip(lungs * 1.5, 0, 1)
+
+
+def _effusion(rng, a, x, y, lungs, dome):
+    """Fluid filling one lung base, its surface a meniscus rising toward the lateral chest wall."""
+    side = int(rng.choice([-1, 1]))
+    u = np.clip((side * x - a["lung_x"]) / a["lung_w"], -1, 1)
+    depth = rng.uniform(0.12, 0.22)
+    surface = dome - depth - 0.10 * (u + 1) ** 2
+    fluid = _smoothstep(0.04, surface - y) * (side * x > 0)
+    return 0.20 * fluid * lungs
+
+
+def render_chest_xray(anatomy: dict, label: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One radiograph as uint8 (size, size); `rng` draws this image's position, exposure and finding."""
+    a = anatomy
+    x, y = _coordinates(rng, size)
+    edge = max(2.0 / size, 0.012)
+    r = ((x / a["body_w"]) ** 4 + (y / a["body_h"]) ** 4) ** 0.25
+    body = _smoothstep(edge * 3, r - 1) * np.clip(1 - r ** 2, 0.05, 1) ** 0.25
+    lungs, abdomen, dome = _lungs(a, x, y, edge * 2)
+    heart = _smoothstep(edge * 3, np.sqrt(((x - a["heart_x"]) / a["heart_w"]) ** 2
+                                          + ((y - a["dome"] + 0.6 * a["heart_h"]) / a["heart_h"]) ** 2) - 1)
+    heart *= 1 - abdomen
+    trachea = _smoothstep(edge, np.abs(x) - 0.035) * _smoothstep(edge * 2, y - a["apex"] - 0.3)
+    spine = _smoothstep(edge, np.abs(x) - a["spine_w"]) * (0.8 + 0.2 * np.cos(2 * np.pi * y / 0.09))
+    mediastinum = _smoothstep(edge * 4, np.abs(x - 0.02) - 0.11) * (y < a["dome"])
+    markings = _smooth_field(rng, size, 24) * 0.04 * np.exp(-((np.abs(x) - 0.12) / 0.25) ** 2)
+    density = (0.04 + body * (a["tissue"] + 0.10 * abdomen) + 0.10 * spine + 0.08 * mediastinum - 0.08 * trachea
+               + 0.10 * _ribs(a, x, y) * body - a["air"] * lungs * (1 - heart) + markings * lungs
+               + 0.06 * heart)
+    findings = {1: lambda: _consolidation(rng, a, x, y, lungs, size),
+                2: lambda: _nodules(rng, a, x, y, lungs, size),
+                3: lambda: _effusion(rng, a, x, y, lungs, dome)}
+    if label in findings:
+        density = density + FINDING_STRENGTH * findings[label]() * (1 - heart)
+    return _expose(rng, density)
+
+
+def _expose(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
+    """Detector response: gamma, noise, then a histogram set to a random mean and spread.
+
+    Real CR/DR processing normalises each image's histogram; drawing the target mean and spread
+    independently of the class is what makes global intensity useless as a shortcut."""
+    x = np.clip(density, 0, None) ** rng.uniform(0.75, 1.35)
+    x = x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(rng.uniform(0.008, 0.03))
+    x = (x - x.mean()) / (x.std() + 1e-8) * rng.uniform(0.17, 0.24) + rng.uniform(0.36, 0.52)
+    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def plan_patients(num_images: int, num_classes: int, seed: int, stream: int = 0) -> list:
+    """(patient_id, label, image count) per patient, classes balanced over patients, deterministic."""
+    rng = np.random.default_rng([seed, stream + 1])
+    counts = []
+    while sum(counts) < num_images:
+        counts.append(int(rng.integers(IMAGES_PER_PATIENT[0], IMAGES_PER_PATIENT[1] + 1)))
+    counts[-1] -= sum(counts) - num_images
+    if len(counts) < num_classes:          # too few images for whole patients of every class
+        counts = [1] * num_images
+    labels = rng.permutation(np.arange(len(counts)) % num_classes)
+    prefix = "P" if stream == 0 else "U"
+    return [(f"{prefix}{i:05d}", int(labels[i]), n) for i, n in enumerate(counts)]
+
+
+def generate_images(out_dir: str, subdir: str, num_images: int, num_classes: int, image_size: int,
+                    seed: int, stream: int) -> list:
+    """Render and save a cohort; returns rows (filename, label, patient_id) in file order."""
+    rows = []
+    for p, (patient, label, count) in enumerate(plan_patients(num_images, num_classes, seed, stream)):
+        anatomy = _patient_anatomy(np.random.default_rng([seed, stream + 1, p + 1]), label)
+        for k in range(count):
+            image = render_chest_xray(anatomy, label, np.random.default_rng([seed, stream + 1, p + 1, k + 1]), image_size)
+            name = os.path.join(subdir, f"{patient}_{k}.png") if subdir else f"{patient}_{k}.png"
+            Image.fromarray(image).save(os.path.join(out_dir, name))
+            rows.append((name.replace(os.sep, "/"), label, patient))
+    return rows
+
+
+def write_preview(out_dir: str, rows: list, class_names: list, per_class: int = 4) -> None:
+    """preview.png: one row per class, the first image of up to `per_class` different patients."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from utils import atomic_savefig
+
+    fig, axes = plt.subplots(len(class_names), per_class, figsize=(2.2 * per_class, 2.4 * len(class_names)),
+                             squeeze=False)
+    for c, name in enumerate(class_names):
+        seen, picks = set(), []
+        for filename, label, group in rows:
+            if label == c and group not in seen and len(picks) < per_class:
+                seen.add(group)
+                picks.append(filename)
+        for ax, filename in zip(axes[c], picks + [None] * per_class):
+            ax.axis("off")
+            if filename:
+                ax.imshow(load_image(os.path.join(out_dir, filename)), cmap="gray", vmin=0, vmax=255)
+        axes[c][0].set_title(name, loc="left", fontsize=9)
+    fig.tight_layout()
+    atomic_savefig(fig, os.path.join(out_dir, "preview.png"))
+
+
+def write_label_csv(path: str, header: str, rows: list) -> None:
+    from utils import atomic_write_text
+
+    atomic_write_text(path, "\n".join([header] + [",".join(map(str, r)) for r in rows]) + "\n")
+
+
+def generate_dataset(out_dir: str, num_images: int, num_classes: int, image_size: int, seed: int,
+                     num_unlabeled: int = 0) -> list:
+    """Write the synthetic cohort: images, labels.csv, classes.txt, preview.png; unlabelled images
+    (other patients, same class mix) under unlabeled/ with no label row. Returns the label rows."""
+    _warn_foreign_images(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    rows = generate_images(out_dir, "", num_images, num_classes, image_size, seed, stream=0)
+    if num_unlabeled:
+        os.makedirs(os.path.join(out_dir, "unlabeled"), exist_ok=True)
+        generate_images(out_dir, "unlabeled", num_unlabeled, num_classes, image_size, seed, stream=1)
+    write_label_csv(os.path.join(out_dir, "labels.csv"), "filename,label,patient_id", rows)
+    names = [f"{c} {CLASS_DESCRIPTIONS[c].split(':')[0]}" for c in range(num_classes)]
+    from utils import atomic_write_text
+    atomic_write_text(os.path.join(out_dir, "classes.txt"),
+                      "".join(f"{c}\t{CLASS_DESCRIPTIONS[c]}\n" for c in range(num_classes)))
+    write_preview(out_dir, rows, names)
+    return rows
+
+
+def _warn_foreign_images(out_dir: str) -> None:
+    """Old images left in the folder would join the unlabelled set of train_ssl.py: say so."""
+    if not os.path.isdir(out_dir):
+        return
+    try:
+        existing = list_images(out_dir)
+    except UserError:
+        return
+    print(f"warning: {out_dir} already holds {len(existing)} image(s); files of the same name are overwritten, "
+          f"others stay and train_ssl.py will read them too (use an empty --output_dir to avoid this)",
+          file=sys.stderr)
 
 
 # ============ MedMNIST import ============
+
+def import_npz(npz_path: str, out_dir: str) -> list:
+    """A MedMNIST-style .npz -> PNG files in `out_dir`/{split}/ and labels.csv (filename,label,split)."""
+    arrays = _load_npz(npz_path)
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for split in SPLITS:
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            name = f"{split}/{split}_{i:05d}.png"
+            Image.fromarray(to_uint8(image)).save(os.path.join(out_dir, name))
+            rows.append((name, int(label), split))
+    write_label_csv(os.path.join(out_dir, "labels.csv"), "filename,label,split", rows)
+    num_classes = max(r[1] for r in rows) + 1
+    write_preview(out_dir, [(f, y, f) for f, y, _ in rows], [str(c) for c in range(num_classes)])
+    return rows
+
+
+def _load_npz(npz_path: str) -> dict:
+    """The six MedMNIST arrays, checked: images (N, H, W[, 1 or 3]), labels (N,) int64."""
+    if not os.path.isfile(npz_path):
+        raise UserError(f"--from_npz {npz_path}: no such file; check the path")
+    try:
+        with np.load(npz_path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as e:
+        raise UserError(f"--from_npz {npz_path}: not a readable .npz file ({_reason(e)})")
+    out = {}
+    for split in SPLITS:
+        for kind in ("images", "labels"):
+            if f"{split}_{kind}" not in arrays:
+                raise UserError(f"--from_npz {npz_path}: key '{split}_{kind}' is missing (found "
+                                f"{', '.join(sorted(arrays))}); MedMNIST files have {{train,val,test}}_{{images,labels}}")
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim == 4 and images.shape[-1] == 1:
+            images = images[..., 0]
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)) or labels.ndim != 1:
+            raise UserError(f"--from_npz {npz_path}: {split} arrays have shapes {images.shape} and {labels.shape}; "
+                            f"expected images (N, H, W) or (N, H, W, 3) and labels (N,) or (N, 1) (multi-label "
+                            f"and 3D MedMNIST files are not supported)")
+        if len(images) != len(labels) or (len(labels) and labels.min() < 0):
+            raise UserError(f"--from_npz {npz_path}: {split} has {len(images)} images but {len(labels)} labels "
+                            f"(or a negative label); the arrays must match")
+        out[f"{split}_images"], out[f"{split}_labels"] = images, labels.astype(np.int64)
+    return out
 
 
 # ============ command line ============
 
 def main(args):
-    raise UserError("the data generator is not written yet")
+    if args.from_npz:
+        rows = import_npz(args.from_npz, args.output_dir)
+        counts = {s: sum(r[2] == s for r in rows) for s in SPLITS}
+        print(f"wrote {len(rows)} images ({', '.join(f'{s} {n}' for s, n in counts.items())}) and labels.csv "
+              f"to {args.output_dir}")
+        return rows
+    _check_generator_args(args)
+    rows = generate_dataset(args.output_dir, args.num_images, args.num_classes, args.image_size, args.seed,
+                            args.num_unlabeled)
+    patients = len({r[2] for r in rows})
+    print(f"wrote {len(rows)} labelled images of {patients} patients, {args.num_unlabeled} unlabelled, "
+          f"labels.csv, classes.txt and preview.png to {args.output_dir}")
+    for c in range(args.num_classes):
+        print(f"  class {c}: {CLASS_DESCRIPTIONS[c]}")
+    return rows
+
+
+def _check_generator_args(args) -> None:
+    if not 2 <= args.num_classes <= MAX_SYNTHETIC_CLASSES:
+        raise UserError(f"--num_classes {args.num_classes}: the generator draws 2 to {MAX_SYNTHETIC_CLASSES} "
+                        f"classes; choose one in that range")
+    if args.num_images < args.num_classes:
+        raise UserError(f"--num_images {args.num_images}: need at least one image per class "
+                        f"({args.num_classes}); raise --num_images")
+    if args.num_unlabeled < 0:
+        raise UserError(f"--num_unlabeled {args.num_unlabeled}: must be 0 or more")
+    if not 32 <= args.image_size <= 2048:
+        raise UserError(f"--image_size {args.image_size}: choose a side between 32 and 2048 pixels")
 
 
 def get_args_parser():

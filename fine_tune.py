@@ -41,9 +41,11 @@ def build_data(args, ssl, device):
     """Label table, the labelled train subset, val indices, and loaders over decoded images."""
     table = data_loader.read_label_table(args.label_file, args.data_dir, args.num_classes, seed=args.seed,
                                          val_fraction=args.val_fraction, test_fraction=args.test_fraction)
-    if args.num_classes is not None and args.num_classes != table.num_classes:
-        raise UserError(f"--num_classes {args.num_classes}, but {args.label_file} has {table.num_classes} classes "
-                        f"({', '.join(table.class_names)}); fix --num_classes or the label file")
+    present = len(np.unique(table.labels))
+    if args.num_classes is not None and args.num_classes not in (table.num_classes, present) or \
+            present != table.num_classes:
+        raise UserError(f"--num_classes {args.num_classes or table.num_classes}, but {args.label_file} has images of "
+                        f"{present} classes; fix --num_classes or the label file")
     train_idx = data_loader.stratified_subset(table.labels, table.indices("train"), args.label_fraction, args.seed)
     val_idx = table.indices("val")
     for name, idx in (("train", train_idx), ("val", val_idx)):

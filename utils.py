@@ -203,10 +203,12 @@ def load_checkpoint(path: str, kind: str | tuple | None = None, flag: str = "--c
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle with code, truncated zip, not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise UserError(f"{flag} {path}: refused, the file contains objects other than tensors and plain "
                             f"types, and loading it could run code (only checkpoints written by this toolkit load)")
-        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({first[:120]})")
+        import zipfile
+        reason = "damaged or truncated" if zipfile.is_zipfile(path) else "not a file written by torch.save"
+        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({reason}: {first[:80]})")
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in CHECKPOINT_KINDS or "model_config" not in ckpt:
         raise UserError(f"{flag} {path}: not a checkpoint written by this toolkit (expected a dict with "
                         f"'kind' in {CHECKPOINT_KINDS} and 'model_config')")

@@ -1,0 +1,945 @@
+r"""Metrics and figures for trained checkpoints, on a held-out split, with bootstrap confidence intervals.
+
+    python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --data_dir ./data/medical_images \
+        --label_file ./data/medical_images/labels.csv --output_dir ./evaluation_results --num_classes 3
+    python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth \
+        --checkpoint ./checkpoints/best_baseline_model.pth --names "SSL init" "from scratch" \
+        --data_dir ./data/medical_images --output_dir ./evaluation_results/ssl_vs_scratch
+    python evaluate.py --checkpoint ./checkpoints/best_ssl_model.pth --data_dir ./data/medical_images \
+        --output_dir ./evaluation_results/ssl_probe          # linear probe + kNN on frozen features
+    python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --split val --bootstrap 2000
+
+A classifier is scored on the split recorded in its checkpoint (never recomputed); an SSL checkpoint is
+scored as a representation (a logistic-regression probe and a kNN fitted on the train split's frozen
+features). Several --checkpoint flags add comparison.csv/.md, an overlaid ROC figure and a paired bootstrap
+of the accuracy difference between the first two models.
+"""
+import argparse
+import csv
+import io
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import data_loader
+import model_ssl
+import utils
+from utils import UserError, run_cli
+
+ECE_BINS = 15
+CI_PERCENTILES = (2.5, 97.5)
+MIN_VALID_RESAMPLES = 10          # fewer usable resamples than this: no interval is reported
+SCALAR_METRICS = {                # key -> label in tables
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "f1_macro": "macro F1",
+    "f1_weighted": "weighted F1",
+    "roc_auc": "ROC-AUC",
+    "roc_auc_macro": "ROC-AUC (macro, one-vs-rest)",
+    "pr_auc": "PR-AUC (average precision)",
+    "pr_auc_macro": "PR-AUC (macro)",
+    "ece": f"expected calibration error ({ECE_BINS} bins)",
+}
+PER_CLASS_METRICS = {
+    "precision": "precision", "recall": "recall (sensitivity)", "specificity": "specificity", "f1": "F1",
+    "roc_auc_per_class": "ROC-AUC", "pr_auc_per_class": "PR-AUC",
+}
+COMPARISON_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro", "ece")
+
+
+# ============ metrics, vectorised over bootstrap resamples ============
+# Every metric takes `weights` (B, N): how many times each of the N images is drawn in each of B
+# resamples. A row of ones is the point estimate, so one code path gives both.
+
+def _one_hot(codes: np.ndarray, width: int) -> np.ndarray:
+    out = np.zeros((len(codes), width))
+    out[np.arange(len(codes)), codes] = 1.0
+    return out
+
+
+def _ratio(num, den):
+    """num / den, NaN where den == 0 (an undefined metric, never a silent 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def _nanmean(x, axis):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN rows stay NaN
+        return np.nanmean(x, axis=axis)
+
+
+def confusion_matrices(weights, y_true, y_pred, k: int) -> np.ndarray:
+    """(B, N) weights -> (B, K, K) weighted confusion matrices, rows true class, columns predicted."""
+    return (weights @ _one_hot(y_true * k + y_pred, k * k)).reshape(-1, k, k)
+
+
+def count_metrics(cm: np.ndarray) -> dict:
+    """Threshold metrics from (B, K, K) confusion matrices; per-class arrays are (B, K)."""
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    support, predicted, total = cm.sum(2), cm.sum(1), cm.sum((1, 2))
+    fp, fn = predicted - tp, support - tp
+    tn = total[:, None] - tp - fp - fn
+    recall, f1 = _ratio(tp, support), _ratio(2 * tp, 2 * tp + fp + fn)   # f1 NaN: class neither true nor predicted
+    return {
+        "accuracy": tp.sum(1) / total,
+        "balanced_accuracy": _nanmean(recall, 1),                          # over classes present, as sklearn
+        "f1_macro": _nanmean(f1, 1),                                       # over classes true or predicted, as sklearn
+        "f1_weighted": np.nansum(f1 * support, 1) / total,
+        "precision": _ratio(tp, predicted), "recall": recall, "specificity": _ratio(tn, tn + fp), "f1": f1,
+    }
+
+
+def class_ranking(weights, is_positive: np.ndarray, score: np.ndarray):
+    """ROC-AUC and average precision of one class's scores: two (B,) arrays, NaN where undefined.
+
+    Images are sorted once by score; tied scores form one threshold (as sklearn), and each resample
+    only changes how much weight every tied group carries.
+    """
+    order = np.argsort(-score, kind="stable")
+    s = score[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])               # first image of each tied group
+    w = weights[:, order]
+    pos = np.add.reduceat(w * is_positive[order], starts, axis=1)        # (B, U) positive weight per group
+    neg = np.add.reduceat(w * ~is_positive[order], starts, axis=1)
+    tp, fp = pos.cumsum(1), neg.cumsum(1)                                # at each threshold, descending
+    n_pos, n_neg = tp[:, -1], fp[:, -1]
+    below = n_neg[:, None] - fp                                          # negatives scored strictly lower
+    auc = _ratio((pos * (below + 0.5 * neg)).sum(1), n_pos * n_neg)      # Mann-Whitney U / (P * N)
+    ap = _ratio(np.nansum(pos * _ratio(tp, tp + fp), 1), n_pos)            # sum of recall steps x precision
+    return auc, ap
+
+
+def ranking_metrics(weights, y_true, prob, k: int):
+    """One-vs-rest ROC-AUC and average precision per class: two (B, K) arrays."""
+    per_class = [class_ranking(weights, y_true == c, prob[:, c]) for c in range(k)]
+    return np.stack([a for a, _ in per_class], 1), np.stack([p for _, p in per_class], 1)
+
+
+def confidence_bins(prob: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """Bin of each image's top-label confidence; bin b holds (b/bins, (b+1)/bins]."""
+    return np.clip(np.ceil(prob.max(1) * bins).astype(int) - 1, 0, bins - 1)
+
+
+def expected_calibration_error(weights, y_true, prob, bins: int = ECE_BINS) -> np.ndarray:
+    """Top-label ECE: sum over bins of |accuracy - mean confidence| weighted by the bin's share. (B,)"""
+    gap = (prob.argmax(1) == y_true) - prob.max(1)                       # (N,) correct - confidence
+    per_bin = weights @ (_one_hot(confidence_bins(prob, bins), bins) * gap[:, None])   # (B, bins)
+    return np.abs(per_bin).sum(1) / weights.sum(1)
+
+
+def all_metrics(weights, y_true, prob, k: int, scorable: np.ndarray) -> dict:
+    """Every metric for each row of `weights`; `scorable` = classes with positives and negatives in the split."""
+    out = count_metrics(confusion_matrices(weights, y_true, prob.argmax(1), k))
+    auc, ap = ranking_metrics(weights, y_true, prob, k)
+    out["roc_auc_per_class"], out["pr_auc_per_class"] = auc, ap
+    nan = np.full(len(weights), np.nan)
+    # a resample that lost one of the split's classes has no macro AUC: it is skipped, not averaged around
+    out["roc_auc_macro"] = auc[:, scorable].mean(1) if scorable.any() else nan
+    out["pr_auc_macro"] = ap[:, scorable].mean(1) if scorable.any() else nan
+    out["roc_auc"] = auc[:, 1] if k == 2 else out["roc_auc_macro"]     # binary: class 1 is the positive class
+    out["pr_auc"] = ap[:, 1] if k == 2 else out["pr_auc_macro"]
+    out["ece"] = expected_calibration_error(weights, y_true, prob)
+    return out
+
+
+def bootstrap_weights(n: int, resamples: int, seed: int, chunk: int):
+    """Yield (b, n) draw counts of `resamples` bootstrap resamples of n images, `chunk` at a time."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, chunk):
+        b = min(chunk, resamples - start)
+        idx = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
+        yield np.bincount(idx.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def percentile_interval(samples: np.ndarray) -> tuple:
+    """Percentile 95% interval over resamples (axis 0), ignoring NaN resamples; NaN when too few."""
+    flat = samples.reshape(len(samples), -1)
+    lo, hi = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
+    for j in range(flat.shape[1]):
+        valid = flat[:, j][np.isfinite(flat[:, j])]
+        if len(valid) >= MIN_VALID_RESAMPLES:
+            lo[j], hi[j] = np.percentile(valid, CI_PERCENTILES)
+    shape = samples.shape[1:]
+    return lo.reshape(shape), hi.reshape(shape), np.isfinite(flat).sum(0).reshape(shape)
+
+
+def compute_metrics(y_true, prob, k: int, resamples: int, seed: int) -> dict:
+    """{metric: {'value', 'low', 'high', 'valid'}} with percentile bootstrap intervals over images."""
+    y_true, prob = np.asarray(y_true), np.asarray(prob, dtype=np.float64)
+    counts = np.bincount(y_true, minlength=k)
+    scorable = (counts > 0) & (counts < len(y_true))
+    point = all_metrics(np.ones((1, len(y_true))), y_true, prob, k, scorable)
+    chunk = max(1, 2_000_000 // max(1, len(y_true) * k))
+    draws = [all_metrics(w, y_true, prob, k, scorable)
+             for w in bootstrap_weights(len(y_true), resamples, seed, chunk)]
+    out = {}
+    for key, value in point.items():
+        samples = np.concatenate([d[key] for d in draws]) if draws else np.full((0,) + value.shape[1:], np.nan)
+        low, high, valid = percentile_interval(samples) if draws else (value[0] * np.nan,) * 2 + (0,)
+        out[key] = {"value": value[0], "low": low, "high": high, "valid": valid}
+    out["support"] = counts
+    return out
+
+
+def paired_accuracy_difference(y_true, prob_a, prob_b, resamples: int, seed: int) -> dict:
+    """Accuracy of A minus B on the same images, with a paired bootstrap (same resampled images for both)."""
+    correct = np.stack([prob_a.argmax(1) == y_true, prob_b.argmax(1) == y_true], 1).astype(float)   # (N, 2)
+    diff = (correct[:, 0] - correct[:, 1]).mean()
+    chunk = max(1, 2_000_000 // max(1, len(y_true)))
+    samples = [(w @ correct) / w.sum(1, keepdims=True) for w in bootstrap_weights(len(y_true), resamples, seed, chunk)]
+    deltas = np.concatenate(samples)[:, 0] - np.concatenate(samples)[:, 1] if samples else np.zeros(0)
+    low, high, _ = percentile_interval(deltas) if len(deltas) else (np.nan, np.nan, 0)
+    return {"difference": float(diff), "low": float(low), "high": float(high), "num_images": int(len(y_true)),
+            "excludes_zero": bool(np.isfinite(low) and (low > 0 or high < 0))}
+
+
+# ============ predictions: one `Evaluated` per scored model ============
+
+@dataclass
+class Evaluated:
+    """What one model predicted on the evaluated split, and where it came from."""
+    name: str
+    checkpoint: str
+    kind: str                    # "classifier", "linear probe" or "kNN"
+    filenames: list
+    y_true: np.ndarray           # (N,) int64, in `class_names` order
+    prob: np.ndarray             # (N, K) class probabilities
+    features: np.ndarray         # (N, D) encoder embeddings, for t-SNE / UMAP
+    class_names: list
+    info: dict                   # split, init, label fraction, epoch... for the reports
+    notes: list = field(default_factory=list)
+    history_csv: str | None = None
+
+
+def warn(notes: list, message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+    notes.append(message)
+
+
+def read_table(args, num_classes, split_args: dict) -> data_loader.LabelTable:
+    """The label file, with splits made the way the checkpoint's run made them when it has no split column."""
+    split_args = {k: v for k, v in split_args.items() if v is not None}
+    return data_loader.read_label_table(
+        args.label_file, args.data_dir, num_classes=num_classes, seed=split_args.get("seed", args.seed),
+        val_fraction=split_args.get("val_fraction", 0.15), test_fraction=split_args.get("test_fraction", 0.15))
+
+
+def check_label_hash(recorded, table, label_file: str, path: str, notes: list) -> None:
+    if recorded and recorded != table.sha256:
+        warn(notes, f"{label_file} is not the label file {os.path.basename(path)} was trained with (SHA-256 "
+                    f"{table.sha256[:12]}... vs {recorded[:12]}...): the recorded split's files still listed are "
+                    f"scored with the labels the file gives now")
+
+
+def labels_in_class_order(table, class_names: list, label_file: str) -> np.ndarray:
+    """Labels as indices into the checkpoint's `class_names` (a label file with names may order them differently)."""
+    if all(name.lstrip("-").isdigit() for name in table.class_names):
+        return table.labels
+    unknown = sorted(set(table.class_names) - set(class_names))
+    if unknown:
+        raise UserError(f"--label_file {label_file}: class {unknown[0]!r} is not one the checkpoint knows "
+                        f"({', '.join(class_names)}); use the label file it was trained with")
+    return np.array([class_names.index(table.class_names[i]) for i in table.labels], dtype=np.int64)
+
+
+def recorded_split(ckpt: dict, table, split: str, path: str, label_file: str, notes: list) -> np.ndarray:
+    """Rows of `table` in the checkpoint's recorded split (every row for 'all'), in label-file order."""
+    if split == "all":
+        return table.indices("all")
+    recorded = (ckpt.get("splits") or {}).get(split)
+    if recorded is None:
+        raise UserError(f"--checkpoint {path}: has no recorded {split!r} split (ckpt['splits'], written by "
+                        f"fine_tune.py); it cannot be scored without risking training images in the test set")
+    row = {f: i for i, f in enumerate(table.filenames)}
+    rows = np.sort([row[f] for f in recorded if f in row]).astype(np.int64)
+    if len(rows) == 0:
+        raise UserError(f"--label_file {label_file}: none of the {len(recorded)} {split}-split images "
+                        f"recorded in {path} is listed; use the label file the checkpoint was trained with")
+    if len(rows) < len(recorded):
+        warn(notes, f"{len(recorded) - len(rows)} of the {len(recorded)} recorded {split}-split images are not in "
+                    f"the label file; scoring the {len(rows)} that are")
+    return rows
+
+
+def check_not_trained_on(ckpt: dict, filenames: list, split: str, path: str, notes: list) -> None:
+    """A val or test image the classifier was trained on would inflate every number: refuse."""
+    trained = set(ckpt.get("train_files") or [])
+    if split in ("train", "all"):
+        warn(notes, f"--split {split} includes images {os.path.basename(path)} was trained on: its scores are "
+                    f"optimistic and say nothing about new patients")
+        return
+    leaked = [f for f in filenames if f in trained]
+    if leaked:
+        raise UserError(f"--checkpoint {path}: {len(leaked)} {split}-split image(s) are among its training images "
+                        f"(first {leaked[0]!r}); its recorded splits are inconsistent, retrain it")
+
+
+def encode_images(encoder, filenames: list, ckpt: dict, args, device, autocast_dtype) -> np.ndarray:
+    """Frozen encoder features (N, D) of `filenames`, decoded the way the checkpoint was trained."""
+    store = data_loader.ImageStore(args.data_dir, filenames, ckpt["image_size"], args.cache_gb, ckpt.get("channels"))
+    workers = args.num_workers if args.num_workers is not None else utils.default_num_workers(device, not store.in_memory)
+    loader = data_loader.BatchLoader(store, np.arange(len(filenames)), batch_size=args.batch_size,
+                                     num_workers=workers)
+    print(f"encoding {len(filenames)} images at {ckpt['image_size']} px ...")
+    features, _, indices = utils.extract_features(encoder.to(device), loader, data_loader.normalize, device,
+                                                  autocast_dtype)
+    return features[torch.argsort(indices)].numpy()
+
+
+def history_beside(ckpt: dict, path: str, notes: list):
+    name = ckpt.get("history_file")
+    if not name:
+        return None
+    csv_path = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    if not os.path.isfile(csv_path):
+        notes.append(f"no training curves: the history file {name} is not beside the checkpoint")
+        return None
+    return csv_path
+
+
+def evaluate_classifier(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
+    """Softmax probabilities of a fine-tuned classifier on its recorded split."""
+    notes, num_classes = [], int(ckpt["num_classes"])
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise UserError(f"--num_classes {args.num_classes}: {path} was trained for {num_classes} classes; "
+                        f"drop the flag or pass --num_classes {num_classes}")
+    class_names = [str(c) for c in ckpt.get("class_names") or range(num_classes)]
+    table = read_table(args, num_classes, {"seed": ckpt.get("split_seed"), "val_fraction": ckpt.get("val_fraction"),
+                                           "test_fraction": ckpt.get("test_fraction")})
+    check_label_hash(ckpt.get("label_file_sha256"), table, args.label_file, path, notes)
+    rows = recorded_split(ckpt, table, args.split, path, args.label_file, notes)
+    filenames = [table.filenames[i] for i in rows]
+    check_not_trained_on(ckpt, filenames, args.split, path, notes)
+
+    model = model_ssl.Classifier(model_ssl.ModelConfig(**ckpt["model_config"]), num_classes)
+    utils.load_state_strict(model.encoder, ckpt["encoder"], "encoder", path)
+    utils.load_state_strict(model.head, ckpt["head"], "classification head", path)
+    features = encode_images(model.encoder, filenames, ckpt, args, device, autocast_dtype)
+    with torch.no_grad():
+        prob = model.head.eval().cpu()(torch.from_numpy(features)).softmax(1).double().numpy()
+    info = {"split": args.split, "split_source": "recorded in the checkpoint" if args.split != "all" else "label file",
+            "init": ckpt.get("init"), "label_fraction": ckpt.get("label_fraction"), "epoch": ckpt.get("epoch"),
+            "checkpoint_kind": "classifier"}
+    return [Evaluated(name, path, "classifier", filenames,
+                      labels_in_class_order(table, class_names, args.label_file)[rows], prob, features, class_names,
+                      info, notes, history_beside(ckpt, path, notes))]
+
+
+def fit_linear_probe(train_x, train_y, eval_x, k: int, seed: int, notes: list) -> np.ndarray:
+    """Logistic regression on standardised frozen features; (N, K) probabilities (0 for unseen classes)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if len(np.unique(train_y)) < 2:
+        raise UserError("the linear probe needs at least two classes among the train-split images; "
+                        "check the label file's split column")
+    scaler = StandardScaler().fit(train_x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        probe = LogisticRegression(max_iter=2000, random_state=seed).fit(scaler.transform(train_x), train_y)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        notes.append("the linear probe's solver stopped at max_iter=2000 before converging")
+    prob = np.zeros((len(eval_x), k))
+    prob[:, probe.classes_] = probe.predict_proba(scaler.transform(eval_x))
+    return prob
+
+
+def pretraining_overlap(ckpt: dict, filenames: list, split: str, path: str, notes: list) -> None:
+    """An SSL run given the label file leaves the test split out of pretraining; say so when it did not."""
+    excluded = set(ckpt.get("excluded_files") or [])
+    if split != "test":
+        return
+    if not excluded:
+        notes.append(f"{os.path.basename(path)} records no test images left out of pretraining: the encoder may "
+                     f"have seen the test images (without labels)")
+        return
+    seen = [f for f in filenames if f not in excluded]
+    if seen:
+        warn(notes, f"{len(seen)} of the {len(filenames)} test images were not left out of pretraining "
+                    f"(first {seen[0]!r}); the label file or its split differs from the pretraining run's")
+
+
+def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
+    """A pretrained encoder as a representation: a linear probe and a kNN on frozen train-split features."""
+    notes = []
+    table = read_table(args, args.num_classes, ckpt.get("args") or {})
+    check_label_hash(ckpt.get("label_file_sha256"), table, args.label_file, path, notes)
+    rows = table.indices(args.split)
+    fit_rows = np.setdiff1d(table.indices("train"), rows)            # never fit on an image that is scored
+    if len(rows) == 0:
+        raise UserError(f"--label_file {args.label_file}: no images in the {args.split!r} split")
+    if len(fit_rows) == 0:
+        raise UserError(f"--split {args.split} leaves no train-split images to fit the linear probe and kNN on; "
+                        f"evaluate an SSL checkpoint on --split test or val")
+    filenames = [table.filenames[i] for i in rows]
+    pretraining_overlap(ckpt, filenames, args.split, path, notes)
+
+    encoder = model_ssl.SimCLR(model_ssl.ModelConfig(**ckpt["model_config"])).encoder
+    utils.load_state_strict(encoder, ckpt["encoder"], "encoder", path)
+    both = encode_images(encoder, [table.filenames[i] for i in np.r_[fit_rows, rows]], ckpt, args, device,
+                         autocast_dtype)
+    fit_x, eval_x = both[: len(fit_rows)], both[len(fit_rows):]
+    fit_y, y = table.labels[fit_rows], table.labels[rows]
+    k = table.num_classes
+    probe = fit_linear_probe(fit_x, fit_y, eval_x, k, args.seed, notes)
+    knn = utils.knn_predict(torch.from_numpy(fit_x), torch.from_numpy(fit_y), torch.from_numpy(eval_x), k).numpy()
+    info = {"split": args.split, "split_source": "label file", "init": "ssl (frozen encoder)",
+            "label_fraction": None, "epoch": ckpt.get("epoch"), "checkpoint_kind": "ssl",
+            "fit_images": int(len(fit_rows))}
+    history = history_beside(ckpt, path, notes)
+    return [Evaluated(f"{name} {kind}", path, kind, filenames, y, prob.astype(np.float64), eval_x,
+                      list(table.class_names), info | {"probe": kind}, list(notes), history)
+            for kind, prob in (("linear probe", probe), ("kNN", knn))]
+
+
+def default_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def evaluate_checkpoint(path: str, name: str, args, device, autocast_dtype) -> list:
+    ckpt = utils.load_checkpoint(path, kind=("classifier", "ssl"))
+    for key in ("image_size", "encoder"):
+        if key not in ckpt:
+            raise UserError(f"--checkpoint {path}: has no {key!r} entry (see docs/checkpoints.md)")
+    run = evaluate_classifier if ckpt["kind"] == "classifier" else evaluate_ssl
+    return run(path, name, ckpt, args, device, autocast_dtype)
+
+
+# ============ figures ============
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def class_colors(k: int) -> list:
+    cmap = pyplot().get_cmap("tab10" if k <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(k)]
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def with_ci(m: dict, index=None, digits: int = 3) -> str:
+    """'0.812 [0.750, 0.870]' for a metric entry (a per-class one when `index` is given)."""
+    pick = (lambda a: a) if index is None else (lambda a: np.asarray(a)[index])
+    value, low, high = pick(m["value"]), pick(m["low"]), pick(m["high"])
+    if not np.isfinite(value):
+        return "n/a"
+    ci = f" [{fmt(low, digits)}, {fmt(high, digits)}]" if np.isfinite(low) else ""
+    return fmt(value, digits) + ci
+
+
+def plot_confusion(ev: Evaluated, path: str) -> None:
+    plt = pyplot()
+    k = len(ev.class_names)
+    cm = confusion_matrices(np.ones((1, len(ev.y_true))), ev.y_true, ev.prob.argmax(1), k)[0]
+    rows = cm.sum(1, keepdims=True)
+    normalised = _ratio(cm, rows)
+    size = max(4.0, 0.55 * k + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    for ax, data, title, as_int in ((axes[0], cm, "counts", True), (axes[1], normalised, "row-normalised (recall)", False)):
+        im = ax.imshow(np.nan_to_num(data), cmap="Blues", vmin=0, vmax=None if as_int else 1)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        peak = np.nanmax(data) if np.isfinite(data).any() else 1
+        for i in range(k):
+            for j in range(k):
+                v = data[i, j]
+                text = "–" if not np.isfinite(v) else (f"{int(v)}" if as_int else f"{v:.2f}")
+                ax.text(j, i, text, ha="center", va="center", fontsize=max(6, 11 - k // 3),
+                        color="white" if np.isfinite(v) and v > 0.6 * peak else "black")
+        ax.set_xticks(range(k), ev.class_names, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
+        ax.set_yticks(range(k), [f"{c} (n={int(r)})" for c, r in zip(ev.class_names, rows[:, 0])])
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(title)
+    fig.suptitle(f"Confusion matrix: {ev.name}, {ev.info['split']} split ({len(ev.y_true)} images)")
+    fig.tight_layout()
+    utils.atomic_savefig(fig, path)
+
+
+def roc_curve_of(y_true, prob, k: int):
+    """(fpr, tpr) of the headline curve: class 1 for binary, else the macro average over scorable classes."""
+    from sklearn.metrics import roc_curve
+
+    classes = [c for c in range(k) if 0 < (y_true == c).sum() < len(y_true)]
+    if k == 2:
+        classes = [1] if 1 in classes else []
+    if not classes:
+        return None
+    curves = [roc_curve(y_true == c, prob[:, c])[:2] for c in classes]
+    grid = np.unique(np.concatenate([f for f, _ in curves]))   # every knot: its area is the mean of the AUCs
+    return grid, np.mean([np.interp(grid, f, t) for f, t in curves], axis=0)
+
+
+def plot_roc(ev: Evaluated, metrics: dict, path: str) -> None:
+    from sklearn.metrics import roc_curve
+
+    plt = pyplot()
+    k, colors = len(ev.class_names), class_colors(len(ev.class_names))
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    auc = metrics["roc_auc_per_class"]
+    for c in ([1] if k == 2 else range(k)):
+        if np.isfinite(auc["value"][c]):
+            fpr, tpr, _ = roc_curve(ev.y_true == c, ev.prob[:, c])
+            label = f"{ev.class_names[c]}{' (positive class)' if k == 2 else ''}: AUC {with_ci(auc, c)}"
+            ax.plot(fpr, tpr, color=colors[c], lw=1.6, label=label)
+    macro = roc_curve_of(ev.y_true, ev.prob, k)
+    if k > 2 and macro is not None:
+        ax.plot(*macro, color="black", lw=2.4, ls="--", label=f"macro average: AUC {with_ci(metrics['roc_auc_macro'])}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":", label="chance (AUC 0.5)")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate (1 - specificity)",
+           ylabel="true positive rate (sensitivity)", title=f"ROC curves{' (one-vs-rest)' if k > 2 else ''}: {ev.name}")
+    ax.legend(loc="lower right", fontsize=8, title="95% bootstrap CI in brackets", title_fontsize=7)
+    ax.grid(alpha=0.3)
+    utils.atomic_savefig(fig, path)
+
+
+def plot_pr(ev: Evaluated, metrics: dict, path: str) -> None:
+    from sklearn.metrics import precision_recall_curve
+
+    plt = pyplot()
+    k, colors = len(ev.class_names), class_colors(len(ev.class_names))
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ap = metrics["pr_auc_per_class"]
+    for c in ([1] if k == 2 else range(k)):
+        if np.isfinite(ap["value"][c]):
+            precision, recall, _ = precision_recall_curve(ev.y_true == c, ev.prob[:, c])
+            ax.step(recall, precision, where="post", color=colors[c], lw=1.6,
+                    label=f"{ev.class_names[c]}{' (positive class)' if k == 2 else ''}: AP {with_ci(ap, c)}")
+            prevalence = (ev.y_true == c).mean()
+            ax.axhline(prevalence, color=colors[c], lw=0.8, ls=":")
+    ax.plot([], [], color="grey", lw=0.8, ls=":", label="chance (= class prevalence)")
+    title = f"Precision-recall curves: {ev.name}"
+    if k > 2:
+        title += f"\nmacro AP {with_ci(metrics['pr_auc_macro'])}"
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.03), xlabel="recall (sensitivity)", ylabel="precision (PPV)",
+           title=title)
+    ax.legend(loc="lower left", fontsize=8, title="95% bootstrap CI in brackets", title_fontsize=7)
+    ax.grid(alpha=0.3)
+    utils.atomic_savefig(fig, path)
+
+
+def plot_reliability(ev: Evaluated, metrics: dict, path: str) -> None:
+    plt = pyplot()
+    confidence, correct = ev.prob.max(1), ev.prob.argmax(1) == ev.y_true
+    bins = confidence_bins(ev.prob)
+    count = np.bincount(bins, minlength=ECE_BINS)
+    accuracy = _ratio(np.bincount(bins, correct, ECE_BINS), count)
+    mean_conf = _ratio(np.bincount(bins, confidence, ECE_BINS), count)
+    centres, width = (np.arange(ECE_BINS) + 0.5) / ECE_BINS, 1 / ECE_BINS
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 4.8))
+    used = count > 0
+    ax.bar(centres[used], accuracy[used], width=width, edgecolor="black", color="tab:blue", alpha=0.8,
+           label="accuracy in bin")
+    ax.bar(centres[used], mean_conf[used] - accuracy[used], bottom=accuracy[used], width=width, color="tab:red",
+           alpha=0.3, hatch="//", edgecolor="tab:red", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)", ylabel="accuracy",
+           title="reliability diagram")
+    ax.legend(loc="upper left", fontsize=8)
+    hist.bar(centres, count, width=width, edgecolor="black", color="tab:grey")
+    hist.axvline(confidence.mean(), color="tab:red", ls="--", label=f"mean confidence {confidence.mean():.3f}")
+    hist.axvline(correct.mean(), color="tab:blue", ls="-", label=f"accuracy {correct.mean():.3f}")
+    hist.set(xlim=(0, 1), xlabel="confidence (top-class probability)", ylabel="images",
+             title="confidence histogram")
+    hist.legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"Calibration: {ev.name}, ECE {with_ci(metrics['ece'])} ({ECE_BINS} bins)")
+    fig.tight_layout()
+    utils.atomic_savefig(fig, path)
+
+
+class ProjectionSkipped(Exception):
+    """A 2-D projection that cannot be computed for this split; the reason goes into the report."""
+
+
+def project_embedding(features: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """(N, D) -> (N, 2) with t-SNE or UMAP, neighbourhood sizes shrunk to fit small splits."""
+    n = len(features)
+    if n < 5:
+        raise ProjectionSkipped(f"{method} needs at least 5 images; the split has {n}")
+    if np.ptp(features, axis=0).max() == 0:
+        raise ProjectionSkipped(f"{method} is meaningless: every image has the same embedding")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # umap and sklearn warn about small inputs and n_jobs
+            if method == "t-SNE":
+                from sklearn.manifold import TSNE
+                return TSNE(perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed).fit_transform(features)
+            import umap  # slow import (numba); only when a figure needs it
+            return umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1).fit_transform(features)
+    except Exception as e:  # an optional figure must not lose the metrics already computed
+        raise ProjectionSkipped(f"{method} failed on {n} images ({type(e).__name__}: {str(e)[:120]})")
+
+
+def plot_embedding(coords: np.ndarray, ev: Evaluated, method: str, path: str) -> None:
+    plt = pyplot()
+    colors = class_colors(len(ev.class_names))
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    for c, name in enumerate(ev.class_names):
+        mask = ev.y_true == c
+        if mask.any():
+            ax.scatter(coords[mask, 0], coords[mask, 1], s=18 if len(coords) > 200 else 36, color=colors[c],
+                       alpha=0.8, edgecolors="none", label=f"{name} (n={int(mask.sum())})")
+    ax.set(xlabel=f"{method} 1", ylabel=f"{method} 2", xticks=[], yticks=[],
+           title=f"{method} of encoder embeddings: {default_name(ev.checkpoint)}\n"
+                 f"{ev.info['split']} split, {len(coords)} images, coloured by true class")
+    ax.legend(title="class", fontsize=8, loc="best")
+    utils.atomic_savefig(fig, path)
+
+
+# ============ files of one model ============
+
+def plain(x):
+    """A float for JSON; NaN (an undefined metric) becomes null."""
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def metrics_document(ev: Evaluated, metrics: dict, args) -> dict:
+    scalars = {key: {"value": plain(metrics[key]["value"]), "ci95": [plain(metrics[key]["low"]),
+                                                                     plain(metrics[key]["high"])],
+                     "resamples_used": int(metrics[key]["valid"])} for key in SCALAR_METRICS}
+    per_class = {key: {name: {"value": plain(metrics[key]["value"][c]),
+                              "ci95": [plain(metrics[key]["low"][c]), plain(metrics[key]["high"][c])]}
+                       for c, name in enumerate(ev.class_names)} for key in PER_CLASS_METRICS}
+    per_class["support"] = {name: int(n) for name, n in zip(ev.class_names, metrics["support"])}
+    return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info,
+            "num_images": len(ev.y_true), "class_names": ev.class_names, "label_file": os.path.abspath(args.label_file),
+            "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "interval": "percentile, 95%",
+                          "unit": "image"},
+            "metrics": scalars, "per_class": per_class, "notes": ev.notes}
+
+
+def metric_notes(ev: Evaluated, metrics: dict, resamples: int) -> list:
+    """Sentences for undefined or thinly supported numbers, so an 'n/a' never goes unexplained."""
+    notes = []
+    predicted = np.bincount(ev.prob.argmax(1), minlength=len(ev.class_names))
+    for c, name in enumerate(ev.class_names):
+        if metrics["support"][c] == 0:
+            notes.append(f"class {name!r} has no images in the {ev.info['split']} split: its recall, ROC-AUC and "
+                         f"PR-AUC are undefined (n/a) and the macro averages leave it out")
+        elif predicted[c] == 0:
+            notes.append(f"class {name!r} is never predicted: its precision is undefined (n/a)")
+    used = int(metrics["roc_auc"]["valid"])
+    if resamples and used < resamples:
+        notes.append(f"the ROC-AUC interval uses {used} of {resamples} resamples; the others lost a class")
+    return notes
+
+
+def write_predictions(ev: Evaluated, path: str) -> None:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["filename", "true", "predicted"] + [f"prob_{c}" for c in ev.class_names])
+    for f, t, p in zip(ev.filenames, ev.y_true, ev.prob):
+        w.writerow([f, ev.class_names[t], ev.class_names[int(p.argmax())]] + [f"{v:.6f}" for v in p])
+    utils.atomic_write_text(path, out.getvalue())
+
+
+def write_classification_report(ev: Evaluated, metrics: dict, path: str) -> None:
+    from sklearn.metrics import classification_report
+
+    k = len(ev.class_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = classification_report(ev.y_true, ev.prob.argmax(1), labels=list(range(k)),
+                                     target_names=ev.class_names, digits=3, zero_division=0)
+    lines = [f"{ev.name}: {ev.info['split']} split, {len(ev.y_true)} images", "", text, "",
+             "95% bootstrap confidence intervals (percentile, resampling images):", ""]
+    lines += [f"  {label:<40} {with_ci(metrics[key])}" for key, label in SCALAR_METRICS.items()]
+    for c, name in enumerate(ev.class_names):
+        lines += ["", f"  class {name} (n={int(metrics['support'][c])})"]
+        lines += [f"    {label:<38} {with_ci(metrics[key], c)}" for key, label in PER_CLASS_METRICS.items()]
+    utils.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_figures(ev: Evaluated, metrics: dict, folder: str, projections: dict) -> dict:
+    """Every figure of one model; returns {file name: caption}, with a reason in place of a skipped one."""
+    figures = {"confusion_matrix.png": "Confusion matrix (counts and row-normalised)",
+               "roc_curves.png": "ROC curves", "pr_curves.png": "Precision-recall curves",
+               "reliability.png": "Reliability diagram and confidence histogram"}
+    plot_confusion(ev, os.path.join(folder, "confusion_matrix.png"))
+    plot_roc(ev, metrics, os.path.join(folder, "roc_curves.png"))
+    plot_pr(ev, metrics, os.path.join(folder, "pr_curves.png"))
+    plot_reliability(ev, metrics, os.path.join(folder, "reliability.png"))
+    for method, file in (("t-SNE", "tsne.png"), ("UMAP", "umap.png")):
+        coords = projections[method]
+        if isinstance(coords, str):
+            ev.notes.append(f"no {file}: {coords}")
+            continue
+        plot_embedding(coords, ev, method, os.path.join(folder, file))
+        figures[file] = f"{method} of the encoder's embeddings"
+    if ev.history_csv:
+        with open(ev.history_csv) as f:
+            utils.atomic_write_text(os.path.join(folder, os.path.basename(ev.history_csv)), f.read())
+        utils.plot_history(ev.history_csv, os.path.join(folder, "training_curves.png"),
+                           f"Training curves: {default_name(ev.checkpoint)}")
+        if os.path.isfile(os.path.join(folder, "training_curves.png")):
+            figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
+    return figures
+
+
+def describe(ev: Evaluated) -> str:
+    parts = [ev.kind]
+    if ev.info.get("init"):
+        parts.append(f"init {ev.info['init']}")
+    if ev.info.get("label_fraction") is not None:
+        parts.append(f"{ev.info['label_fraction']:.0%} of the train labels")
+    if ev.info.get("epoch") is not None:
+        parts.append(f"epoch {ev.info['epoch']}")
+    return ", ".join(parts)
+
+
+def metrics_table(ev: Evaluated, metrics: dict) -> list:
+    lines = ["| metric | value [95% CI] |", "|---|---|"]
+    lines += [f"| {label} | {with_ci(metrics[key])} |" for key, label in SCALAR_METRICS.items()]
+    header = " | ".join(PER_CLASS_METRICS.values())
+    lines += ["", f"| class | images | {header} |", "|---|---:|" + "---|" * len(PER_CLASS_METRICS)]
+    for c, name in enumerate(ev.class_names):
+        cells = " | ".join(with_ci(metrics[key], c) for key in PER_CLASS_METRICS)
+        lines.append(f"| {name} | {int(metrics['support'][c])} | {cells} |")
+    return lines
+
+
+def write_model_report(ev: Evaluated, metrics: dict, figures: dict, args, path: str) -> None:
+    lines = [f"# Evaluation: {ev.name}", "",
+             f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
+             f"- split: **{ev.info['split']}** ({ev.info['split_source']}), {len(ev.y_true)} images",
+             f"- label file: `{os.path.abspath(args.label_file)}`",
+             f"- intervals: {args.bootstrap} bootstrap resamples of the images, 95% percentile, seed {args.seed}",
+             "", "## Metrics", ""] + metrics_table(ev, metrics)
+    if ev.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in ev.notes]
+    lines += ["", "## Figures", ""]
+    for file, caption in figures.items():
+        lines += [f"### {caption}", "", f"![{caption}]({file})", ""]
+    lines += ["Files: [metrics.json](metrics.json), [classification_report.txt](classification_report.txt), "
+              "[predictions.csv](predictions.csv)"]
+    utils.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_model_outputs(ev: Evaluated, metrics: dict, folder: str, args, projections: dict) -> None:
+    ev.notes.extend(metric_notes(ev, metrics, args.bootstrap))
+    write_predictions(ev, os.path.join(folder, "predictions.csv"))
+    write_classification_report(ev, metrics, os.path.join(folder, "classification_report.txt"))
+    figures = write_figures(ev, metrics, folder, projections)
+    utils.atomic_write_json(os.path.join(folder, "metrics.json"), metrics_document(ev, metrics, args))
+    write_model_report(ev, metrics, figures, args, os.path.join(folder, "report.md"))
+
+
+# ============ comparison of several models ============
+
+def plot_roc_comparison(evaluated: list, results: list, path: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5.8))
+    colors = class_colors(len(evaluated))
+    for color, ev, m in zip(colors, evaluated, results):
+        curve = roc_curve_of(ev.y_true, ev.prob, len(ev.class_names))
+        if curve is not None:
+            key = "roc_auc" if len(ev.class_names) == 2 else "roc_auc_macro"
+            ax.plot(*curve, color=color, lw=2, label=f"{ev.name}: AUC {with_ci(m[key])}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":", label="chance (AUC 0.5)")
+    binary = all(len(ev.class_names) == 2 for ev in evaluated)
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate (1 - specificity)",
+           ylabel="true positive rate (sensitivity)",
+           title="ROC comparison" + (" (positive class)" if binary else " (macro average, one-vs-rest)"))
+    ax.legend(loc="lower right", fontsize=8, title="95% bootstrap CI in brackets", title_fontsize=7)
+    ax.grid(alpha=0.3)
+    utils.atomic_savefig(fig, path)
+
+
+def paired_comparison(a: Evaluated, b: Evaluated, resamples: int, seed: int):
+    """The paired accuracy difference of two models on the images both scored, or None with no overlap."""
+    rows_b = {f: i for i, f in enumerate(b.filenames)}
+    common = [(i, rows_b[f]) for i, f in enumerate(a.filenames) if f in rows_b]
+    if not common:
+        return None
+    ia, ib = np.array(common).T
+    result = paired_accuracy_difference(a.y_true[ia], a.prob[ia], b.prob[ib], resamples, seed)
+    return result | {"model_a": a.name, "model_b": b.name}
+
+
+def comparison_rows(evaluated: list, results: list, folders: list) -> list:
+    rows = []
+    for ev, m, folder in zip(evaluated, results, folders):
+        row = {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind,
+               "init": ev.info.get("init") or "", "label_fraction": ev.info.get("label_fraction"),
+               "split": ev.info["split"], "num_images": len(ev.y_true), "folder": os.path.basename(folder)}
+        for key in COMPARISON_METRICS:
+            row |= {key: plain(m[key]["value"]), f"{key}_ci_low": plain(m[key]["low"]),
+                    f"{key}_ci_high": plain(m[key]["high"])}
+        rows.append(row)
+    return rows
+
+
+def write_comparison(evaluated, results, folders, paired, args) -> None:
+    out = args.output_dir
+    rows = comparison_rows(evaluated, results, folders)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    utils.atomic_write_text(os.path.join(out, "comparison.csv"), buf.getvalue())
+    plot_roc_comparison(evaluated, results, os.path.join(out, "roc_comparison.png"))
+
+    header = ["model", "init", "label fraction", "images"] + [SCALAR_METRICS[k].split(" (")[0] for k in COMPARISON_METRICS]
+    table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for ev, m, r in zip(evaluated, results, rows):
+        fraction = "" if r["label_fraction"] is None else f"{r['label_fraction']:.0%}"
+        cells = [f"[{ev.name}]({r['folder']}/report.md)", r["init"], fraction, str(r["num_images"])]
+        table.append("| " + " | ".join(cells + [with_ci(m[k]) for k in COMPARISON_METRICS]) + " |")
+    lines = [f"# Comparison on the {args.split} split", "",
+             f"Values with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed {args.seed}). "
+             f"ROC-AUC is the macro one-vs-rest average; ECE: lower is better.", ""] + table
+    lines += ["", "## Paired accuracy difference", ""] + paired_sentences(paired)
+    utils.atomic_write_text(os.path.join(out, "comparison.md"), "\n".join(lines) + "\n")
+    report = lines + ["", "## ROC curves", "", "![ROC comparison](roc_comparison.png)", "",
+                      "## Per-model reports", ""] + [f"- [{ev.name}]({os.path.basename(f)}/report.md)"
+                                                     for ev, f in zip(evaluated, folders)]
+    report[0] = f"# Evaluation report: {len(evaluated)} models on the {args.split} split"
+    utils.atomic_write_text(os.path.join(out, "report.md"), "\n".join(report) + "\n")
+
+
+def paired_sentences(paired) -> list:
+    if paired is None:
+        return ["The first two models share no evaluated image, so no paired difference is computed."]
+    verdict = ("excludes zero: the difference is unlikely to be resampling noise" if paired["excludes_zero"]
+               else "includes zero: the data do not show a difference")
+    return [f"Accuracy of **{paired['model_a']}** minus **{paired['model_b']}** on the {paired['num_images']} "
+            f"images both scored: **{paired['difference']:+.3f}** (95% CI [{fmt(paired['low'])}, "
+            f"{fmt(paired['high'])}], paired bootstrap: the same resampled images for both). The interval {verdict}."]
+
+
+# ============ summary ============
+
+def folder_names(evaluated: list) -> list:
+    """A distinct, filesystem-safe folder name per model."""
+    names = []
+    for ev in evaluated:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", ev.name).strip("_") or "model"
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
+        names.append(name)
+    return names
+
+
+def print_summary(evaluated: list, results: list, report: str) -> None:
+    width = max(len(ev.name) for ev in evaluated) + 2
+    labels = ("accuracy", "bal. acc", "macro F1", "ROC-AUC", "ECE")
+    keys = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece")
+    print(f"{'model':<{width}}{'split':<7}{'images':>7}  " + "".join(f"{l:>10}" for l in labels))
+    for ev, m in zip(evaluated, results):
+        print(f"{ev.name:<{width}}{ev.info['split']:<7}{len(ev.y_true):>7}  "
+              + "".join(f"{fmt(m[k]['value']):>10}" for k in keys))
+    print(f"report: {report}")
+
+
+def display_names(args) -> list:
+    """--names, or the checkpoint file names (with their folder when two share a name)."""
+    if args.names:
+        return list(args.names)
+    stems = [default_name(p) for p in args.checkpoint]
+    return [f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}/{s}" if stems.count(s) > 1 else s
+            for p, s in zip(args.checkpoint, stems)]
+
+
+def embedding_projections(evaluated: list, seed: int) -> dict:
+    """t-SNE and UMAP coordinates per checkpoint (its models share one encoder), or why they were skipped."""
+    by_checkpoint = {}
+    for ev in evaluated:
+        if ev.checkpoint in by_checkpoint:
+            continue
+        by_checkpoint[ev.checkpoint] = {}
+        for method in ("t-SNE", "UMAP"):
+            print(f"{method} of {len(ev.features)} embeddings ({default_name(ev.checkpoint)}) ...")
+            try:
+                by_checkpoint[ev.checkpoint][method] = project_embedding(ev.features, method, seed)
+            except ProjectionSkipped as e:
+                by_checkpoint[ev.checkpoint][method] = str(e)
+    return by_checkpoint
+
+
+def check_args(args) -> None:
+    if args.label_file is None:
+        args.label_file = os.path.join(args.data_dir, "labels.csv")
+    if args.names and len(args.names) != len(args.checkpoint):
+        raise UserError(f"--names gives {len(args.names)} name(s) for {len(args.checkpoint)} --checkpoint(s); "
+                        f"give one per checkpoint, in the same order")
+    if args.bootstrap < 0 or args.batch_size < 1:
+        raise UserError("--bootstrap must be >= 0 and --batch_size >= 1")
+
+
+def main(args):
+    check_args(args)
+    device = utils.resolve_device(args.device)
+    autocast_dtype, precision = utils.resolve_precision(args.precision, args.amp, device)
+    settings = {"checkpoints": args.checkpoint, "names": display_names(args), "data_dir": args.data_dir,
+                "label_file": args.label_file, "output_dir": args.output_dir, "split": args.split,
+                "bootstrap": args.bootstrap, "batch_size": args.batch_size, "seed": args.seed,
+                "device": str(device), "precision": precision}
+    utils.print_settings("evaluate", settings)
+    utils.seed_everything(args.seed)
+
+    # ============ predictions ============
+    evaluated = []
+    for path, name in zip(args.checkpoint, display_names(args)):
+        evaluated += evaluate_checkpoint(path, name, args, device, autocast_dtype)
+
+    # ============ metrics with bootstrap intervals ============
+    print(f"bootstrap: {args.bootstrap} resamples per model ...")
+    results = [compute_metrics(ev.y_true, ev.prob, len(ev.class_names), args.bootstrap, args.seed)
+               for ev in evaluated]
+
+    # ============ files and figures ============
+    single = len(evaluated) == 1
+    folders = [args.output_dir] if single else [os.path.join(args.output_dir, f) for f in folder_names(evaluated)]
+    projections = embedding_projections(evaluated, args.seed)
+    for ev, metrics, folder in zip(evaluated, results, folders):
+        write_model_outputs(ev, metrics, folder, args, projections[ev.checkpoint])
+    paired = None
+    if not single:
+        paired = paired_comparison(evaluated[0], evaluated[1], args.bootstrap, args.seed)
+        write_comparison(evaluated, results, folders, paired, args)
+    utils.write_settings(os.path.join(args.output_dir, "evaluation_settings.json"), settings)
+    print_summary(evaluated, results, os.path.join(args.output_dir, "report.md"))
+    return {"models": [ev.name for ev in evaluated], "folders": folders, "metrics": results, "paired": paired}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every flag's help, and the docstring's commands kept as written."""
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, parents=[utils.common_parser()])
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="a classifier (best_finetuned_model.pth, best_baseline_model.pth) or SSL checkpoint "
+                        "(best_ssl_model.pth); repeat the flag to compare several side by side")
+    p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's paths are relative to")
+    p.add_argument("--label_file", default=None,
+                   help="CSV filename,label[,split][,patient_id]; None means <data_dir>/labels.csv")
+    p.add_argument("--output_dir", default="./evaluation_results", help="folder for metrics, figures and report.md")
+    p.add_argument("--num_classes", type=int, default=None,
+                   help="expected number of classes; an error if a classifier checkpoint has another count")
+    p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+                   help="images to score; for a classifier, the split recorded in its checkpoint")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples of the images for the 95%% confidence intervals (0: none)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--names", nargs="+", default=None,
+                   help="display names, one per --checkpoint in order (default: the checkpoint file names)")
+    return p
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

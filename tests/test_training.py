@@ -1,0 +1,167 @@
+"""train_ssl.py and fine_tune.py, called through main(args) on tiny images."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fine_tune
+import train_ssl
+import utils
+from model_ssl import Classifier, ModelConfig
+
+
+def write_tiny_dataset(folder, n=36, size=40, classes=3, seed=0):
+    """Grayscale PNGs whose class is a bright square in a different corner, plus labels.csv."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    rows = ["filename,label"]
+    for i in range(n):
+        c = i % classes
+        img = rng.integers(0, 80, (size, size)).astype(np.uint8)
+        r, col = [(4, 4), (4, size - 16), (size - 16, 4)][c % 3]
+        img[r:r + 12, col:col + 12] = 220
+        Image.fromarray(img).save(os.path.join(folder, f"img{i:03d}.png"))
+        rows.append(f"img{i:03d}.png,{c}")
+    with open(os.path.join(folder, "labels.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+def ssl_args(data_dir, out, *extra):
+    return train_ssl.get_args_parser().parse_args([
+        "--data_dir", data_dir, "--output_dir", str(out), "--image_size", "32", "--batch_size", "12",
+        "--num_epochs", "4", "--warmup_epochs", "1", "--lr", "1e-3", "--device", "cpu", "--seed", "3", *extra])
+
+
+def ft_args(data_dir, out, *extra):
+    return fine_tune.get_args_parser().parse_args([
+        "--data_dir", data_dir, "--label_file", os.path.join(data_dir, "labels.csv"), "--output_dir", str(out),
+        "--batch_size", "8", "--num_epochs", "2", "--device", "cpu", "--seed", "1", *extra])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ssl")
+    train_ssl.main(ssl_args(tiny, out, "--label_file", os.path.join(tiny, "labels.csv"), "--eval_every", "2"))
+    return out
+
+
+def read_history(path):
+    import pandas as pd
+    return pd.read_csv(path)
+
+
+def test_pretraining_writes_its_outputs_and_loss_goes_down(pretrained):
+    for name in ("best_ssl_model.pth", "last_ssl_checkpoint.pth", "ssl_history.csv", "ssl_training.png",
+                 "ssl_settings.json"):
+        assert os.path.getsize(pretrained / name) > 0, name
+    hist = read_history(pretrained / "ssl_history.csv")
+    assert list(hist["epoch"]) == [1, 2, 3, 4]
+    assert hist["loss"].iloc[-1] < hist["loss"].iloc[0]
+    assert hist["knn_accuracy"].notna().sum() == 2          # epochs 2 and 4
+
+
+def test_ssl_checkpoint_describes_itself_and_leaves_out_the_test_split(pretrained, tiny):
+    ckpt = torch.load(pretrained / "best_ssl_model.pth", map_location="cpu", weights_only=True)
+    assert ckpt["kind"] == "ssl" and ckpt["image_size"] == 32 and ckpt["channels"] == 1
+    assert ckpt["model_config"] == {"backbone": "resnet18", "small_stem": True, "projection_dim": 128}
+    assert set(ckpt) >= {"encoder", "projector", "args", "epoch", "loss", "normalization", "excluded_files"}
+    assert len(ckpt["excluded_files"]) > 0
+    settings = (pretrained / "ssl_settings.json").read_text()
+    assert f'"images": {36 - len(ckpt["excluded_files"])}' in settings
+
+
+def test_pretraining_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_ssl.main(ssl_args(tiny, full))
+    real_epoch = utils.train_one_epoch
+
+    def interrupt_in_epoch_3(*a, **k):
+        if k["epoch"] == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(utils, "train_one_epoch", interrupt_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_ssl.main(ssl_args(tiny, cut))
+    monkeypatch.setattr(utils, "train_one_epoch", real_epoch)
+    assert torch.load(cut / "last_ssl_checkpoint.pth", weights_only=True)["epoch"] == 2
+    train_ssl.main(ssl_args(tiny, cut, "--resume"))
+
+    a = torch.load(full / "last_ssl_checkpoint.pth", weights_only=True)
+    b = torch.load(cut / "last_ssl_checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    for part in ("encoder", "projector"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert read_history(cut / "ssl_history.csv")["epoch"].tolist() == [1, 2, 3, 4]
+
+
+def test_fine_tune_from_ssl_and_from_scratch_write_different_files(pretrained, tiny, tmp_path):
+    fine_tune.main(ft_args(tiny, tmp_path, "--ssl_checkpoint", str(pretrained / "best_ssl_model.pth"),
+                           "--freeze_encoder", "--unfreeze_after_epoch", "1"))
+    fine_tune.main(ft_args(tiny, tmp_path, "--image_size", "32"))
+    ssl_run = torch.load(tmp_path / "best_finetuned_model.pth", map_location="cpu", weights_only=True)
+    scratch = torch.load(tmp_path / "best_baseline_model.pth", map_location="cpu", weights_only=True)
+    assert ssl_run["init"] == "ssl" and ssl_run["ssl_checkpoint"] == "best_ssl_model.pth"
+    assert scratch["init"] == "scratch" and scratch["ssl_checkpoint"] is None
+    assert ssl_run["image_size"] == 32                                    # an SSL checkpoint brings its size
+    assert fine_tune.get_args_parser().parse_args([]).image_size is None  # else 224 (from scratch)
+    for ckpt in (ssl_run, scratch):
+        assert ckpt["kind"] == "classifier" and ckpt["num_classes"] == 3
+        assert set(ckpt["splits"]) == {"train", "val", "test"}
+        assert not set(ckpt["splits"]["test"]) & set(ckpt["train_files"])
+        assert set(ckpt["train_files"]) <= set(ckpt["splits"]["train"])
+        assert {"balanced_accuracy", "accuracy", "loss"} <= set(ckpt["val_metrics"])
+        assert len(ckpt["label_file_sha256"]) == 64
+    for name in ("finetuned_history.csv", "baseline_history.csv", "finetuned_training.png", "baseline_training.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+    frozen = read_history(tmp_path / "finetuned_history.csv")["encoder_frozen"].tolist()
+    assert frozen == [1, 0]
+
+
+def test_frozen_epochs_leave_the_ssl_encoder_bit_identical(pretrained, tiny, tmp_path):
+    fine_tune.main(ft_args(tiny, tmp_path, "--ssl_checkpoint", str(pretrained / "best_ssl_model.pth"),
+                           "--freeze_encoder", "--unfreeze_after_epoch", "5"))
+    ssl = torch.load(pretrained / "best_ssl_model.pth", weights_only=True)["encoder"]
+    tuned = torch.load(tmp_path / "last_finetuned_checkpoint.pth", weights_only=True)["encoder"]
+    assert all(torch.equal(ssl[k], tuned[k]) for k in ssl)            # weights and BN buffers
+
+
+def test_label_fraction_is_stratified_and_deterministic(tiny, tmp_path):
+    fine_tune.main(ft_args(tiny, tmp_path / "a", "--label_fraction", "0.2", "--num_epochs", "1", "--image_size", "32"))
+    fine_tune.main(ft_args(tiny, tmp_path / "b", "--label_fraction", "0.2", "--num_epochs", "1", "--image_size", "32"))
+    a = torch.load(tmp_path / "a" / "best_baseline_model.pth", weights_only=True)
+    b = torch.load(tmp_path / "b" / "best_baseline_model.pth", weights_only=True)
+    assert a["train_files"] == b["train_files"]
+    assert len(a["train_files"]) < len(a["splits"]["train"])
+    labels = dict(line.split(",") for line in open(os.path.join(tiny, "labels.csv")).read().split()[1:])
+    assert {labels[f] for f in a["train_files"]} == {"0", "1", "2"}
+
+
+def test_wrong_inputs_are_refused_with_one_clear_message(pretrained, tiny, tmp_path):
+    with pytest.raises(utils.UserError, match="--num_classes 4"):
+        fine_tune.main(ft_args(tiny, tmp_path, "--num_classes", "4", "--image_size", "32"))
+    with pytest.raises(utils.UserError, match="is a 'ssl' checkpoint, expected 'classifier'"):
+        fine_tune.main(ft_args(tiny, tmp_path, "--resume", str(pretrained / "best_ssl_model.pth")))
+    clf = tmp_path / "clf.pth"
+    utils.save_checkpoint({"kind": "classifier", "model_config": ModelConfig().to_dict(),
+                           "encoder": Classifier(ModelConfig(), 3).encoder.state_dict()}, str(clf))
+    with pytest.raises(utils.UserError, match="expected 'ssl'"):
+        fine_tune.main(ft_args(tiny, tmp_path, "--ssl_checkpoint", str(clf)))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(utils.UserError, match="not a readable PyTorch checkpoint"):
+        fine_tune.main(ft_args(tiny, tmp_path, "--ssl_checkpoint", str(junk)))
+    with pytest.raises(utils.UserError, match="no such file"):
+        fine_tune.main(ft_args(tiny, tmp_path, "--ssl_checkpoint", str(tmp_path / "missing.pth")))
+    with pytest.raises(utils.UserError, match="stem"):
+        fine_tune.main(ft_args(tiny, tmp_path, "--ssl_checkpoint", str(pretrained / "best_ssl_model.pth"),
+                               "--image_size", "64"))
