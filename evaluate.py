@@ -390,7 +390,7 @@ def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype)
     k = table.num_classes
     probe = fit_linear_probe(fit_x, fit_y, eval_x, k, args.seed, notes)
     knn = utils.knn_predict(torch.from_numpy(fit_x), torch.from_numpy(fit_y), torch.from_numpy(eval_x), k).numpy()
-    info = {"split": args.split, "split_source": "label file", "init": "ssl (frozen encoder)",
+    info = {"split": args.split, "split_source": "label file", "init": "ssl, frozen encoder",
             "label_fraction": None, "epoch": ckpt.get("epoch"), "checkpoint_kind": "ssl",
             "fit_images": int(len(fit_rows))}
     history = history_beside(ckpt, path, notes)
@@ -450,7 +450,9 @@ def plot_confusion(ev: Evaluated, path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
     for ax, data, title, as_int in ((axes[0], cm, "counts", True), (axes[1], normalised, "row-normalised (recall)", False)):
         im = ax.imshow(np.nan_to_num(data), cmap="Blues", vmin=0, vmax=None if as_int else 1)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="images" if as_int else "fraction of the row")
+        if as_int:
+            bar.ax.yaxis.set_major_locator(pyplot().MaxNLocator(integer=True))
         peak = np.nanmax(data) if np.isfinite(data).any() else 1
         for i in range(k):
             for j in range(k):
@@ -525,7 +527,7 @@ def plot_pr(ev: Evaluated, metrics: dict, path: str) -> None:
         title += f"\nmacro AP {with_ci(metrics['pr_auc_macro'])}"
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.03), xlabel="recall (sensitivity)", ylabel="precision (PPV)",
            title=title)
-    ax.legend(loc="lower left", fontsize=8, title="95% bootstrap CI in brackets", title_fontsize=7)
+    ax.legend(loc="best", fontsize=8, title="95% bootstrap CI in brackets", title_fontsize=7)
     ax.grid(alpha=0.3)
     utils.atomic_savefig(fig, path)
 
@@ -539,19 +541,23 @@ def plot_reliability(ev: Evaluated, metrics: dict, path: str) -> None:
     mean_conf = _ratio(np.bincount(bins, confidence, ECE_BINS), count)
     centres, width = (np.arange(ECE_BINS) + 0.5) / ECE_BINS, 1 / ECE_BINS
     fig, (ax, hist) = plt.subplots(1, 2, figsize=(11, 4.8))
+    floor = 1 / len(ev.class_names)                   # the top class always has at least 1/K
+    for a in (ax, hist):
+        a.axvspan(0, floor, color="0.92", zorder=0, label=f"below 1/{len(ev.class_names)}: impossible")
     used = count > 0
     ax.bar(centres[used], accuracy[used], width=width, edgecolor="black", color="tab:blue", alpha=0.8,
            label="accuracy in bin")
     ax.bar(centres[used], mean_conf[used] - accuracy[used], bottom=accuracy[used], width=width, color="tab:red",
-           alpha=0.3, hatch="//", edgecolor="tab:red", label="gap to mean confidence")
+           alpha=0.25, hatch="//", edgecolor="tab:red", label="gap (accuracy - confidence)")
+    ax.plot(centres[used], mean_conf[used], "D", color="black", ms=4, label="mean confidence in bin")
     ax.plot([0, 1], [0, 1], color="grey", ls="--", label="perfect calibration")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-class probability)", ylabel="accuracy",
            title="reliability diagram")
     ax.legend(loc="upper left", fontsize=8)
     hist.bar(centres, count, width=width, edgecolor="black", color="tab:grey")
     hist.axvline(confidence.mean(), color="tab:red", ls="--", label=f"mean confidence {confidence.mean():.3f}")
-    hist.axvline(correct.mean(), color="tab:blue", ls="-", label=f"accuracy {correct.mean():.3f}")
-    hist.set(xlim=(0, 1), xlabel="confidence (top-class probability)", ylabel="images",
+    hist.axvline(correct.mean(), color="tab:blue", ls="-", lw=2, label=f"accuracy {correct.mean():.3f}")
+    hist.set(xlim=(0, 1.01), xlabel="confidence (top-class probability)", ylabel="images",
              title="confidence histogram")
     hist.legend(loc="upper left", fontsize=8)
     fig.suptitle(f"Calibration: {ev.name}, ECE {with_ci(metrics['ece'])} ({ECE_BINS} bins)")
@@ -575,7 +581,9 @@ def project_embedding(features: np.ndarray, method: str, seed: int) -> np.ndarra
             warnings.simplefilter("ignore")          # umap and sklearn warn about small inputs and n_jobs
             if method == "t-SNE":
                 from sklearn.manifold import TSNE
-                return TSNE(perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed).fit_transform(features)
+                solver = "exact" if n <= 500 else "barnes_hut"   # exact is faster below ~500 points
+                return TSNE(perplexity=min(30.0, (n - 1) / 3), init="pca", method=solver,
+                            random_state=seed).fit_transform(features)
             import umap  # slow import (numba); only when a figure needs it
             return umap.UMAP(n_neighbors=min(15, n - 1), random_state=seed, n_jobs=1).fit_transform(features)
     except Exception as e:  # an optional figure must not lose the metrics already computed
@@ -656,10 +664,10 @@ def write_classification_report(ev: Evaluated, metrics: dict, path: str) -> None
                                      target_names=ev.class_names, digits=3, zero_division=0)
     lines = [f"{ev.name}: {ev.info['split']} split, {len(ev.y_true)} images", "", text, "",
              "95% bootstrap confidence intervals (percentile, resampling images):", ""]
-    lines += [f"  {label:<40} {with_ci(metrics[key])}" for key, label in SCALAR_METRICS.items()]
+    lines += [f"  {label:<48} {with_ci(metrics[key])}" for key, label in headline_metrics(ev.class_names).items()]
     for c, name in enumerate(ev.class_names):
         lines += ["", f"  class {name} (n={int(metrics['support'][c])})"]
-        lines += [f"    {label:<38} {with_ci(metrics[key], c)}" for key, label in PER_CLASS_METRICS.items()]
+        lines += [f"    {label:<46} {with_ci(metrics[key], c)}" for key, label in PER_CLASS_METRICS.items()]
     utils.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -696,13 +704,27 @@ def describe(ev: Evaluated) -> str:
     if ev.info.get("label_fraction") is not None:
         parts.append(f"{ev.info['label_fraction']:.0%} of the train labels")
     if ev.info.get("epoch") is not None:
-        parts.append(f"epoch {ev.info['epoch']}")
+        parts.append(f"{'pretrained ' if ev.info['checkpoint_kind'] == 'ssl' else ''}{ev.info['epoch']} epochs")
+    if ev.info.get("fit_images"):
+        parts.append(f"fitted on {ev.info['fit_images']} train-split images")
     return ", ".join(parts)
+
+
+def headline_metrics(class_names: list) -> dict:
+    """The rows a reader needs: AUCs of the positive class when binary, their macro averages otherwise."""
+    rows = {key: SCALAR_METRICS[key] for key in ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted")}
+    if len(class_names) == 2:
+        rows["roc_auc"] = f"ROC-AUC (positive class: {class_names[1]})"
+        rows["pr_auc"] = f"PR-AUC (average precision, positive class: {class_names[1]})"
+    else:
+        rows["roc_auc_macro"] = SCALAR_METRICS["roc_auc_macro"]
+        rows["pr_auc_macro"] = "PR-AUC (macro average precision)"
+    return rows | {"ece": SCALAR_METRICS["ece"]}
 
 
 def metrics_table(ev: Evaluated, metrics: dict) -> list:
     lines = ["| metric | value [95% CI] |", "|---|---|"]
-    lines += [f"| {label} | {with_ci(metrics[key])} |" for key, label in SCALAR_METRICS.items()]
+    lines += [f"| {label} | {with_ci(metrics[key])} |" for key, label in headline_metrics(ev.class_names).items()]
     header = " | ".join(PER_CLASS_METRICS.values())
     lines += ["", f"| class | images | {header} |", "|---|---:|" + "---|" * len(PER_CLASS_METRICS)]
     for c, name in enumerate(ev.class_names):
@@ -742,12 +764,12 @@ def write_model_outputs(ev: Evaluated, metrics: dict, folder: str, args, project
 def plot_roc_comparison(evaluated: list, results: list, path: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.8))
-    colors = class_colors(len(evaluated))
-    for color, ev, m in zip(colors, evaluated, results):
+    colors, styles = class_colors(len(evaluated)), ["-", "--", "-.", (0, (1, 1))]
+    for i, (ev, m) in enumerate(zip(evaluated, results)):
         curve = roc_curve_of(ev.y_true, ev.prob, len(ev.class_names))
-        if curve is not None:
+        if curve is not None:                     # line styles keep identical curves visible
             key = "roc_auc" if len(ev.class_names) == 2 else "roc_auc_macro"
-            ax.plot(*curve, color=color, lw=2, label=f"{ev.name}: AUC {with_ci(m[key])}")
+            ax.plot(*curve, color=colors[i], ls=styles[i % 4], lw=2, label=f"{ev.name}: AUC {with_ci(m[key])}")
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":", label="chance (AUC 0.5)")
     binary = all(len(ev.class_names) == 2 for ev in evaluated)
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate (1 - specificity)",

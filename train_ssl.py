@@ -172,7 +172,9 @@ def main(args):
     history = utils.History(os.path.join(args.output_dir, "ssl_history.csv"), resume=start_epoch > 0)
     history.truncate(start_epoch)
 
-    settings = {"device": str(device), "precision": precision_note, "images": len(files),
+    if store is not None and len(store) < 2:
+        raise UserError(f"--data_dir {args.data_dir}: SimCLR needs at least 2 readable images, found {len(store)}")
+    settings = {"device": str(device), "precision": precision_note, "images": len(store) if store else len(files),
                 "excluded_test_images": len(excluded), "cached_in_memory": getattr(store, "in_memory", False),
                 "channels": channels, "small_stem": model.config.small_stem, "steps_per_epoch": len(loader),
                 "world_size": dist["world_size"], "start_epoch": start_epoch,

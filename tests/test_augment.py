@@ -100,7 +100,7 @@ def test_crop_flip_rotation_match_torchvision():
     x = smooth_images(b=1, s=s)
     p = fixed_params(1, crop_w=w / s, crop_h=h / s, crop_cx=(2 * left + w) / s - 1, crop_cy=(2 * top + h) / s - 1,
                      flip=True, angle=angle)
-    ours = unnormalize(BatchAugment(SSL_AUGMENT, s).apply(x, p))[0, 0]
+    ours = unnormalize(BatchAugment(SSL_AUGMENT, s).apply_params(x, p))[0, 0]
     ref = TF.resized_crop(x.float() / 255, top, left, h, w, [s, s], T.InterpolationMode.BILINEAR, antialias=False)
     ref = TF.rotate(TF.hflip(ref), angle, T.InterpolationMode.BILINEAR, fill=0)[0, 0]
     inner = slice(6, s - 6)
@@ -119,7 +119,7 @@ def test_brightness_contrast_match_torchvision(channels, contrast_first):
     x = smooth_images(b=2, c=channels, s=32)
     b, c = torch.tensor([1.3, 0.7]), torch.tensor([0.7, 1.3])
     p = fixed_params(2, brightness=b, contrast=c, contrast_first=torch.tensor([contrast_first] * 2))
-    ours = unnormalize(BatchAugment(SSL_AUGMENT, 32).apply(x, p))
+    ours = unnormalize(BatchAugment(SSL_AUGMENT, 32).apply_params(x, p))
     for i in range(2):
         ref = x[i].float() / 255
         ops = [lambda t: TF.adjust_brightness(t, float(b[i])), lambda t: TF.adjust_contrast(t, float(c[i]))]
@@ -133,7 +133,7 @@ def test_blur_matches_torchvision(s):
     x = smooth_images(b=2, c=3, s=s)
     sigma = torch.tensor([0.3, 2.0]) * s / 224
     p = fixed_params(2, blur=torch.tensor([True, False]), sigma=sigma)
-    ours = unnormalize(BatchAugment(SSL_AUGMENT, s).apply(x, p))
+    ours = unnormalize(BatchAugment(SSL_AUGMENT, s).apply_params(x, p))
     ref = TF.gaussian_blur(x[:1].float() / 255, [blur_kernel_size(s)] * 2, [float(sigma[0])] * 2)
     assert torch.allclose(ours[:1], ref, atol=1e-5)
     assert torch.allclose(ours[1:], x[1:].float() / 255, atol=1e-5)        # not chosen: untouched
@@ -144,7 +144,7 @@ def test_strongest_blur_at_32_px_keeps_the_image():
     (a fixed 23 px kernel with sigma 2 would average most of it away)."""
     x = torch.randint(0, 256, (8, 1, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     p = fixed_params(8, blur=True, sigma=blur_sigma_range(SSL_AUGMENT, 32)[1])
-    y = unnormalize(BatchAugment(SSL_AUGMENT, 32).apply(x, p))[:, 0].flatten()
+    y = unnormalize(BatchAugment(SSL_AUGMENT, 32).apply_params(x, p))[:, 0].flatten()
     corr = np.corrcoef(y.numpy(), (x.float() / 255).flatten().numpy())[0, 1]
     assert blur_kernel_size(32) == 3 and blur_kernel_size(224) == 23 and corr > 0.9
 

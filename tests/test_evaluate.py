@@ -291,7 +291,14 @@ def test_wrong_num_classes_is_a_user_error(world, tmp_path):
         run_evaluate(world, tmp_path, world["finetuned"], extra=["--num_classes", "4"])
 
 
-def test_changed_label_file_warns_and_scores_the_recorded_files_still_listed(world, tmp_path, capsys):
+def skip_figures(monkeypatch):
+    """For tests about which images are scored: the figures are checked elsewhere and cost seconds."""
+    monkeypatch.setattr(evaluate, "write_figures", lambda *a, **k: {})
+    monkeypatch.setattr(evaluate, "embedding_projections", lambda evaluated, seed: {e.checkpoint: {} for e in evaluated})
+
+
+def test_changed_label_file_warns_and_scores_the_recorded_files_still_listed(world, tmp_path, capsys, monkeypatch):
+    skip_figures(monkeypatch)
     lines = (world["data"] / "labels.csv").read_text().splitlines()
     dropped = [l for l in lines if "_test_0.png" in l]                # one test image per class removed
     changed = tmp_path / "labels_changed.csv"
