@@ -209,8 +209,9 @@ def run_evaluate(world, out, *checkpoints, extra=()):
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
 
 
-def assert_model_files(folder, training_curves=True):
-    for name in MODEL_FILES + (["training_curves.png"] if training_curves else []):
+def assert_model_files(folder, training_curves=True, embeddings=True):
+    expected = [f for f in MODEL_FILES if embeddings or f not in ("tsne.png", "umap.png")]
+    for name in expected + (["training_curves.png"] if training_curves else []):
         path = folder / name
         assert path.is_file() and path.stat().st_size > 0, name
         if name.endswith(".png"):
@@ -254,11 +255,16 @@ def test_predictions_are_the_recorded_test_split_and_never_trained_on(world, sin
     assert all(r["true"] == CLASS_NAMES[int(r["filename"].split("_")[1])] for r in rows)   # names, not indices
 
 
-def test_comparison_mode(world, single_run):
+def test_comparison_mode(world, single_run, monkeypatch):
     out = world["root"] / "out_compare"
+    reasons = {"t-SNE": "t-SNE skipped by the test", "UMAP": "UMAP skipped by the test"}
+    monkeypatch.setattr(evaluate, "embedding_projections", lambda evaluated, seed: {e.checkpoint: reasons
+                                                                                    for e in evaluated})
     result = run_evaluate(world, out, world["finetuned"], world["baseline"], extra=["--names", "SSL", "scratch"])
     for folder in ("SSL", "scratch"):
-        assert_model_files(out / folder)
+        assert_model_files(out / folder, embeddings=False)
+        assert not (out / folder / "umap.png").exists()
+        assert "no umap.png: UMAP skipped by the test" in (out / folder / "report.md").read_text()
     for name in ("comparison.csv", "comparison.md", "roc_comparison.png", "report.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = read_predictions(out / "comparison.csv")

@@ -1,0 +1,177 @@
+"""Label efficiency: SSL-initialised fine-tuning vs the same recipe from scratch, at several label
+fractions and seeds, all scored on the same held-out test split.
+
+    python benchmarks/label_efficiency.py                                  # synthetic data, CPU recipe
+    python benchmarks/label_efficiency.py --fractions 0.05 0.1 0.25 1.0 --seeds 0 1 2
+    python benchmarks/label_efficiency.py --npz ../shared/data/breastmnist.npz --image_size 28 \\
+        --output_dir ./runs/label_efficiency_breastmnist
+
+Pretrains once (test split left out), then for every fraction x seed x {ssl, scratch} runs
+fine_tune.py's main with identical settings (epochs, augmentation, learning rates, best-on-val
+selection), evaluates each on the test split with evaluate.py's code, and writes
+results.csv (one row per run), summary.csv / summary.md (mean and std over seeds) and
+label_efficiency.png (metric against labelled fraction, one line per method, +-1 std).
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data_loader  # noqa: E402
+import evaluate  # noqa: E402
+import fine_tune  # noqa: E402
+import train_ssl  # noqa: E402
+import utils  # noqa: E402
+
+METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro")
+
+
+def prepare_data(args) -> tuple:
+    """(data_dir, label_file): import the npz, or generate synthetic data when the folder is empty."""
+    data_dir = args.data_dir
+    label_file = os.path.join(data_dir, "labels.csv")
+    if os.path.isfile(label_file):
+        return data_dir, label_file
+    if args.npz:
+        data_loader.import_npz(args.npz, data_dir)
+    else:
+        data_loader.generate_dataset(data_dir, args.num_images, 3, args.image_size, args.data_seed, args.num_unlabeled)
+    return data_dir, label_file
+
+
+def pretrain(args, data_dir, label_file) -> str:
+    out = os.path.join(args.output_dir, "ssl")
+    path = os.path.join(out, "best_ssl_model.pth")
+    if os.path.isfile(path) and not args.force:
+        print(f"reusing {path}")
+        return path
+    argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
+            "--image_size", str(args.image_size), "--batch_size", str(args.ssl_batch_size),
+            "--num_epochs", str(args.ssl_epochs), "--warmup_epochs", str(max(1, args.ssl_epochs // 10)),
+            "--lr", str(args.ssl_lr), "--temperature", str(args.temperature), "--eval_every", "5",
+            "--device", args.device, "--seed", "0"]
+    train_ssl.main(train_ssl.get_args_parser().parse_args(argv))
+    return path
+
+
+def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, seed) -> dict:
+    out = os.path.join(args.output_dir, f"{method}_frac{fraction:g}_seed{seed}")
+    argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
+            "--image_size", str(args.image_size), "--label_fraction", str(fraction),
+            "--num_epochs", str(args.ft_epochs), "--batch_size", str(args.ft_batch_size),
+            "--lr", str(args.ft_lr), "--device", args.device, "--seed", str(seed), "--output_name", "model.pth"]
+    if method == "ssl":
+        argv += ["--ssl_checkpoint", ssl_path]
+        if args.freeze_epochs > 0:
+            argv += ["--freeze_encoder", "--unfreeze_after_epoch", str(args.freeze_epochs)]
+    start = time.perf_counter()
+    fine_tune.main(fine_tune.get_args_parser().parse_args(argv))
+    seconds = time.perf_counter() - start
+    eval_args = evaluate.get_args_parser().parse_args(
+        ["--checkpoint", os.path.join(out, "model.pth"), "--data_dir", data_dir, "--label_file", label_file,
+         "--device", args.device, "--bootstrap", "0"])
+    device = utils.resolve_device(args.device)
+    (ev,) = evaluate.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
+    scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
+    return {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
+            "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in METRICS}}
+
+
+def summarise(rows: list, path_csv: str, path_md: str) -> list:
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    g = df.groupby(["fraction", "method"])[list(METRICS)]
+    summary = g.mean().add_suffix("_mean").join(g.std(ddof=0).add_suffix("_std")).join(g.size().rename("runs"))
+    summary = summary.reset_index()
+    utils.atomic_write_text(path_csv, summary.to_csv(index=False))
+    lines = ["| label fraction | method | runs | " + " | ".join(METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for _, r in summary.iterrows():
+        cells = [f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in METRICS]
+        lines.append(f"| {r['fraction']:g} | {r['method']} | {r['runs']} | " + " | ".join(cells) + " |")
+    gains = []
+    for frac, part in summary.groupby("fraction"):
+        by = part.set_index("method")
+        if {"ssl", "scratch"} <= set(by.index):
+            gains.append(f"- {frac:g}: SSL - scratch accuracy = "
+                         f"{100 * (by.loc['ssl', 'accuracy_mean'] - by.loc['scratch', 'accuracy_mean']):+.1f} points")
+    utils.atomic_write_text(path_md, "\n".join(lines + ["", "Accuracy gain of SSL initialisation:", *gains]) + "\n")
+    return lines + gains
+
+
+def plot(rows: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
+    for ax, metric in zip(axes, METRICS):
+        for method, colour in (("ssl", "tab:blue"), ("scratch", "tab:orange")):
+            part = df[df.method == method].groupby("fraction")[metric]
+            mean, std = part.mean(), part.std(ddof=0).fillna(0)
+            ax.plot(mean.index, mean.values, marker="o", color=colour,
+                    label="SSL init" if method == "ssl" else "from scratch")
+            ax.fill_between(mean.index, mean - std, mean + std, color=colour, alpha=0.2)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled fraction of the train split")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_title(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Label efficiency on the held-out test split (mean ± std over seeds)")
+    fig.tight_layout()
+    utils.atomic_savefig(fig, path)
+
+
+def main(args):
+    import pandas as pd
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    data_dir, label_file = prepare_data(args)
+    ssl_path = pretrain(args, data_dir, label_file)
+    rows = []
+    for fraction in args.fractions:
+        for seed in args.seeds:
+            for method in ("ssl", "scratch"):
+                rows.append(finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, seed))
+                print(rows[-1], flush=True)
+                utils.atomic_write_text(os.path.join(args.output_dir, "results.csv"),
+                                        pd.DataFrame(rows).to_csv(index=False))
+    lines = summarise(rows, os.path.join(args.output_dir, "summary.csv"), os.path.join(args.output_dir, "summary.md"))
+    plot(rows, os.path.join(args.output_dir, "label_efficiency.png"))
+    print("\n".join(lines))
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", default="./data/label_efficiency", help="dataset folder (created if empty)")
+    p.add_argument("--npz", default=None, help="import this MedMNIST .npz into --data_dir instead of synthetic data")
+    p.add_argument("--output_dir", default="./runs/label_efficiency", help="runs, tables and the figure")
+    p.add_argument("--num_images", type=int, default=500, help="labelled synthetic images")
+    p.add_argument("--num_unlabeled", type=int, default=1500, help="extra unlabelled synthetic images")
+    p.add_argument("--data_seed", type=int, default=42, help="seed of the synthetic data")
+    p.add_argument("--image_size", type=int, default=64, help="resolution for every phase")
+    p.add_argument("--ssl_epochs", type=int, default=15, help="pretraining epochs")
+    p.add_argument("--ssl_batch_size", type=int, default=128, help="pretraining batch (images)")
+    p.add_argument("--ssl_lr", type=float, default=1e-3, help="pretraining learning rate")
+    p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0], help="labelled fractions of train")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
+    p.add_argument("--ft_epochs", type=int, default=30, help="fine-tuning epochs (both methods)")
+    p.add_argument("--ft_batch_size", type=int, default=32, help="fine-tuning batch")
+    p.add_argument("--ft_lr", type=float, default=1e-3, help="fine-tuning learning rate (both methods)")
+    p.add_argument("--freeze_epochs", type=int, default=10, help="SSL runs: epochs with the encoder frozen")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--force", action="store_true", help="pretrain again even if a checkpoint exists")
+    return p
+
+
+if __name__ == "__main__":
+    utils.run_cli(main, get_args_parser())
