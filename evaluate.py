@@ -158,45 +158,49 @@ def bootstrap_weights(n: int, resamples: int, seed: int, chunk: int):
 
 
 def percentile_interval(samples: np.ndarray) -> tuple:
-    """Percentile 95% interval over resamples (axis 0), ignoring NaN resamples; NaN when too few."""
-    flat = samples.reshape(len(samples), -1)
-    lo, hi = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
+    """Percentile 95% interval over resamples (axis 0), ignoring NaN resamples; NaN when too few.
+
+    Returns (low, high, number of usable resamples), each shaped like one resample."""
+    shape = samples.shape[1:]
+    flat = samples.reshape(samples.shape[0], int(np.prod(shape)))
+    low, high = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
     for j in range(flat.shape[1]):
         valid = flat[:, j][np.isfinite(flat[:, j])]
         if len(valid) >= MIN_VALID_RESAMPLES:
-            lo[j], hi[j] = np.percentile(valid, CI_PERCENTILES)
-    shape = samples.shape[1:]
-    return lo.reshape(shape), hi.reshape(shape), np.isfinite(flat).sum(0).reshape(shape)
+            low[j], high[j] = np.percentile(valid, CI_PERCENTILES)
+    return low.reshape(shape), high.reshape(shape), np.isfinite(flat).sum(0).reshape(shape)
+
+
+def _chunk(n: int, width: int = 1) -> int:
+    """Resamples per batch, so that a batch's (resamples, n, width) arrays stay near 16 MB."""
+    return max(1, 2_000_000 // max(1, n * width))
 
 
 def compute_metrics(y_true, prob, k: int, resamples: int, seed: int) -> dict:
-    """{metric: {'value', 'low', 'high', 'valid'}} with percentile bootstrap intervals over images."""
+    """{metric: {'value', 'low', 'high', 'valid'}} with percentile bootstrap intervals over images,
+    plus 'support': images per class."""
     y_true, prob = np.asarray(y_true), np.asarray(prob, dtype=np.float64)
-    counts = np.bincount(y_true, minlength=k)
-    scorable = (counts > 0) & (counts < len(y_true))
-    point = all_metrics(np.ones((1, len(y_true))), y_true, prob, k, scorable)
-    chunk = max(1, 2_000_000 // max(1, len(y_true) * k))
-    draws = [all_metrics(w, y_true, prob, k, scorable)
-             for w in bootstrap_weights(len(y_true), resamples, seed, chunk)]
-    out = {}
+    n, counts = len(y_true), np.bincount(y_true, minlength=k)
+    scorable = (counts > 0) & (counts < n)
+    point = all_metrics(np.ones((1, n)), y_true, prob, k, scorable)
+    draws = [all_metrics(w, y_true, prob, k, scorable) for w in bootstrap_weights(n, resamples, seed, _chunk(n, k))]
+    out = {"support": counts}
     for key, value in point.items():
-        samples = np.concatenate([d[key] for d in draws]) if draws else np.full((0,) + value.shape[1:], np.nan)
-        low, high, valid = percentile_interval(samples) if draws else (value[0] * np.nan,) * 2 + (0,)
+        samples = np.concatenate([d[key] for d in draws]) if draws else value[:0]
+        low, high, valid = percentile_interval(samples)
         out[key] = {"value": value[0], "low": low, "high": high, "valid": valid}
-    out["support"] = counts
     return out
 
 
 def paired_accuracy_difference(y_true, prob_a, prob_b, resamples: int, seed: int) -> dict:
     """Accuracy of A minus B on the same images, with a paired bootstrap (same resampled images for both)."""
+    n = len(y_true)
     correct = np.stack([prob_a.argmax(1) == y_true, prob_b.argmax(1) == y_true], 1).astype(float)   # (N, 2)
-    diff = (correct[:, 0] - correct[:, 1]).mean()
-    chunk = max(1, 2_000_000 // max(1, len(y_true)))
-    samples = [(w @ correct) / w.sum(1, keepdims=True) for w in bootstrap_weights(len(y_true), resamples, seed, chunk)]
-    deltas = np.concatenate(samples)[:, 0] - np.concatenate(samples)[:, 1] if samples else np.zeros(0)
-    low, high, _ = percentile_interval(deltas) if len(deltas) else (np.nan, np.nan, 0)
-    return {"difference": float(diff), "low": float(low), "high": float(high), "num_images": int(len(y_true)),
-            "excludes_zero": bool(np.isfinite(low) and (low > 0 or high < 0))}
+    accuracies = [(w @ correct) / w.sum(1, keepdims=True) for w in bootstrap_weights(n, resamples, seed, _chunk(n))]
+    accuracies = np.concatenate(accuracies) if accuracies else np.zeros((0, 2))                     # (B, 2)
+    low, high, _ = percentile_interval(accuracies[:, 0] - accuracies[:, 1])
+    return {"difference": float(correct[:, 0].mean() - correct[:, 1].mean()), "low": float(low),
+            "high": float(high), "num_images": n, "excludes_zero": bool(np.isfinite(low) and (low > 0 or high < 0))}
 
 
 # ============ predictions: one `Evaluated` per scored model ============
@@ -233,13 +237,17 @@ def read_table(args, num_classes, split_args: dict) -> data_loader.LabelTable:
 def check_label_hash(recorded, table, label_file: str, path: str, notes: list) -> None:
     if recorded and recorded != table.sha256:
         warn(notes, f"{label_file} is not the label file {os.path.basename(path)} was trained with (SHA-256 "
-                    f"{table.sha256[:12]}... vs {recorded[:12]}...): the recorded split's files still listed are "
-                    f"scored with the labels the file gives now")
+                    f"{table.sha256[:12]}... vs {recorded[:12]}...); scoring with the labels it gives now")
 
 
 def labels_in_class_order(table, class_names: list, label_file: str) -> np.ndarray:
-    """Labels as indices into the checkpoint's `class_names` (a label file with names may order them differently)."""
+    """Labels as indices into the checkpoint's `class_names` (a label file with names may order them differently,
+    or lack a class)."""
     if all(name.lstrip("-").isdigit() for name in table.class_names):
+        if table.labels.max() >= len(class_names):
+            raise UserError(f"--label_file {label_file}: label {int(table.labels.max())} is outside the "
+                            f"checkpoint's {len(class_names)} classes [0, {len(class_names)}); use the label file "
+                            f"it was trained with")
         return table.labels
     unknown = sorted(set(table.class_names) - set(class_names))
     if unknown:
@@ -283,7 +291,9 @@ def check_not_trained_on(ckpt: dict, filenames: list, split: str, path: str, not
 def encode_images(encoder, filenames: list, ckpt: dict, args, device, autocast_dtype) -> np.ndarray:
     """Frozen encoder features (N, D) of `filenames`, decoded the way the checkpoint was trained."""
     store = data_loader.ImageStore(args.data_dir, filenames, ckpt["image_size"], args.cache_gb, ckpt.get("channels"))
-    workers = args.num_workers if args.num_workers is not None else utils.default_num_workers(device, not store.in_memory)
+    workers = args.num_workers
+    if workers is None:
+        workers = utils.default_num_workers(device, streaming=not store.in_memory)
     loader = data_loader.BatchLoader(store, np.arange(len(filenames)), batch_size=args.batch_size,
                                      num_workers=workers)
     print(f"encoding {len(filenames)} images at {ckpt['image_size']} px ...")
@@ -293,12 +303,14 @@ def encode_images(encoder, filenames: list, ckpt: dict, args, device, autocast_d
 
 
 def history_beside(ckpt: dict, path: str, notes: list):
-    name = ckpt.get("history_file")
+    """The per-epoch CSV the checkpoint names (train_ssl.py writes ssl_history.csv beside its checkpoints)."""
+    name = ckpt.get("history_file") or ("ssl_history.csv" if ckpt["kind"] == "ssl" else None)
     if not name:
         return None
     csv_path = os.path.join(os.path.dirname(os.path.abspath(path)), name)
     if not os.path.isfile(csv_path):
-        notes.append(f"no training curves: the history file {name} is not beside the checkpoint")
+        if ckpt.get("history_file"):
+            notes.append(f"no training curves: the history file {name} is not beside the checkpoint")
         return None
     return csv_path
 
@@ -310,8 +322,9 @@ def evaluate_classifier(path: str, name: str, ckpt: dict, args, device, autocast
         raise UserError(f"--num_classes {args.num_classes}: {path} was trained for {num_classes} classes; "
                         f"drop the flag or pass --num_classes {num_classes}")
     class_names = [str(c) for c in ckpt.get("class_names") or range(num_classes)]
-    table = read_table(args, num_classes, {"seed": ckpt.get("split_seed"), "val_fraction": ckpt.get("val_fraction"),
-                                           "test_fraction": ckpt.get("test_fraction")})
+    # no class count passed down: a label file lacking a class is still scorable, mapped by name below
+    table = read_table(args, None, {"seed": ckpt.get("split_seed"), "val_fraction": ckpt.get("val_fraction"),
+                                    "test_fraction": ckpt.get("test_fraction")})
     check_label_hash(ckpt.get("label_file_sha256"), table, args.label_file, path, notes)
     rows = recorded_split(ckpt, table, args.split, path, args.label_file, notes)
     filenames = [table.filenames[i] for i in rows]
@@ -448,7 +461,8 @@ def plot_confusion(ev: Evaluated, path: str) -> None:
     normalised = _ratio(cm, rows)
     size = max(4.0, 0.55 * k + 2.5)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    for ax, data, title, as_int in ((axes[0], cm, "counts", True), (axes[1], normalised, "row-normalised (recall)", False)):
+    panels = ((axes[0], cm, "counts", True), (axes[1], normalised, "row-normalised (recall)", False))
+    for ax, data, title, as_int in panels:
         im = ax.imshow(np.nan_to_num(data), cmap="Blues", vmin=0, vmax=None if as_int else 1)
         bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="images" if as_int else "fraction of the row")
         if as_int:
@@ -814,7 +828,8 @@ def write_comparison(evaluated, results, folders, paired, args) -> None:
     utils.atomic_write_text(os.path.join(out, "comparison.csv"), buf.getvalue())
     plot_roc_comparison(evaluated, results, os.path.join(out, "roc_comparison.png"))
 
-    header = ["model", "init", "label fraction", "images"] + [SCALAR_METRICS[k].split(" (")[0] for k in COMPARISON_METRICS]
+    header = ["model", "init", "label fraction", "images"]
+    header += [SCALAR_METRICS[k].split(" (")[0] for k in COMPARISON_METRICS]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for ev, m, r in zip(evaluated, results, rows):
         fraction = "" if r["label_fraction"] is None else f"{r['label_fraction']:.0%}"
@@ -822,7 +837,8 @@ def write_comparison(evaluated, results, folders, paired, args) -> None:
         table.append("| " + " | ".join(cells + [with_ci(m[k]) for k in COMPARISON_METRICS]) + " |")
     lines = [f"# Comparison on the {args.split} split", "",
              f"Values with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed {args.seed}). "
-             f"ROC-AUC is the macro one-vs-rest average; ECE: lower is better.", ""] + table
+             f"ROC-AUC: the macro one-vs-rest average (with two classes, the positive class's AUC); "
+             f"ECE (expected calibration error): lower is better.", ""] + table
     lines += ["", "## Paired accuracy difference", ""] + paired_sentences(paired)
     utils.atomic_write_text(os.path.join(out, "comparison.md"), "\n".join(lines) + "\n")
     report = lines + ["", "## ROC curves", "", "![ROC comparison](roc_comparison.png)", "",

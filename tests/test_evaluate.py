@@ -3,7 +3,6 @@ tiny images (a classifier, two classifiers compared, an SSL checkpoint, and the 
 import csv
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -11,12 +10,10 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import data_loader  # noqa: E402
-import evaluate  # noqa: E402
-import utils  # noqa: E402
-from model_ssl import Classifier, ModelConfig, SimCLR  # noqa: E402
+import data_loader
+import evaluate
+import utils
+from model_ssl import Classifier, ModelConfig, SimCLR
 
 CLASS_NAMES = ["normal", "pneumonia", "effusion"]
 PER_CLASS = {"train": 8, "val": 2, "test": 4}           # images per class and split: 42 in all
@@ -130,6 +127,13 @@ def test_ece_is_zero_when_calibrated_and_the_gap_when_overconfident():
         pytest.approx(0.4)
 
 
+def test_projection_of_too_few_images_is_skipped_with_a_reason():
+    with pytest.raises(evaluate.ProjectionSkipped, match="at least 5 images"):
+        evaluate.project_embedding(np.random.default_rng(0).normal(size=(3, 8)), "t-SNE", seed=0)
+    coords = evaluate.project_embedding(np.random.default_rng(0).normal(size=(6, 8)), "t-SNE", seed=0)
+    assert coords.shape == (6, 2) and np.isfinite(coords).all()
+
+
 def test_paired_difference():
     y, prob = random_predictions(300, 3, seed=5, signal=3.0)
     same = evaluate.paired_accuracy_difference(y, prob, prob, 200, seed=0)
@@ -183,6 +187,7 @@ def save_ssl(path, table):
     utils.save_checkpoint(common_state(model, table) | {
         "kind": "ssl", "projector": model.projector.state_dict(), "loss": 5.0, "knn_accuracy": None,
         "excluded_files": test}, str(path))
+    (path.parent / "ssl_history.csv").write_text("epoch,loss,lr,knn_accuracy\n1,5.1,0.0003,0.4\n2,4.8,0.0002,0.5\n")
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +214,8 @@ def run_evaluate(world, out, *checkpoints, extra=()):
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
 
 
-def assert_model_files(folder, training_curves=True, embeddings=True):
-    expected = [f for f in MODEL_FILES if embeddings or f not in ("tsne.png", "umap.png")]
-    for name in expected + (["training_curves.png"] if training_curves else []):
+def assert_model_files(folder, skipped=()):
+    for name in [f for f in MODEL_FILES + ["training_curves.png"] if f not in skipped]:
         path = folder / name
         assert path.is_file() and path.stat().st_size > 0, name
         if name.endswith(".png"):
@@ -255,16 +259,20 @@ def test_predictions_are_the_recorded_test_split_and_never_trained_on(world, sin
     assert all(r["true"] == CLASS_NAMES[int(r["filename"].split("_")[1])] for r in rows)   # names, not indices
 
 
+def skip_figures(monkeypatch):
+    """For tests about which images are scored: the figures are checked elsewhere and cost seconds."""
+    monkeypatch.setattr(evaluate, "write_figures", lambda *a, **k: {})
+    monkeypatch.setattr(evaluate, "embedding_projections",
+                        lambda evaluated, seed: {e.checkpoint: {} for e in evaluated})
+
+
 def test_comparison_mode(world, single_run, monkeypatch):
     out = world["root"] / "out_compare"
-    reasons = {"t-SNE": "t-SNE skipped by the test", "UMAP": "UMAP skipped by the test"}
-    monkeypatch.setattr(evaluate, "embedding_projections", lambda evaluated, seed: {e.checkpoint: reasons
-                                                                                    for e in evaluated})
+    skip_figures(monkeypatch)                   # per-model figures are checked by the single and SSL runs
     result = run_evaluate(world, out, world["finetuned"], world["baseline"], extra=["--names", "SSL", "scratch"])
     for folder in ("SSL", "scratch"):
-        assert_model_files(out / folder, embeddings=False)
-        assert not (out / folder / "umap.png").exists()
-        assert "no umap.png: UMAP skipped by the test" in (out / folder / "report.md").read_text()
+        for name in ("metrics.json", "classification_report.txt", "predictions.csv", "report.md"):
+            assert (out / folder / name).stat().st_size > 0, name
     for name in ("comparison.csv", "comparison.md", "roc_comparison.png", "report.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = read_predictions(out / "comparison.csv")
@@ -280,13 +288,24 @@ def test_comparison_mode(world, single_run, monkeypatch):
     assert alone == again
 
 
-def test_ssl_checkpoint_is_scored_by_linear_probe_and_knn(world):
+def test_ssl_checkpoint_is_scored_by_linear_probe_and_knn(world, monkeypatch):
     out = world["root"] / "out_ssl"
+    project = evaluate.project_embedding
+
+    def no_umap(features, method, seed):        # a projection that cannot be made is skipped and explained
+        if method == "UMAP":
+            raise evaluate.ProjectionSkipped("UMAP skipped by the test")
+        return project(features, method, seed)
+
+    monkeypatch.setattr(evaluate, "project_embedding", no_umap)
     result = run_evaluate(world, out, world["ssl"])
     assert result["models"] == ["best_ssl_model linear probe", "best_ssl_model kNN"]
     for folder in result["folders"]:
-        assert_model_files(out / os.path.basename(folder), training_curves=False)
-        doc = json.loads((out / os.path.basename(folder) / "metrics.json").read_text())
+        folder = out / os.path.basename(folder)
+        assert_model_files(folder, skipped=("umap.png",))
+        assert not (folder / "umap.png").exists()
+        assert "no umap.png: UMAP skipped by the test" in (folder / "report.md").read_text()
+        doc = json.loads((folder / "metrics.json").read_text())
         assert doc["num_images"] == 12 and doc["fit_images"] == 24 and doc["checkpoint_kind"] == "ssl"
         assert 0 <= doc["metrics"]["accuracy"]["value"] <= 1
     assert (out / "comparison.csv").is_file() and (out / "roc_comparison.png").is_file()
@@ -295,12 +314,6 @@ def test_ssl_checkpoint_is_scored_by_linear_probe_and_knn(world):
 def test_wrong_num_classes_is_a_user_error(world, tmp_path):
     with pytest.raises(utils.UserError, match="--num_classes 4"):
         run_evaluate(world, tmp_path, world["finetuned"], extra=["--num_classes", "4"])
-
-
-def skip_figures(monkeypatch):
-    """For tests about which images are scored: the figures are checked elsewhere and cost seconds."""
-    monkeypatch.setattr(evaluate, "write_figures", lambda *a, **k: {})
-    monkeypatch.setattr(evaluate, "embedding_projections", lambda evaluated, seed: {e.checkpoint: {} for e in evaluated})
 
 
 def test_changed_label_file_warns_and_scores_the_recorded_files_still_listed(world, tmp_path, capsys, monkeypatch):
