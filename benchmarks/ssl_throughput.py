@@ -11,7 +11,10 @@ are fair on a shared or throttling machine:
     python benchmarks/ssl_throughput.py --sizes 64 --profile               # where the augmentation time goes
 
 The last line holds key=value pairs (ratio_b_over_a_64=..., ratio_b_over_c_64=..., ...). b/c uses the
-fastest worker count measured for (c). It writes its own small PNGs into a temporary folder.
+fastest worker count measured for (c). augment_share / pil_share are the milliseconds of the two views of
+one batch (BatchAugment, or PIL in-process), measured alone, over the milliseconds of one model step:
+on a machine shared with other jobs they are steadier than the throughput ratios. It writes its own
+small PNGs into a temporary folder.
 """
 import argparse
 import os
@@ -153,6 +156,16 @@ def augment_ms(augment, store, images_per_step: int, device, reps: int = 10) -> 
     return (time.perf_counter() - start) / reps * 1000
 
 
+def pil_ms(root: str, names: list, images_per_step: int, size: int, reps: int = 2) -> float:
+    """Milliseconds for the two views of one batch made per image with PIL in this process, without the model."""
+    views, it = path_pil(root, names, images_per_step, size, torch.device("cpu"), 0)
+    views()
+    start = time.perf_counter()
+    for _ in range(reps):
+        views()
+    return (time.perf_counter() - start) / reps * 1000
+
+
 def profile_augment(augment, store, images_per_step: int, device) -> None:
     images = store.images[:images_per_step].to(device)
     augment(images)
@@ -191,7 +204,8 @@ def bench_size(args, size: int, steps: int, warmup: int, rounds: int, root: str,
                 torch.set_num_threads(threads)
         rows.update({f"{k}_{tag}": n / sec for k, (n, sec) in totals.items()})
         rows[f"aug_ms_{tag}"] = augment_ms(augment, store, images_per_step, device)
-        rows[f"step_ms_{tag}"] = 1000 * args.batch_size / rows[f"b_{tag}"]
+        rows[f"pil_ms_{tag}"] = pil_ms(root, names, images_per_step, size)
+        rows[f"step_ms_{tag}"] = 1000 * args.batch_size / rows[f"a_{tag}"]
         if args.profile:
             profile_augment(augment, store, images_per_step, device)
         print_rows(args, size, precision, rows)
@@ -212,7 +226,8 @@ def print_rows(args, size, precision, rows):
     c = {w: rows[f"c{w}_{tag}"] for w in args.num_workers}
     cells = "  ".join(f"c(workers={w}) {v:8.1f}" for w, v in c.items())
     print(f"{size:>4} px  {precision:<4}  a {rows[f'a_{tag}']:8.1f}  b {rows[f'b_{tag}']:8.1f}  {cells}   "
-          f"augment {rows[f'aug_ms_{tag}']:.1f} ms of a {rows[f'step_ms_{tag}']:.0f} ms step  "
+          f"per step: model {rows[f'step_ms_{tag}']:.0f} ms, BatchAugment x2 {rows[f'aug_ms_{tag}']:.1f} ms, "
+          f"PIL x2 {rows[f'pil_ms_{tag}']:.0f} ms  "
           f"(load average {os.getloadavg()[0]:.1f})", flush=True)
 
 
@@ -227,7 +242,8 @@ def summary(args, rows: dict) -> str:
             pairs += [f"views_per_s_a_{size}{suffix}={a:.1f}", f"views_per_s_b_{size}{suffix}={b:.1f}",
                       f"views_per_s_c_{size}{suffix}={best_c:.1f}",
                       f"ratio_b_over_a_{size}{suffix}={b / a:.3f}", f"ratio_b_over_c_{size}{suffix}={b / best_c:.3f}",
-                      f"augment_share_{size}{suffix}={rows[f'aug_ms_{tag}'] / rows[f'step_ms_{tag}']:.3f}"]
+                      f"augment_share_{size}{suffix}={rows[f'aug_ms_{tag}'] / rows[f'step_ms_{tag}']:.3f}",
+                      f"pil_share_{size}{suffix}={rows[f'pil_ms_{tag}'] / rows[f'step_ms_{tag}']:.3f}"]
         if both:
             for path in "ab":
                 pairs.append(f"ratio_bf16_over_fp32_{path}_{size}="
@@ -269,8 +285,12 @@ def per_size(values, sizes: list, field: int) -> dict:
     return {s: values[min(i, len(values) - 1)] for i, s in enumerate(sizes)}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the docstring's table and commands kept as written."""
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 224], help="image sides in pixels")
     p.add_argument("--batch_size", type=int, default=128, help="views per step (two per image)")
     p.add_argument("--steps", type=int, nargs="+", default=None,
