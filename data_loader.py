@@ -10,6 +10,7 @@ Labelled data: `read_label_table(...)` then `ImageStore(...)`, where a corrupt f
 """
 import argparse
 import os
+import posixpath
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -81,11 +82,18 @@ def _read_dicom(path: str) -> np.ndarray:
     except ImportError:
         raise UserError(f"{path}: reading DICOM needs pydicom; run `pip install pydicom`")
     try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array
-    except Exception as e:  # pydicom raises many types for truncated, compressed or non-DICOM files
+        return _dicom_pixels(pydicom.dcmread(path))
+    except Exception as e:  # pydicom raises many types for truncated, compressed or non-DICOM files,
+        # and a damaged header (frame count, LUT, window) fails in numpy or float() instead
         raise UserError(f"{path}: not a readable DICOM image ({_reason(e)}); re-export it or remove it "
                         f"from the data (compressed files may need `pip install pylibjpeg`)")
+
+
+def _dicom_pixels(ds) -> np.ndarray:
+    """The decoded frame (the middle one of several), LUTs and window applied."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    pixels = ds.pixel_array
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[len(pixels) // 2]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -122,6 +130,12 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype == np.uint8:
         return pixels
     x = pixels.astype(np.float64)
+    finite = np.isfinite(x)
+    if not finite.all():                   # float TIFFs may hold NaN/inf: range from the finite pixels,
+        if not finite.any():               # NaN shown as black, +inf white, -inf black
+            return np.zeros(pixels.shape, np.uint8)
+        lo, hi = float(x[finite].min()), float(x[finite].max())
+        x = np.where(np.isnan(x), lo, np.clip(x, lo, hi))
     lo, hi = float(x.min()), float(x.max())
     if np.issubdtype(pixels.dtype, np.floating) and lo >= 0.0 and hi <= 1.0:
         lo, hi = 0.0, 1.0
@@ -201,6 +215,7 @@ class LabelTable:
 
 
 LABEL_COLUMNS = ("filename", "label", "split", "patient_id")
+MAX_CLASSES = 10_000  # an integer label above this is a typo or an id column, not a class index
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "testing": "test"}
 
 
@@ -267,16 +282,20 @@ def _read_label_csv(label_file: str):
 def _parse_labels(raw, label_file: str, num_classes: int | None) -> tuple[np.ndarray, list]:
     """(labels int64 (N,), class names): integers are taken as indices, anything else as sorted names."""
     if raw.str.fullmatch(r"-?\d+(\.0*)?").all():
-        labels = raw.astype(float).astype(np.int64).to_numpy()
-        n = num_classes if num_classes is not None else int(labels.max()) + 1
-        bad = labels[(labels < 0) | (labels >= n)]
-        if len(bad):
-            raise UserError(f"--label_file {label_file}: label {int(bad[0])} is outside [0, {n}); "
+        values = [int(s.split(".")[0]) for s in raw]       # int() takes any size (a float cast would wrap)
+        n = num_classes if num_classes is not None else max(values) + 1
+        bad = [v for v in values if not 0 <= v < n]
+        if bad:
+            raise UserError(f"--label_file {label_file}: label {bad[0]} is outside [0, {n}); "
                             f"fix the row or set --num_classes")
-        missing = sorted(set(range(n)) - set(labels.tolist()))
+        if num_classes is None and n > MAX_CLASSES:
+            raise UserError(f"--label_file {label_file}: label {max(values)} makes {n} classes; integer labels "
+                            f"are class indices 0..K-1 (K <= {MAX_CLASSES}); renumber them or use class names")
+        labels = np.array(values, dtype=np.int64)
+        missing = sorted(set(range(n)) - set(values)) if n <= MAX_CLASSES else []
         if missing:
-            print(f"warning: {label_file}: no image has label {', '.join(map(str, missing))} "
-                  f"of the {n} classes", file=sys.stderr)
+            shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            print(f"warning: {label_file}: no image has label {shown} of the {n} classes", file=sys.stderr)
         return labels, [str(i) for i in range(n)]
     class_names = sorted(raw.unique())
     if num_classes is not None and len(class_names) != num_classes:
@@ -287,8 +306,11 @@ def _parse_labels(raw, label_file: str, num_classes: int | None) -> tuple[np.nda
 
 
 def _check_filenames(col, label_file: str, data_dir: str) -> list:
-    """Filenames ('/'-separated, relative to data_dir) that are unique and exist."""
-    filenames = [f.replace("\\", "/") for f in col.tolist()]
+    """Filenames ('/'-separated, relative to data_dir, normalised) that are unique and exist.
+
+    Normalised so that './a.png' and 'a.png' are one image (a duplicate), and so that they compare
+    equal to `list_images` names (train_ssl.py leaves the test split out by name)."""
+    filenames = [posixpath.normpath(f.replace("\\", "/")) for f in col.tolist()]
     seen, dupes = set(), []
     for f in filenames:
         if f in seen:

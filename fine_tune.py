@@ -5,12 +5,15 @@
     python fine_tune.py --data_dir ./data/medical_images --label_file ./data/medical_images/labels.csv \\
         --label_fraction 0.1                                  # baseline from scratch on 10% of the labels
     python fine_tune.py ... --resume                          # continue the interrupted run
+    torchrun --standalone --nproc_per_node 2 fine_tune.py --data_dir ./data/medical_images \\
+        --label_file ./data/medical_images/labels.csv --ssl_checkpoint ./checkpoints/best_ssl_model.pth
 
 An SSL-initialised run writes best_finetuned_model.pth, a from-scratch run best_baseline_model.pth
 (so the spec's two commands, which share --output_dir, no longer overwrite each other); --output_name
 overrides. Beside it: <run>_history.csv, <run>_training.png, last_<run>_checkpoint.pth.
 Training uses the train split (or its --label_fraction), the best epoch is chosen on the val split,
-and the test split is never read.
+and the test split is never read. Under torchrun each process trains on its shard of the train split
+and rank 0 alone validates and writes.
 """
 import argparse
 import os
@@ -37,8 +40,8 @@ def load_ssl(args):
     return utils.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
 
 
-def build_data(args, ssl, device):
-    """Label table, the labelled train subset, val indices, and loaders over decoded images."""
+def build_data(args, ssl, device, dist):
+    """Label table, the labelled train subset, val indices, and loaders (train: this process's shard)."""
     table = data_loader.read_label_table(args.label_file, args.data_dir, args.num_classes, seed=args.seed,
                                          val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     present = len(np.unique(table.labels))
@@ -58,9 +61,11 @@ def build_data(args, ssl, device):
     labels = table.labels[used]
     local_train, local_val = np.arange(len(train_idx)), np.arange(len(train_idx), len(used))
     pin = device.type == "cuda"
+    per_rank = -(-len(local_train) // dist["world_size"])    # shards are padded to equal length
     train_loader = data_loader.BatchLoader(store, local_train, labels, batch_size=args.batch_size, shuffle=True,
-                                           seed=args.seed, drop_last=len(local_train) > args.batch_size,
-                                           num_workers=args.num_workers, pin_memory=pin)
+                                           seed=args.seed, drop_last=per_rank > args.batch_size,
+                                           num_workers=args.num_workers, pin_memory=pin,
+                                           rank=dist["rank"], world_size=dist["world_size"])
     val_loader = data_loader.BatchLoader(store, local_val, labels, batch_size=args.batch_size,
                                          num_workers=args.num_workers, pin_memory=pin)
     return table, train_idx, store, train_loader, val_loader
@@ -145,7 +150,8 @@ def run_names(args, pretrained: bool):
     return name, run
 
 
-def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metrics, history_file) -> dict:
+def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metrics, history_file,
+                    world_size) -> dict:
     files = np.asarray(table.filenames)
     return {
         "kind": "classifier", "model_config": model.config.to_dict(), "num_classes": table.num_classes,
@@ -158,7 +164,7 @@ def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metric
         "test_fraction": args.test_fraction,
         "splits": {s: files[table.indices(s)].tolist() for s in data_loader.SPLITS},
         "train_files": files[train_idx].tolist(), "label_fraction": args.label_fraction,
-        "val_metrics": val_metrics, "history_file": history_file, "epoch": epoch,
+        "val_metrics": val_metrics, "history_file": history_file, "epoch": epoch, "world_size": world_size,
         "args": {k: v for k, v in vars(args).items() if k != "device_obj"},
     }
 
@@ -174,9 +180,10 @@ def check_args(args) -> None:
 
 def main(args):
     check_args(args)
-    device = utils.resolve_device(args.device)
+    dist = utils.init_distributed(args.device)        # under torchrun: the GPU of LOCAL_RANK, or the CPU
+    device = dist["device"]
     autocast_dtype, precision_note = utils.resolve_precision(args.precision, args.amp, device)
-    utils.seed_everything(args.seed)
+    utils.seed_everything(args.seed + dist["rank"])   # own augmentations per process; DDP copies rank 0's init
     if args.num_workers is None:
         args.num_workers = 0
     utils.configure_cpu_threads(device, args.num_workers)
@@ -184,9 +191,10 @@ def main(args):
     # ============ preparing data and model ============
     ssl = load_ssl(args)
     args.image_size = args.image_size or (ssl["image_size"] if ssl else 224)
-    table, train_idx, store, train_loader, val_loader = build_data(args, ssl, device)
+    table, train_idx, store, train_loader, val_loader = build_data(args, ssl, device, dist)
     model = build_model(args, ssl, table.num_classes).to(device).to(memory_format=torch.channels_last)
-    if args.freeze_encoder and ssl is None:
+    model = utils.convert_sync_bn(model, args.sync_bn, dist)
+    if args.freeze_encoder and ssl is None and dist["is_main"]:
         print("warning: --freeze_encoder without --ssl_checkpoint freezes a random encoder until "
               f"epoch {args.unfreeze_after_epoch}")
     optimizer, scheduler = build_optimizer(args, model, len(train_loader), pretrained=ssl is not None)
@@ -202,46 +210,70 @@ def main(args):
         resume = paths["last"] if args.resume == "auto" else args.resume
         ckpt = utils.load_checkpoint(resume, "classifier", "--resume")
         utils.check_resume_compatible(ckpt, args, RESUME_KEYS, resume)
+        utils.check_resume_world_size(ckpt, dist, resume)
         best = utils.restore_training_state(ckpt, {"encoder": model.encoder, "head": model.head},
                                             optimizer, scheduler, scaler, resume)
         start_epoch = ckpt["epoch"]
+        utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
+    # built while every parameter requires grad: a frozen encoder then counts as unused and its grads stay None
+    freezes_later = args.freeze_encoder and start_epoch < args.unfreeze_after_epoch
+    train_model = utils.wrap_ddp(model, dist, find_unused_parameters=freezes_later)
     history = utils.History(paths["history"], resume=start_epoch > 0)
     history.truncate(start_epoch)
 
     settings = {"device": str(device), "precision": precision_note, "init": "ssl" if ssl else "scratch",
                 "writes": paths["best"], "classes": table.class_names, "train_images": len(train_idx),
                 "val_images": len(table.indices("val")), "test_images_held_out": len(table.indices("test")),
-                "small_stem": model.config.small_stem, **vars(args)}
-    utils.print_settings(f"fine-tuning ({'from ' + args.ssl_checkpoint if ssl else 'from scratch: baseline'})", settings)
-    utils.write_settings(paths["settings"], settings)
+                "small_stem": model.config.small_stem, "world_size": dist["world_size"], **vars(args)}
+    if dist["is_main"]:
+        utils.print_settings(f"fine-tuning ({'from ' + args.ssl_checkpoint if ssl else 'from scratch: baseline'})",
+                             settings)
+        utils.write_settings(paths["settings"], settings)
 
     # ============ training ============
-    augment = data_loader.BatchAugment(data_loader.SUPERVISED_AUGMENT, args.image_size)
+    augment = data_loader.BatchAugment(data_loader.SUPERVISED_AUGMENT, args.image_size, channels_last=True)
     loss_fn = make_loss_fn(augment, device, weights)
     for epoch in range(start_epoch, args.num_epochs):
         frozen = args.freeze_encoder and epoch < args.unfreeze_after_epoch
         model.freeze_encoder(frozen)
         train_loader.set_epoch(epoch)
-        stats = utils.train_one_epoch(model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
+        stats = utils.train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
                                       autocast_dtype=autocast_dtype, scheduler=scheduler, epoch=epoch,
-                                      num_epochs=args.num_epochs, desc="fine-tune" + (" (frozen)" if frozen else ""))
+                                      num_epochs=args.num_epochs, show_progress=dist["is_main"],
+                                      desc="fine-tune" + (" (frozen)" if frozen else ""))
+        stats["loss"] = utils.all_reduce_mean(stats["loss"], dist)
+        stats["images_per_sec"] = utils.all_reduce_mean(stats["images_per_sec"], dist) * dist["world_size"]
+        rngs = utils.gather_rng_states(dist)
+        if not dist["is_main"]:                    # the others wait for rank 0 in the next epoch's first step
+            continue
         val = validate(model, val_loader, device, autocast_dtype, table.num_classes)
         improved = is_better(val, best)
         if improved:
             best = val
         ckpt = checkpoint_dict(model, args, ssl, table, train_idx, store, epoch + 1, val,
-                               os.path.basename(paths["history"]))
+                               os.path.basename(paths["history"]), dist["world_size"])
+        # the last checkpoint is written last: a run killed before it redoes this epoch on --resume
+        log_epoch(history, paths, run, epoch, args.num_epochs, stats, val, frozen, improved)
         if improved:
             utils.save_checkpoint(ckpt, paths["best"])
-        utils.save_checkpoint({**ckpt, **utils.training_state(optimizer, scheduler, scaler, best)}, paths["last"])
-        history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
-                        "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-                        "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]})
-        utils.plot_history(paths["history"], paths["plot"], f"fine-tuning ({run})")
-        print(f"epoch {epoch + 1}/{args.num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
-              f"val_acc {val['accuracy']:.3f}  val_bal_acc {val['balanced_accuracy']:.3f}"
-              f"{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}", flush=True)
-    print(f"done: best epoch by val balanced accuracy {best['balanced_accuracy']:.3f} -> {paths['best']}")
+        state = utils.training_state(optimizer, scheduler, scaler, best)
+        if rngs is not None:
+            state["rng_per_rank"] = rngs
+        utils.save_checkpoint({**ckpt, **state}, paths["last"])
+    if dist["is_main"]:
+        print(f"done: best epoch by val balanced accuracy {best['balanced_accuracy']:.3f} -> {paths['best']}")
+    utils.cleanup_distributed(dist)
+
+
+def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improved) -> None:
+    """One history row, the curves, one line on stdout."""
+    history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
+                    "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
+                    "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]})
+    utils.plot_history(paths["history"], paths["plot"], f"fine-tuning ({run})")
+    print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
+          f"val_acc {val['accuracy']:.3f}  val_bal_acc {val['balanced_accuracy']:.3f}"
+          f"{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}", flush=True)
 
 
 def get_args_parser():
@@ -261,7 +293,8 @@ def get_args_parser():
                    help="encoder for a from-scratch run (an SSL checkpoint brings its own)")
     p.add_argument("--image_size", type=int, default=None,
                    help="training resolution (default: the SSL checkpoint's, else 224)")
-    p.add_argument("--batch_size", type=int, default=32, help="images per step")
+    p.add_argument("--batch_size", type=int, default=32,
+                   help="images per step per process; under torchrun the global batch is this x processes")
     p.add_argument("--num_epochs", type=int, default=50, help="fine-tuning epochs")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (and of a from-scratch encoder)")
     p.add_argument("--encoder_lr_scale", type=float, default=0.1,
@@ -276,6 +309,9 @@ def get_args_parser():
                    help="balanced: weight the loss by inverse class frequency (rare diseases)")
     p.add_argument("--val_fraction", type=float, default=0.15, help="val share when the label file has no split column")
     p.add_argument("--test_fraction", type=float, default=0.15, help="test share when the label file has no split column")
+    p.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of each "
+                        "process's --batch_size (SyncBatchNorm)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from last_<run>_checkpoint.pth (no value: the one in --output_dir)")
     return p

@@ -51,14 +51,20 @@ def build_loader(args, files, dist):
         sampler = torch.utils.data.DistributedSampler(dataset, dist["world_size"], dist["rank"], seed=args.seed) \
             if dist["world_size"] > 1 else torch.utils.data.RandomSampler(dataset)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                                             num_workers=args.num_workers, drop_last=len(files) > args.batch_size)
+                                             num_workers=args.num_workers,
+                                             drop_last=_per_rank(len(files), dist) > args.batch_size)
         return None, loader
     store = data_loader.ImageStore(args.data_dir, files, args.image_size, cache_gb=args.cache_gb, skip_unreadable=True)
     loader = data_loader.BatchLoader(
         store, np.arange(len(store)), batch_size=args.batch_size, shuffle=True, seed=args.seed,
-        drop_last=len(store) // dist["world_size"] > args.batch_size, num_workers=args.num_workers,
+        drop_last=_per_rank(len(store), dist) > args.batch_size, num_workers=args.num_workers,
         rank=dist["rank"], world_size=dist["world_size"], pin_memory=args.device_obj.type == "cuda")
     return store, loader
+
+
+def _per_rank(num_images: int, dist) -> int:
+    """Images each process sees per epoch (both samplers pad the shards to equal length)."""
+    return -(-num_images // dist["world_size"])
 
 
 def make_loss_fn(augment, device, temperature, collapse_log, dist):
@@ -71,7 +77,7 @@ def make_loss_fn(augment, device, temperature, collapse_log, dist):
             v1, v2 = augment(images), augment(images)
         x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
         z1, z2 = model(x).float().chunk(2)
-        if dist["world_size"] > 1:
+        if dist["world_size"] > 1:                # every anchor sees the negatives of all processes
             z1_all, z2_all = utils.all_gather_with_grad(z1), utils.all_gather_with_grad(z2)
             loss = nt_xent_loss(z1, z2, temperature, z1_all, z2_all, offset=dist["rank"] * z1.shape[0])
         else:
@@ -118,7 +124,7 @@ def knn_accuracy(model, table, args, device, autocast_dtype, channels):
 
 # ============ checkpoints ============
 
-def checkpoint_dict(model, args, epoch, loss, knn, table, excluded, channels) -> dict:
+def checkpoint_dict(model, args, epoch, loss, knn, table, excluded, channels, world_size) -> dict:
     return {
         "kind": "ssl", "model_config": model.config.to_dict(), "image_size": args.image_size,
         "channels": channels, "normalization": {"mean": list(data_loader.IMAGENET_MEAN),
@@ -126,6 +132,8 @@ def checkpoint_dict(model, args, epoch, loss, knn, table, excluded, channels) ->
         "encoder": model.encoder.state_dict(), "projector": model.projector.state_dict(),
         "args": {k: v for k, v in vars(args).items() if k != "device_obj"}, "epoch": epoch, "loss": loss,
         "knn_accuracy": knn, "label_file_sha256": table.sha256 if table else None, "excluded_files": excluded,
+        "history_file": "ssl_history.csv",
+        "world_size": world_size,
     }
 
 
@@ -138,10 +146,10 @@ def resume_path(args) -> str | None:
 # ============ main ============
 
 def main(args):
-    dist = utils.init_distributed()
-    device = args.device_obj = utils.resolve_device(args.device) if not dist["distributed"] else dist["device"]
+    dist = utils.init_distributed(args.device)        # under torchrun: the GPU of LOCAL_RANK, or the CPU
+    device = args.device_obj = dist["device"]
     autocast_dtype, precision_note = utils.resolve_precision(args.precision, args.amp, device)
-    utils.seed_everything(args.seed + dist["rank"])
+    utils.seed_everything(args.seed + dist["rank"])   # own augmentations per process; DDP copies rank 0's init
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -152,23 +160,25 @@ def main(args):
     utils.configure_cpu_threads(device, args.num_workers)
     store, loader = build_loader(args, files, dist)
     channels = store.channels if store is not None else 3
-    augment = data_loader.BatchAugment(data_loader.SSL_AUGMENT, args.image_size) if store is not None else None
+    augment = data_loader.BatchAugment(data_loader.SSL_AUGMENT, args.image_size, channels_last=True) \
+        if store is not None else None
 
     # ============ building model and optimizer ============
     model = build_model(args).to(device).to(memory_format=torch.channels_last)
-    if args.sync_bn and dist["distributed"]:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = utils.convert_sync_bn(model, args.sync_bn, dist)
     optimizer, scheduler = build_optimizer(args, model, max(1, len(loader)))
     scaler = utils.make_grad_scaler(device, autocast_dtype)
-    train_model = utils.wrap_ddp(model, dist)
 
     start_epoch, best = 0, None
     if resume_path(args):
         ckpt = utils.load_checkpoint(resume_path(args), "ssl", "--resume")
         utils.check_resume_compatible(ckpt, args, RESUME_KEYS, resume_path(args))
+        utils.check_resume_world_size(ckpt, dist, resume_path(args))
         best = utils.restore_training_state(ckpt, {"encoder": model.encoder, "projector": model.projector},
                                             optimizer, scheduler, scaler, resume_path(args))
         start_epoch = ckpt["epoch"]
+        utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
+    train_model = utils.wrap_ddp(model, dist)           # broadcasts rank 0's weights and buffers
     history = utils.History(os.path.join(args.output_dir, "ssl_history.csv"), resume=start_epoch > 0)
     history.truncate(start_epoch)
 
@@ -193,24 +203,30 @@ def main(args):
                                       scheduler=scheduler, epoch=epoch, num_epochs=args.num_epochs,
                                       desc="pretrain", show_progress=dist["is_main"])
         stats["loss"] = utils.all_reduce_mean(stats["loss"], dist)
-        knn = None
-        due = table is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs)
-        if due and dist["is_main"]:
-            knn = knn_accuracy(model, table, args, device, autocast_dtype, channels)
-        if not dist["is_main"]:
+        stats["images_per_sec"] = utils.all_reduce_mean(stats["images_per_sec"], dist) * dist["world_size"]
+        rngs = utils.gather_rng_states(dist)
+        if not dist["is_main"]:                    # the others wait for rank 0 in the next epoch's first step
             continue
+        knn = None
+        if table is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
+            knn = knn_accuracy(model, table, args, device, autocast_dtype, channels)
         row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": stats["lr"], "images_per_sec": stats["images_per_sec"],
                "knn_accuracy": "" if knn is None else knn, "embedding_std": float(np.mean(collapse))}
         improved = _improved(best, stats["loss"], knn, table is not None)
         if improved:
             best = knn if table is not None else stats["loss"]
-        ckpt = checkpoint_dict(model, args, epoch + 1, stats["loss"], knn, table, excluded, channels)
-        if improved:
-            utils.save_checkpoint(ckpt, os.path.join(args.output_dir, "best_ssl_model.pth"))
-        utils.save_checkpoint({**ckpt, **utils.training_state(optimizer, scheduler, scaler, best)},
-                              os.path.join(args.output_dir, "last_ssl_checkpoint.pth"))
+        ckpt = checkpoint_dict(model, args, epoch + 1, stats["loss"], knn, table, excluded, channels,
+                               dist["world_size"])
+        # the last checkpoint is written last: a run killed before it redoes this epoch, and --resume
+        # drops the history rows after the checkpoint's epoch, so no row is ever missing or doubled
         history.append(row)
         utils.plot_history(history.path, os.path.join(args.output_dir, "ssl_training.png"), "SimCLR pretraining")
+        if improved:
+            utils.save_checkpoint(ckpt, os.path.join(args.output_dir, "best_ssl_model.pth"))
+        state = utils.training_state(optimizer, scheduler, scaler, best)
+        if rngs is not None:
+            state["rng_per_rank"] = rngs
+        utils.save_checkpoint({**ckpt, **state}, os.path.join(args.output_dir, "last_ssl_checkpoint.pth"))
         print(_epoch_line(epoch, args.num_epochs, stats, knn, row["embedding_std"], improved), flush=True)
         _warn_collapse(row["embedding_std"], model.config.projection_dim)
     if dist["is_main"]:
@@ -265,11 +281,13 @@ def get_args_parser():
     p.add_argument("--projection_dim", type=int, default=128, help="output size of the projection head")
     p.add_argument("--image_size", type=int, default=224,
                    help="training resolution in pixels; 32 or less uses the small-image stem")
-    p.add_argument("--augment", default="batch", choices=["batch", "pil"],
+    p.add_argument("--augment", default="batch", choices=data_loader.AUGMENT_MODES,
                    help="batch: decode once, augment whole batches on the device; pil: classic per-image "
                         "torchvision pipeline in DataLoader workers (reference)")
     p.add_argument("--eval_every", type=int, default=5, help="epochs between kNN evaluations (with --label_file)")
-    p.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes under torchrun")
+    p.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of each "
+                        "process's --batch_size (SyncBatchNorm)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")
     return p

@@ -8,12 +8,14 @@ Nothing here reads `args`; every function takes explicit parameters. The CLIs im
 import argparse
 import csv
 import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
+import secrets
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 
@@ -141,13 +143,20 @@ def default_num_workers(device: torch.device, streaming: bool) -> int:
 # ============ atomic files ============
 
 def _atomic_write(path: str, write_fn, binary: bool) -> None:
-    """Write through `write_fn(fileobj)` into a temporary file beside `path`, fsync, then rename."""
+    """Write through `write_fn(fileobj)` into a temporary file beside `path`, fsync, then rename.
+
+    A reader, or a run killed at any moment, sees the old file or the new one, never a part. The
+    temporary is `.<name>.<pid>.<random>.tmp` (hidden, so never listed as data or output); those
+    left in the folder by killed writers are removed after each successful write."""
     folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        # 0o666 minus the umask, like open(); mkstemp's owner-only files could not be shared with a team
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as e:
-        raise UserError(f"cannot write to {folder}: {e.strerror}; choose a writable --output_dir")
+        raise UserError(f"cannot write to {folder}: {e.strerror or e}; choose a writable --output_dir")
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write_fn(f)
@@ -162,6 +171,36 @@ def _atomic_write(path: str, write_fn, binary: bool) -> None:
         if isinstance(e, OSError):
             raise UserError(f"could not write {path}: {e.strerror or e}; the previous file, if any, is intact")
         raise
+    _remove_stale_temporaries(folder)
+
+
+TEMPORARY_NAME = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")   # what _atomic_write names its temporaries
+
+
+def _remove_stale_temporaries(folder: str) -> None:
+    """Delete our temporaries whose writer is no longer running on this machine (killed mid-save)."""
+    if os.name != "posix":          # os.kill(pid, 0) would signal the process on Windows
+        return
+    try:
+        entries = [(e, TEMPORARY_NAME.fullmatch(e)) for e in os.listdir(folder)]
+    except OSError:
+        return
+    for entry, m in entries:
+        if m and int(m.group(1)) != os.getpid() and not _pid_running(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(folder, entry))
+            except OSError:
+                pass
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                 # exists but belongs to someone else
+        return True
+    return True
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -190,25 +229,22 @@ def sha256_file(path: str) -> str:
 # ============ checkpoints ============
 
 def save_checkpoint(state: dict, path: str) -> None:
-    """Atomically save a dict of plain types and tensors (loadable with weights_only=True)."""
+    """Atomically save a dict of plain types and tensors (loadable with weights_only=True).
+
+    The bytes are built in memory first: torch.save into a file turns a full disk (ENOSPC) into an
+    opaque RuntimeError, while a plain write reports it as the OSError it is."""
     state = {"format": CHECKPOINT_FORMAT, **state}
-    _atomic_write(path, lambda f: torch.save(state, f), binary=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _atomic_write(path, lambda f: f.write(buffer.getbuffer()), binary=True)
 
 
 def load_checkpoint(path: str, kind: str | tuple | None = None, flag: str = "--checkpoint") -> dict:
-    """Load a checkpoint safely (weights_only=True) and check it is one of ours, of the expected kind."""
+    """Load a checkpoint safely (weights_only=True), check it is one of ours, of the expected kind,
+    with a valid model_config and state dicts of tensors (their shapes: `load_state_strict`)."""
     if not path or not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with code, truncated zip, not a torch file at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise UserError(f"{flag} {path}: refused, the file contains objects other than tensors and plain "
-                            f"types, and loading it could run code (only checkpoints written by this toolkit load)")
-        import zipfile
-        reason = "damaged or truncated" if zipfile.is_zipfile(path) else "not a file written by torch.save"
-        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({reason}: {first[:80]})")
+    ckpt = _load_weights_only(path, flag)
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in CHECKPOINT_KINDS or "model_config" not in ckpt:
         raise UserError(f"{flag} {path}: not a checkpoint written by this toolkit (expected a dict with "
                         f"'kind' in {CHECKPOINT_KINDS} and 'model_config')")
@@ -218,11 +254,79 @@ def load_checkpoint(path: str, kind: str | tuple | None = None, flag: str = "--c
                 "classifier": "fine_tune.py writes best_finetuned_model.pth / best_baseline_model.pth"}
         raise UserError(f"{flag} {path}: is a {ckpt['kind']!r} checkpoint, expected {' or '.join(expected)!r} "
                         f"({'; '.join(hint[k] for k in expected)})")
+    _check_contents(ckpt, f"{flag} {path}")
     return ckpt
 
 
+def _load_weights_only(path: str, flag: str):
+    """torch.load that cannot run code; each way it can fail becomes one line saying which."""
+    import pickle
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # torch warns about the pickle protocol before refusing
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with code, truncated zip, not a torch file at all
+        text = str(e)
+        if isinstance(e, pickle.UnpicklingError) and ("Unsupported global" in text or "GLOBAL" in text):
+            raise UserError(f"{flag} {path}: refused, the file contains objects other than tensors and plain "
+                            f"types, and loading it could run code (only checkpoints written by this toolkit load)")
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # the weights-only unpickler stops at the first opcode a checkpoint never uses (junk, or a pickle
+        # of other objects): name that opcode, not torch's banner
+        lines = [ln.strip() for ln in text.split("WeightsUnpickler error:")[-1].splitlines() if ln.strip()]
+        first = lines[0][:80] if lines else type(e).__name__
+        reason = ("the file is empty" if not head else
+                  "damaged or truncated, e.g. an interrupted copy; copy it again" if head == b"PK\x03\x04" else
+                  f"not a file written by torch.save: {first}")
+        raise UserError(f"{flag} {path}: not a readable PyTorch checkpoint ({reason})")
+
+
+def _check_contents(ckpt: dict, where: str) -> None:
+    """What a later phase rebuilds the network from: model_config, image_size, channels, state dicts."""
+    from dataclasses import fields
+
+    from model_ssl import FEATURE_DIMS, ModelConfig
+
+    config, known = ckpt["model_config"], [f.name for f in fields(ModelConfig)]
+    if not isinstance(config, dict) or not set(config) <= set(known):
+        raise UserError(f"{where}: model_config is {str(config)[:80]}; expected a dict with keys {known}")
+    if config.get("backbone", ModelConfig.backbone) not in FEATURE_DIMS:
+        raise UserError(f"{where}: backbone {config.get('backbone')!r} is not one of {sorted(FEATURE_DIMS)}")
+    if not isinstance(config.get("small_stem", False), bool) or not _positive_int(config.get("projection_dim", 1)):
+        raise UserError(f"{where}: model_config has small_stem={config.get('small_stem')!r}, projection_dim="
+                        f"{config.get('projection_dim')!r}; expected a bool and a positive int")
+    if not _positive_int(ckpt.get("image_size")) or ckpt.get("channels", 3) not in (1, 3):
+        raise UserError(f"{where}: image_size {ckpt.get('image_size')!r}, channels {ckpt.get('channels')!r}; "
+                        f"expected the training resolution in pixels and 1 or 3 (see docs/checkpoints.md)")
+    for part in ("encoder", "head") if ckpt["kind"] == "classifier" else ("encoder",):
+        _check_state_dict(ckpt.get(part), part, where)
+    if ckpt["kind"] == "classifier" and not _positive_int(ckpt.get("num_classes")):
+        raise UserError(f"{where}: num_classes {ckpt.get('num_classes')!r}; expected a positive int")
+    conv1, small = ckpt["encoder"].get("conv1.weight"), config.get("small_stem", False)
+    k = 3 if small else 7
+    if conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] != k:
+        raise UserError(f"{where}: model_config says small_stem={small} (a {k}x{k} first convolution) but the "
+                        f"encoder's conv1.weight is {tuple(conv1.shape)}; the file was edited or mixed from two runs")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_state_dict(state, what: str, where: str) -> None:
+    if state is None:
+        raise UserError(f"{where}: has no {what!r} weights; expected a state dict of tensors (see docs/checkpoints.md)")
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise UserError(f"{where}: {what!r} is not a state dict of tensors (parameter name -> tensor)")
+
+
 def load_state_strict(module: nn.Module, state: dict, what: str, path: str) -> None:
-    """load_state_dict(strict=True) with a one-line message naming the first mismatch."""
+    """load_state_dict(strict=True) with a one-line message naming the first mismatch or non-finite tensor."""
+    _check_state_dict(state, what, path)
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -231,6 +335,10 @@ def load_state_strict(module: nn.Module, state: dict, what: str, path: str) -> N
         detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
                   else f"shape of {wrong[0]} is {tuple(state[wrong[0]].shape)}, expected {tuple(own[wrong[0]].shape)}")
         raise UserError(f"{path}: the {what} weights do not fit the model built from its config ({detail})")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path}: the {what} weights contain NaN or inf (first in {bad[0]}); the run that wrote "
+                        f"them diverged, use an earlier checkpoint")
     module.load_state_dict(state, strict=True)
 
 
@@ -358,9 +466,24 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, device, scaler, autoca
         rate = total_images / max(1e-9, time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         img_s=f"{rate:.0f}")
+    _check_finite_weights(model, epoch)
     elapsed = max(1e-9, time.perf_counter() - start)
     return {"loss": total_loss / max(1, total_images), "lr": optimizer.param_groups[0]["lr"],
             "images_per_sec": total_images / elapsed}
+
+
+@torch.no_grad()
+def _check_finite_weights(model: nn.Module, epoch: int) -> None:
+    """A finite last loss can still leave NaN weights (a NaN gradient in the last step): never save them."""
+    tensors = [(n, t) for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors])    # one device sync, not one per tensor
+    if not finite.all():
+        name = tensors[int((~finite).nonzero()[0])][0]
+        raise NonFiniteLossError(
+            f"the weights became NaN or inf in epoch {epoch + 1} ({name}); lower --lr, try --precision fp32, "
+            f"and check the images for blank or corrupt files (the last good checkpoint is kept)")
 
 
 def make_grad_scaler(device: torch.device, autocast_dtype) -> torch.amp.GradScaler:
@@ -403,6 +526,7 @@ def plot_history(csv_path: str, png_path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import pandas as pd
 
     df = pd.read_csv(csv_path)
@@ -416,6 +540,7 @@ def plot_history(csv_path: str, png_path: str, title: str) -> None:
         ax.set_title(col.replace("_", " "))
         ax.set_xlabel("epoch")
         ax.set_ylabel(col.replace("_", " "))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -489,7 +614,7 @@ def restore_training_state(ckpt: dict, modules: dict, optimizer, scheduler, scal
         raise UserError(f"--resume {path}: has no training state ({', '.join(missing)}); resume from a "
                         f"last_*_checkpoint.pth, not a best_* model")
     for key, module in modules.items():
-        load_state_strict(module, ckpt[key], key, path)
+        load_state_strict(module, ckpt.get(key), key, path)
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -508,21 +633,34 @@ def check_resume_compatible(ckpt: dict, args, keys: tuple, path: str) -> None:
 
 # ============ distributed (torchrun) ============
 
-def init_distributed() -> dict:
-    """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU); a no-op otherwise."""
+def init_distributed(device_name: str = "auto") -> dict:
+    """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU); a no-op otherwise.
+
+    Returns {'distributed', 'rank', 'world_size', 'is_main', 'device'}. Under torchrun each process
+    takes the GPU of its LOCAL_RANK, so `device_name` only chooses GPUs (auto, cuda) or the CPU (cpu).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    requested = resolve_device(device_name)
     if world_size <= 1:
-        return {"distributed": False, "rank": 0, "world_size": 1, "is_main": True, "device": None}
+        return {"distributed": False, "rank": 0, "world_size": 1, "is_main": True, "device": requested}
+    import datetime
     import torch.distributed as dist
 
+    if requested.type == "mps" and device_name != "auto":
+        raise UserError("--device mps cannot run under torchrun (no distributed backend for MPS); use --device cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if requested.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started more processes on this node than the {torch.cuda.device_count()} "
+                            f"visible GPU(s); use --nproc_per_node {torch.cuda.device_count()}")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        # rank 0 alone evaluates and writes while the others wait in their next collective: give it the
+        # 30 minutes gloo allows by default rather than NCCL's 10
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     rank = dist.get_rank()
     return {"distributed": True, "rank": rank, "world_size": dist.get_world_size(), "is_main": rank == 0,
             "device": device}
@@ -535,7 +673,21 @@ def cleanup_distributed(dist_info: dict) -> None:
         dist.destroy_process_group()
 
 
+def convert_sync_bn(model: nn.Module, sync_bn: bool, dist_info: dict) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm under torchrun when asked (a no-op on one process)."""
+    if not sync_bn or not dist_info["distributed"]:
+        return model
+    if dist_info["device"].type != "cuda":
+        raise UserError("--sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation); leave it out on CPU")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def wrap_ddp(model: nn.Module, dist_info: dict, find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel under torchrun (its constructor broadcasts rank 0's weights); else `model`.
+
+    DDP only tracks parameters that require grad when it is built: build it before freezing any, and
+    pass find_unused_parameters=True when some are frozen for a while (their grads then stay None).
+    """
     if not dist_info["distributed"]:
         return model
     device_ids = [dist_info["device"].index] if dist_info["device"].type == "cuda" else None
@@ -543,18 +695,37 @@ def wrap_ddp(model: nn.Module, dist_info: dict, find_unused_parameters: bool = F
                                                find_unused_parameters=find_unused_parameters)
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from every process along dim 0, keeping the autograd graph to each part.
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums each part's gradient over the processes and returns this rank's."""
 
-    Backward sums the incoming gradients across processes (torch.distributed.nn.all_gather), so with
-    DDP's gradient averaging the parameter gradients equal the single-process ones.
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)                                 # (world * N, ...)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous()
+        dist.all_reduce(grad)                                          # sum of every process's loss gradient
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (same shape on every process) along dim 0 in rank order, keeping the autograd graph.
+
+    Backward sums the incoming gradients across processes, so each process's part receives the gradient
+    of the sum of all processes' losses; with DDP's gradient averaging the parameter gradients then equal
+    the single-process gradients of the mean loss over the global batch.
     """
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x.contiguous())
 
 
 def all_reduce_mean(value: float, dist_info: dict) -> float:
@@ -565,3 +736,32 @@ def all_reduce_mean(value: float, dist_info: dict) -> float:
                      device=dist_info["device"] if dist_info["device"].type == "cuda" else "cpu")
     dist.all_reduce(t)
     return (t / dist_info["world_size"]).item()
+
+
+def gather_rng_states(dist_info: dict) -> list | None:
+    """Every process's RNG states in rank order (for rank 0's checkpoint); None on one process."""
+    if not dist_info["distributed"]:
+        return None
+    import torch.distributed as dist
+    states = [None] * dist_info["world_size"]
+    dist.all_gather_object(states, rng_states())
+    return states
+
+
+def restore_rank_rng(ckpt: dict, dist_info: dict, fallback_seed: int) -> None:
+    """After `restore_training_state` gave every process rank 0's RNGs, give each its own stream back."""
+    if not dist_info["distributed"]:
+        return
+    per_rank = ckpt.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == dist_info["world_size"]:
+        set_rng_states(per_rank[dist_info["rank"]])
+    elif dist_info["rank"] > 0:
+        seed_everything(fallback_seed + dist_info["rank"])
+
+
+def check_resume_world_size(ckpt: dict, dist_info: dict, path: str) -> None:
+    """The global batch and the schedule depend on the number of processes: resume with the same number."""
+    saved = ckpt.get("world_size", 1)
+    if saved != dist_info["world_size"]:
+        raise UserError(f"--resume {path}: was run on {saved} process(es), now {dist_info['world_size']}; resume "
+                        f"with the same torchrun --nnodes x --nproc_per_node, or start a new --output_dir")
