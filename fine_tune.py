@@ -217,7 +217,7 @@ def main(args):
         utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
     # built while every parameter requires grad: a frozen encoder then counts as unused and its grads stay None
     freezes_later = args.freeze_encoder and start_epoch < args.unfreeze_after_epoch
-    train_model = utils.wrap_ddp(model, dist, find_unused_parameters=freezes_later)
+    train_model = utils.maybe_compile(utils.wrap_ddp(model, dist, find_unused_parameters=freezes_later), args.compile)
     history = utils.History(paths["history"], resume=start_epoch > 0)
     history.truncate(start_epoch)
 

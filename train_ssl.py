@@ -106,19 +106,34 @@ def build_optimizer(args, model, steps_per_epoch):
     return optimizer, scheduler
 
 
-def knn_accuracy(model, table, args, device, autocast_dtype, channels):
+def build_knn_loaders(table, store, args, channels) -> dict:
+    """Loaders over the labelled train and val images, reusing the pretraining store's decoded images
+    when it holds them all (it does unless --augment pil or some labelled image is unreadable)."""
+    wanted = {s: table.indices(s) for s in ("train", "val")}
+    position = {f: i for i, f in enumerate(store.filenames)} if store is not None and store.in_memory else {}
+    needed = [table.filenames[i] for idx in wanted.values() for i in idx]
+    if not all(f in position for f in needed):
+        store = data_loader.ImageStore(args.data_dir, needed, args.image_size, cache_gb=args.cache_gb,
+                                       channels=channels)
+        position = {f: i for i, f in enumerate(store.filenames)}
+    labels = np.full(len(store), -1, dtype=np.int64)
+    loaders = {}
+    for split, idx in wanted.items():
+        rows = np.array([position[table.filenames[i]] for i in idx], dtype=np.int64)
+        labels[rows] = table.labels[idx]
+        loaders[split] = rows
+    return {split: data_loader.BatchLoader(store, rows, labels, batch_size=args.batch_size)
+            for split, rows in loaders.items()}
+
+
+def knn_accuracy(model, loaders: dict, num_classes: int, device, autocast_dtype):
     """kNN (k=20) on frozen encoder features: train split -> val split."""
-    files = list(table.filenames)
-    store = data_loader.ImageStore(args.data_dir, files, args.image_size, cache_gb=args.cache_gb, channels=channels)
-    feats = {}
-    for split in ("train", "val"):
-        idx = table.indices(split)
-        loader = data_loader.BatchLoader(store, idx, table.labels, batch_size=args.batch_size)
-        feats[split] = utils.extract_features(model.encoder, loader, data_loader.normalize, device, autocast_dtype)
+    feats = {split: utils.extract_features(model.encoder, loader, data_loader.normalize, device, autocast_dtype)
+             for split, loader in loaders.items()}
     (f_train, y_train, _), (f_val, y_val, _) = feats["train"], feats["val"]
     if len(y_val) == 0 or len(y_train) == 0:
         return None
-    scores = utils.knn_predict(f_train, y_train, f_val, table.num_classes)
+    scores = utils.knn_predict(f_train, y_train, f_val, num_classes)
     return (scores.argmax(1) == y_val).float().mean().item()
 
 
@@ -178,7 +193,7 @@ def main(args):
                                             optimizer, scheduler, scaler, resume_path(args))
         start_epoch = ckpt["epoch"]
         utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
-    train_model = utils.wrap_ddp(model, dist)           # broadcasts rank 0's weights and buffers
+    train_model = utils.maybe_compile(utils.wrap_ddp(model, dist), args.compile)   # DDP broadcasts rank 0's weights
     history = utils.History(os.path.join(args.output_dir, "ssl_history.csv"), resume=start_epoch > 0)
     history.truncate(start_epoch)
 
@@ -194,6 +209,7 @@ def main(args):
         utils.write_settings(os.path.join(args.output_dir, "ssl_settings.json"), settings)
 
     # ============ training ============
+    knn_loaders = None
     for epoch in range(start_epoch, args.num_epochs):
         _set_epoch(loader, epoch)
         collapse = []
@@ -209,7 +225,8 @@ def main(args):
             continue
         knn = None
         if table is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
-            knn = knn_accuracy(model, table, args, device, autocast_dtype, channels)
+            knn_loaders = knn_loaders or build_knn_loaders(table, store, args, channels)
+            knn = knn_accuracy(model, knn_loaders, table.num_classes, device, autocast_dtype)
         row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": stats["lr"], "images_per_sec": stats["images_per_sec"],
                "knn_accuracy": "" if knn is None else knn, "embedding_std": float(np.mean(collapse))}
         improved = _improved(best, stats["loss"], knn, table is not None)

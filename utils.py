@@ -50,7 +50,14 @@ def common_parser() -> argparse.ArgumentParser:
                         "CPU count; 0 when images are cached in memory)")
     g.add_argument("--cache_gb", type=float, default=4.0,
                    help="memory budget in GiB for decoded images kept in RAM; larger datasets stream from disk")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training model (faster steps on a GPU after a slow first epoch)")
     return p
+
+
+def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """torch.compile the module used for training steps; checkpoints keep saving the plain module."""
+    return torch.compile(model) if enabled else model
 
 
 def run_cli(main, parser: argparse.ArgumentParser, argv=None):
