@@ -78,7 +78,7 @@ def _read_dicom(path: str) -> np.ndarray:
     """Modality LUT, then the stored window (else a 0.5-99.5 percentile one); colour stays RGB."""
     try:
         import pydicom
-        from pydicom.pixels import apply_color_lut, apply_modality_lut
+        from pydicom.pixels import apply_color_lut, apply_modality_lut  # noqa: F401  (pydicom >= 3 needed)
     except ImportError:
         raise UserError(f"{path}: reading DICOM needs pydicom; run `pip install pydicom`")
     try:
@@ -782,10 +782,11 @@ CLASS_DESCRIPTIONS = (
     "cardiomegaly: heart wider than half the thorax (cardiothoracic ratio about 0.55-0.65)",
 )
 MAX_SYNTHETIC_CLASSES = len(CLASS_DESCRIPTIONS)
-# Scales the density every finding adds (and the heart enlargement). At 1.0 findings are visible
-# by eye but small next to ribs, noise and exposure (a linear model on raw 64 px pixels gets ~0.43
-# on 3 classes); not yet calibrated against a from-scratch ResNet-18: tune it here.
-FINDING_STRENGTH = 1.0
+# Scales the density every finding adds (and the heart enlargement). At 1.0 findings are visible by
+# eye but small next to ribs, noise and exposure: at 64 px with 10% of the labels both a from-scratch
+# ResNet-18 and one fine-tuned from a 15-epoch SimCLR encoder stayed at chance (benchmarks/
+# label_efficiency.py, README "Results"). 1.8 makes them clearly visible at 64 px.
+FINDING_STRENGTH = 1.8
 IMAGES_PER_PATIENT = (2, 4)      # inclusive range; a patient's images share anatomy and class
 
 

@@ -230,7 +230,7 @@ def read_table(args, num_classes, split_args: dict) -> data_loader.LabelTable:
     """The label file, with splits made the way the checkpoint's run made them when it has no split column."""
     split_args = {k: v for k, v in split_args.items() if v is not None}
     return data_loader.read_label_table(
-        args.label_file, args.data_dir, num_classes=num_classes, seed=split_args.get("seed", args.seed),
+        args.label_file, args.data_dir, num_classes=num_classes, seed=split_args.get("seed", args.split_seed),
         val_fraction=split_args.get("val_fraction", 0.15), test_fraction=split_args.get("test_fraction", 0.15))
 
 
@@ -382,7 +382,8 @@ def pretraining_overlap(ckpt: dict, filenames: list, split: str, path: str, note
 def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
     """A pretrained encoder as a representation: a linear probe and a kNN on frozen train-split features."""
     notes = []
-    table = read_table(args, args.num_classes, ckpt.get("args") or {})
+    run_args = ckpt.get("args") or {}
+    table = read_table(args, args.num_classes, {"seed": run_args.get("split_seed", run_args.get("seed"))})
     check_label_hash(ckpt.get("label_file_sha256"), table, args.label_file, path, notes)
     rows = table.indices(args.split)
     fit_rows = np.setdiff1d(table.indices("train"), rows)            # never fit on an image that is scored

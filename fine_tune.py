@@ -27,7 +27,7 @@ import utils
 from model_ssl import Classifier, ModelConfig, use_small_stem
 from utils import UserError
 
-RESUME_KEYS = ("label_fraction", "seed", "num_classes", "image_size", "batch_size", "freeze_encoder",
+RESUME_KEYS = ("label_fraction", "seed", "split_seed", "num_classes", "image_size", "batch_size", "freeze_encoder",
                "unfreeze_after_epoch", "ssl_checkpoint")
 
 
@@ -42,7 +42,7 @@ def load_ssl(args):
 
 def build_data(args, ssl, device, dist):
     """Label table, the labelled train subset, val indices, and loaders (train: this process's shard)."""
-    table = data_loader.read_label_table(args.label_file, args.data_dir, args.num_classes, seed=args.seed,
+    table = data_loader.read_label_table(args.label_file, args.data_dir, args.num_classes, seed=args.split_seed,
                                          val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     present = len(np.unique(table.labels))
     if args.num_classes is not None and args.num_classes not in (table.num_classes, present) or \
@@ -160,7 +160,7 @@ def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metric
         "encoder": model.encoder.state_dict(), "head": model.head.state_dict(),
         "init": "ssl" if ssl else "scratch",
         "ssl_checkpoint": os.path.basename(args.ssl_checkpoint) if ssl else None,
-        "label_file_sha256": table.sha256, "split_seed": args.seed, "val_fraction": args.val_fraction,
+        "label_file_sha256": table.sha256, "split_seed": args.split_seed, "val_fraction": args.val_fraction,
         "test_fraction": args.test_fraction,
         "splits": {s: files[table.indices(s)].tolist() for s in data_loader.SPLITS},
         "train_files": files[train_idx].tolist(), "label_fraction": args.label_fraction,
@@ -278,7 +278,7 @@ def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improv
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
-                                parents=[utils.common_parser()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                parents=[utils.common_parser(), utils.training_parser()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's names are relative to")
     p.add_argument("--label_file", default="./data/medical_images/labels.csv",
                    help="CSV filename,label[,split][,patient_id]")
@@ -309,9 +309,6 @@ def get_args_parser():
                    help="balanced: weight the loss by inverse class frequency (rare diseases)")
     p.add_argument("--val_fraction", type=float, default=0.15, help="val share when the label file has no split column")
     p.add_argument("--test_fraction", type=float, default=0.15, help="test share when the label file has no split column")
-    p.add_argument("--sync_bn", action="store_true",
-                   help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of each "
-                        "process's --batch_size (SyncBatchNorm)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from last_<run>_checkpoint.pth (no value: the one in --output_dir)")
     return p

@@ -11,9 +11,9 @@ given), last_ssl_checkpoint.pth (full state, every epoch), ssl_history.csv, ssl_
 ssl_settings.json.
 """
 import argparse
+import dataclasses
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ def pretraining_files(args):
     files = data_loader.list_images(args.data_dir)
     table, excluded = None, []
     if args.label_file:
-        table = data_loader.read_label_table(args.label_file, args.data_dir, seed=args.seed)
+        table = data_loader.read_label_table(args.label_file, args.data_dir, seed=args.split_seed)
         excluded = sorted(np.asarray(table.filenames)[table.indices("test")].tolist())
         held_out = set(excluded)
         files = [f for f in files if f not in held_out]
@@ -43,10 +43,15 @@ def pretraining_files(args):
     return files, table, excluded
 
 
+def ssl_augment_config(args) -> data_loader.AugmentConfig:
+    """The spec's SSL augmentations, with the crop's minimum area taken from --crop_min_scale."""
+    return dataclasses.replace(data_loader.SSL_AUGMENT, crop_scale=(args.crop_min_scale, 1.0))
+
+
 def build_loader(args, files, dist):
     """A shuffled batch loader over decoded images (or the per-image PIL pipeline for --augment pil)."""
     if args.augment == "pil":
-        transform = data_loader.build_pil_transform(data_loader.SSL_AUGMENT, args.image_size)
+        transform = data_loader.build_pil_transform(ssl_augment_config(args), args.image_size)
         dataset = data_loader.PILTwoViewDataset(args.data_dir, files, transform)
         sampler = torch.utils.data.DistributedSampler(dataset, dist["world_size"], dist["rank"], seed=args.seed) \
             if dist["world_size"] > 1 else torch.utils.data.RandomSampler(dataset)
@@ -175,7 +180,7 @@ def main(args):
     utils.configure_cpu_threads(device, args.num_workers)
     store, loader = build_loader(args, files, dist)
     channels = store.channels if store is not None else 3
-    augment = data_loader.BatchAugment(data_loader.SSL_AUGMENT, args.image_size, channels_last=True) \
+    augment = data_loader.BatchAugment(ssl_augment_config(args), args.image_size, channels_last=True) \
         if store is not None else None
 
     # ============ building model and optimizer ============
@@ -278,7 +283,7 @@ def _warn_collapse(std: float, dim: int) -> None:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="SimCLR self-supervised pretraining.", parents=[utils.common_parser()],
+    p = argparse.ArgumentParser(description="SimCLR self-supervised pretraining.", parents=[utils.common_parser(), utils.training_parser()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data_dir", default="./data/medical_images", help="folder of unlabelled images (recursive)")
     p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go")
@@ -301,10 +306,10 @@ def get_args_parser():
     p.add_argument("--augment", default="batch", choices=data_loader.AUGMENT_MODES,
                    help="batch: decode once, augment whole batches on the device; pil: classic per-image "
                         "torchvision pipeline in DataLoader workers (reference)")
+    p.add_argument("--crop_min_scale", type=float, default=0.8,
+                   help="smallest crop area as a fraction of the image (the spec's 0.8; the SimCLR paper uses "
+                        "0.08; smaller crops force the encoder to use local findings, not the global anatomy)")
     p.add_argument("--eval_every", type=int, default=5, help="epochs between kNN evaluations (with --label_file)")
-    p.add_argument("--sync_bn", action="store_true",
-                   help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of each "
-                        "process's --batch_size (SyncBatchNorm)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")
     return p

@@ -38,7 +38,10 @@ def common_parser() -> argparse.ArgumentParser:
     """Flags shared by the three CLIs (passed as `parents=`)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("runtime")
-    g.add_argument("--seed", type=int, default=42, help="random seed (splits, initialisation, augmentation)")
+    g.add_argument("--seed", type=int, default=42, help="random seed (initialisation, augmentation, label subsets)")
+    g.add_argument("--split_seed", type=int, default=42,
+                   help="seed of the train/val/test split when the label file has no split column; kept apart "
+                        "from --seed so every phase and every training seed sees the same held-out test images")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto = bf16 on CUDA that supports it (else fp16), bf16 on a CPU "
@@ -50,8 +53,18 @@ def common_parser() -> argparse.ArgumentParser:
                         "CPU count; 0 when images are cached in memory)")
     g.add_argument("--cache_gb", type=float, default=4.0,
                    help="memory budget in GiB for decoded images kept in RAM; larger datasets stream from disk")
+    return p
+
+
+def training_parser() -> argparse.ArgumentParser:
+    """Flags shared by the two training CLIs (train_ssl.py, fine_tune.py)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("training runtime")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training model (faster steps on a GPU after a slow first epoch)")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of each "
+                        "process's --batch_size (SyncBatchNorm)")
     return p
 
 

@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,6 +52,7 @@ def pretrain(args, data_dir, label_file) -> str:
             "--image_size", str(args.image_size), "--batch_size", str(args.ssl_batch_size),
             "--num_epochs", str(args.ssl_epochs), "--warmup_epochs", str(max(1, args.ssl_epochs // 10)),
             "--lr", str(args.ssl_lr), "--temperature", str(args.temperature), "--eval_every", "5",
+            "--crop_min_scale", str(args.crop_min_scale),
             "--device", args.device, "--seed", "0"]
     train_ssl.main(train_ssl.get_args_parser().parse_args(argv))
     return path
@@ -162,6 +162,7 @@ def get_args_parser():
     p.add_argument("--ssl_batch_size", type=int, default=128, help="pretraining batch (images)")
     p.add_argument("--ssl_lr", type=float, default=1e-3, help="pretraining learning rate")
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
+    p.add_argument("--crop_min_scale", type=float, default=0.8, help="pretraining crop: smallest area fraction")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0], help="labelled fractions of train")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     p.add_argument("--ft_epochs", type=int, default=30, help="fine-tuning epochs (both methods)")

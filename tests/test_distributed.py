@@ -10,16 +10,15 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from PIL import Image
 
 import utils
 from model_ssl import nt_xent_loss
+from tiny_data import write_tiny_dataset
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -197,23 +196,6 @@ def test_ddp_keeps_a_frozen_encoder_frozen_and_syncs_it_once_unfrozen(steps):
 
 # ============ the scripts under torchrun ============
 
-def write_tiny_dataset(folder, n=16, size=32):
-    """Grayscale PNGs whose class (0 or 1) is a bright square top-left or bottom-right, with a split column."""
-    rng = np.random.default_rng(0)
-    os.makedirs(folder, exist_ok=True)
-    rows = ["filename,label,split"]
-    for i in range(n):
-        c = i % 2
-        img = rng.integers(0, 80, (size, size)).astype(np.uint8)
-        r = 4 if c == 0 else size - 14
-        img[r:r + 10, r:r + 10] = 220
-        Image.fromarray(img).save(os.path.join(folder, f"img{i:02d}.png"))
-        rows.append(f"img{i:02d}.png,{c},{'train' if i < 10 else 'val' if i < 13 else 'test'}")
-    with open(os.path.join(folder, "labels.csv"), "w") as f:
-        f.write("\n".join(rows) + "\n")
-    return str(folder)
-
-
 def torchrun(script, *args, timeout=240):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
            os.path.join(ROOT, script), *map(str, args)]
@@ -229,7 +211,7 @@ def load(path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return write_tiny_dataset(tmp_path_factory.mktemp("tiny_ddp"))
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny_ddp"), n=16, size=32, classes=2, splits=(10, 3))
 
 
 @pytest.fixture(scope="module")

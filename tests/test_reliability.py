@@ -34,29 +34,13 @@ import fine_tune  # noqa: E402
 import train_ssl  # noqa: E402
 import utils  # noqa: E402
 from model_ssl import ModelConfig, SimCLR  # noqa: E402
+from tiny_data import write_tiny_dataset  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 REFUSED = "refused, the file contains objects other than tensors and plain types, and loading it could run code"
 
 
 # ============ helpers ============
-
-def write_images(folder, n=20, size=40, classes=2, seed=0):
-    """Grayscale PNGs whose class is a bright square in a different corner, plus labels.csv."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    rows = ["filename,label"]
-    for i in range(n):
-        c = i % classes
-        img = rng.integers(0, 80, (size, size)).astype(np.uint8)
-        r, col = [(4, 4), (size - 16, size - 16)][c]
-        img[r:r + 12, col:col + 12] = 220
-        Image.fromarray(img).save(os.path.join(folder, f"img{i:03d}.png"))
-        rows.append(f"img{i:03d}.png,{c}")
-    with open(os.path.join(folder, "labels.csv"), "w") as f:
-        f.write("\n".join(rows) + "\n")
-    return str(folder)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -68,13 +52,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return write_images(tmp_path_factory.mktemp("data"))
+    return write_tiny_dataset(tmp_path_factory.mktemp("data"), n=20, classes=2)
 
 
 @pytest.fixture(scope="module")
 def data8(tmp_path_factory):
     """Eight images: one SimCLR step per epoch at batch 8."""
-    return write_images(tmp_path_factory.mktemp("data8"), n=8)
+    return write_tiny_dataset(tmp_path_factory.mktemp("data8"), n=8, classes=2)
 
 
 def ssl_argv(data_dir, out, epochs=3, *extra):
@@ -630,7 +614,7 @@ def test_a_png_named_jpg_is_read_by_its_content(tmp_path):
 
 
 def test_image_store_skips_unreadable_files_with_one_warning(tmp_path, capsys):
-    write_images(tmp_path, n=3)
+    write_tiny_dataset(tmp_path, n=3, classes=2)
     (tmp_path / "noise.png").write_bytes(os.urandom(300))
     (tmp_path / "half.png").write_bytes((tmp_path / "img000.png").read_bytes()[:60])
     (tmp_path / "junk.dcm").write_bytes(b"DICM" * 40)

@@ -1,32 +1,14 @@
 """train_ssl.py and fine_tune.py, called through main(args) on tiny images."""
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import fine_tune
 import train_ssl
 import utils
 from model_ssl import Classifier, ModelConfig
-
-
-def write_tiny_dataset(folder, n=36, size=40, classes=3, seed=0):
-    """Grayscale PNGs whose class is a bright square in a different corner, plus labels.csv."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    rows = ["filename,label"]
-    for i in range(n):
-        c = i % classes
-        img = rng.integers(0, 80, (size, size)).astype(np.uint8)
-        r, col = [(4, 4), (4, size - 16), (size - 16, 4)][c % 3]
-        img[r:r + 12, col:col + 12] = 220
-        Image.fromarray(img).save(os.path.join(folder, f"img{i:03d}.png"))
-        rows.append(f"img{i:03d}.png,{c}")
-    with open(os.path.join(folder, "labels.csv"), "w") as f:
-        f.write("\n".join(rows) + "\n")
-    return str(folder)
+from tiny_data import write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
