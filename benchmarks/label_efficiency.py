@@ -116,9 +116,8 @@ def plot(rows: list, path: str) -> None:
         for method, colour in (("ssl", "tab:blue"), ("scratch", "tab:orange")):
             part = df[df.method == method].groupby("fraction")[metric]
             mean, std = part.mean(), part.std(ddof=0).fillna(0)
-            ax.plot(mean.index, mean.values, marker="o", color=colour,
-                    label="SSL init" if method == "ssl" else "from scratch")
-            ax.fill_between(mean.index, mean - std, mean + std, color=colour, alpha=0.2)
+            ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=4, color=colour,
+                        label="SSL init" if method == "ssl" else "from scratch")
         ax.set_xscale("log")
         ax.set_xlabel("labelled fraction of the train split")
         ax.set_ylabel(metric.replace("_", " "))
