@@ -17,7 +17,6 @@ import re
 import secrets
 import sys
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -609,14 +608,6 @@ def knn_predict(train_features, train_labels, query_features, num_classes: int, 
     votes = torch.zeros(query.shape[0], num_classes)
     votes.scatter_add_(1, train_labels[idx], weights)
     return votes / votes.sum(dim=1, keepdim=True)
-
-
-@contextmanager
-def timer():
-    start = time.perf_counter()
-    result = {}
-    yield result
-    result["seconds"] = time.perf_counter() - start
 
 
 # ============ resumable training state ============
