@@ -43,6 +43,8 @@ def prepare_data(args) -> tuple:
 
 
 def pretrain(args, data_dir, label_file) -> str:
+    if args.ssl_checkpoint:
+        return args.ssl_checkpoint
     out = os.path.join(args.output_dir, "ssl")
     path = os.path.join(out, "best_ssl_model.pth")
     if os.path.isfile(path) and not args.force:
@@ -53,7 +55,7 @@ def pretrain(args, data_dir, label_file) -> str:
             "--num_epochs", str(args.ssl_epochs), "--warmup_epochs", str(max(1, args.ssl_epochs // 10)),
             "--lr", str(args.ssl_lr), "--temperature", str(args.temperature), "--eval_every", "5",
             "--crop_min_scale", str(args.crop_min_scale),
-            "--device", args.device, "--seed", "0"]
+            "--device", args.device, "--precision", args.precision, "--seed", "0"]
     train_ssl.main(train_ssl.get_args_parser().parse_args(argv))
     return path
 
@@ -63,7 +65,8 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
             "--image_size", str(args.image_size), "--label_fraction", str(fraction),
             "--num_epochs", str(args.ft_epochs), "--batch_size", str(args.ft_batch_size),
-            "--lr", str(args.ft_lr), "--device", args.device, "--seed", str(seed), "--output_name", "model.pth"]
+            "--lr", str(args.ft_lr), "--device", args.device, "--precision", args.precision, "--seed", str(seed),
+            "--output_name", "model.pth"]
     if method == "ssl":
         argv += ["--ssl_checkpoint", ssl_path]
         if args.freeze_epochs > 0:
@@ -154,21 +157,24 @@ def get_args_parser():
     p.add_argument("--npz", default=None, help="import this MedMNIST .npz into --data_dir instead of synthetic data")
     p.add_argument("--output_dir", default="./runs/label_efficiency", help="runs, tables and the figure")
     p.add_argument("--num_images", type=int, default=500, help="labelled synthetic images")
-    p.add_argument("--num_unlabeled", type=int, default=1500, help="extra unlabelled synthetic images")
+    p.add_argument("--num_unlabeled", type=int, default=0, help="extra unlabelled synthetic images")
     p.add_argument("--data_seed", type=int, default=42, help="seed of the synthetic data")
     p.add_argument("--image_size", type=int, default=64, help="resolution for every phase")
-    p.add_argument("--ssl_epochs", type=int, default=15, help="pretraining epochs")
+    p.add_argument("--ssl_epochs", type=int, default=100, help="pretraining epochs")
     p.add_argument("--ssl_batch_size", type=int, default=128, help="pretraining batch (images)")
     p.add_argument("--ssl_lr", type=float, default=1e-3, help="pretraining learning rate")
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
-    p.add_argument("--crop_min_scale", type=float, default=0.8, help="pretraining crop: smallest area fraction")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 1.0], help="labelled fractions of train")
+    p.add_argument("--crop_min_scale", type=float, default=0.3, help="pretraining crop: smallest area fraction")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.1], help="labelled fractions of train")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     p.add_argument("--ft_epochs", type=int, default=30, help="fine-tuning epochs (both methods)")
     p.add_argument("--ft_batch_size", type=int, default=32, help="fine-tuning batch")
     p.add_argument("--ft_lr", type=float, default=1e-3, help="fine-tuning learning rate (both methods)")
     p.add_argument("--freeze_epochs", type=int, default=10, help="SSL runs: epochs with the encoder frozen")
+    p.add_argument("--ssl_checkpoint", default=None, help="reuse this pretrained checkpoint instead of pretraining")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast in every phase (auto: bf16 on GPUs and on CPUs with native bf16)")
     p.add_argument("--force", action="store_true", help="pretrain again even if a checkpoint exists")
     return p
 
