@@ -417,17 +417,33 @@ class ImageStore(torch.utils.data.Dataset):
             self.filenames, _ = filter_readable(root, self.filenames)
         self.images = None
         if self.in_memory:
-            # PIL releases the GIL while decoding, so threads give a real speed-up on big folders
-            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                decoded = list(pool.map(lambda i: self._decode_or_none(i, skip_unreadable), range(len(self.filenames))))
-            skipped = [f for f, t in zip(self.filenames, decoded) if t is None]
-            if skipped:
-                shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-                print(f"warning: skipped {len(skipped)} unreadable image(s) under {root}: {shown}", file=sys.stderr)
-                self.filenames = [f for f, t in zip(self.filenames, decoded) if t is not None]
-            if not self.filenames:
-                raise UserError(f"{root}: none of the images could be read; check the files")
-            self.images = torch.stack([t for t in decoded if t is not None])
+            self.images = self._decode_all(skip_unreadable)
+
+    def _decode_all(self, skip_unreadable: bool) -> torch.Tensor:
+        """Every image decoded straight into one preallocated uint8 tensor: the cache is never held twice."""
+        images = torch.empty(len(self.filenames), self.channels, self.image_size, self.image_size, dtype=torch.uint8)
+
+        def fill(i: int) -> bool:
+            image = self._decode_or_none(i, skip_unreadable)
+            if image is not None:
+                images[i] = image
+            return image is not None
+
+        # PIL releases the GIL while decoding, so threads give a real speed-up on big folders
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            ok = list(pool.map(fill, range(len(self.filenames))))
+        if all(ok):
+            return images
+        skipped = [f for f, good in zip(self.filenames, ok) if not good]
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        print(f"warning: skipped {len(skipped)} unreadable image(s) under {self.root}: {shown}", file=sys.stderr)
+        kept = [i for i, good in enumerate(ok) if good]
+        if not kept:
+            raise UserError(f"{self.root}: none of the images could be read; check the files")
+        self.filenames = [self.filenames[i] for i in kept]
+        for j, i in enumerate(kept):  # compact in place, no second copy
+            images[j] = images[i]
+        return images[:len(kept)]
 
     def _decode_or_none(self, i: int, skip_unreadable: bool):
         try:
