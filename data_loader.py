@@ -593,7 +593,7 @@ class BatchAugment(nn.Module):
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         params = self.sample_params(images.shape[0], images.shape[-2], images.shape[-1], generator)
-        return self.apply_params(images, {k: v.to(images.device, non_blocking=True) for k, v in params.items()})
+        return self.apply_params(images, _to_device(params, images.device))
 
     def sample_params(self, b: int, height: int, width: int, generator: torch.Generator | None = None) -> dict:
         """Per-sample parameters as CPU tensors (B,), drawn in one call from `generator` (default: torch's
@@ -684,8 +684,11 @@ class BatchAugment(nn.Module):
         return torch.addcmul(t2 * (1 - f2), x, f2, out=x).clamp_(0, 1)
 
     def _blur_subset(self, x: torch.Tensor, p: dict) -> torch.Tensor:
-        """Blur only the chosen samples (a third of the batch). nonzero() waits for the device once per
-        batch, as the training loop's loss.item() does anyway."""
+        """Blur the chosen samples (a third of the batch). On a CPU only those are computed; on a GPU
+        all are, and a mask keeps the chosen ones: picking them (nonzero) would wait for the device."""
+        if x.device.type != "cpu":
+            blurred = gaussian_blur_batch(x, p["sigma"], self.kernel_size)
+            return torch.where(p["blur"].view(-1, 1, 1, 1), blurred, x)
         idx = p["blur"].nonzero().squeeze(1)
         if idx.numel() == 0:
             return x
@@ -699,6 +702,18 @@ class BatchAugment(nn.Module):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         out = torch.empty((b, 3, h, w), device=x.device, memory_format=fmt)
         return torch.addcmul(shift, x, inv_std, out=out)
+
+
+def _to_device(params: dict, device: torch.device) -> dict:
+    """The (B,) parameter tensors on `device` in one pinned copy instead of one small copy each."""
+    if device.type == "cpu":
+        return params
+    names = list(params)
+    packed = torch.stack([params[k].float() for k in names], dim=1)
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    return {k: (col > 0.5 if params[k].dtype == torch.bool else col) for k, col in zip(names, packed.unbind(1))}
 
 
 def _lerp(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:

@@ -87,7 +87,7 @@ def make_loss_fn(augment, device, temperature, collapse_log, dist):
             loss = nt_xent_loss(z1, z2, temperature, z1_all, z2_all, offset=dist["rank"] * z1.shape[0])
         else:
             loss = nt_xent_loss(z1, z2, temperature)
-        collapse_log.append(F.normalize(z1.detach(), dim=1).std(dim=0).mean().item())
+        collapse_log.append(F.normalize(z1.detach(), dim=1).std(dim=0).mean())   # a tensor: read once per epoch
         return loss, v1.shape[0]
     return loss_fn
 
@@ -233,7 +233,7 @@ def main(args):
             knn_loaders = knn_loaders or build_knn_loaders(table, store, args, channels)
             knn = knn_accuracy(model, knn_loaders, table.num_classes, device, autocast_dtype)
         row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": stats["lr"], "images_per_sec": stats["images_per_sec"],
-               "knn_accuracy": "" if knn is None else knn, "embedding_std": float(np.mean(collapse))}
+               "knn_accuracy": "" if knn is None else knn, "embedding_std": torch.stack(collapse).mean().item()}
         improved = _improved(best, stats["loss"], knn, table is not None)
         if improved:
             best = knn if table is not None else stats["loss"]

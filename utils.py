@@ -454,6 +454,9 @@ class NonFiniteLossError(UserError):
     pass
 
 
+HOST_SYNC_EVERY = 20  # steps between reads of the loss on the host (each read waits for the GPU)
+
+
 def train_one_epoch(model, loader, optimizer, loss_fn, *, device, scaler, autocast_dtype=None,
                     scheduler=None, epoch: int = 0, num_epochs: int = 0, desc: str = "train",
                     show_progress: bool = True) -> dict:
@@ -464,31 +467,39 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, device, scaler, autoca
     from tqdm import tqdm
 
     model.train()
-    total_loss, total_images, start = 0.0, 0, time.perf_counter()
+    loss_sum, total_images, start = torch.zeros((), device=device), 0, time.perf_counter()
     bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{num_epochs}", leave=False, disable=not show_progress,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
-    for batch in bar:
+    for step, batch in enumerate(bar, 1):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss, n = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the loss became {loss.item()} in epoch {epoch + 1}; lower --lr, try --precision fp32, and "
-                f"check the images for blank or corrupt files (the last good checkpoint is kept)")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.item() * n
+        loss_sum += loss.detach().float() * n   # stays on the device: no wait for the GPU in every step
         total_images += n
-        rate = total_images / max(1e-9, time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                        img_s=f"{rate:.0f}")
+        if step % HOST_SYNC_EVERY == 0:
+            mean_loss = _finite_mean_loss(loss_sum, total_images, epoch)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{total_images / max(1e-9, time.perf_counter() - start):.0f}")
+    mean_loss = _finite_mean_loss(loss_sum, total_images, epoch)
     _check_finite_weights(model, epoch)
     elapsed = max(1e-9, time.perf_counter() - start)
-    return {"loss": total_loss / max(1, total_images), "lr": optimizer.param_groups[0]["lr"],
+    return {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
             "images_per_sec": total_images / elapsed}
+
+
+def _finite_mean_loss(loss_sum: torch.Tensor, images: int, epoch: int) -> float:
+    """The epoch's mean loss so far (one device sync); a NaN or inf in any step so far stops the run."""
+    value = loss_sum.item() / max(1, images)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"the loss became {value} in epoch {epoch + 1}; lower --lr, try --precision fp32, and "
+            f"check the images for blank or corrupt files (the last good checkpoint is kept)")
+    return value
 
 
 @torch.no_grad()

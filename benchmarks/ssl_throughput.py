@@ -76,7 +76,7 @@ class ModelStep:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
         self.device, self.autocast_dtype = device, autocast_dtype
 
-    def __call__(self, v1: torch.Tensor, v2: torch.Tensor) -> float:
+    def __call__(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
         x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
@@ -85,7 +85,7 @@ class ModelStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.item()  # the training loop syncs here too
+        return loss.detach()  # no host sync per step, as utils.train_one_epoch (timed() syncs at the end)
 
 
 def timed(next_views, step, warmup: int, steps: int, device) -> tuple[int, float]:
