@@ -4,6 +4,7 @@ are fair on a shared or throttling machine:
   (a) model   the limit: forward + NT-Xent + backward + Adam step on ready normalised tensors
   (b) batch   our path: in-memory ImageStore (decoded once) -> BatchLoader -> BatchAugment x 2 -> (a)
   (c) pil     the classic path: PILTwoViewDataset (decode + torchvision per image) in a DataLoader -> (a)
+  (d) stream  our path for data over --cache_gb: workers decode uint8 batches -> BatchAugment x 2 -> (a)
 
     python benchmarks/ssl_throughput.py                                   # 64 and 224 px, about 4 min on 2 idle cores
     python benchmarks/ssl_throughput.py --sizes 64 --steps 30 --precision both
@@ -11,7 +12,8 @@ are fair on a shared or throttling machine:
     python benchmarks/ssl_throughput.py --sizes 64 --profile               # where the augmentation time goes
 
 The last line holds key=value pairs (ratio_b_over_a_64=..., ratio_b_over_c_64=..., ...). b/c uses the
-fastest worker count measured for (c). augment_share / pil_share are the milliseconds of the two views of
+fastest worker count measured for (c); best_stream_workers is the fastest count for (d), to compare
+with default_stream_workers, the count train_ssl.py picks on this machine. augment_share / pil_share are the milliseconds of the two views of
 one batch (BatchAugment, or PIL in-process), measured alone, over the milliseconds of one model step:
 on a machine shared with other jobs they are steadier than the throughput ratios. It writes its own
 small PNGs into a temporary folder.
@@ -128,6 +130,21 @@ def path_batch(store, images_per_step: int, size: int, device):
     return next_views, augment
 
 
+def path_stream(root: str, names: list, images_per_step: int, size: int, device, num_workers: int):
+    """Our path for data larger than --cache_gb: files decoded per batch by `num_workers` DataLoader
+    workers (uint8, no augmentation there), then BatchAugment on the device, as train_ssl.py streams."""
+    store = data_loader.ImageStore(root, names, size, cache_gb=0, channels=1)
+    loader = data_loader.BatchLoader(store, np.arange(len(store)), batch_size=images_per_step, shuffle=True,
+                                     drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda")
+    batches = cycle_batch_loader(loader)
+    augment = data_loader.BatchAugment(data_loader.SSL_AUGMENT, size, channels_last=True)
+
+    def next_views():
+        images = next(batches)[0].to(device, non_blocking=True)
+        return augment(images), augment(images)
+    return next_views, batches
+
+
 def path_pil(root: str, names: list, images_per_step: int, size: int, device, num_workers: int):
     """A fresh DataLoader per measurement: idle workers would otherwise keep decoding during (a) and (b)."""
     dataset = data_loader.PILTwoViewDataset(root, names, data_loader.build_pil_transform(data_loader.SSL_AUGMENT,
@@ -201,6 +218,9 @@ def bench_size(args, size: int, steps: int, warmup: int, rounds: int, root: str,
                 views, it = path_pil(root, names, images_per_step, size, device, workers)
                 add(totals, f"c{workers}", timed(views, step, max(1, warmup), per_round, device))
                 del it, views   # shuts the workers down before the next path runs
+                views, it = path_stream(root, names, images_per_step, size, device, workers)
+                add(totals, f"d{workers}", timed(views, step, max(1, warmup), per_round, device))
+                del it, views
                 torch.set_num_threads(threads)
         rows.update({f"{k}_{tag}": n / sec for k, (n, sec) in totals.items()})
         rows[f"aug_ms_{tag}"] = augment_ms(augment, store, images_per_step, device)
@@ -223,8 +243,7 @@ def precisions(choice: str) -> list[str]:
 
 def print_rows(args, size, precision, rows):
     tag = f"{precision}_{size}"
-    c = {w: rows[f"c{w}_{tag}"] for w in args.num_workers}
-    cells = "  ".join(f"c(workers={w}) {v:8.1f}" for w, v in c.items())
+    cells = "  ".join(f"{k}(workers={w}) {rows[f'{k}{w}_{tag}']:8.1f}" for k in "cd" for w in args.num_workers)
     print(f"{size:>4} px  {precision:<4}  a {rows[f'a_{tag}']:8.1f}  b {rows[f'b_{tag}']:8.1f}  {cells}   "
           f"per step: model {rows[f'step_ms_{tag}']:.0f} ms, BatchAugment x2 {rows[f'aug_ms_{tag}']:.1f} ms, "
           f"PIL x2 {rows[f'pil_ms_{tag}']:.0f} ms  "
@@ -242,6 +261,8 @@ def summary(args, rows: dict) -> str:
             pairs += [f"views_per_s_a_{size}{suffix}={a:.1f}", f"views_per_s_b_{size}{suffix}={b:.1f}",
                       f"views_per_s_c_{size}{suffix}={best_c:.1f}",
                       f"ratio_b_over_a_{size}{suffix}={b / a:.3f}", f"ratio_b_over_c_{size}{suffix}={b / best_c:.3f}",
+                      f"views_per_s_d_{size}{suffix}={max(rows[f'd{w}_{tag}'] for w in args.num_workers):.1f}",
+                      f"best_stream_workers_{size}{suffix}={max(args.num_workers, key=lambda w: rows[f'd{w}_{tag}'])}",
                       f"augment_share_{size}{suffix}={rows[f'aug_ms_{tag}'] / rows[f'step_ms_{tag}']:.3f}",
                       f"pil_share_{size}{suffix}={rows[f'pil_ms_{tag}'] / rows[f'step_ms_{tag}']:.3f}"]
         if both:
@@ -272,7 +293,7 @@ def main(args):
         for size in args.sizes:
             rows.update(bench_size(args, size, steps[size], warmups[size], rounds[size], root, names, device,
                                    threads))
-    print(summary(args, rows))
+    print(f"default_stream_workers={utils.default_num_workers(device, streaming=True)} " + summary(args, rows))
 
 
 SMALL, LARGE = (16, 2, 2), (3, 1, 1)  # default (steps, warmup, rounds): a 224 px fp32 step takes seconds on a CPU
@@ -305,7 +326,7 @@ def get_args_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "both"],
                    help="autocast of the model step; auto as the trainer chooses it")
     p.add_argument("--num_workers", type=int, nargs="+", default=[0, 1],
-                   help="DataLoader workers for (c); each count is measured, b/c uses the fastest")
+                   help="DataLoader workers for (c) and (d); each count is measured, b/c uses the fastest")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"], help="encoder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
