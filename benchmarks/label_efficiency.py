@@ -13,6 +13,7 @@ results.csv (one row per run), summary.csv / summary.md (mean and std over seeds
 label_efficiency.png (metric against labelled fraction, one line per method, +-1 std).
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -62,6 +63,10 @@ def pretrain(args, data_dir, label_file) -> str:
 
 def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, seed) -> dict:
     out = os.path.join(args.output_dir, f"{method}_frac{fraction:g}_seed{seed}")
+    done = os.path.join(out, "score.json")
+    if os.path.isfile(done) and not args.force:   # an interrupted benchmark goes on where it stopped
+        with open(done) as f:
+            return json.load(f)
     argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
             "--image_size", str(args.image_size), "--label_fraction", str(fraction),
             "--num_epochs", str(args.ft_epochs), "--batch_size", str(args.ft_batch_size),
@@ -80,8 +85,10 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     device = utils.resolve_device(args.device)
     (ev,) = evaluate.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
     scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
-    return {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
-            "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in METRICS}}
+    row = {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
+           "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in METRICS}}
+    utils.atomic_write_text(done, json.dumps(row))
+    return row
 
 
 def summarise(rows: list, path_csv: str, path_md: str) -> list:
@@ -141,7 +148,7 @@ def main(args):
     rows = []
     for fraction in args.fractions:
         for seed in args.seeds:
-            for method in ("ssl", "scratch"):
+            for method in args.methods:
                 rows.append(finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, seed))
                 print(rows[-1], flush=True)
                 utils.atomic_write_text(os.path.join(args.output_dir, "results.csv"),
@@ -171,11 +178,14 @@ def get_args_parser():
     p.add_argument("--ft_batch_size", type=int, default=32, help="fine-tuning batch")
     p.add_argument("--ft_lr", type=float, default=1e-3, help="fine-tuning learning rate (both methods)")
     p.add_argument("--freeze_epochs", type=int, default=10, help="SSL runs: epochs with the encoder frozen")
+    p.add_argument("--methods", nargs="+", default=["ssl", "scratch"], choices=["ssl", "scratch"],
+                   help="which initialisations to fine-tune (scratch runs do not depend on the SSL recipe)")
     p.add_argument("--ssl_checkpoint", default=None, help="reuse this pretrained checkpoint instead of pretraining")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast in every phase (auto: bf16 on GPUs and on CPUs with native bf16)")
-    p.add_argument("--force", action="store_true", help="pretrain again even if a checkpoint exists")
+    p.add_argument("--force", action="store_true",
+                   help="pretrain and fine-tune again even where a checkpoint or a finished run's score.json exists")
     return p
 
 

@@ -118,9 +118,11 @@ def path_model(images_per_step: int, size: int, device):
     return lambda: ready
 
 
-def path_batch(store, images_per_step: int, size: int, device):
+def path_batch(store, images_per_step: int, size: int, device, num_workers: int = 0):
+    """Our path: BatchLoader batches of uint8 images (slices of the in-memory cache, or decoded by
+    `num_workers` DataLoader workers when streaming) -> BatchAugment x 2 on the device."""
     loader = data_loader.BatchLoader(store, np.arange(len(store)), batch_size=images_per_step, shuffle=True,
-                                     drop_last=True, pin_memory=device.type == "cuda")
+                                     drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda")
     batches = cycle_batch_loader(loader)
     augment = data_loader.BatchAugment(data_loader.SSL_AUGMENT, size, channels_last=True)
 
@@ -131,18 +133,9 @@ def path_batch(store, images_per_step: int, size: int, device):
 
 
 def path_stream(root: str, names: list, images_per_step: int, size: int, device, num_workers: int):
-    """Our path for data larger than --cache_gb: files decoded per batch by `num_workers` DataLoader
-    workers (uint8, no augmentation there), then BatchAugment on the device, as train_ssl.py streams."""
+    """Our path for data larger than --cache_gb, as train_ssl.py streams it: nothing cached."""
     store = data_loader.ImageStore(root, names, size, cache_gb=0, channels=1)
-    loader = data_loader.BatchLoader(store, np.arange(len(store)), batch_size=images_per_step, shuffle=True,
-                                     drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda")
-    batches = cycle_batch_loader(loader)
-    augment = data_loader.BatchAugment(data_loader.SSL_AUGMENT, size, channels_last=True)
-
-    def next_views():
-        images = next(batches)[0].to(device, non_blocking=True)
-        return augment(images), augment(images)
-    return next_views, batches
+    return path_batch(store, images_per_step, size, device, num_workers)
 
 
 def path_pil(root: str, names: list, images_per_step: int, size: int, device, num_workers: int):
