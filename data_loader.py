@@ -687,12 +687,14 @@ class BatchAugment(nn.Module):
         """Blur the chosen samples (a third of the batch). On a CPU only those are computed; on a GPU
         all are, and a mask keeps the chosen ones: picking them (nonzero) would wait for the device."""
         if x.device.type != "cpu":
-            blurred = gaussian_blur_batch(x, p["sigma"], self.kernel_size)
-            return torch.where(p["blur"].view(-1, 1, 1, 1), blurred, x)
+            return self._blur_masked(x, p)
         idx = p["blur"].nonzero().squeeze(1)
         if idx.numel() == 0:
             return x
         return x.index_copy_(0, idx, gaussian_blur_batch(x.index_select(0, idx), p["sigma"][idx], self.kernel_size))
+
+    def _blur_masked(self, x: torch.Tensor, p: dict) -> torch.Tensor:
+        return torch.where(p["blur"].view(-1, 1, 1, 1), gaussian_blur_batch(x, p["sigma"], self.kernel_size), x)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet normalisation as one multiply-add that also expands 1 channel to 3."""

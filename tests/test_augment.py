@@ -139,6 +139,16 @@ def test_blur_matches_torchvision(s):
     assert torch.allclose(ours[1:], x[1:].float() / 255, atol=1e-5)        # not chosen: untouched
 
 
+def test_masked_blur_of_the_gpu_equals_the_cpu_subset_blur():
+    """On a GPU every image is blurred and a mask keeps the chosen ones (no wait for the device);
+    on a CPU only the chosen ones are computed. Both must give the same batch."""
+    x = smooth_images(b=6, c=1, s=32).float() / 255
+    p = fixed_params(6, blur=torch.tensor([True, False, True, False, False, True]),
+                     sigma=torch.linspace(0.1, 0.3, 6))
+    augment = BatchAugment(SSL_AUGMENT, 32)
+    assert torch.allclose(augment._blur_masked(x.clone(), p), augment._blur_subset(x.clone(), p), atol=1e-6)
+
+
 def test_strongest_blur_at_32_px_keeps_the_image():
     """The sigma scales with the side: at 32 px the strongest blur still leaves the image recognisable
     (a fixed 23 px kernel with sigma 2 would average most of it away)."""

@@ -197,6 +197,8 @@ def test_unreadable_images_in_unlabelled_folder_are_skipped_with_one_warning(tmp
 
     store = dl.ImageStore(str(tmp_path), dl.list_images(str(tmp_path)), 16, skip_unreadable=True)
     assert store.filenames == ["ok1.png", "sub/ok2.png"] and store.images.shape == (2, 1, 16, 16)
+    for image, name in zip(store.images, store.filenames):      # the rows moved with their files
+        assert torch.equal(image, dl.decode_to_tensor(str(tmp_path / name), 16, 1))
 
 
 def test_no_readable_image(tmp_path):
