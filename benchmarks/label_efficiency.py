@@ -129,6 +129,9 @@ def plot(rows: list, path: str) -> None:
             ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=4, color=colour,
                         label="SSL init" if method == "ssl" else "from scratch")
         ax.set_xscale("log")
+        fractions = sorted(df.fraction.unique())
+        ax.set_xticks(fractions, [f"{f:.0%}" for f in fractions])
+        ax.minorticks_off()
         ax.set_xlabel("labelled fraction of the train split")
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_title(metric.replace("_", " "))
