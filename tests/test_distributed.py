@@ -133,6 +133,28 @@ def start(fn, args, timeout=120):
             pytest.fail(f"the {WORLD} processes did not finish within {timeout} s (a collective hangs?)")
 
 
+def _nan_on_one_rank(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    loss_sum = torch.tensor(float("nan") if rank == 1 else 2.0)
+    try:
+        utils._finite_mean_loss(loss_sum, 4, epoch=2)
+        message = "no error"
+    except utils.NonFiniteLossError as e:
+        message = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+def test_a_nan_loss_in_one_process_stops_every_process(tmp_path):
+    """Otherwise the others would wait forever in the next all-gather for the one that stopped."""
+    start(_nan_on_one_rank, (str(tmp_path / "rendezvous"), str(tmp_path)), timeout=60)
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert messages[1].startswith("the loss became nan in epoch 3; lower --lr")
+    assert messages[0].startswith("the loss became nan in epoch 3 (in another process); lower --lr")
+
+
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp_step")
