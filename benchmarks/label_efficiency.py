@@ -63,10 +63,6 @@ def pretrain(args, data_dir, label_file) -> str:
 
 def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, seed) -> dict:
     out = os.path.join(args.output_dir, f"{method}_frac{fraction:g}_seed{seed}")
-    done = os.path.join(out, "score.json")
-    if os.path.isfile(done) and not args.force:   # an interrupted benchmark goes on where it stopped
-        with open(done) as f:
-            return json.load(f)
     argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
             "--image_size", str(args.image_size), "--label_fraction", str(fraction),
             "--num_epochs", str(args.ft_epochs), "--batch_size", str(args.ft_batch_size),
@@ -76,6 +72,12 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
         argv += ["--ssl_checkpoint", ssl_path]
         if args.freeze_epochs > 0:
             argv += ["--freeze_encoder", "--unfreeze_after_epoch", str(args.freeze_epochs)]
+    done = os.path.join(out, "score.json")
+    if os.path.isfile(done) and not args.force:   # an interrupted benchmark goes on where it stopped
+        with open(done) as f:
+            saved = json.load(f)
+        if saved.get("argv") == argv:              # only a run with these very settings counts
+            return saved["row"]
     start = time.perf_counter()
     fine_tune.main(fine_tune.get_args_parser().parse_args(argv))
     seconds = time.perf_counter() - start
@@ -87,7 +89,7 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
     row = {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
            "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in METRICS}}
-    utils.atomic_write_text(done, json.dumps(row))
+    utils.atomic_write_text(done, json.dumps({"argv": argv, "row": row}))
     return row
 
 

@@ -1,0 +1,38 @@
+"""benchmarks/label_efficiency.py end to end at toy size: one pretraining, both methods, the table and
+figure, and an interrupted benchmark that goes on without redoing finished runs."""
+import os
+import sys
+
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import fine_tune  # noqa: E402
+import label_efficiency  # noqa: E402
+from tiny_data import write_tiny_dataset  # noqa: E402
+
+
+def run(data, out, *extra):
+    argv = ["--data_dir", data, "--output_dir", out, "--image_size", "32", "--ssl_epochs", "1",
+            "--ssl_batch_size", "16", "--ft_epochs", "1", "--freeze_epochs", "0", "--fractions", "0.5",
+            "--seeds", "0", "--device", "cpu", *extra]
+    label_efficiency.main(label_efficiency.get_args_parser().parse_args(argv))
+
+
+def test_label_efficiency_writes_its_table_and_figure_and_resumes(tmp_path, monkeypatch):
+    data = write_tiny_dataset(tmp_path / "data", n=48, size=32, splits=(30, 9))
+    out = str(tmp_path / "runs")
+    run(data, out)
+    results = pd.read_csv(os.path.join(out, "results.csv"))
+    assert sorted(results.method) == ["scratch", "ssl"] and set(results.test_images) == {9}
+    assert results[["accuracy", "roc_auc_macro"]].apply(lambda c: c.between(0, 1)).all().all()
+    summary = open(os.path.join(out, "summary.md")).read()
+    assert "| 0.5 | ssl | 1 |" in summary and "SSL - scratch accuracy" in summary
+    assert os.path.getsize(os.path.join(out, "label_efficiency.png")) > 10_000
+
+    calls, real_main = [], fine_tune.main
+    monkeypatch.setattr(fine_tune, "main", lambda args: (calls.append(args.lr), real_main(args))[1])
+    run(data, out)                                   # every run finished: nothing is trained again
+    assert calls == [] and pd.read_csv(os.path.join(out, "results.csv")).equals(results)
+    run(data, out, "--ft_lr", "0.01")                # other settings: those runs are not reused
+    assert calls == [0.01, 0.01]
