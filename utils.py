@@ -496,14 +496,14 @@ def _finite_mean_loss(loss_sum: torch.Tensor, images: int, epoch: int) -> float:
     """This process's mean loss so far (one device sync). A NaN or inf in any step so far, in any
     process, stops every process: the check is a collective, so no process waits forever in the
     next all-gather for one that has stopped (every process reaches it at the same step)."""
-    value = loss_sum.item() / max(1, images)
-    anywhere = value
+    value, bad, where = loss_sum.item() / max(1, images), None, ""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        total = loss_sum.detach().clone()
-        torch.distributed.all_reduce(total)
-        anywhere = total.item()
-    if not math.isfinite(anywhere) or not math.isfinite(value):
-        bad, where = (value, "") if not math.isfinite(value) else (anywhere, " (in another process)")
+        total = loss_sum.clone()
+        torch.distributed.all_reduce(total)       # every process, also one whose own loss is already NaN
+        bad, where = total.item(), " (in another process)"
+    if not math.isfinite(value):
+        bad, where = value, ""
+    if bad is not None and not math.isfinite(bad):
         raise NonFiniteLossError(
             f"the loss became {bad} in epoch {epoch + 1}{where}; lower --lr, try --precision fp32, and "
             f"check the images for blank or corrupt files (the last good checkpoint is kept)")

@@ -79,8 +79,9 @@ def main(args):
         raise utils.UserError("peak_memory.py reads /proc and runs on Linux only")
     big = dataset(args.data_dir, args.num_images, args.image_size)
     small = dataset(args.data_dir + f"_small{args.small_images}", args.small_images, args.image_size)
-    store_channels = data_loader.ImageStore(big, data_loader.list_images(big)[:16], args.image_size).channels
-    n_images = len(data_loader.list_images(big))
+    names = data_loader.list_images(big)
+    n_images = len(names)
+    store_channels = data_loader.ImageStore(big, names[:16], args.image_size).channels
     cache_mib = n_images * store_channels * args.image_size ** 2 / MiB
     params = sum(p.numel() for p in SimCLR(ModelConfig()).parameters())
     state_mib = params * 4 * 4 / MiB  # weights, gradients, Adam's two moments, fp32
