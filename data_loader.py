@@ -544,6 +544,7 @@ class AugmentConfig:
     contrast: float = 0.3        # factor uniform in [1 - c, 1 + c], blended with the grayscale mean
     blur_p: float = 0.3
     blur_sigma: tuple = (0.1, 2.0)  # at 224 px; scaled with the image size
+    gamma: float = 0.0           # exponent log-uniform in [1 / (1 + g), 1 + g]; 0: off (the spec has none)
 
 
 SSL_AUGMENT = AugmentConfig()
@@ -579,6 +580,7 @@ class BatchAugment(nn.Module):
 
     crop (RandomResizedCrop), flip and rotation (zero fill) -> one affine warp, one grid_sample;
     brightness and contrast in a random order per sample (ColorJitter), clamped after each;
+    with config.gamma > 0, a random gamma (x ** g, the grayscale stand-in for SimCLR's colour distortion);
     Gaussian blur with probability blur_p, sigma per sample; ImageNet normalisation.
 
     forward(images: uint8 (B, C, H, W) or float in [0, 1], C in {1, 3}, generator=None)
@@ -596,14 +598,18 @@ class BatchAugment(nn.Module):
         return self.apply_params(images, _to_device(params, images.device))
 
     def sample_params(self, b: int, height: int, width: int, generator: torch.Generator | None = None) -> dict:
-        """Per-sample parameters as CPU tensors (B,), drawn in one call from `generator` (default: torch's
+        """Per-sample parameters as CPU tensors (B,), drawn from `generator` (default: torch's
         global CPU RNG, so a seed gives the same augmentations whatever the images' device)."""
         c, n = self.config, CROP_ATTEMPTS
-        u = torch.rand(b, 2 * n + 9, generator=generator, dtype=torch.float64,
-                       device=generator.device if generator is not None else "cpu").cpu()
+        device = generator.device if generator is not None else "cpu"
+        u = torch.rand(b, 2 * n + 9, generator=generator, dtype=torch.float64, device=device).cpu()
         off_x, off_y, flip, angle, bright, contrast, order, blur, sigma = u[:, 2 * n:].unbind(1)
         crop_w, crop_h, crop_cx, crop_cy = self._crop(u[:, :n], u[:, n:2 * n], off_x, off_y, height, width)
-        return dict(
+        extra = {}
+        if c.gamma > 0:   # drawn after the others, so turning it on leaves their values for a seed as they were
+            u_gamma = torch.rand(b, generator=generator, dtype=torch.float64, device=device).cpu()
+            extra["gamma"] = torch.exp(_lerp(u_gamma, -np.log1p(c.gamma), np.log1p(c.gamma))).float()
+        return dict(**extra,
             crop_w=crop_w.float(), crop_h=crop_h.float(), crop_cx=crop_cx.float(), crop_cy=crop_cy.float(),
             flip=flip < c.hflip_p,
             angle=_lerp(angle, -c.rotation, c.rotation).float(),                # degrees, counter-clockwise
@@ -645,6 +651,8 @@ class BatchAugment(nn.Module):
             scale = 1 / 255 if images.dtype == torch.uint8 else 1.0  # folded into the jitter: one pass less
             x = self._warp(images.float(), p)                               # (B, C, S, S), new tensor
             x = self._jitter(x, p, scale)
+            if "gamma" in p:
+                x = x.clamp_(min=1e-8).pow_(p["gamma"].view(-1, 1, 1, 1))
             if self.config.blur_p > 0:
                 x = self._blur_subset(x, p)
             return self._normalize(x)
@@ -773,11 +781,31 @@ def build_pil_transform(config: AugmentConfig, image_size: int):
     steps += [T.RandomHorizontalFlip(config.hflip_p),
               T.RandomRotation(config.rotation, interpolation=T.InterpolationMode.BILINEAR, fill=0),
               T.ColorJitter(brightness=config.brightness, contrast=config.contrast)]
+    if config.gamma > 0:
+        steps.append(RandomGamma(config.gamma))
     if config.blur_p > 0:
         blur = T.GaussianBlur(blur_kernel_size(image_size), sigma=blur_sigma_range(config, image_size))
         steps.append(T.RandomApply([blur], p=config.blur_p))
     steps += [T.ToTensor(), T.Lambda(_three_channels), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return T.Compose(steps)
+
+
+class RandomGamma:
+    """PIL image -> adjust_gamma(image, g), g log-uniform in [1 / (1 + strength), 1 + strength]."""
+
+    def __init__(self, strength: float):
+        self.log_range = float(np.log1p(strength))
+
+    def sample(self) -> float:
+        return float(np.exp(_lerp(torch.rand(()).item(), -self.log_range, self.log_range)))
+
+    def __call__(self, image):
+        from torchvision.transforms import functional as TF
+
+        return TF.adjust_gamma(image, self.sample())
+
+    def __repr__(self):
+        return f"RandomGamma(strength={np.expm1(self.log_range):g})"
 
 
 def eval_pil_transform(image_size: int):

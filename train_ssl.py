@@ -44,8 +44,10 @@ def pretraining_files(args):
 
 
 def ssl_augment_config(args) -> data_loader.AugmentConfig:
-    """The spec's SSL augmentations, with the crop's minimum area taken from --crop_min_scale."""
-    return dataclasses.replace(data_loader.SSL_AUGMENT, crop_scale=(args.crop_min_scale, 1.0))
+    """The spec's SSL augmentations, with the crop's minimum area from --crop_min_scale and the
+    brightness and contrast strength from --jitter and the random gamma from --gamma."""
+    return dataclasses.replace(data_loader.SSL_AUGMENT, crop_scale=(args.crop_min_scale, 1.0),
+                               brightness=args.jitter, contrast=args.jitter, gamma=args.gamma)
 
 
 def build_loader(args, files, dist):
@@ -309,6 +311,13 @@ def get_args_parser():
     p.add_argument("--crop_min_scale", type=float, default=0.8,
                    help="smallest crop area as a fraction of the image (the spec's 0.8; the SimCLR paper uses "
                         "0.08; smaller crops force the encoder to use local findings, not the global anatomy)")
+    p.add_argument("--jitter", type=float, default=0.3,
+                   help="brightness and contrast factors are drawn from [1 - jitter, 1 + jitter] (the spec's "
+                        "0.3; grayscale images have no colour to distort, so stronger intensity jitter stops "
+                        "the encoder matching views by their histogram)")
+    p.add_argument("--gamma", type=float, default=0.0,
+                   help="random gamma: pixel ** g with g log-uniform in [1/(1+gamma), 1+gamma] (0: off, as in the "
+                        "spec); changes the shape of the histogram, which brightness and contrast cannot")
     p.add_argument("--eval_every", type=int, default=5, help="epochs between kNN evaluations (with --label_file)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")

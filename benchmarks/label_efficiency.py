@@ -11,6 +11,9 @@ fine_tune.py's main with identical settings (epochs, augmentation, learning rate
 selection), evaluates each on the test split with evaluate.py's code, and writes
 results.csv (one row per run), summary.csv / summary.md (mean and std over seeds) and
 label_efficiency.png (metric against labelled fraction, one line per method, +-1 std).
+probe.csv and the end of summary.md check that the gain has the right cause: a linear probe on the
+frozen SSL features against one on the same network's random initialisation, fitted on the same
+labelled subsets.
 """
 import argparse
 import json
@@ -55,7 +58,8 @@ def pretrain(args, data_dir, label_file) -> str:
             "--image_size", str(args.image_size), "--batch_size", str(args.ssl_batch_size),
             "--num_epochs", str(args.ssl_epochs), "--warmup_epochs", str(max(1, args.ssl_epochs // 10)),
             "--lr", str(args.ssl_lr), "--temperature", str(args.temperature), "--eval_every", "5",
-            "--crop_min_scale", str(args.crop_min_scale),
+            "--crop_min_scale", str(args.crop_min_scale), "--jitter", str(args.jitter),
+            "--gamma", str(args.gamma),
             "--device", args.device, "--precision", args.precision, "--seed", "0"]
     train_ssl.main(train_ssl.get_args_parser().parse_args(argv))
     return path
@@ -93,7 +97,60 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     return row
 
 
-def summarise(rows: list, path_csv: str, path_md: str) -> list:
+def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
+    """The right-reason check: a linear probe on frozen features, fitted on the same labelled subsets
+    as the fine-tuning runs and scored on the test split, for the SSL encoder and for the same network
+    at its random initialisation. SSL features that beat random ones learned something about the
+    classes without labels; seconds of work next to the fine-tuning runs."""
+    from argparse import Namespace
+
+    import numpy as np
+    import torch
+
+    import model_ssl
+
+    ckpt = utils.load_checkpoint(ssl_path, "ssl", "--ssl_checkpoint")
+    table = data_loader.read_label_table(label_file, data_dir, seed=ckpt["args"].get("split_seed", 42))
+    train, test = table.indices("train"), table.indices("test")
+    rows_needed = np.r_[train, test]
+    device = utils.resolve_device(args.device)
+    enc_args = Namespace(data_dir=data_dir, cache_gb=4.0, num_workers=0, batch_size=128)
+    torch.manual_seed(0)
+    encoders = {"random init": model_ssl.SimCLR(model_ssl.ModelConfig(**ckpt["model_config"])).encoder,
+                "ssl": model_ssl.SimCLR(model_ssl.ModelConfig(**ckpt["model_config"])).encoder}
+    utils.load_state_strict(encoders["ssl"], ckpt["encoder"], "encoder", ssl_path)
+    results = []
+    for name, encoder in encoders.items():
+        features = evaluate.encode_images(encoder.eval(), [table.filenames[i] for i in rows_needed], ckpt, enc_args,
+                                          device, None)
+        at = {int(i): row for row, i in enumerate(rows_needed)}
+        test_x = features[[at[int(i)] for i in test]]
+        for fraction in args.fractions:
+            for seed in args.seeds:   # the very subset fine_tune.py draws for this fraction and seed
+                subset = data_loader.stratified_subset(table.labels, train, fraction, seed)
+                prob = evaluate.fit_linear_probe(features[[at[int(i)] for i in subset]], table.labels[subset],
+                                                 test_x, table.num_classes, seed, [])
+                scores = evaluate.compute_metrics(table.labels[test], prob, table.num_classes, resamples=0, seed=0)
+                results.append({"features": name, "fraction": fraction, "seed": seed,
+                                **{m: float(scores[m]["value"]) for m in METRICS}})
+    return results
+
+
+def summarise_probe(results: list, path_csv: str) -> list:
+    import pandas as pd
+
+    df = pd.DataFrame(results)
+    utils.atomic_write_text(path_csv, df.to_csv(index=False))
+    g = df.groupby(["fraction", "features"])
+    lines = ["", "Linear probe on frozen features, same labelled subsets, test split (mean ± std over seeds):", "",
+             "| label fraction | features | runs | accuracy | roc_auc_macro |", "|---|---|---|---|---|"]
+    for (fraction, name), part in g:
+        lines.append(f"| {fraction:g} | {name} | {len(part)} | {part.accuracy.mean():.3f} ± {part.accuracy.std(ddof=0):.3f}"
+                     f" | {part.roc_auc_macro.mean():.3f} ± {part.roc_auc_macro.std(ddof=0):.3f} |")
+    return lines
+
+
+def summarise(rows: list, path_csv: str, path_md: str, extra: list = ()) -> list:
     import pandas as pd
 
     df = pd.DataFrame(rows)
@@ -112,8 +169,9 @@ def summarise(rows: list, path_csv: str, path_md: str) -> list:
         if {"ssl", "scratch"} <= set(by.index):
             gains.append(f"- {frac:g}: SSL - scratch accuracy = "
                          f"{100 * (by.loc['ssl', 'accuracy_mean'] - by.loc['scratch', 'accuracy_mean']):+.1f} points")
-    utils.atomic_write_text(path_md, "\n".join(lines + ["", "Accuracy gain of SSL initialisation:", *gains]) + "\n")
-    return lines + gains
+    out = lines + ["", "Accuracy gain of SSL initialisation:", *gains, *extra]
+    utils.atomic_write_text(path_md, "\n".join(out) + "\n")
+    return out
 
 
 def plot(rows: list, path: str) -> None:
@@ -158,7 +216,10 @@ def main(args):
                 print(rows[-1], flush=True)
                 utils.atomic_write_text(os.path.join(args.output_dir, "results.csv"),
                                         pd.DataFrame(rows).to_csv(index=False))
-    lines = summarise(rows, os.path.join(args.output_dir, "summary.csv"), os.path.join(args.output_dir, "summary.md"))
+    probe = summarise_probe(probe_frozen_features(args, data_dir, label_file, ssl_path),
+                            os.path.join(args.output_dir, "probe.csv"))
+    lines = summarise(rows, os.path.join(args.output_dir, "summary.csv"), os.path.join(args.output_dir, "summary.md"),
+                      probe)
     plot(rows, os.path.join(args.output_dir, "label_efficiency.png"))
     print("\n".join(lines))
 
@@ -177,6 +238,8 @@ def get_args_parser():
     p.add_argument("--ssl_lr", type=float, default=1e-3, help="pretraining learning rate")
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     p.add_argument("--crop_min_scale", type=float, default=0.3, help="pretraining crop: smallest area fraction")
+    p.add_argument("--jitter", type=float, default=0.3, help="pretraining brightness and contrast strength")
+    p.add_argument("--gamma", type=float, default=0.0, help="pretraining random gamma strength (0: off)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1], help="labelled fractions of train")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     p.add_argument("--ft_epochs", type=int, default=30, help="fine-tuning epochs (both methods)")

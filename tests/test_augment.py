@@ -221,6 +221,30 @@ def test_flip_and_blur_frequencies_and_sigma(ours, reference):
     assert ours["sigma"].min() >= lo and ours["sigma"].max() <= hi
 
 
+def test_gamma_matches_torchvision_and_is_log_uniform():
+    x = smooth_images(b=2, c=1, s=32)
+    g = torch.tensor([0.6, 1.7])
+    config = AugmentConfig(gamma=0.7)
+    ours = unnormalize(BatchAugment(config, 32).apply_params(x, fixed_params(2, gamma=g)))
+    for i in range(2):
+        assert torch.allclose(ours[i, :1], TF.adjust_gamma(x[i].float() / 255, float(g[i])), atol=1e-5)
+    drawn = BatchAugment(config, 32).sample_params(N_STAT, 32, 32, torch.Generator().manual_seed(3))["gamma"]
+    log_g = drawn.log().double().numpy()
+    assert stats.kstest(log_g, stats.uniform(-math.log(1.7), 2 * math.log(1.7)).cdf).pvalue > 0.01
+    torch.manual_seed(4)
+    pil_gamma = [t for t in build_pil_transform(config, 32).transforms if type(t).__name__ == "RandomGamma"][0]
+    reference = np.log([pil_gamma.sample() for _ in range(N_STAT)])
+    assert stats.ks_2samp(log_g, reference).pvalue > 0.01
+
+
+def test_gamma_off_leaves_every_other_parameter_of_a_seed_unchanged():
+    """The spec's pipeline has no gamma; turning it on must not reshuffle the other draws."""
+    off = BatchAugment(SSL_AUGMENT, 32).sample_params(16, 32, 32, torch.Generator().manual_seed(5))
+    on = BatchAugment(AugmentConfig(gamma=0.5), 32).sample_params(16, 32, 32, torch.Generator().manual_seed(5))
+    assert "gamma" not in off and set(on) == set(off) | {"gamma"}
+    assert all(torch.equal(off[k], on[k]) for k in off)
+
+
 # ============ the PIL reference pipeline ============
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])

@@ -29,6 +29,9 @@ def test_label_efficiency_writes_its_table_and_figure_and_resumes(tmp_path, monk
     summary = open(os.path.join(out, "summary.md")).read()
     assert "| 0.5 | ssl | 1 |" in summary and "SSL - scratch accuracy" in summary
     assert os.path.getsize(os.path.join(out, "label_efficiency.png")) > 10_000
+    probe = pd.read_csv(os.path.join(out, "probe.csv"))                 # the right-reason check
+    assert sorted(probe.features) == ["random init", "ssl"] and probe.accuracy.between(0, 1).all()
+    assert "| 0.5 | ssl | 1 |" in summary.split("Linear probe")[1]
 
     calls, real_main = [], fine_tune.main
     monkeypatch.setattr(fine_tune, "main", lambda args: (calls.append(args.lr), real_main(args))[1])
