@@ -270,7 +270,8 @@ def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improv
     history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
                     "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
                     "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]})
-    utils.plot_history(paths["history"], paths["plot"], f"fine-tuning ({run})")
+    utils.plot_history_throttled(paths["history"], paths["plot"], f"fine-tuning ({run})",
+                                 last_epoch=epoch + 1 == num_epochs)
     print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
           f"val_acc {val['accuracy']:.3f}  val_bal_acc {val['balanced_accuracy']:.3f}"
           f"{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}", flush=True)

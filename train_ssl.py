@@ -244,7 +244,8 @@ def main(args):
         # the last checkpoint is written last: a run killed before it redoes this epoch, and --resume
         # drops the history rows after the checkpoint's epoch, so no row is ever missing or doubled
         history.append(row)
-        utils.plot_history(history.path, os.path.join(args.output_dir, "ssl_training.png"), "SimCLR pretraining")
+        utils.plot_history_throttled(history.path, os.path.join(args.output_dir, "ssl_training.png"),
+                                     "SimCLR pretraining", last_epoch=epoch + 1 == args.num_epochs)
         if improved:
             utils.save_checkpoint(ckpt, os.path.join(args.output_dir, "best_ssl_model.pth"))
         state = utils.training_state(optimizer, scheduler, scaler, best)

@@ -13,7 +13,7 @@ results.csv (one row per run), summary.csv / summary.md (mean and std over seeds
 label_efficiency.png (metric against labelled fraction, one line per method, +-1 std).
 probe.csv and the end of summary.md check that the gain has the right cause: a linear probe on the
 frozen SSL features against one on the same network's random initialisation, fitted on the same
-labelled subsets.
+labelled subsets (--probe_only: just that, in seconds, for a given --ssl_checkpoint).
 """
 import argparse
 import json
@@ -50,18 +50,26 @@ def pretrain(args, data_dir, label_file) -> str:
     if args.ssl_checkpoint:
         return args.ssl_checkpoint
     out = os.path.join(args.output_dir, "ssl")
-    path = os.path.join(out, "best_ssl_model.pth")
-    if os.path.isfile(path) and not args.force:
-        print(f"reusing {path}")
-        return path
+    path, record = os.path.join(out, "best_ssl_model.pth"), os.path.join(out, "pretrain.json")
     argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
             "--image_size", str(args.image_size), "--batch_size", str(args.ssl_batch_size),
             "--num_epochs", str(args.ssl_epochs), "--warmup_epochs", str(max(1, args.ssl_epochs // 10)),
-            "--lr", str(args.ssl_lr), "--temperature", str(args.temperature), "--eval_every", "5",
+            "--optimizer", args.ssl_optimizer, "--lr", str(args.ssl_lr), "--temperature", str(args.temperature), "--eval_every", "5",
             "--crop_min_scale", str(args.crop_min_scale), "--jitter", str(args.jitter),
             "--gamma", str(args.gamma),
             "--device", args.device, "--precision", args.precision, "--seed", "0"]
-    train_ssl.main(train_ssl.get_args_parser().parse_args(argv))
+    saved = {}
+    if os.path.isfile(record) and not args.force:
+        with open(record) as f:
+            saved = json.load(f)
+    if saved.get("argv") == argv and saved.get("done"):      # only a finished pretraining with this recipe
+        print(f"reusing {path}")
+        return path
+    resume = saved.get("argv") == argv and os.path.isfile(os.path.join(out, "last_ssl_checkpoint.pth"))
+    os.makedirs(out, exist_ok=True)
+    utils.atomic_write_text(record, json.dumps({"argv": argv, "done": False}))
+    train_ssl.main(train_ssl.get_args_parser().parse_args(argv + (["--resume"] if resume else [])))
+    utils.atomic_write_text(record, json.dumps({"argv": argv, "done": True}))
     return path
 
 
@@ -77,10 +85,11 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
         if args.freeze_epochs > 0:
             argv += ["--freeze_encoder", "--unfreeze_after_epoch", str(args.freeze_epochs)]
     done = os.path.join(out, "score.json")
+    key = argv + ([f"ssl_sha256={utils.sha256_file(ssl_path)}"] if method == "ssl" else [])
     if os.path.isfile(done) and not args.force:   # an interrupted benchmark goes on where it stopped
         with open(done) as f:
             saved = json.load(f)
-        if saved.get("argv") == argv:              # only a run with these very settings counts
+        if saved.get("argv") == key:               # only a run with these very settings (and encoder) counts
             return saved["row"]
     start = time.perf_counter()
     fine_tune.main(fine_tune.get_args_parser().parse_args(argv))
@@ -93,7 +102,7 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
     row = {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
            "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in METRICS}}
-    utils.atomic_write_text(done, json.dumps({"argv": argv, "row": row}))
+    utils.atomic_write_text(done, json.dumps({"argv": key, "row": row}))
     return row
 
 
@@ -208,6 +217,11 @@ def main(args):
     os.makedirs(args.output_dir, exist_ok=True)
     data_dir, label_file = prepare_data(args)
     ssl_path = pretrain(args, data_dir, label_file)
+    probe = summarise_probe(probe_frozen_features(args, data_dir, label_file, ssl_path),
+                            os.path.join(args.output_dir, "probe.csv"))
+    if args.probe_only:
+        print("\n".join(probe))
+        return
     rows = []
     for fraction in args.fractions:
         for seed in args.seeds:
@@ -216,8 +230,6 @@ def main(args):
                 print(rows[-1], flush=True)
                 utils.atomic_write_text(os.path.join(args.output_dir, "results.csv"),
                                         pd.DataFrame(rows).to_csv(index=False))
-    probe = summarise_probe(probe_frozen_features(args, data_dir, label_file, ssl_path),
-                            os.path.join(args.output_dir, "probe.csv"))
     lines = summarise(rows, os.path.join(args.output_dir, "summary.csv"), os.path.join(args.output_dir, "summary.md"),
                       probe)
     plot(rows, os.path.join(args.output_dir, "label_efficiency.png"))
@@ -235,6 +247,7 @@ def get_args_parser():
     p.add_argument("--image_size", type=int, default=64, help="resolution for every phase")
     p.add_argument("--ssl_epochs", type=int, default=100, help="pretraining epochs")
     p.add_argument("--ssl_batch_size", type=int, default=128, help="pretraining batch (images)")
+    p.add_argument("--ssl_optimizer", default="adam", choices=["adam", "lars"], help="pretraining optimizer")
     p.add_argument("--ssl_lr", type=float, default=1e-3, help="pretraining learning rate")
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     p.add_argument("--crop_min_scale", type=float, default=0.3, help="pretraining crop: smallest area fraction")
@@ -249,6 +262,8 @@ def get_args_parser():
     p.add_argument("--methods", nargs="+", default=["ssl", "scratch"], choices=["ssl", "scratch"],
                    help="which initialisations to fine-tune (scratch runs do not depend on the SSL recipe)")
     p.add_argument("--ssl_checkpoint", default=None, help="reuse this pretrained checkpoint instead of pretraining")
+    p.add_argument("--probe_only", action="store_true",
+                   help="only the linear probes of SSL and random-init features (seconds): is a pretraining any good?")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast in every phase (auto: bf16 on GPUs and on CPUs with native bf16)")

@@ -39,3 +39,10 @@ def test_label_efficiency_writes_its_table_and_figure_and_resumes(tmp_path, monk
     assert calls == [] and pd.read_csv(os.path.join(out, "results.csv")).equals(results)
     run(data, out, "--ft_lr", "0.01")                # other settings: those runs are not reused
     assert calls == [0.01, 0.01]
+
+    only = str(tmp_path / "probe_only")                # a given checkpoint, probes only: no training at all
+    run(data, only, "--probe_only", "--ssl_checkpoint", os.path.join(out, "ssl", "best_ssl_model.pth"))
+    assert calls == [0.01, 0.01] and sorted(os.listdir(only)) == ["probe.csv"]
+
+    run(data, out, "--ft_lr", "0.01", "--ssl_epochs", "2")   # another recipe: pretrain again, redo only the SSL run
+    assert calls == [0.01] * 3 and len(pd.read_csv(os.path.join(out, "ssl", "ssl_history.csv"))) == 2

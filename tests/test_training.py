@@ -158,3 +158,12 @@ def test_crop_and_jitter_flags_reach_both_augmentation_pipelines(tiny, tmp_path)
     import data_loader
     jitter = [t for t in data_loader.build_pil_transform(config, 32).transforms if "ColorJitter" in repr(t)]
     assert jitter and jitter[0].brightness == pytest.approx((0.2, 1.8))
+
+
+def test_training_curves_are_redrawn_at_most_every_30_s_and_after_the_last_epoch(monkeypatch):
+    drawn, clock = [], iter([0.0, 0.1, 5.0, 31.0, 31.1, 40.0, 40.1])
+    monkeypatch.setattr(utils, "plot_history", lambda csv, png, title: drawn.append(png))
+    monkeypatch.setattr(utils.time, "monotonic", lambda: next(clock))
+    for last in (False, False, False, True):           # epochs at t = 0, 5, 31, 40
+        utils.plot_history_throttled("h.csv", "curves.png", "t", last_epoch=last)
+    assert len(drawn) == 3                              # t = 0 (first), 31 (30 s later), 40 (last epoch)
