@@ -97,6 +97,25 @@ def build_optimizer(args, model, steps_per_epoch, pretrained: bool):
     return optimizer, scheduler
 
 
+def prefit_head(model, store, train_idx, table, args, device, weights) -> float:
+    """Train the head alone, full batch, for --head_prefit_steps on the encoder's frozen features of the
+    labelled train images (no augmentation), before epoch 1. With a few dozen labels an epoch is one or
+    two steps, so a freshly initialised head is still near chance when the encoder unfreezes and its
+    gradients distort the features (Kumar et al. 2022, linear probing then fine-tuning). Returns the
+    final training loss. Features come from the encoder in eval mode, as a frozen encoder runs."""
+    loader = data_loader.BatchLoader(store, np.arange(len(train_idx)), table.labels[train_idx], batch_size=256)
+    features, labels, _ = utils.extract_features(model.encoder, loader, data_loader.normalize, device)
+    features, labels = features.to(device), labels.to(device)
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model.head.train()
+    for _ in range(args.head_prefit_steps):
+        loss = F.cross_entropy(model.head(features), labels, weight=weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return float(loss)
+
+
 def class_weights(args, labels, num_classes, device):
     if args.class_weights == "none":
         return None
@@ -215,6 +234,11 @@ def main(args):
                                             optimizer, scheduler, scaler, resume)
         start_epoch = ckpt["epoch"]
         utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
+    if args.head_prefit_steps > 0 and start_epoch == 0:
+        loss = prefit_head(model, store, train_idx, table, args, device, weights)
+        if dist["is_main"]:
+            print(f"head pre-fitted on frozen features of {len(train_idx)} images: {args.head_prefit_steps} steps, "
+                  f"loss {loss:.4f}")
     # built while every parameter requires grad: a frozen encoder then counts as unused and its grads stay None
     freezes_later = args.freeze_encoder and start_epoch < args.unfreeze_after_epoch
     train_model = utils.maybe_compile(utils.wrap_ddp(model, dist, find_unused_parameters=freezes_later), args.compile)
@@ -304,6 +328,9 @@ def get_args_parser():
     p.add_argument("--freeze_encoder", action="store_true",
                    help="train only the head (encoder weights and BatchNorm statistics fixed) until --unfreeze_after_epoch")
     p.add_argument("--unfreeze_after_epoch", type=int, default=25, help="epoch after which the whole network trains")
+    p.add_argument("--head_prefit_steps", type=int, default=0,
+                   help="before epoch 1, train the head alone for this many full-batch steps on frozen features of "
+                        "the labelled images (linear probing then fine-tuning; helps with a few dozen labels)")
     p.add_argument("--label_fraction", type=float, default=1.0,
                    help="stratified fraction of the train split to train on (val and test untouched)")
     p.add_argument("--class_weights", default="none", choices=["none", "balanced"],

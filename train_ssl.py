@@ -267,8 +267,10 @@ def _set_epoch(loader, epoch: int) -> None:
 
 
 def _improved(best, loss, knn, monitored_by_knn) -> bool:
+    """Ties go to the later epoch: on a small val split the kNN accuracy moves in steps of one image, and
+    a 24-epoch run once kept its epoch-5 encoder (kNN 0.543 at epochs 5 and 24), barely better than random."""
     if monitored_by_knn:
-        return knn is not None and (best is None or knn > best)
+        return knn is not None and (best is None or knn >= best)
     return best is None or loss < best
 
 

@@ -81,7 +81,7 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
             "--lr", str(args.ft_lr), "--device", args.device, "--precision", args.precision, "--seed", str(seed),
             "--output_name", "model.pth"]
     if method == "ssl":
-        argv += ["--ssl_checkpoint", ssl_path]
+        argv += ["--ssl_checkpoint", ssl_path, "--head_prefit_steps", str(args.head_prefit_steps)]
         if args.freeze_epochs > 0:
             argv += ["--freeze_encoder", "--unfreeze_after_epoch", str(args.freeze_epochs)]
     done = os.path.join(out, "score.json")
@@ -245,10 +245,10 @@ def get_args_parser():
     p.add_argument("--num_unlabeled", type=int, default=0, help="extra unlabelled synthetic images")
     p.add_argument("--data_seed", type=int, default=42, help="seed of the synthetic data")
     p.add_argument("--image_size", type=int, default=64, help="resolution for every phase")
-    p.add_argument("--ssl_epochs", type=int, default=100, help="pretraining epochs")
-    p.add_argument("--ssl_batch_size", type=int, default=128, help="pretraining batch (images)")
-    p.add_argument("--ssl_optimizer", default="adam", choices=["adam", "lars"], help="pretraining optimizer")
-    p.add_argument("--ssl_lr", type=float, default=1e-3, help="pretraining learning rate")
+    p.add_argument("--ssl_epochs", type=int, default=24, help="pretraining epochs")
+    p.add_argument("--ssl_batch_size", type=int, default=64, help="pretraining batch (images)")
+    p.add_argument("--ssl_optimizer", default="lars", choices=["adam", "lars"], help="pretraining optimizer")
+    p.add_argument("--ssl_lr", type=float, default=1.2, help="pretraining learning rate")
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     p.add_argument("--crop_min_scale", type=float, default=0.3, help="pretraining crop: smallest area fraction")
     p.add_argument("--jitter", type=float, default=0.3, help="pretraining brightness and contrast strength")
@@ -258,6 +258,9 @@ def get_args_parser():
     p.add_argument("--ft_epochs", type=int, default=30, help="fine-tuning epochs (both methods)")
     p.add_argument("--ft_batch_size", type=int, default=32, help="fine-tuning batch")
     p.add_argument("--ft_lr", type=float, default=1e-3, help="fine-tuning learning rate (both methods)")
+    p.add_argument("--head_prefit_steps", type=int, default=300,
+                   help="SSL runs: full-batch head steps on the frozen features before fine-tuning (a linear probe "
+                        "of a random encoder only hurts: scratch runs fell to chance with it)")
     p.add_argument("--freeze_epochs", type=int, default=10, help="SSL runs: epochs with the encoder frozen")
     p.add_argument("--methods", nargs="+", default=["ssl", "scratch"], choices=["ssl", "scratch"],
                    help="which initialisations to fine-tune (scratch runs do not depend on the SSL recipe)")

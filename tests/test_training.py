@@ -1,5 +1,6 @@
 """train_ssl.py and fine_tune.py, called through main(args) on tiny images."""
 import os
+import re
 
 import pytest
 import torch
@@ -167,3 +168,22 @@ def test_training_curves_are_redrawn_at_most_every_30_s_and_after_the_last_epoch
     for last in (False, False, False, True):           # epochs at t = 0, 5, 31, 40
         utils.plot_history_throttled("h.csv", "curves.png", "t", last_epoch=last)
     assert len(drawn) == 3                              # t = 0 (first), 31 (30 s later), 40 (last epoch)
+
+
+def test_head_prefit_fits_the_head_on_frozen_features_and_leaves_the_encoder(pretrained, tiny, tmp_path, capsys):
+    ssl_path = str(pretrained / "best_ssl_model.pth")
+    fine_tune.main(ft_args(tiny, tmp_path, "--ssl_checkpoint", ssl_path, "--head_prefit_steps", "300",
+                           "--freeze_encoder", "--unfreeze_after_epoch", "5"))
+    fitted = re.search(r"head pre-fitted on frozen features of (\d+) images: 300 steps, loss ([\d.]+)",
+                       capsys.readouterr().out)
+    assert fitted and float(fitted.group(2)) < 0.5          # chance is ln 3 = 1.10
+    ssl = torch.load(ssl_path, weights_only=True)["encoder"]
+    tuned = torch.load(tmp_path / "last_finetuned_checkpoint.pth", weights_only=True)["encoder"]
+    assert all(torch.equal(ssl[k], tuned[k]) for k in ssl)  # only the head was pre-fitted
+    assert fine_tune.get_args_parser().parse_args([]).head_prefit_steps == 0   # the spec's behaviour by default
+
+
+def test_a_kNN_tie_keeps_the_later_longer_trained_encoder():
+    assert train_ssl._improved(0.543, 4.4, 0.543, monitored_by_knn=True)
+    assert not train_ssl._improved(0.543, 4.4, 0.5, monitored_by_knn=True)
+    assert not train_ssl._improved(4.0, 4.0, None, monitored_by_knn=False)     # by loss: strictly lower
