@@ -113,7 +113,7 @@ def prefit_head(model, store, train_idx, table, args, device, weights) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return float(loss)
+    return loss.item()
 
 
 def class_weights(args, labels, num_classes, device):
