@@ -46,6 +46,14 @@ def prepare_data(args) -> tuple:
     return data_dir, label_file
 
 
+def read_record(path: str, force: bool) -> dict:
+    """What a finished (or started) step wrote about itself; {} when absent or with --force."""
+    if force or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def pretrain(args, data_dir, label_file) -> str:
     if args.ssl_checkpoint:
         return args.ssl_checkpoint
@@ -58,10 +66,7 @@ def pretrain(args, data_dir, label_file) -> str:
             "--crop_min_scale", str(args.crop_min_scale), "--jitter", str(args.jitter),
             "--gamma", str(args.gamma),
             "--device", args.device, "--precision", args.precision, "--seed", "0"]
-    saved = {}
-    if os.path.isfile(record) and not args.force:
-        with open(record) as f:
-            saved = json.load(f)
+    saved = read_record(record, args.force)
     if saved.get("argv") == argv and saved.get("done"):      # only a finished pretraining with this recipe
         print(f"reusing {path}")
         return path
@@ -86,11 +91,9 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
             argv += ["--freeze_encoder", "--unfreeze_after_epoch", str(args.freeze_epochs)]
     done = os.path.join(out, "score.json")
     key = argv + ([f"ssl_sha256={utils.sha256_file(ssl_path)}"] if method == "ssl" else [])
-    if os.path.isfile(done) and not args.force:   # an interrupted benchmark goes on where it stopped
-        with open(done) as f:
-            saved = json.load(f)
-        if saved.get("argv") == key:               # only a run with these very settings (and encoder) counts
-            return saved["row"]
+    saved = read_record(done, args.force)          # an interrupted benchmark goes on where it stopped
+    if saved.get("argv") == key:                   # only a run with these very settings (and encoder) counts
+        return saved["row"]
     start = time.perf_counter()
     fine_tune.main(fine_tune.get_args_parser().parse_args(argv))
     seconds = time.perf_counter() - start
@@ -120,24 +123,23 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
 
     ckpt = utils.load_checkpoint(ssl_path, "ssl", "--ssl_checkpoint")
     table = data_loader.read_label_table(label_file, data_dir, seed=ckpt["args"].get("split_seed", 42))
-    train, test = table.indices("train"), table.indices("test")
-    rows_needed = np.r_[train, test]
+    train, test = table.indices("train"), table.indices("test")          # both sorted
+    files = [table.filenames[i] for i in np.r_[train, test]]
     device = utils.resolve_device(args.device)
     enc_args = Namespace(data_dir=data_dir, cache_gb=4.0, num_workers=0, batch_size=128)
+    config = model_ssl.ModelConfig(**ckpt["model_config"])
     torch.manual_seed(0)
-    encoders = {"random init": model_ssl.SimCLR(model_ssl.ModelConfig(**ckpt["model_config"])).encoder,
-                "ssl": model_ssl.SimCLR(model_ssl.ModelConfig(**ckpt["model_config"])).encoder}
+    encoders = {"random init": model_ssl.build_encoder(config.backbone, config.small_stem),
+                "ssl": model_ssl.build_encoder(config.backbone, config.small_stem)}
     utils.load_state_strict(encoders["ssl"], ckpt["encoder"], "encoder", ssl_path)
     results = []
     for name, encoder in encoders.items():
-        features = evaluate.encode_images(encoder.eval(), [table.filenames[i] for i in rows_needed], ckpt, enc_args,
-                                          device, None)
-        at = {int(i): row for row, i in enumerate(rows_needed)}
-        test_x = features[[at[int(i)] for i in test]]
+        features = evaluate.encode_images(encoder.eval(), files, ckpt, enc_args, device, None)
+        train_x, test_x = features[: len(train)], features[len(train):]
         for fraction in args.fractions:
             for seed in args.seeds:   # the very subset fine_tune.py draws for this fraction and seed
                 subset = data_loader.stratified_subset(table.labels, train, fraction, seed)
-                prob = evaluate.fit_linear_probe(features[[at[int(i)] for i in subset]], table.labels[subset],
+                prob = evaluate.fit_linear_probe(train_x[np.searchsorted(train, subset)], table.labels[subset],
                                                  test_x, table.num_classes, seed, [])
                 scores = evaluate.compute_metrics(table.labels[test], prob, table.num_classes, resamples=0, seed=0)
                 results.append({"features": name, "fraction": fraction, "seed": seed,
