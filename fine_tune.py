@@ -16,6 +16,7 @@ and the test split is never read. Under torchrun each process trains on its shar
 and rank 0 alone validates and writes.
 """
 import argparse
+import dataclasses
 import os
 
 import numpy as np
@@ -122,6 +123,11 @@ def class_weights(args, labels, num_classes, device):
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     weights = len(labels) / (num_classes * np.maximum(counts, 1))
     return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
+def supervised_augment_config(args) -> data_loader.AugmentConfig:
+    """The spec's milder supervised augmentations, with the rotation range from --rotation."""
+    return dataclasses.replace(data_loader.SUPERVISED_AUGMENT, rotation=args.rotation)
 
 
 def make_loss_fn(augment, device, weights):
@@ -255,7 +261,7 @@ def main(args):
         utils.write_settings(paths["settings"], settings)
 
     # ============ training ============
-    augment = data_loader.BatchAugment(data_loader.SUPERVISED_AUGMENT, args.image_size, channels_last=True)
+    augment = data_loader.BatchAugment(supervised_augment_config(args), args.image_size, channels_last=True)
     loss_fn = make_loss_fn(augment, device, weights)
     for epoch in range(start_epoch, args.num_epochs):
         frozen = args.freeze_encoder and epoch < args.unfreeze_after_epoch
@@ -331,6 +337,8 @@ def get_args_parser():
     p.add_argument("--head_prefit_steps", type=int, default=0,
                    help="before epoch 1, train the head alone for this many full-batch steps on frozen features of "
                         "the labelled images (linear probing then fine-tuning; helps with a few dozen labels)")
+    p.add_argument("--rotation", type=float, default=10.0,
+                   help="augmentation: random rotation in degrees, corners zero-filled (the spec's 10; 0: off)")
     p.add_argument("--label_fraction", type=float, default=1.0,
                    help="stratified fraction of the train split to train on (val and test untouched)")
     p.add_argument("--class_weights", default="none", choices=["none", "balanced"],

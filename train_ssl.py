@@ -44,9 +44,10 @@ def pretraining_files(args):
 
 
 def ssl_augment_config(args) -> data_loader.AugmentConfig:
-    """The spec's SSL augmentations, with the crop's minimum area from --crop_min_scale and the
-    brightness and contrast strength from --jitter and the random gamma from --gamma."""
-    return dataclasses.replace(data_loader.SSL_AUGMENT, crop_scale=(args.crop_min_scale, 1.0),
+    """The spec's SSL augmentations, with the crop's minimum area from --crop_min_scale, the rotation
+    range from --rotation, the brightness and contrast strength from --jitter and the random gamma
+    from --gamma."""
+    return dataclasses.replace(data_loader.SSL_AUGMENT, crop_scale=(args.crop_min_scale, 1.0), rotation=args.rotation,
                                brightness=args.jitter, contrast=args.jitter, gamma=args.gamma)
 
 
@@ -314,6 +315,9 @@ def get_args_parser():
     p.add_argument("--crop_min_scale", type=float, default=0.8,
                    help="smallest crop area as a fraction of the image (the spec's 0.8; the SimCLR paper uses "
                         "0.08; smaller crops force the encoder to use local findings, not the global anatomy)")
+    p.add_argument("--rotation", type=float, default=15.0,
+                   help="random rotation in degrees, uniform in [-rotation, rotation], corners zero-filled as "
+                        "RandomRotation does (the spec's 15; 0: off)")
     p.add_argument("--jitter", type=float, default=0.3,
                    help="brightness and contrast factors are drawn from [1 - jitter, 1 + jitter] (the spec's "
                         "0.3; grayscale images have no colour to distort, so stronger intensity jitter stops "

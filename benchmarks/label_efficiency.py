@@ -63,8 +63,8 @@ def pretrain(args, data_dir, label_file) -> str:
             "--image_size", str(args.image_size), "--batch_size", str(args.ssl_batch_size),
             "--num_epochs", str(args.ssl_epochs), "--warmup_epochs", str(max(1, args.ssl_epochs // 10)),
             "--optimizer", args.ssl_optimizer, "--lr", str(args.ssl_lr), "--temperature", str(args.temperature), "--eval_every", "5",
-            "--crop_min_scale", str(args.crop_min_scale), "--jitter", str(args.jitter),
-            "--gamma", str(args.gamma),
+            "--crop_min_scale", str(args.crop_min_scale), "--rotation", str(args.ssl_rotation),
+            "--jitter", str(args.jitter), "--gamma", str(args.gamma),
             "--device", args.device, "--precision", args.precision, "--seed", "0"]
     saved = read_record(record, args.force)
     if saved.get("argv") == argv and saved.get("done"):      # only a finished pretraining with this recipe
@@ -253,6 +253,7 @@ def get_args_parser():
     p.add_argument("--ssl_lr", type=float, default=1e-3, help="pretraining learning rate")
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     p.add_argument("--crop_min_scale", type=float, default=0.3, help="pretraining crop: smallest area fraction")
+    p.add_argument("--ssl_rotation", type=float, default=15.0, help="pretraining rotation range in degrees")
     p.add_argument("--jitter", type=float, default=0.3, help="pretraining brightness and contrast strength")
     p.add_argument("--gamma", type=float, default=0.0, help="pretraining random gamma strength (0: off)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1], help="labelled fractions of train")

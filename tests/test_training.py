@@ -150,12 +150,15 @@ def test_wrong_inputs_are_refused_with_one_clear_message(pretrained, tiny, tmp_p
                                "--image_size", "64"))
 
 
-def test_crop_and_jitter_flags_reach_both_augmentation_pipelines(tiny, tmp_path):
-    args = ssl_args(tiny, tmp_path, "--crop_min_scale", "0.3", "--jitter", "0.8")
+def test_crop_rotation_and_jitter_flags_reach_both_augmentation_pipelines(tiny, tmp_path):
+    args = ssl_args(tiny, tmp_path, "--crop_min_scale", "0.3", "--jitter", "0.8", "--rotation", "0")
     config = train_ssl.ssl_augment_config(args)
-    assert config.crop_scale == (0.3, 1.0) and config.brightness == config.contrast == 0.8
+    assert config.crop_scale == (0.3, 1.0) and config.brightness == config.contrast == 0.8 and config.rotation == 0
     default = train_ssl.ssl_augment_config(ssl_args(tiny, tmp_path))
     assert default.brightness == default.contrast == 0.3 and default.crop_scale == (0.8, 1.0)   # the spec's
+    assert default.rotation == 15
+    assert fine_tune.supervised_augment_config(ft_args(tiny, tmp_path)).rotation == 10           # the spec's
+    assert fine_tune.supervised_augment_config(ft_args(tiny, tmp_path, "--rotation", "3")).rotation == 3
     import data_loader
     jitter = [t for t in data_loader.build_pil_transform(config, 32).transforms if "ColorJitter" in repr(t)]
     assert jitter and jitter[0].brightness == pytest.approx((0.2, 1.8))
