@@ -46,3 +46,17 @@ def test_label_efficiency_writes_its_table_and_figure_and_resumes(tmp_path, monk
 
     run(data, out, "--ft_lr", "0.01", "--ssl_epochs", "2")   # another recipe: pretrain again, redo only the SSL run
     assert calls == [0.01] * 3 and len(pd.read_csv(os.path.join(out, "ssl", "ssl_history.csv"))) == 2
+
+
+def test_frozen_head_ablation_scores_every_head_and_augmentation(tmp_path, capsys):
+    import frozen_head_ablation
+
+    data = write_tiny_dataset(tmp_path / "data", n=48, size=32, splits=(30, 9))
+    out = str(tmp_path / "runs")
+    run(data, out, "--probe_only")                   # pretrains one epoch, then only the probes
+    args = frozen_head_ablation.get_args_parser().parse_args(
+        ["--ssl_checkpoint", os.path.join(out, "ssl", "best_ssl_model.pth"), "--data_dir", data,
+         "--label_fraction", "0.5", "--seeds", "0", "1", "--steps", "20", "--copies", "2"])
+    rows = frozen_head_ablation.main(args)
+    assert len(rows) == 6 and all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in rows.values())
+    assert "| linear head, 2 augmented copies, rotation +-10 |" in capsys.readouterr().out
