@@ -539,7 +539,8 @@ class AugmentConfig:
     crop_scale: tuple = (0.8, 1.0)  # area fraction of the crop, uniform
     crop_ratio: tuple = (3 / 4, 4 / 3)  # crop aspect ratio w/h, log-uniform
     hflip_p: float = 0.5
-    rotation: float = 15.0       # degrees, uniform in [-rotation, rotation], zero fill
+    rotation: float = 15.0       # degrees, uniform in [-rotation, rotation]
+    rotation_fill: str = "zeros"  # corners rotated in from outside: "zeros" (RandomRotation's) or "reflection"
     brightness: float = 0.3      # factor uniform in [1 - b, 1 + b]
     contrast: float = 0.3        # factor uniform in [1 - c, 1 + c], blended with the grayscale mean
     blur_p: float = 0.3
@@ -660,7 +661,8 @@ class BatchAugment(nn.Module):
     def _warp(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         """Output pixel o (normalised, [-1, 1]^2) shows the cropped image at q = flip(R(-angle) o), which
         is the input at centre + (w, h) * q; q outside [-1, 1]^2 was outside the crop: zero, as
-        RandomRotation fills. Crop, flip and rotation cost one bilinear resampling instead of three."""
+        RandomRotation fills (rotation_fill "reflection": the image there, mirrored at its edges).
+        Crop, flip and rotation cost one bilinear resampling instead of three."""
         b, s = x.shape[0], self.image_size
         a = p["angle"] * (np.pi / 180)
         cos, sin = a.cos(), a.sin()
@@ -673,6 +675,8 @@ class BatchAugment(nn.Module):
         size = torch.stack([p["crop_w"], p["crop_h"]], dim=1).view(b, 1, 1, 2)
         centre = torch.stack([p["crop_cx"], p["crop_cy"]], dim=1).view(b, 1, 1, 2)
         grid = torch.addcmul(centre, q, size)
+        if self.config.rotation_fill == "reflection":                     # the image mirrored at its edges
+            return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         if self.config.rotation > 0:
             outside = q.abs().amax(dim=-1, keepdim=True) > 1   # (linalg.vector_norm(inf) is 30x slower on CPU)
             grid.masked_fill_(outside, -2.0)                                # -2 is off the image: zero
@@ -774,6 +778,9 @@ def build_pil_transform(config: AugmentConfig, image_size: int):
     that BatchAugment matches in distribution (rotation bilinear, as BatchAugment's one resampling)."""
     from torchvision import transforms as T
 
+    if config.rotation_fill != "zeros":
+        raise ValueError(f"rotation_fill {config.rotation_fill!r}: RandomRotation fills with a constant; only "
+                         f"BatchAugment can reflect")
     if tuple(config.crop_scale) == (1.0, 1.0):
         steps = [T.Resize((image_size, image_size))]   # the supervised "resize to S x S"
     else:

@@ -126,8 +126,8 @@ def class_weights(args, labels, num_classes, device):
 
 
 def supervised_augment_config(args) -> data_loader.AugmentConfig:
-    """The spec's milder supervised augmentations, with the rotation range from --rotation."""
-    return dataclasses.replace(data_loader.SUPERVISED_AUGMENT, rotation=args.rotation)
+    """The spec's milder supervised augmentations, with the rotation from --rotation and --rotation_fill."""
+    return dataclasses.replace(data_loader.SUPERVISED_AUGMENT, rotation=args.rotation, rotation_fill=args.rotation_fill)
 
 
 def make_loss_fn(augment, device, weights):
@@ -338,7 +338,10 @@ def get_args_parser():
                    help="before epoch 1, train the head alone for this many full-batch steps on frozen features of "
                         "the labelled images (linear probing then fine-tuning; helps with a few dozen labels)")
     p.add_argument("--rotation", type=float, default=10.0,
-                   help="augmentation: random rotation in degrees, corners zero-filled (the spec's 10; 0: off)")
+                   help="augmentation: random rotation in degrees (the spec's 10; 0: off)")
+    p.add_argument("--rotation_fill", default="zeros", choices=["zeros", "reflection"],
+                   help="what fills the corners a rotation brings in: black (torchvision's RandomRotation, the "
+                        "spec) or the image mirrored at its edges (no black wedges for the model to learn)")
     p.add_argument("--label_fraction", type=float, default=1.0,
                    help="stratified fraction of the train split to train on (val and test untouched)")
     p.add_argument("--class_weights", default="none", choices=["none", "balanced"],

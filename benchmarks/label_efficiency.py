@@ -83,7 +83,8 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
             "--image_size", str(args.image_size), "--label_fraction", str(fraction),
             "--num_epochs", str(args.ft_epochs), "--batch_size", str(args.ft_batch_size),
-            "--lr", str(args.ft_lr), "--device", args.device, "--precision", args.precision, "--seed", str(seed),
+            "--lr", str(args.ft_lr), "--rotation_fill", args.ft_rotation_fill,
+            "--device", args.device, "--precision", args.precision, "--seed", str(seed),
             "--output_name", "model.pth"]
     if method == "ssl":
         argv += ["--ssl_checkpoint", ssl_path, "--head_prefit_steps", str(args.head_prefit_steps)]
@@ -261,6 +262,8 @@ def get_args_parser():
     p.add_argument("--ft_epochs", type=int, default=30, help="fine-tuning epochs (both methods)")
     p.add_argument("--ft_batch_size", type=int, default=32, help="fine-tuning batch")
     p.add_argument("--ft_lr", type=float, default=1e-3, help="fine-tuning learning rate (both methods)")
+    p.add_argument("--ft_rotation_fill", default="zeros", choices=["zeros", "reflection"],
+                   help="fine-tuning (both methods): what fills the corners a rotation brings in")
     p.add_argument("--head_prefit_steps", type=int, default=300,
                    help="SSL runs: full-batch head steps on the frozen features before fine-tuning (a linear probe "
                         "of a random encoder only hurts: scratch runs fell to chance with it)")

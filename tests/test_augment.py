@@ -111,6 +111,25 @@ def test_crop_flip_rotation_match_torchvision():
     assert (ours[inner, inner] - mirrored[inner, inner]).abs().mean() > 0.03   # the test sees the sign
 
 
+
+def test_reflection_fill_mirrors_the_image_into_the_rotated_corners():
+    """rotation_fill="reflection": a rotated full-image view has no black wedges; it equals torchvision's
+    rotate of the image padded by reflection, away from the borders' interpolation."""
+    s, angle = 48, 12.0
+    x = smooth_images(b=1, s=s)
+    p = fixed_params(1, angle=angle)
+    ours = unnormalize(BatchAugment(AugmentConfig(rotation=15.0, rotation_fill="reflection"), s).apply_params(x, p))
+    pad = 12
+    padded = torch.nn.functional.pad(x.float() / 255, (pad,) * 4, mode="reflect")
+    ref = TF.center_crop(TF.rotate(padded, angle, T.InterpolationMode.BILINEAR), [s, s])[0, 0]
+    inner = slice(2, s - 2)
+    assert (ours[0, 0, inner, inner] - ref[inner, inner]).abs().mean() < 0.01
+    zeros = unnormalize(BatchAugment(AugmentConfig(rotation=15.0), s).apply_params(x, p))
+    assert zeros[0, 0, 0, 0] == 0 and ours[0, 0, 0, 0] > 0.05 and ours[0, 0, 0, 0] == pytest.approx(ref[0, 0], abs=0.05)
+    with pytest.raises(ValueError, match="reflect"):
+        build_pil_transform(AugmentConfig(rotation_fill="reflection"), s)
+
+
 # ============ colour and blur with fixed parameters ============
 
 @pytest.mark.parametrize("channels", [1, 3])

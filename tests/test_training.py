@@ -158,7 +158,10 @@ def test_crop_rotation_and_jitter_flags_reach_both_augmentation_pipelines(tiny, 
     assert default.brightness == default.contrast == 0.3 and default.crop_scale == (0.8, 1.0)   # the spec's
     assert default.rotation == 15
     assert fine_tune.supervised_augment_config(ft_args(tiny, tmp_path)).rotation == 10           # the spec's
-    assert fine_tune.supervised_augment_config(ft_args(tiny, tmp_path, "--rotation", "3")).rotation == 3
+    supervised = fine_tune.supervised_augment_config(ft_args(tiny, tmp_path, "--rotation", "3",
+                                                            "--rotation_fill", "reflection"))
+    assert supervised.rotation == 3 and supervised.rotation_fill == "reflection"
+    assert fine_tune.supervised_augment_config(ft_args(tiny, tmp_path)).rotation_fill == "zeros"
     import data_loader
     jitter = [t for t in data_loader.build_pil_transform(config, 32).transforms if "ColorJitter" in repr(t)]
     assert jitter and jitter[0].brightness == pytest.approx((0.2, 1.8))
