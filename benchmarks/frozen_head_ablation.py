@@ -68,7 +68,6 @@ def fit_and_score(kind, x, y, test_x, test_y, num_classes, steps, seed) -> float
 
 
 def main(args):
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     ckpt, encoder = load_encoder(args.ssl_checkpoint)
     label_file = args.label_file or os.path.join(args.data_dir, "labels.csv")
     table = data_loader.read_label_table(label_file, args.data_dir, seed=ckpt["args"].get("split_seed", 42))

@@ -111,7 +111,6 @@ def test_crop_flip_rotation_match_torchvision():
     assert (ours[inner, inner] - mirrored[inner, inner]).abs().mean() > 0.03   # the test sees the sign
 
 
-
 def test_reflection_fill_mirrors_the_image_into_the_rotated_corners():
     """rotation_fill="reflection": a rotated full-image view has no black wedges; it equals torchvision's
     rotate of the image padded by reflection, away from the borders' interpolation."""
