@@ -10,7 +10,8 @@ it on the test split:
   - on the clean images: the spec's MLP head, the same after standardising the features, a linear head,
     and sklearn's logistic regression (evaluate.py's linear probe);
   - a linear head on --copies augmented copies of each labelled image, with fine_tune.py's augmentation
-    at each --rotations value: what training the head on augmented images does to these features.
+    at each --rotations value (and --rotation_fill): what training the head on augmented images does to
+    these features.
 """
 import argparse
 import dataclasses
@@ -91,12 +92,14 @@ def main(args):
         rows.setdefault("logistic regression (evaluate.py's probe), clean images", []).append(
             float((prob.argmax(1) == test_y.numpy()).mean()))
         for rotation in args.rotations:
-            config = dataclasses.replace(data_loader.SUPERVISED_AUGMENT, rotation=rotation)
+            config = dataclasses.replace(data_loader.SUPERVISED_AUGMENT, rotation=rotation,
+                                         rotation_fill=args.rotation_fill)
             augment = data_loader.BatchAugment(config, ckpt["image_size"])
             generator = torch.Generator().manual_seed(seed)
             copies = torch.cat([encode(encoder, images[pos], lambda b: augment(b, generator=generator))
                                 for _ in range(args.copies)])
-            rows.setdefault(f"linear head, {args.copies} augmented copies, rotation +-{rotation:g}", []).append(
+            name = f"linear head, {args.copies} augmented copies, rotation +-{rotation:g} ({args.rotation_fill} fill)"
+            rows.setdefault(name, []).append(
                 fit_and_score("linear", copies, y.repeat(args.copies), test_x, test_y, k, args.steps, seed))
     lines = [f"Frozen features of {args.ssl_checkpoint}, {len(subset)} labelled images, {args.steps} full-batch "
              f"steps, test accuracy over {len(args.seeds)} seeds:", "", "| head and training images | accuracy |",
@@ -117,6 +120,8 @@ def get_args_parser():
     p.add_argument("--copies", type=int, default=10, help="augmented copies of each labelled image")
     p.add_argument("--rotations", type=float, nargs="+", default=[10.0, 0.0],
                    help="fine_tune.py --rotation values to try (10: the spec's)")
+    p.add_argument("--rotation_fill", default="zeros", choices=["zeros", "reflection"],
+                   help="fine_tune.py --rotation_fill of the augmented copies")
     return p
 
 

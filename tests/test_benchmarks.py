@@ -56,7 +56,8 @@ def test_frozen_head_ablation_scores_every_head_and_augmentation(tmp_path, capsy
     run(data, out, "--probe_only")                   # pretrains one epoch, then only the probes
     args = frozen_head_ablation.get_args_parser().parse_args(
         ["--ssl_checkpoint", os.path.join(out, "ssl", "best_ssl_model.pth"), "--data_dir", data,
-         "--label_fraction", "0.5", "--seeds", "0", "1", "--steps", "20", "--copies", "2"])
+         "--label_fraction", "0.5", "--seeds", "0", "1", "--steps", "20", "--copies", "2",
+         "--rotation_fill", "reflection"])
     rows = frozen_head_ablation.main(args)
     assert len(rows) == 6 and all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in rows.values())
-    assert "| linear head, 2 augmented copies, rotation +-10 |" in capsys.readouterr().out
+    assert "| linear head, 2 augmented copies, rotation +-10 (reflection fill) |" in capsys.readouterr().out
