@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from utils import UserError, sha256_file
+from utils import HelpFormatter, UserError, sha256_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1166,7 +1166,7 @@ def _check_generator_args(args) -> None:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--output_dir", default="./data/medical_images", help="folder for the images and labels.csv")
     p.add_argument("--num_images", type=int, default=500, help="labelled synthetic images")
     p.add_argument("--num_unlabeled", type=int, default=0, help="extra synthetic images with no label row")

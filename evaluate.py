@@ -955,12 +955,8 @@ def main(args):
     return {"models": [ev.name for ev in evaluated], "folders": folders, "metrics": results, "paired": paired}
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in every flag's help, and the docstring's commands kept as written."""
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, parents=[utils.common_parser()])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter, parents=[utils.common_parser()])
     p.add_argument("--checkpoint", action="append", required=True,
                    help="a classifier (best_finetuned_model.pth, best_baseline_model.pth) or SSL checkpoint "
                         "(best_ssl_model.pth); repeat the flag to compare several side by side")

@@ -309,7 +309,7 @@ def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improv
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
-                                parents=[utils.common_parser(), utils.training_parser()], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                parents=[utils.common_parser(), utils.training_parser()], formatter_class=utils.HelpFormatter)
     p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's names are relative to")
     p.add_argument("--label_file", default="./data/medical_images/labels.csv",
                    help="CSV filename,label[,split][,patient_id]")

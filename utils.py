@@ -33,6 +33,10 @@ class UserError(Exception):
 
 # ============ command line ============
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every flag's help, and the docstring's commands kept as written."""
+
+
 def common_parser() -> argparse.ArgumentParser:
     """Flags shared by the three CLIs (passed as `parents=`)."""
     p = argparse.ArgumentParser(add_help=False)

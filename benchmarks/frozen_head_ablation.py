@@ -110,7 +110,7 @@ def main(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--ssl_checkpoint", required=True, help="a best_ssl_model.pth")
     p.add_argument("--data_dir", default="./data/label_efficiency", help="dataset folder with a split column")
     p.add_argument("--label_file", default=None, help="default: DATA_DIR/labels.csv")

@@ -240,7 +240,7 @@ def main(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--data_dir", default="./data/label_efficiency", help="dataset folder (created if empty)")
     p.add_argument("--npz", default=None, help="import this MedMNIST .npz into --data_dir instead of synthetic data")
     p.add_argument("--output_dir", default="./runs/label_efficiency", help="runs, tables and the figure")

@@ -299,12 +299,8 @@ def per_size(values, sizes: list, field: int) -> dict:
     return {s: values[min(i, len(values) - 1)] for i, s in enumerate(sizes)}
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and the docstring's table and commands kept as written."""
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 224], help="image sides in pixels")
     p.add_argument("--batch_size", type=int, default=128, help="views per step (two per image)")
     p.add_argument("--steps", type=int, nargs="+", default=None,
