@@ -531,6 +531,7 @@ class BatchLoader:
 # ============ augmentations ============
 
 AUGMENT_MODES = ("batch", "pil")  # --augment: whole batches on the device, or torchvision per image (reference)
+ROTATION_FILLS = ("zeros", "reflection")  # what fills the corners a rotation brings in (AugmentConfig.rotation_fill)
 
 
 @dataclass

@@ -379,6 +379,15 @@ def pretraining_overlap(ckpt: dict, filenames: list, split: str, path: str, note
                     f"(first {seen[0]!r}); the label file or its split differs from the pretraining run's")
 
 
+def ssl_encoder(ckpt: dict, path: str, pretrained: bool = True) -> torch.nn.Module:
+    """The encoder of an SSL checkpoint, with its weights (or, pretrained=False, at random init)."""
+    config = model_ssl.ModelConfig(**ckpt["model_config"])
+    encoder = model_ssl.build_encoder(config.backbone, config.small_stem)
+    if pretrained:
+        utils.load_state_strict(encoder, ckpt["encoder"], "encoder", path)
+    return encoder
+
+
 def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
     """A pretrained encoder as a representation: a linear probe and a kNN on frozen train-split features."""
     notes = []
@@ -395,8 +404,7 @@ def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype)
     filenames = [table.filenames[i] for i in rows]
     pretraining_overlap(ckpt, filenames, args.split, path, notes)
 
-    encoder = model_ssl.SimCLR(model_ssl.ModelConfig(**ckpt["model_config"])).encoder
-    utils.load_state_strict(encoder, ckpt["encoder"], "encoder", path)
+    encoder = ssl_encoder(ckpt, path)
     both = encode_images(encoder, [table.filenames[i] for i in np.r_[fit_rows, rows]], ckpt, args, device,
                          autocast_dtype)
     fit_x, eval_x = both[: len(fit_rows)], both[len(fit_rows):]

@@ -106,11 +106,16 @@ def prefit_head(model, store, train_idx, table, args, device, weights) -> float:
     final training loss. Features come from the encoder in eval mode, as a frozen encoder runs."""
     loader = data_loader.BatchLoader(store, np.arange(len(train_idx)), table.labels[train_idx], batch_size=256)
     features, labels, _ = utils.extract_features(model.encoder, loader, data_loader.normalize, device)
-    features, labels = features.to(device), labels.to(device)
-    optimizer = torch.optim.AdamW(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    model.head.train()
-    for _ in range(args.head_prefit_steps):
-        loss = F.cross_entropy(model.head(features), labels, weight=weights)
+    return fit_head(model.head, features.to(device), labels.to(device), args.head_prefit_steps, args.lr,
+                    args.weight_decay, weights)
+
+
+def fit_head(head, features, labels, steps: int, lr: float, weight_decay: float, weights=None) -> float:
+    """`steps` full-batch AdamW steps of cross entropy on (features, labels); returns the last loss."""
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    head.train()
+    for _ in range(steps):
+        loss = F.cross_entropy(head(features), labels, weight=weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -339,7 +344,7 @@ def get_args_parser():
                         "the labelled images (linear probing then fine-tuning; helps with a few dozen labels)")
     p.add_argument("--rotation", type=float, default=10.0,
                    help="augmentation: random rotation in degrees (the spec's 10; 0: off)")
-    p.add_argument("--rotation_fill", default="zeros", choices=["zeros", "reflection"],
+    p.add_argument("--rotation_fill", default="zeros", choices=data_loader.ROTATION_FILLS,
                    help="what fills the corners a rotation brings in: black (torchvision's RandomRotation, the "
                         "spec) or the image mirrored at its edges (no black wedges for the model to learn)")
     p.add_argument("--label_fraction", type=float, default=1.0,

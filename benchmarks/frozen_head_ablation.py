@@ -23,20 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import data_loader  # noqa: E402
 import evaluate  # noqa: E402
+import fine_tune  # noqa: E402
 import model_ssl  # noqa: E402
 import utils  # noqa: E402
-
-
-def load_encoder(path: str):
-    ckpt = utils.load_checkpoint(path, "ssl", "--ssl_checkpoint")
-    config = model_ssl.ModelConfig(**ckpt["model_config"])
-    encoder = model_ssl.build_encoder(config.backbone, config.small_stem)
-    utils.load_state_strict(encoder, ckpt["encoder"], "encoder", path)
-    return ckpt, encoder.eval()
 
 
 @torch.no_grad()
@@ -56,20 +48,15 @@ def fit_and_score(kind, x, y, test_x, test_y, num_classes, steps, seed) -> float
     """Full-batch AdamW on (x, y), then test accuracy; eval mode at test (no dropout, running stats)."""
     torch.manual_seed(seed)
     head = make_head(kind, x.shape[1], num_classes)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-4)
-    head.train()
-    for _ in range(steps):
-        loss = F.cross_entropy(head(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    fine_tune.fit_head(head, x, y, steps, lr=1e-3, weight_decay=1e-4)
     head.eval()
     with torch.no_grad():
         return float((head(test_x).argmax(1) == test_y).float().mean())
 
 
 def main(args):
-    ckpt, encoder = load_encoder(args.ssl_checkpoint)
+    ckpt = utils.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
+    encoder = evaluate.ssl_encoder(ckpt, args.ssl_checkpoint).eval()
     label_file = args.label_file or os.path.join(args.data_dir, "labels.csv")
     table = data_loader.read_label_table(label_file, args.data_dir, seed=ckpt["args"].get("split_seed", 42))
     train, test = table.indices("train"), table.indices("test")
@@ -120,7 +107,7 @@ def get_args_parser():
     p.add_argument("--copies", type=int, default=10, help="augmented copies of each labelled image")
     p.add_argument("--rotations", type=float, nargs="+", default=[10.0, 0.0],
                    help="fine_tune.py --rotation values to try (10: the spec's)")
-    p.add_argument("--rotation_fill", default="zeros", choices=["zeros", "reflection"],
+    p.add_argument("--rotation_fill", default="zeros", choices=data_loader.ROTATION_FILLS,
                    help="fine_tune.py --rotation_fill of the augmented copies")
     return p
 

@@ -120,19 +120,15 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
     import numpy as np
     import torch
 
-    import model_ssl
-
     ckpt = utils.load_checkpoint(ssl_path, "ssl", "--ssl_checkpoint")
     table = data_loader.read_label_table(label_file, data_dir, seed=ckpt["args"].get("split_seed", 42))
     train, test = table.indices("train"), table.indices("test")          # both sorted
     files = [table.filenames[i] for i in np.r_[train, test]]
     device = utils.resolve_device(args.device)
     enc_args = Namespace(data_dir=data_dir, cache_gb=4.0, num_workers=0, batch_size=128)
-    config = model_ssl.ModelConfig(**ckpt["model_config"])
     torch.manual_seed(0)
-    encoders = {"random init": model_ssl.build_encoder(config.backbone, config.small_stem),
-                "ssl": model_ssl.build_encoder(config.backbone, config.small_stem)}
-    utils.load_state_strict(encoders["ssl"], ckpt["encoder"], "encoder", ssl_path)
+    encoders = {"random init": evaluate.ssl_encoder(ckpt, ssl_path, pretrained=False),
+                "ssl": evaluate.ssl_encoder(ckpt, ssl_path)}
     results = []
     for name, encoder in encoders.items():
         features = evaluate.encode_images(encoder.eval(), files, ckpt, enc_args, device, None)
@@ -264,7 +260,7 @@ def get_args_parser():
     p.add_argument("--ft_epochs", type=int, default=30, help="fine-tuning epochs (both methods)")
     p.add_argument("--ft_batch_size", type=int, default=32, help="fine-tuning batch")
     p.add_argument("--ft_lr", type=float, default=1e-3, help="fine-tuning learning rate (both methods)")
-    p.add_argument("--ft_rotation_fill", default="reflection", choices=["zeros", "reflection"],
+    p.add_argument("--ft_rotation_fill", default="reflection", choices=data_loader.ROTATION_FILLS,
                    help="fine-tuning (both methods): what fills the corners a rotation brings in")
     p.add_argument("--head_prefit_steps", type=int, default=300,
                    help="SSL runs: full-batch head steps on the frozen features before fine-tuning (a linear probe "
