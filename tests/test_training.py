@@ -176,6 +176,35 @@ def test_training_curves_are_redrawn_at_most_every_30_s_and_after_the_last_epoch
     assert len(drawn) == 3                              # t = 0 (first), 31 (30 s later), 40 (last epoch)
 
 
+def test_fine_tune_writes_the_last_checkpoint_at_most_every_30_s_and_resumes_from_it_bit_identically(
+        tiny, tmp_path, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    fine_tune.main(ft_args(tiny, full, "--num_epochs", "4"))
+    monkeypatch.setattr(fine_tune, "LAST_CHECKPOINT_EVERY_S", 1e9)    # epochs 2 and 3 fall inside the interval
+    real_epoch = utils.train_one_epoch
+
+    def interrupt_in_epoch_4(*a, **k):
+        if k["epoch"] == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+
+    monkeypatch.setattr(utils, "train_one_epoch", interrupt_in_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune.main(ft_args(tiny, cut, "--num_epochs", "4"))
+    monkeypatch.setattr(utils, "train_one_epoch", real_epoch)
+    assert torch.load(cut / "last_baseline_checkpoint.pth", weights_only=True)["epoch"] == 1
+    assert read_history(cut / "baseline_history.csv")["epoch"].tolist() == [1, 2, 3]
+    fine_tune.main(ft_args(tiny, cut, "--num_epochs", "4", "--resume"))     # redoes epochs 2 and 3
+
+    a = torch.load(full / "last_baseline_checkpoint.pth", weights_only=True)
+    b = torch.load(cut / "last_baseline_checkpoint.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    for part in ("encoder", "head"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert read_history(cut / "baseline_history.csv")["epoch"].tolist() == [1, 2, 3, 4]
+
+
 def test_head_prefit_fits_the_head_on_frozen_features_and_leaves_the_encoder(pretrained, tiny, tmp_path, capsys):
     ssl_path = str(pretrained / "best_ssl_model.pth")
     fine_tune.main(ft_args(tiny, tmp_path, "--ssl_checkpoint", ssl_path, "--head_prefit_steps", "300",
