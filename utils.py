@@ -36,6 +36,11 @@ class UserError(Exception):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in every flag's help, and the docstring's commands kept as written."""
 
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):         # the help already says it, in words
+            return action.help
+        return super()._get_help_string(action)
+
 
 def common_parser() -> argparse.ArgumentParser:
     """Flags shared by the three CLIs (passed as `parents=`)."""

@@ -60,6 +60,8 @@ def test_every_script_explains_its_flags():
         result = run(["python", script, "--help"], ROOT)
         assert result.returncode == 0, result.stderr
         assert "(default:" in result.stdout, script
+        text = " ".join(result.stdout.split())              # argparse wraps lines
+        assert not re.search(r"\(default: [^)]*\) \(default:", text), f"{script}: a default said twice"
 
 
 def test_a_user_error_is_one_line_and_exit_code_2(tmp_path):
