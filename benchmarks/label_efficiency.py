@@ -87,7 +87,8 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
             "--device", args.device, "--precision", args.precision, "--seed", str(seed),
             "--output_name", "model.pth"]
     if method == "ssl":
-        argv += ["--ssl_checkpoint", ssl_path, "--head_prefit_steps", str(args.head_prefit_steps)]
+        argv += ["--ssl_checkpoint", ssl_path, "--head_prefit_steps", str(args.head_prefit_steps),
+                 "--encoder_lr_scale", str(args.encoder_lr_scale)]
         if args.freeze_epochs > 0:
             argv += ["--freeze_encoder", "--unfreeze_after_epoch", str(args.freeze_epochs)]
     done = os.path.join(out, "score.json")
@@ -104,8 +105,9 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     device = utils.resolve_device(args.device)
     (ev,) = evaluate.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
     scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
+    best_epoch = utils.load_checkpoint(eval_args.checkpoint[0], "classifier")["epoch"]
     row = {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
-           "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in METRICS}}
+           "best_epoch": best_epoch, "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in METRICS}}
     utils.atomic_write_text(done, json.dumps({"argv": key, "row": row}))
     return row
 
@@ -158,7 +160,16 @@ def summarise_probe(results: list, path_csv: str) -> list:
     return lines
 
 
-def summarise(rows: list, path_csv: str, path_md: str, extra: list = ()) -> list:
+def convergence_warnings(df, num_epochs: int) -> list:
+    """Lines for method x fraction groups whose best-on-val epoch fell in the last 10% of the epochs: those
+    runs were still improving, and a baseline stopped while still improving is a crippled baseline."""
+    late = df[df.best_epoch > 0.9 * num_epochs].groupby(["fraction", "method"]).size()
+    return [f"- warning: {n} of {len(df[(df.fraction == f) & (df.method == m)])} {m} runs at {f:g} peaked on val in "
+            f"the last 10% of the {num_epochs} epochs and may still be improving: rerun with more --ft_epochs"
+            for (f, m), n in late.items()]
+
+
+def summarise(rows: list, path_csv: str, path_md: str, extra: list = (), num_epochs: int = 0) -> list:
     import pandas as pd
 
     df = pd.DataFrame(rows)
@@ -177,7 +188,12 @@ def summarise(rows: list, path_csv: str, path_md: str, extra: list = ()) -> list
         if {"ssl", "scratch"} <= set(by.index):
             gains.append(f"- {frac:g}: SSL - scratch accuracy = "
                          f"{100 * (by.loc['ssl', 'accuracy_mean'] - by.loc['scratch', 'accuracy_mean']):+.1f} points")
-    out = lines + ["", "Accuracy gain of SSL initialisation:", *gains, *extra]
+    chosen = []
+    if "best_epoch" in df and df.best_epoch.notna().all():     # rows kept from before best_epoch was recorded lack it
+        epochs = df.groupby(["fraction", "method"]).best_epoch.median()
+        chosen = ["", "Epoch chosen on val:", *[f"- {f:g} {m}: median best epoch {e:g} of {num_epochs}"
+                                                for (f, m), e in epochs.items()], *convergence_warnings(df, num_epochs)]
+    out = lines + ["", "Accuracy gain of SSL initialisation:", *gains, *chosen, *extra]
     utils.atomic_write_text(path_md, "\n".join(out) + "\n")
     return out
 
@@ -230,7 +246,7 @@ def main(args):
                 utils.atomic_write_text(os.path.join(args.output_dir, "results.csv"),
                                         pd.DataFrame(rows).to_csv(index=False))
     lines = summarise(rows, os.path.join(args.output_dir, "summary.csv"), os.path.join(args.output_dir, "summary.md"),
-                      probe)
+                      probe, args.ft_epochs)
     plot(rows, os.path.join(args.output_dir, "label_efficiency.png"))
     print("\n".join(lines))
 
@@ -257,15 +273,19 @@ def get_args_parser():
                    help="pretraining random gamma strength (0: off; 0.35 spans the synthetic detector's 0.75-1.35)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1], help="labelled fractions of train")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
-    p.add_argument("--ft_epochs", type=int, default=30, help="fine-tuning epochs (both methods)")
+    p.add_argument("--ft_epochs", type=int, default=100,
+                   help="fine-tuning epochs (both methods); with 35 labels an epoch is one step, and from-scratch runs "
+                        "stopped at 30 were still improving (README, Results)")
     p.add_argument("--ft_batch_size", type=int, default=32, help="fine-tuning batch")
     p.add_argument("--ft_lr", type=float, default=1e-3, help="fine-tuning learning rate (both methods)")
     p.add_argument("--ft_rotation_fill", default="reflection", choices=data_loader.ROTATION_FILLS,
                    help="fine-tuning (both methods): what fills the corners a rotation brings in")
-    p.add_argument("--head_prefit_steps", type=int, default=300,
+    p.add_argument("--head_prefit_steps", type=int, default=0,
                    help="SSL runs: full-batch head steps on the frozen features before fine-tuning (a linear probe "
                         "of a random encoder only hurts: scratch runs fell to chance with it)")
-    p.add_argument("--freeze_epochs", type=int, default=10, help="SSL runs: epochs with the encoder frozen")
+    p.add_argument("--freeze_epochs", type=int, default=0, help="SSL runs: epochs with the encoder frozen")
+    p.add_argument("--encoder_lr_scale", type=float, default=1.0,
+                   help="SSL runs: the pretrained encoder's learning rate relative to --ft_lr once it trains")
     p.add_argument("--methods", nargs="+", default=["ssl", "scratch"], choices=["ssl", "scratch"],
                    help="which initialisations to fine-tune (scratch runs do not depend on the SSL recipe)")
     p.add_argument("--ssl_checkpoint", default=None, help="reuse this pretrained checkpoint instead of pretraining")

@@ -28,6 +28,8 @@ def test_label_efficiency_writes_its_table_and_figure_and_resumes(tmp_path, monk
     assert results[["accuracy", "roc_auc_macro"]].apply(lambda c: c.between(0, 1)).all().all()
     summary = open(os.path.join(out, "summary.md")).read()
     assert "| 0.5 | ssl | 1 |" in summary and "SSL - scratch accuracy" in summary
+    assert set(results.best_epoch) == {1} and "0.5 scratch: median best epoch 1 of 1" in summary
+    assert "1 of 1 scratch runs at 0.5 peaked on val in the last 10%" in summary     # 1 epoch: still improving
     assert os.path.getsize(os.path.join(out, "label_efficiency.png")) > 10_000
     probe = pd.read_csv(os.path.join(out, "probe.csv"))                 # the right-reason check
     assert sorted(probe.features) == ["random init", "ssl"] and probe.accuracy.between(0, 1).all()
