@@ -61,29 +61,38 @@ def test_ssl_checkpoint_describes_itself_and_leaves_out_the_test_split(pretraine
     assert f'"images": {36 - len(ckpt["excluded_files"])}' in settings
 
 
-def test_pretraining_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    train_ssl.main(ssl_args(tiny, full))
+def run_interrupted_in_epoch(monkeypatch, epoch: int, main, args) -> None:
+    """Run main(args) with a KeyboardInterrupt at the start of epoch `epoch` (1-based), as Ctrl-C would."""
     real_epoch = utils.train_one_epoch
 
-    def interrupt_in_epoch_3(*a, **k):
-        if k["epoch"] == 2:
+    def interrupt(*a, **k):
+        if k["epoch"] == epoch - 1:
             raise KeyboardInterrupt
         return real_epoch(*a, **k)
 
-    monkeypatch.setattr(utils, "train_one_epoch", interrupt_in_epoch_3)
+    monkeypatch.setattr(utils, "train_one_epoch", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train_ssl.main(ssl_args(tiny, cut))
+        main(args)
     monkeypatch.setattr(utils, "train_one_epoch", real_epoch)
+
+
+def assert_same_last_checkpoints(a_path, b_path, parts, epoch: int) -> None:
+    a, b = (torch.load(p, weights_only=True) for p in (a_path, b_path))
+    assert a["epoch"] == b["epoch"] == epoch
+    for part in parts:
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_pretraining_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_ssl.main(ssl_args(tiny, full))
+    run_interrupted_in_epoch(monkeypatch, 3, train_ssl.main, ssl_args(tiny, cut))
     assert torch.load(cut / "last_ssl_checkpoint.pth", weights_only=True)["epoch"] == 2
     train_ssl.main(ssl_args(tiny, cut, "--resume"))
 
-    a = torch.load(full / "last_ssl_checkpoint.pth", weights_only=True)
-    b = torch.load(cut / "last_ssl_checkpoint.pth", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 4
-    for part in ("encoder", "projector"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert_same_last_checkpoints(full / "last_ssl_checkpoint.pth", cut / "last_ssl_checkpoint.pth",
+                                 ("encoder", "projector"), 4)
     assert read_history(cut / "ssl_history.csv")["epoch"].tolist() == [1, 2, 3, 4]
 
 
@@ -181,27 +190,13 @@ def test_fine_tune_writes_the_last_checkpoint_at_most_every_30_s_and_resumes_fro
     full, cut = tmp_path / "full", tmp_path / "cut"
     fine_tune.main(ft_args(tiny, full, "--num_epochs", "4"))
     monkeypatch.setattr(fine_tune, "LAST_CHECKPOINT_EVERY_S", 1e9)    # epochs 2 and 3 fall inside the interval
-    real_epoch = utils.train_one_epoch
-
-    def interrupt_in_epoch_4(*a, **k):
-        if k["epoch"] == 3:
-            raise KeyboardInterrupt
-        return real_epoch(*a, **k)
-
-    monkeypatch.setattr(utils, "train_one_epoch", interrupt_in_epoch_4)
-    with pytest.raises(KeyboardInterrupt):
-        fine_tune.main(ft_args(tiny, cut, "--num_epochs", "4"))
-    monkeypatch.setattr(utils, "train_one_epoch", real_epoch)
+    run_interrupted_in_epoch(monkeypatch, 4, fine_tune.main, ft_args(tiny, cut, "--num_epochs", "4"))
     assert torch.load(cut / "last_baseline_checkpoint.pth", weights_only=True)["epoch"] == 1
     assert read_history(cut / "baseline_history.csv")["epoch"].tolist() == [1, 2, 3]
     fine_tune.main(ft_args(tiny, cut, "--num_epochs", "4", "--resume"))     # redoes epochs 2 and 3
 
-    a = torch.load(full / "last_baseline_checkpoint.pth", weights_only=True)
-    b = torch.load(cut / "last_baseline_checkpoint.pth", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 4
-    for part in ("encoder", "head"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert_same_last_checkpoints(full / "last_baseline_checkpoint.pth", cut / "last_baseline_checkpoint.pth",
+                                 ("encoder", "head"), 4)
     assert read_history(cut / "baseline_history.csv")["epoch"].tolist() == [1, 2, 3, 4]
 
 
