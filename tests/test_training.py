@@ -217,3 +217,10 @@ def test_a_kNN_tie_keeps_the_later_longer_trained_encoder():
     assert train_ssl._improved(0.543, 4.4, 0.543, monitored_by_knn=True)
     assert not train_ssl._improved(0.543, 4.4, 0.5, monitored_by_knn=True)
     assert not train_ssl._improved(4.0, 4.0, None, monitored_by_knn=False)     # by loss: strictly lower
+
+
+def test_fine_tune_says_when_its_best_epoch_was_one_of_the_last():
+    assert "train longer" in fine_tune.still_improving_hint(30, 30)
+    assert "best val epoch was 91 of 100" in fine_tune.still_improving_hint(91, 100)
+    assert fine_tune.still_improving_hint(90, 100) is None          # peaked and held: converged
+    assert fine_tune.still_improving_hint(2, 2) is None             # too short a run to tell
