@@ -315,11 +315,17 @@ def main(args):
     utils.cleanup_distributed(dist)
 
 
+def peaked_late(best_epoch, num_epochs: int):
+    """Whether the best val epoch (an int or a pandas Series of them) fell in the last 10% of the epochs:
+    then the run was probably still improving when it stopped."""
+    return best_epoch > 0.9 * num_epochs
+
+
 def still_improving_hint(best_epoch: int, num_epochs: int):
-    """A hint when the best val epoch was among the last 10% of 10 or more: the run was probably still
-    improving. With 35 labels an epoch is one step; our from-scratch baselines stopped at 30 epochs were
-    9 points short of their converged accuracy (README, Results)."""
-    if num_epochs >= 10 and best_epoch > 0.9 * num_epochs:
+    """A hint when the best val epoch was among the last 10% of 10 or more. With 35 labels an epoch is one
+    step; our from-scratch baselines stopped at 30 epochs were 9 points short of their converged accuracy
+    (README, Results)."""
+    if num_epochs >= 10 and peaked_late(best_epoch, num_epochs):
         return (f"note: the best val epoch was {best_epoch} of {num_epochs}, so the model was probably still "
                 f"improving; train longer (--num_epochs), above all with few labels, where an epoch is a step or two")
     return None

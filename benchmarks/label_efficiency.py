@@ -105,9 +105,8 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     device = utils.resolve_device(args.device)
     (ev,) = evaluate.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
     scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
-    best_epoch = utils.load_checkpoint(eval_args.checkpoint[0], "classifier")["epoch"]
     row = {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
-           "best_epoch": best_epoch, "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in METRICS}}
+           "best_epoch": ev.info["epoch"], "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in METRICS}}
     utils.atomic_write_text(done, json.dumps({"argv": key, "row": row}))
     return row
 
@@ -163,7 +162,7 @@ def summarise_probe(results: list, path_csv: str) -> list:
 def convergence_warnings(df, num_epochs: int) -> list:
     """Lines for method x fraction groups whose best-on-val epoch fell in the last 10% of the epochs: those
     runs were still improving, and a baseline stopped while still improving is a crippled baseline."""
-    late = df[df.best_epoch > 0.9 * num_epochs].groupby(["fraction", "method"]).size()
+    late = df[fine_tune.peaked_late(df.best_epoch, num_epochs)].groupby(["fraction", "method"]).size()
     return [f"- warning: {n} of {len(df[(df.fraction == f) & (df.method == m)])} {m} runs at {f:g} peaked on val in "
             f"the last 10% of the {num_epochs} epochs and may still be improving: rerun with more --ft_epochs"
             for (f, m), n in late.items()]
