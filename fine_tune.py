@@ -29,12 +29,6 @@ import utils
 from model_ssl import Classifier, ModelConfig, use_small_stem
 from utils import UserError
 
-# With a few dozen labels an epoch is one step of a fraction of a second, and writing the resumable
-# checkpoint (weights and AdamW state, fsynced) every epoch took 40% of a 30-epoch run. It is written
-# after the first epoch, then when this many seconds have passed since the last write, and after the last
-# epoch: an interrupted run loses at most this much training.
-LAST_CHECKPOINT_EVERY_S = 30.0
-
 RESUME_KEYS = ("label_fraction", "seed", "split_seed", "num_classes", "image_size", "batch_size", "freeze_encoder",
                "unfreeze_after_epoch", "ssl_checkpoint")
 
@@ -299,7 +293,7 @@ def main(args):
         log_epoch(history, paths, run, epoch, args.num_epochs, stats, val, frozen, improved)
         if improved:
             utils.save_checkpoint(ckpt, paths["best"])
-        if epoch + 1 < args.num_epochs and time.monotonic() - saved_at < LAST_CHECKPOINT_EVERY_S:
+        if not utils.last_checkpoint_due(saved_at, epoch, args.num_epochs):
             continue
         state = utils.training_state(optimizer, scheduler, scaler, best)
         if rngs is not None:

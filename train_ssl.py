@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -218,6 +219,7 @@ def main(args):
 
     # ============ training ============
     knn_loaders = None
+    saved_at = -float("inf")                       # the first epoch always writes the last checkpoint
     for epoch in range(start_epoch, args.num_epochs):
         _set_epoch(loader, epoch)
         collapse = []
@@ -242,19 +244,21 @@ def main(args):
             best = knn if table is not None else stats["loss"]
         ckpt = checkpoint_dict(model, args, epoch + 1, stats["loss"], knn, table, excluded, channels,
                                dist["world_size"])
-        # the last checkpoint is written last: a run killed before it redoes this epoch, and --resume
+        # the last checkpoint is written last: a run killed before it redoes the epochs since, and --resume
         # drops the history rows after the checkpoint's epoch, so no row is ever missing or doubled
         history.append(row)
         utils.plot_history_throttled(history.path, os.path.join(args.output_dir, "ssl_training.png"),
                                      "SimCLR pretraining", last_epoch=epoch + 1 == args.num_epochs)
         if improved:
             utils.save_checkpoint(ckpt, os.path.join(args.output_dir, "best_ssl_model.pth"))
-        state = utils.training_state(optimizer, scheduler, scaler, best)
-        if rngs is not None:
-            state["rng_per_rank"] = rngs
-        utils.save_checkpoint({**ckpt, **state}, os.path.join(args.output_dir, "last_ssl_checkpoint.pth"))
         print(_epoch_line(epoch, args.num_epochs, stats, knn, row["embedding_std"], improved), flush=True)
         _warn_collapse(row["embedding_std"], model.config.projection_dim)
+        if utils.last_checkpoint_due(saved_at, epoch, args.num_epochs):
+            state = utils.training_state(optimizer, scheduler, scaler, best)
+            if rngs is not None:
+                state["rng_per_rank"] = rngs
+            utils.save_checkpoint({**ckpt, **state}, os.path.join(args.output_dir, "last_ssl_checkpoint.pth"))
+            saved_at = time.monotonic()
     if dist["is_main"]:
         print(f"done: best model in {os.path.join(args.output_dir, 'best_ssl_model.pth')}")
     utils.cleanup_distributed(dist)

@@ -84,12 +84,15 @@ def assert_same_last_checkpoints(a_path, b_path, parts, epoch: int) -> None:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
 
 
-def test_pretraining_resume_matches_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
+def test_pretraining_writes_the_last_checkpoint_at_most_every_30_s_and_resumes_from_it_bit_identically(
+        tiny, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     train_ssl.main(ssl_args(tiny, full))
-    run_interrupted_in_epoch(monkeypatch, 3, train_ssl.main, ssl_args(tiny, cut))
-    assert torch.load(cut / "last_ssl_checkpoint.pth", weights_only=True)["epoch"] == 2
-    train_ssl.main(ssl_args(tiny, cut, "--resume"))
+    monkeypatch.setattr(utils, "LAST_CHECKPOINT_EVERY_S", 1e9)      # epochs 2 and 3 fall inside the interval
+    run_interrupted_in_epoch(monkeypatch, 4, train_ssl.main, ssl_args(tiny, cut))
+    assert torch.load(cut / "last_ssl_checkpoint.pth", weights_only=True)["epoch"] == 1
+    assert read_history(cut / "ssl_history.csv")["epoch"].tolist() == [1, 2, 3]
+    train_ssl.main(ssl_args(tiny, cut, "--resume"))                   # redoes epochs 2 and 3
 
     assert_same_last_checkpoints(full / "last_ssl_checkpoint.pth", cut / "last_ssl_checkpoint.pth",
                                  ("encoder", "projector"), 4)
@@ -189,7 +192,7 @@ def test_fine_tune_writes_the_last_checkpoint_at_most_every_30_s_and_resumes_fro
         tiny, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     fine_tune.main(ft_args(tiny, full, "--num_epochs", "4"))
-    monkeypatch.setattr(fine_tune, "LAST_CHECKPOINT_EVERY_S", 1e9)    # epochs 2 and 3 fall inside the interval
+    monkeypatch.setattr(utils, "LAST_CHECKPOINT_EVERY_S", 1e9)        # epochs 2 and 3 fall inside the interval
     run_interrupted_in_epoch(monkeypatch, 4, fine_tune.main, ft_args(tiny, cut, "--num_epochs", "4"))
     assert torch.load(cut / "last_baseline_checkpoint.pth", weights_only=True)["epoch"] == 1
     assert read_history(cut / "baseline_history.csv")["epoch"].tolist() == [1, 2, 3]
