@@ -99,7 +99,7 @@ def main(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--data_dir", default="./data/peak_memory", help="synthetic dataset (written if absent)")
     p.add_argument("--num_images", type=int, default=5000, help="images of the full run")
     p.add_argument("--small_images", type=int, default=128, help="images of the reference run")

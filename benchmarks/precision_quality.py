@@ -110,7 +110,7 @@ def main(args):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--data_dir", default="./data/precision_quality", help="dataset folder (generated if empty)")
     p.add_argument("--output_dir", default="./runs/precision_quality", help="checkpoints of both precisions")
     p.add_argument("--num_images", type=int, default=500, help="synthetic labelled images")

@@ -56,12 +56,14 @@ def test_quickstart_runs_every_phase_and_writes_the_comparison_report(quickstart
 
 
 def test_every_script_explains_its_flags():
-    for script in ("data_loader.py", "train_ssl.py", "fine_tune.py", "evaluate.py"):
+    benchmarks = sorted(os.path.join("benchmarks", f) for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+                        if f.endswith(".py"))
+    for script in ("data_loader.py", "train_ssl.py", "fine_tune.py", "evaluate.py", *benchmarks):
         result = run(["python", script, "--help"], ROOT)
         assert result.returncode == 0, result.stderr
         assert "(default:" in result.stdout, script
         text = " ".join(result.stdout.split())              # argparse wraps lines
-        assert not re.search(r"\(default: [^)]*\) \(default:", text), f"{script}: a default said twice"
+        assert not re.search(r"\(default[ :][^)]*\) \(default:", text), f"{script}: a default said twice"
 
 
 def test_a_user_error_is_one_line_and_exit_code_2(tmp_path):
