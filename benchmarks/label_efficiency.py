@@ -2,6 +2,7 @@
 fractions and seeds, all scored on the same held-out test split.
 
     python benchmarks/label_efficiency.py                                  # synthetic data, the 5-minute CPU recipe
+    python benchmarks/label_efficiency.py --device cuda --ssl_epochs 800   # the recipe that makes SSL win (GPU)
     python benchmarks/label_efficiency.py --fractions 0.05 0.1 0.25 1.0 --seeds 0 1 2
     python benchmarks/label_efficiency.py --npz ../shared/data/breastmnist.npz --image_size 28 \\
         --output_dir ./runs/label_efficiency_breastmnist
@@ -259,7 +260,9 @@ def get_args_parser():
     p.add_argument("--num_unlabeled", type=int, default=0, help="extra unlabelled synthetic images")
     p.add_argument("--data_seed", type=int, default=42, help="seed of the synthetic data")
     p.add_argument("--image_size", type=int, default=64, help="resolution for every phase")
-    p.add_argument("--ssl_epochs", type=int, default=24, help="pretraining epochs")
+    p.add_argument("--ssl_epochs", type=int, default=24,
+                   help="pretraining epochs: 24 fit in 5 minutes on 2 CPU cores and are worth nothing against a "
+                        "converged baseline; 800 (2.5 minutes on an H100) are worth 15 points at 10%% labels (README, Results)")
     p.add_argument("--ssl_batch_size", type=int, default=64, help="pretraining batch (images)")
     p.add_argument("--ssl_optimizer", default="lars", choices=["adam", "lars"], help="pretraining optimizer")
     p.add_argument("--ssl_lr", type=float, default=1.2, help="pretraining learning rate")

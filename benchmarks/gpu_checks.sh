@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The GPU checks of one lent GPU session, in one call of under 10 minutes (an H100 or H200):
+#   1. issue #7: views/s of the model alone, our step and the PIL pipeline at 64 px, fp32 and bf16;
+#   2. issue #9: does longer pretraining make SSL beat a converged from-scratch baseline? The synthetic
+#      label-efficiency benchmark with encoders pretrained for 24 (the 5-minute CPU recipe), 200 and 800
+#      epochs, 10 seeds at 10% of the labels, 100 fine-tuning epochs; and BreastMNIST at 10% and 100%
+#      of the labels with the README's pretraining and converged (100-epoch) fine-tuning.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_checks.sh            # on the GPU machine; writes data/le_cpu (the benchmark's
+#                                                        # synthetic defaults) and data/breastmnist (from $NPZ) if absent
+#   OUT=/tmp/gpu THROUGHPUT= BREAST_SSL_EPOCHS= SSL_EPOCHS=800 FRACTIONS="1.0 0.25 0.05 0.1" \
+#       SEED_GROUPS="0 1 2 3 4" bash benchmarks/gpu_checks.sh   # the second call: label fractions, 800-epoch encoder
+# Fine-tuning runs go in parallel (JOBS processes), several seeds to a process, into shared output folders:
+# label_efficiency.py keeps each finished run's score.json, so the folders can be summarised afterwards by
+# `python benchmarks/label_efficiency.py ... --seeds <all>` (it reuses every finished run) on any machine.
+# Everything small (scores, histories, logs, summaries) ends in $OUT/gpu_runs.tar.gz; no checkpoint.
+# Each phase is cut at a deadline so that the archive is always written.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./runs/gpu_checks}
+PY=${PY:-python3}
+DEVICE=${DEVICE:-cuda}
+BUDGET_S=${BUDGET_S:-540}              # the archive is written by then
+JOBS=${JOBS:-12}
+SSL_EPOCHS=${SSL_EPOCHS:-"200 800 24"} # the first one's runs go first
+FT_EPOCHS=${FT_EPOCHS:-100}
+SEED_GROUPS=${SEED_GROUPS:-"0,1,2,3,4 5,6,7,8,9"}
+FRACTIONS=${FRACTIONS:-0.1}             # synthetic label fractions, longest runs first
+BREAST_SSL_EPOCHS=${BREAST_SSL_EPOCHS-100}   # empty: no BreastMNIST
+BREAST_SEEDS_10=${BREAST_SEEDS_10:-"0,1,2,3,4"}
+BREAST_SEEDS_100=${BREAST_SEEDS_100:-"0 1 2"}
+THROUGHPUT=${THROUGHPUT-"--sizes 64 --batch_size 512 --precision both --steps 24 --warmup 4 --rounds 2 --num_workers 12 --num_images 512"}
+R=${R:-runs/gpu_checks_work}
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 TQDM_DISABLE=1 MPLBACKEND=Agg
+mkdir -p "$OUT" "$R"
+START=$(date +%s)
+left() { local s=$((BUDGET_S - ($(date +%s) - START) - ${1:-0})); echo $((s > 5 ? s : 5)); }   # seconds to the deadline minus $1
+say() { echo "[$(($(date +%s) - START)) s] $*"; }
+
+LE="$PY benchmarks/label_efficiency.py --device $DEVICE --ft_epochs $FT_EPOCHS"
+SYN="--data_dir data/le_cpu"
+BREAST="--data_dir data/breastmnist --image_size 28 --ssl_epochs $BREAST_SSL_EPOCHS --ssl_batch_size 128"
+BREAST="$BREAST --ssl_optimizer adam --ssl_lr 1e-3 --ssl_rotation 15 --gamma 0 --ft_rotation_fill zeros --output_dir $R/breast"
+
+# the data, once, before any process starts (the benchmark would write it, but not from several processes at once)
+[ -f data/le_cpu/labels.csv ] || $PY -c "import data_loader as d; d.generate_dataset('data/le_cpu', 500, 3, 64, 42, 0)"
+if [ -n "$BREAST_SSL_EPOCHS" ] && [ ! -f data/breastmnist/labels.csv ]; then
+  $PY -c "import data_loader as d; d.import_npz('${NPZ:-../shared/data/breastmnist.npz}', 'data/breastmnist')" || BREAST_SSL_EPOCHS=
+fi
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+  $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+  nproc; } | tee "$OUT/machine.txt"
+
+# ---- 1. throughput, alone on the machine ----
+if [ -n "$THROUGHPUT" ]; then
+  say "throughput"
+  timeout 120 $PY benchmarks/ssl_throughput.py --device "$DEVICE" $THROUGHPUT > "$R/throughput.log" 2>&1
+  tail -n 12 "$R/throughput.log"
+fi
+
+# ---- 2. pretrainings, in parallel (--probe_only: pretrain, then the frozen-feature probes) ----
+say "pretraining: synthetic ${SSL_EPOCHS} epochs, BreastMNIST $BREAST_SSL_EPOCHS"
+for e in $SSL_EPOCHS; do
+  timeout $(left 200) $LE $SYN --ssl_epochs "$e" --output_dir "$R/syn$e" --fractions $FRACTIONS \
+      --seeds 0 1 2 3 4 5 6 7 8 9 --probe_only > "$R/pretrain_syn$e.log" 2>&1 &
+done
+if [ -n "$BREAST_SSL_EPOCHS" ]; then
+  timeout $(left 200) $LE $BREAST --fractions 0.1 1.0 --seeds 0 1 2 3 4 --probe_only > "$R/pretrain_breast.log" 2>&1 &
+fi
+wait
+for f in "$R"/pretrain_*.log; do
+  say "$f:"; tr '\r' '\n' < "$f" | grep -a "^epoch" | grep -a "knn_acc" | tail -n 2; grep -A6 "Linear probe" "$f" | tail -n 4
+done
+
+# ---- 3. fine-tuning, JOBS processes at a time, most important first ----
+# only encoders whose pretraining finished (a cut one would be resumed by several processes at once)
+done_epochs=""
+for e in $SSL_EPOCHS; do grep -q '"done": true' "$R/syn$e/ssl/pretrain.json" 2>/dev/null && done_epochs="$done_epochs $e"; done
+scratch_from=$R/syn${done_epochs##* }/ssl/best_ssl_model.pth    # scratch runs do not depend on it
+jobs_file="$R/jobs.txt"; : > "$jobs_file"
+job() { echo "$LE $1 > $R/ft_$2.log 2>&1" >> "$jobs_file"; }
+set -- $done_epochs
+first=${1:-none}
+for f in $FRACTIONS; do
+  for g in $SEED_GROUPS; do
+    [ "$first" = none ] && continue
+    job "$SYN --ssl_epochs $first --output_dir $R/syn$first --methods ssl --fractions $f --seeds ${g//,/ }" "syn${first}_${f}_${g//,/}"
+    job "$SYN --ssl_checkpoint $scratch_from --output_dir $R/scratch --methods scratch --fractions $f --seeds ${g//,/ }" "scratch_${f}_${g//,/}"
+  done
+done
+if grep -q '"done": true' "$R/breast/ssl/pretrain.json" 2>/dev/null; then
+  for m in ssl scratch; do job "$BREAST --fractions 0.1 --methods $m --seeds ${BREAST_SEEDS_10//,/ }" "breast10_$m"; done
+  for s in $BREAST_SEEDS_100; do
+    for m in ssl scratch; do job "$BREAST --fractions 1.0 --methods $m --seeds $s" "breast100_${m}_$s"; done
+  done
+fi
+shift 2>/dev/null
+for e in "$@"; do
+  for f in $FRACTIONS; do
+    for g in $SEED_GROUPS; do job "$SYN --ssl_epochs $e --output_dir $R/syn$e --methods ssl --fractions $f --seeds ${g//,/ }" "syn${e}_${f}_${g//,/}"; done
+  done
+done
+say "fine-tuning: $(wc -l < "$jobs_file") processes, $JOBS at a time"
+timeout $(left 25) xargs -P "$JOBS" -I{} -d '\n' sh -c '{}' < "$jobs_file"
+say "fine-tuning stopped or done"
+
+# ---- 4. what came back ----
+$PY - "$R" <<'EOF' | tee "$OUT/summary.txt"
+import glob, json, os, sys
+import pandas as pd
+rows = []
+for path in glob.glob(os.path.join(sys.argv[1], "*", "*", "score.json")):
+    row = json.load(open(path))["row"]
+    row["folder"] = path.split(os.sep)[-3]
+    rows.append(row)
+if rows:
+    df = pd.DataFrame(rows)
+    df.to_csv(os.path.join(sys.argv[1], "all_scores.csv"), index=False)
+    g = df.groupby(["folder", "fraction", "method"])
+    print(g.agg(runs=("accuracy", "size"), acc=("accuracy", "mean"), acc_std=("accuracy", "std"),
+                auc=("roc_auc_macro", "mean"), bal=("balanced_accuracy", "mean"),
+                best_epoch=("best_epoch", "median"), seconds=("train_seconds", "median")).round(3).to_string())
+EOF
+tar -czf "$OUT/gpu_runs.tar.gz" --exclude='*.pth' --exclude='*.png' "$R" 2>/dev/null
+say "done; archive $(du -h "$OUT/gpu_runs.tar.gz" | cut -f1)"
