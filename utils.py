@@ -491,8 +491,9 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, device, scaler, autoca
 
     model.train()
     loss_sum, total_images, start = torch.zeros((), device=device), 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{num_epochs}", leave=False, disable=not show_progress,
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    quiet = not show_progress or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")  # log files
+    bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{num_epochs}", leave=False, disable=quiet, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 10.0)
     for step, batch in enumerate(bar, 1):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss, n = loss_fn(model, batch)

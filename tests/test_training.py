@@ -61,6 +61,19 @@ def test_ssl_checkpoint_describes_itself_and_leaves_out_the_test_split(pretraine
     assert f'"images": {36 - len(ckpt["excluded_files"])}' in settings
 
 
+def test_progress_bars_obey_tqdm_disable(monkeypatch, capsys):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss_fn = lambda m, batch: (m(batch).pow(2).mean(), len(batch))     # noqa: E731
+    batches = [torch.randn(4, 2) for _ in range(3)]
+    for env, expect_bar in ((None, True), ("1", False)):
+        if env:
+            monkeypatch.setenv("TQDM_DISABLE", env)
+        utils.train_one_epoch(model, batches, optimizer, loss_fn, device=torch.device("cpu"),
+                              scaler=utils.make_grad_scaler(torch.device("cpu"), None), desc="bar-check")
+        assert ("bar-check" in capsys.readouterr().err) == expect_bar, env
+
+
 def run_interrupted_in_epoch(monkeypatch, epoch: int, main, args) -> None:
     """Run main(args) with a KeyboardInterrupt at the start of epoch `epoch` (1-based), as Ctrl-C would."""
     real_epoch = utils.train_one_epoch
