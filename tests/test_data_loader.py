@@ -226,6 +226,24 @@ def test_store_and_batches_shapes(tmp_path):
     assert batches[0][0].dtype == torch.uint8
 
 
+
+def test_streaming_workers_give_the_in_memory_batches_in_every_epoch(tmp_path):
+    make_folder(tmp_path, [f"{i}.png" for i in range(10)])
+    names = dl.list_images(str(tmp_path))
+    cached, streamed = (dl.ImageStore(str(tmp_path), names, 16, cache_gb=gb) for gb in (4.0, 0))
+    assert cached.in_memory and not streamed.in_memory
+    a, b = (dl.BatchLoader(store, np.arange(10), np.arange(10), batch_size=4, shuffle=True, seed=5, num_workers=w)
+            for store, w in ((cached, 0), (streamed, 2)))
+    orders = []
+    for epoch in range(3):                      # the workers live on across epochs; the order still changes
+        a.set_epoch(epoch), b.set_epoch(epoch)
+        pairs = list(zip(a, b))
+        assert len(pairs) == 3
+        for (x, y, i), (x2, y2, i2) in pairs:
+            assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(i, i2)
+        orders.append(torch.cat([i for _, _, i in b]).tolist())
+    assert orders[0] != orders[1] != orders[2]
+
 # ============ synthetic chest X-rays ============
 
 @pytest.fixture(scope="module")
