@@ -11,10 +11,13 @@
 #   OUT=/tmp/gpu THROUGHPUT= BREAST_SSL_EPOCHS= SSL_EPOCHS=800 FRACTIONS="1.0 0.25 0.05 0.1" \
 #       SEED_GROUPS="0 1 2 3 4" bash benchmarks/gpu_checks.sh   # the second call: label fractions, 800-epoch encoder
 # Fine-tuning runs go in parallel (JOBS processes), several seeds to a process, into shared output folders:
-# label_efficiency.py keeps each finished run's score.json, so the folders can be summarised afterwards by
-# `python benchmarks/label_efficiency.py ... --seeds <all>` (it reuses every finished run) on any machine.
-# Everything small (scores, histories, logs, summaries) ends in $OUT/gpu_runs.tar.gz; no checkpoint.
-# Each phase is cut at a deadline so that the archive is always written.
+# label_efficiency.py keeps each finished run's score.json, and `python benchmarks/label_efficiency.py ...
+# --seeds <all>` on the same machine summarises a folder again without training (runs are keyed by their
+# settings and the encoder's hash). Everything small (scores, histories, logs, summaries, all_scores.csv
+# with every run) ends in $OUT/gpu_runs.tar.gz; no checkpoint.
+# Each phase is cut at a deadline so that the archive is always written; pretraining gets all but the last
+# 200 s of BUDGET_S. On an H100 the 800-epoch pretraining took about 150 s, alone or beside three others
+# (small steps: bound by Python and kernel launches), and the first call's 46 runs took 160 s.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-./runs/gpu_checks}
