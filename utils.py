@@ -257,10 +257,11 @@ def sha256_file(path: str) -> str:
 # ============ checkpoints ============
 
 # With a few dozen labels a fine-tuning epoch is one step of a fraction of a second, and writing the
-# resumable checkpoint (weights and optimizer state, fsynced) every epoch took 40% of a 30-epoch run; on a
-# GPU a 64 px pretraining epoch of a few hundred images is a few steps, shorter than the write. The last
-# checkpoint is written after the first epoch, then when this many seconds have passed since the last
-# write, and after the last epoch: an interrupted run loses at most this much training.
+# resumable checkpoint (weights and optimizer state, fsynced) every epoch took 40% of a 30-epoch run. A
+# pretraining epoch of 423 images at 64 px took 0.19 s on an H100; writing its 92 MB checkpoint takes
+# 0.4-0.6 s on our CPU machine. The last checkpoint is written after the first epoch, then when this many
+# seconds have passed since the last write, and after the last epoch: an interrupted run loses at most
+# this much training.
 LAST_CHECKPOINT_EVERY_S = 30.0
 
 

@@ -226,7 +226,6 @@ def test_store_and_batches_shapes(tmp_path):
     assert batches[0][0].dtype == torch.uint8
 
 
-
 def test_streaming_workers_give_the_in_memory_batches_in_every_epoch(tmp_path):
     make_folder(tmp_path, [f"{i}.png" for i in range(10)])
     names = dl.list_images(str(tmp_path))
@@ -243,6 +242,7 @@ def test_streaming_workers_give_the_in_memory_batches_in_every_epoch(tmp_path):
             assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(i, i2)
         orders.append(torch.cat([i for _, _, i in b]).tolist())
     assert orders[0] != orders[1] != orders[2]
+
 
 # ============ synthetic chest X-rays ============
 
