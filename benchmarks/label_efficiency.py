@@ -229,6 +229,7 @@ def plot(rows: list, path: str) -> None:
 def main(args):
     import pandas as pd
 
+    utils.resolve_device(args.device)          # a wrong --device fails now, not after writing the data
     os.makedirs(args.output_dir, exist_ok=True)
     data_dir, label_file = prepare_data(args)
     ssl_path = pretrain(args, data_dir, label_file)
