@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of one lent GPU session, in one call of under 10 minutes (an H100 or H200):
-#   1. issue #7: views/s of the model alone, our step and the PIL pipeline at 64 px, fp32 and bf16;
+#   1. issue #7: views/s of the model alone, our step and the PIL pipeline at 64 px, fp32 and bf16, at 512 views
+#      a step and at the pretraining recipe's 128 (THROUGHPUT_SMALL, added after the session that measured the rest);
 #   2. issue #9: does longer pretraining make SSL beat a converged from-scratch baseline? The synthetic
 #      label-efficiency benchmark with encoders pretrained for 24 (the 5-minute CPU recipe), 200 and 800
 #      epochs, 10 seeds at 10% of the labels, 100 fine-tuning epochs; and BreastMNIST at 10% and 100%
@@ -33,6 +34,8 @@ BREAST_SSL_EPOCHS=${BREAST_SSL_EPOCHS-100}   # empty: no BreastMNIST
 BREAST_SEEDS_10=${BREAST_SEEDS_10:-"0,1,2,3,4"}
 BREAST_SEEDS_100=${BREAST_SEEDS_100:-"0 1 2"}
 THROUGHPUT=${THROUGHPUT-"--sizes 64 --batch_size 512 --precision both --steps 24 --warmup 4 --rounds 2 --num_workers 12 --num_images 512"}
+# the pretraining recipe's own step (64 images = 128 views): is the model alone launch-bound there too?
+THROUGHPUT_SMALL=${THROUGHPUT_SMALL-"--sizes 64 --batch_size 128 --precision bf16 --steps 48 --warmup 8 --rounds 2 --num_workers 0 --num_images 256"}
 R=${R:-runs/gpu_checks_work}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 TQDM_DISABLE=1 MPLBACKEND=Agg
 mkdir -p "$OUT" "$R"
@@ -60,6 +63,11 @@ if [ -n "$THROUGHPUT" ]; then
   say "throughput"
   timeout 120 $PY benchmarks/ssl_throughput.py --device "$DEVICE" $THROUGHPUT > "$R/throughput.log" 2>&1
   tail -n 12 "$R/throughput.log"
+fi
+if [ -n "$THROUGHPUT_SMALL" ]; then
+  say "throughput at the recipe's batch"
+  timeout 90 $PY benchmarks/ssl_throughput.py --device "$DEVICE" $THROUGHPUT_SMALL > "$R/throughput_small.log" 2>&1
+  tail -n 3 "$R/throughput_small.log"
 fi
 
 # ---- 2. pretrainings, in parallel (--probe_only: pretrain, then the frozen-feature probes) ----
