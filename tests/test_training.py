@@ -74,6 +74,56 @@ def test_progress_bars_obey_tqdm_disable(monkeypatch, capsys):
         assert ("bar-check" in capsys.readouterr().err) == expect_bar, env
 
 
+def reference_lars_step(params_and_groups, state, lr, momentum, weight_decay, eta):
+    """LARS as You et al. (2017) and SimCLR write it, one parameter at a time."""
+    for p, exclude in params_and_groups:
+        if p.grad is None:
+            continue
+        d_p = p.grad
+        if not exclude:
+            d_p = d_p.add(p, alpha=weight_decay)
+            p_norm, g_norm = torch.norm(p), torch.norm(d_p)
+            trust = torch.where((p_norm > 0) & (g_norm > 0), eta * p_norm / g_norm, torch.ones_like(p_norm))
+            d_p = d_p.mul(trust)
+        if p not in state:
+            state[p] = torch.clone(d_p)
+        else:
+            state[p].mul_(momentum).add_(d_p)
+        p.add_(state[p], alpha=-lr)
+
+
+@pytest.mark.parametrize("foreach", [False, True])       # the CPU's loop, the GPU's multi-tensor update
+def test_lars_matches_the_per_parameter_algorithm_bit_for_bit(foreach):
+    torch.manual_seed(0)
+    ours = [torch.randn(8, 4), torch.randn(5, 3, 3), torch.zeros(6, 2), torch.randn(4), torch.randn(3)]
+    ref, start = [p.clone() for p in ours], [p.clone() for p in ours]
+    exclude = [False, False, False, True, True]                 # a zero weight: trust ratio 1
+    opt = utils.LARS([{"params": ours[:3], "weight_decay": 1e-4, "lars_exclude": False},
+                      {"params": ours[3:], "weight_decay": 0.0, "lars_exclude": True}], lr=0.5, foreach=foreach)
+    state = {}
+    for step in range(4):
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            grad = None if (step == 0 and i == 1) else torch.randn_like(a)   # one parameter starts late
+            a.grad, b.grad = grad, None if grad is None else grad.clone()
+        opt.step()
+        reference_lars_step([(b, e) for b, e in zip(ref, exclude)], state, 0.5, 0.9, 1e-4, 0.001)
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b), step
+    assert not any(torch.equal(a, s) for a, s in zip(ours, start))
+
+
+def test_lars_resumes_from_a_state_saved_before_the_foreach_option():
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    p.grad = torch.randn(3, 2)
+    saved = utils.LARS([p], lr=0.1).state_dict()
+    for g in saved["param_groups"]:
+        del g["foreach"]
+    opt = utils.LARS([p], lr=0.1)
+    opt.load_state_dict(saved)
+    opt.step()
+    assert opt.param_groups[0]["foreach"] is None
+
+
 def run_interrupted_in_epoch(monkeypatch, epoch: int, main, args) -> None:
     """Run main(args) with a KeyboardInterrupt at the start of epoch `epoch` (1-based), as Ctrl-C would."""
     real_epoch = utils.train_one_epoch
