@@ -34,7 +34,8 @@ BREAST_SSL_EPOCHS=${BREAST_SSL_EPOCHS-100}   # empty: no BreastMNIST
 BREAST_SEEDS_10=${BREAST_SEEDS_10:-"0,1,2,3,4"}
 BREAST_SEEDS_100=${BREAST_SEEDS_100:-"0 1 2"}
 THROUGHPUT=${THROUGHPUT-"--sizes 64 --batch_size 512 --precision both --steps 24 --warmup 4 --rounds 2 --num_workers 12 --num_images 512"}
-# the pretraining recipe's own step (64 images = 128 views): is the model alone launch-bound there too?
+# the pretraining recipe's own step (64 images = 128 views, LARS): is the model alone launch-bound there too,
+# and how much does LARS's multi-tensor update save against its loop?
 THROUGHPUT_SMALL=${THROUGHPUT_SMALL-"--sizes 64 --batch_size 128 --precision bf16 --steps 48 --warmup 8 --rounds 2 --num_workers 0 --num_images 256"}
 R=${R:-runs/gpu_checks_work}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 TQDM_DISABLE=1 MPLBACKEND=Agg
@@ -65,9 +66,12 @@ if [ -n "$THROUGHPUT" ]; then
   tail -n 12 "$R/throughput.log"
 fi
 if [ -n "$THROUGHPUT_SMALL" ]; then
-  say "throughput at the recipe's batch"
-  timeout 90 $PY benchmarks/ssl_throughput.py --device "$DEVICE" $THROUGHPUT_SMALL > "$R/throughput_small.log" 2>&1
-  tail -n 3 "$R/throughput_small.log"
+  for opt in lars lars_loop; do                # LARS's multi-tensor update against its per-parameter loop
+    say "throughput at the recipe's batch, $opt"
+    timeout 60 $PY benchmarks/ssl_throughput.py --device "$DEVICE" $THROUGHPUT_SMALL --optimizer $opt \
+        > "$R/throughput_small_$opt.log" 2>&1
+    tail -n 2 "$R/throughput_small_$opt.log"
+  done
 fi
 
 # ---- 2. pretrainings, in parallel (--probe_only: pretrain, then the frozen-feature probes) ----

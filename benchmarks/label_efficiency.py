@@ -263,7 +263,8 @@ def get_args_parser():
     p.add_argument("--image_size", type=int, default=64, help="resolution for every phase")
     p.add_argument("--ssl_epochs", type=int, default=24,
                    help="pretraining epochs: 24 fit in 5 minutes on 2 CPU cores and are worth nothing against a "
-                        "converged baseline; 800 (2.5 minutes on an H100) are worth 15 points at 10%% labels (README, Results)")
+                        "converged baseline; 800 (2.5 minutes on an H100) are worth 15 points at 10%% labels "
+                        "(README, Results)")
     p.add_argument("--ssl_batch_size", type=int, default=64, help="pretraining batch (images)")
     p.add_argument("--ssl_optimizer", default="lars", choices=["adam", "lars"], help="pretraining optimizer")
     p.add_argument("--ssl_lr", type=float, default=1.2, help="pretraining learning rate")

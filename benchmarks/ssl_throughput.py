@@ -71,11 +71,15 @@ def cycle_batch_loader(loader):
 class ModelStep:
     """One SimCLR optimisation step, as train_ssl.py takes it: one forward over both views."""
 
-    def __init__(self, backbone: str, image_size: int, device, autocast_dtype):
+    def __init__(self, backbone: str, image_size: int, device, autocast_dtype, optimizer: str = "adam"):
         torch.manual_seed(0)
         self.model = SimCLR(ModelConfig(backbone=backbone, small_stem=use_small_stem(image_size)))
         self.model = self.model.to(device).to(memory_format=torch.channels_last).train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        if optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        else:                                       # as train_ssl.py builds it; lars_loop: one parameter at a time
+            self.optimizer = utils.LARS(utils.split_decay_groups(self.model, 1e-6), lr=0.1,
+                                        foreach=False if optimizer == "lars_loop" else None)
         self.device, self.autocast_dtype = device, autocast_dtype
 
     def __call__(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
@@ -196,7 +200,7 @@ def bench_size(args, size: int, steps: int, warmup: int, rounds: int, root: str,
     rows = {}
     for precision in precisions(args.precision):
         dtype = torch.bfloat16 if precision == "bf16" else None
-        step = ModelStep(args.backbone, size, device, dtype)
+        step = ModelStep(args.backbone, size, device, dtype, args.optimizer)
         tag = f"{precision}_{size}"
         batch_views, augment = path_batch(store, images_per_step, size, device)
         model_views = path_model(images_per_step, size, device)
@@ -278,6 +282,7 @@ def main(args):
     steps, warmups, rounds = (per_size(v, args.sizes, i) for i, v in enumerate((args.steps, args.warmup, args.rounds)))
     print(f"device {device}, torch {torch.__version__}, {os.cpu_count()} cores, {threads} threads for (a)/(b), "
           f"(c) workers {args.num_workers} with threads-workers threads, backbone {args.backbone}, "
+          f"optimizer {args.optimizer}, "
           f"{args.batch_size} views/step ({args.batch_size // 2} images), PNGs {args.png_size} px, "
           f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)", flush=True)
     rows = {}
@@ -318,6 +323,9 @@ def get_args_parser():
                    help="DataLoader workers for (c) and (d); each count is measured, b/c uses the fastest")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"], help="encoder")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "lars", "lars_loop"],
+                   help="the model step's optimizer: lars as the pretraining recipe uses it (multi-tensor on a GPU), "
+                        "lars_loop the same one parameter at a time")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--num_images", type=int, default=256, help="synthetic PNGs written to a temp folder")
     p.add_argument("--png_size", type=int, default=256, help="side of the synthetic PNGs in pixels")
