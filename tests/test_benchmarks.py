@@ -1,9 +1,12 @@
 """benchmarks/label_efficiency.py end to end at toy size: one pretraining, both methods, the table and
-figure, and an interrupted benchmark that goes on without redoing finished runs."""
+figure, and an interrupted benchmark that goes on without redoing finished runs; the other benchmarks'
+smoke runs."""
 import os
+import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -63,3 +66,16 @@ def test_frozen_head_ablation_scores_every_head_and_augmentation(tmp_path, capsy
     rows = frozen_head_ablation.main(args)
     assert len(rows) == 6 and all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in rows.values())
     assert "| linear head, 2 augmented copies, rotation +-10 (reflection fill) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "lars_loop"])
+def test_ssl_throughput_prints_its_ratios_with_the_pretraining_optimizer(optimizer):
+    result = subprocess.run(
+        [sys.executable, "benchmarks/ssl_throughput.py", "--device", "cpu", "--sizes", "16", "--batch_size", "8",
+         "--precision", "fp32", "--steps", "2", "--warmup", "1", "--rounds", "1", "--num_workers", "0",
+         "--num_images", "16", "--png_size", "32", "--optimizer", optimizer],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"optimizer {optimizer}" in result.stdout
+    last = dict(kv.split("=") for kv in result.stdout.strip().splitlines()[-1].split())
+    assert float(last["views_per_s_a_16"]) > 0 and 0 < float(last["ratio_b_over_a_16"])
