@@ -260,8 +260,17 @@ def main(args):
             utils.save_checkpoint({**ckpt, **state}, os.path.join(args.output_dir, "last_ssl_checkpoint.pth"))
             saved_at = time.monotonic()
     if dist["is_main"]:
-        print(f"done: best model in {os.path.join(args.output_dir, 'best_ssl_model.pth')}")
+        print(done_line(os.path.join(args.output_dir, "best_ssl_model.pth"), args.num_epochs))
     utils.cleanup_distributed(dist)
+
+
+def done_line(best_path: str, num_epochs: int) -> str:
+    """The run's last line: which epoch was kept and why. On 423 images an 800-epoch run kept epoch 325, whose
+    kNN accuracy on val (0.929) its last epoch no longer reached (0.843) (README, Results)."""
+    best = utils.load_checkpoint(best_path, "ssl")
+    by = (f"kNN accuracy on val {best['knn_accuracy']:.3f}" if best.get("knn_accuracy") is not None
+          else f"loss {best['loss']:.4f}")
+    return f"done: best epoch {best['epoch']} of {num_epochs} by {by} -> {best_path}"
 
 
 def _set_epoch(loader, epoch: int) -> None:

@@ -41,6 +41,13 @@ def read_history(path):
     return pd.read_csv(path)
 
 
+def test_pretraining_names_the_epoch_it_kept_by_its_knn_accuracy(pretrained):
+    best = torch.load(pretrained / "best_ssl_model.pth", weights_only=True)
+    assert best["knn_accuracy"] is not None
+    assert train_ssl.done_line(str(pretrained / "best_ssl_model.pth"), 4).startswith(
+        f"done: best epoch {best['epoch']} of 4 by kNN accuracy on val {best['knn_accuracy']:.3f} -> ")
+
+
 def test_pretraining_writes_its_outputs_and_loss_goes_down(pretrained):
     for name in ("best_ssl_model.pth", "last_ssl_checkpoint.pth", "ssl_history.csv", "ssl_training.png",
                  "ssl_settings.json"):
@@ -148,9 +155,12 @@ def assert_same_last_checkpoints(a_path, b_path, parts, epoch: int) -> None:
 
 
 def test_pretraining_writes_the_last_checkpoint_at_most_every_30_s_and_resumes_from_it_bit_identically(
-        tiny, tmp_path, monkeypatch):
+        tiny, tmp_path, monkeypatch, capsys):
     full, cut = tmp_path / "full", tmp_path / "cut"
     train_ssl.main(ssl_args(tiny, full))
+    best = torch.load(full / "best_ssl_model.pth", weights_only=True)
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"done: best epoch {best['epoch']} of 4 by loss {best['loss']:.4f} -> {full / 'best_ssl_model.pth'}")
     monkeypatch.setattr(utils, "LAST_CHECKPOINT_EVERY_S", 1e9)      # epochs 2 and 3 fall inside the interval
     run_interrupted_in_epoch(monkeypatch, 4, train_ssl.main, ssl_args(tiny, cut))
     assert torch.load(cut / "last_ssl_checkpoint.pth", weights_only=True)["epoch"] == 1
