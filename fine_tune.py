@@ -18,7 +18,6 @@ and rank 0 alone validates and writes.
 import argparse
 import dataclasses
 import os
-import time
 
 import numpy as np
 import torch
@@ -269,7 +268,7 @@ def main(args):
     # ============ training ============
     augment = data_loader.BatchAugment(supervised_augment_config(args), args.image_size, channels_last=True)
     loss_fn = make_loss_fn(augment, device, weights)
-    saved_at = -float("inf")                       # the first epoch always writes the last checkpoint
+    last = utils.LastCheckpoint(paths["last"])
     for epoch in range(start_epoch, args.num_epochs):
         frozen = args.freeze_encoder and epoch < args.unfreeze_after_epoch
         model.freeze_encoder(frozen)
@@ -293,13 +292,7 @@ def main(args):
         log_epoch(history, paths, run, epoch, args.num_epochs, stats, val, frozen, improved)
         if improved:
             utils.save_checkpoint(ckpt, paths["best"])
-        if not utils.last_checkpoint_due(saved_at, epoch, args.num_epochs):
-            continue
-        state = utils.training_state(optimizer, scheduler, scaler, best)
-        if rngs is not None:
-            state["rng_per_rank"] = rngs
-        utils.save_checkpoint({**ckpt, **state}, paths["last"])
-        saved_at = time.monotonic()
+        last.save_if_due(ckpt, epoch, args.num_epochs, optimizer, scheduler, scaler, best, rngs)
     if dist["is_main"]:
         best_epoch = utils.load_checkpoint(paths["best"], "classifier")["epoch"]
         print(f"done: best epoch {best_epoch} by val balanced accuracy {best['balanced_accuracy']:.3f} -> {paths['best']}")

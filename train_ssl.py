@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 
 import numpy as np
 import torch
@@ -219,7 +218,7 @@ def main(args):
 
     # ============ training ============
     knn_loaders = None
-    saved_at = -float("inf")                       # the first epoch always writes the last checkpoint
+    last = utils.LastCheckpoint(os.path.join(args.output_dir, "last_ssl_checkpoint.pth"))
     for epoch in range(start_epoch, args.num_epochs):
         _set_epoch(loader, epoch)
         collapse = []
@@ -253,12 +252,7 @@ def main(args):
             utils.save_checkpoint(ckpt, os.path.join(args.output_dir, "best_ssl_model.pth"))
         print(_epoch_line(epoch, args.num_epochs, stats, knn, row["embedding_std"], improved), flush=True)
         _warn_collapse(row["embedding_std"], model.config.projection_dim)
-        if utils.last_checkpoint_due(saved_at, epoch, args.num_epochs):
-            state = utils.training_state(optimizer, scheduler, scaler, best)
-            if rngs is not None:
-                state["rng_per_rank"] = rngs
-            utils.save_checkpoint({**ckpt, **state}, os.path.join(args.output_dir, "last_ssl_checkpoint.pth"))
-            saved_at = time.monotonic()
+        last.save_if_due(ckpt, epoch, args.num_epochs, optimizer, scheduler, scaler, best, rngs)
     if dist["is_main"]:
         print(done_line(os.path.join(args.output_dir, "best_ssl_model.pth"), args.num_epochs))
     utils.cleanup_distributed(dist)

@@ -256,21 +256,6 @@ def sha256_file(path: str) -> str:
 
 # ============ checkpoints ============
 
-# With a few dozen labels a fine-tuning epoch is one step of a fraction of a second, and writing the
-# resumable checkpoint (weights and optimizer state, fsynced) every epoch took 40% of a 30-epoch run. A
-# pretraining epoch of 423 images at 64 px took 0.19 s on an H100; writing its 92 MB checkpoint takes
-# 0.4-0.6 s on our CPU machine. The last checkpoint is written after the first epoch, then when this many
-# seconds have passed since the last write, and after the last epoch: an interrupted run loses at most
-# this much training.
-LAST_CHECKPOINT_EVERY_S = 30.0
-
-
-def last_checkpoint_due(saved_at: float, epoch: int, num_epochs: int) -> bool:
-    """Whether to write the last (resumable) checkpoint after epoch `epoch` (0-based), the previous write
-    having been at time.monotonic() == saved_at (-inf before the first)."""
-    return epoch + 1 == num_epochs or time.monotonic() - saved_at >= LAST_CHECKPOINT_EVERY_S
-
-
 def save_checkpoint(state: dict, path: str) -> None:
     """Atomically save a dict of plain types and tensors (loadable with weights_only=True).
 
@@ -705,6 +690,34 @@ def training_state(optimizer, scheduler, scaler, best_metric) -> dict:
     """What `--resume` needs beyond the weights: optimizer, schedule, scaler, RNGs, best so far."""
     return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_states(), "best_metric": best_metric}
+
+
+# With a few dozen labels a fine-tuning epoch is one step of a fraction of a second, and writing the
+# resumable checkpoint (weights and optimizer state, fsynced) every epoch took 40% of a 30-epoch run. A
+# pretraining epoch of 423 images at 64 px took 0.19 s on an H100; writing its 92 MB checkpoint takes
+# 0.4-0.6 s on our CPU machine. The last checkpoint is written after the first epoch, then when this many
+# seconds have passed since the last write, and after the last epoch: an interrupted run loses at most
+# this much training.
+LAST_CHECKPOINT_EVERY_S = 30.0
+
+
+class LastCheckpoint:
+    """The resumable `last_*_checkpoint.pth` of a training run: weights plus `training_state`, written
+    after the first epoch, at most every LAST_CHECKPOINT_EVERY_S seconds, and after the last epoch."""
+
+    def __init__(self, path: str):
+        self.path, self.saved_at = path, -math.inf
+
+    def save_if_due(self, ckpt: dict, epoch: int, num_epochs: int, optimizer, scheduler, scaler, best_metric,
+                    rngs=None) -> None:
+        """After epoch `epoch` (0-based); `rngs`: every process's RNG states under torchrun, or None."""
+        if epoch + 1 < num_epochs and time.monotonic() - self.saved_at < LAST_CHECKPOINT_EVERY_S:
+            return
+        state = training_state(optimizer, scheduler, scaler, best_metric)
+        if rngs is not None:
+            state["rng_per_rank"] = rngs
+        save_checkpoint({**ckpt, **state}, self.path)
+        self.saved_at = time.monotonic()
 
 
 def restore_training_state(ckpt: dict, modules: dict, optimizer, scheduler, scaler, path: str):
