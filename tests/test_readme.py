@@ -71,3 +71,15 @@ def test_a_user_error_is_one_line_and_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no such folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ci_runs_exactly_the_readme_setup_commands():
+    """CI must see what a new user sees: the README's install and test lines are the commands .ci/run runs."""
+    block = re.search(r"<!-- setup -->\s*```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "README.md lost its <!-- setup --> block"
+    quiet = {"--quiet", "--disable-pip-version-check"}          # CI may only add flags that change no outcome
+    ci = [[w for w in shlex.split(line) if w not in quiet]
+          for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python -m ")]
+    readme = [shlex.split(line) for line in block.group(1).strip().splitlines()]
+    assert ci == readme
+    assert "--upgrade" in block.group(1), "without --upgrade a reused machine keeps old packages (issue 25)"
