@@ -344,24 +344,60 @@ def evaluate_classifier(path: str, name: str, ckpt: dict, args, device, autocast
                       info, notes, history_beside(ckpt, path, notes))]
 
 
-def fit_linear_probe(train_x, train_y, eval_x, k: int, seed: int, notes: list) -> np.ndarray:
-    """Logistic regression on standardised frozen features; (N, K) probabilities (0 for unseen classes)."""
+PROBE_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)   # inverse L2 strength, on standardised features
+
+
+@dataclass
+class Probe:
+    prob: np.ndarray        # (N, K) probabilities on the scored images (0 for classes unseen in training)
+    C: float                # the inverse regularisation strength used
+    chosen_by: str          # how C was chosen, in words
+
+
+def _logistic(train_x, train_y, C: float, seed: int, notes: list):
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(train_x, train_y)
+    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+        notes.append(f"the linear probe's solver (C={C:g}) stopped at max_iter=2000 before converging")
+    return model
+
+
+def _probabilities(model, x, k: int) -> np.ndarray:
+    prob = np.zeros((len(x), k))
+    prob[:, model.classes_] = model.predict_proba(x)
+    return prob
+
+
+def _probe_score(y, prob, k: int) -> float:
+    """Val ROC-AUC (macro over the classes val holds), or accuracy where no AUC can be computed."""
+    auc = compute_metrics(y, prob, k, resamples=0, seed=0)["roc_auc_macro"]["value"]
+    return float(auc) if np.isfinite(auc) else float((prob.argmax(1) == y).mean())
+
+
+def fit_linear_probe(train_x, train_y, eval_x, k: int, seed: int, notes: list, val_x=None, val_y=None) -> Probe:
+    """Logistic regression on standardised frozen features. With val features, the L2 strength is chosen on
+    them from PROBE_C_GRID (the SSL literature's linear evaluation does the same): a fixed C can hide what a
+    few labels get out of good features. Without them C is 1."""
     from sklearn.preprocessing import StandardScaler
 
     if len(np.unique(train_y)) < 2:
         raise UserError("the linear probe needs at least two classes among the train-split images; "
                         "check the label file's split column")
     scaler = StandardScaler().fit(train_x)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        probe = LogisticRegression(max_iter=2000, random_state=seed).fit(scaler.transform(train_x), train_y)
-    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        notes.append("the linear probe's solver stopped at max_iter=2000 before converging")
-    prob = np.zeros((len(eval_x), k))
-    prob[:, probe.classes_] = probe.predict_proba(scaler.transform(eval_x))
-    return prob
+    train_x = scaler.transform(train_x)
+    C, chosen_by = 1.0, "fixed (no val split to choose it on)"
+    if val_x is not None and len(val_y) > 0:
+        val_x = scaler.transform(val_x)
+        scores = {c: _probe_score(val_y, _probabilities(_logistic(train_x, train_y, c, seed, []), val_x, k), k)
+                  for c in PROBE_C_GRID}
+        C = max(scores, key=lambda c: (scores[c], -c))               # ties: the stronger regularisation
+        chosen_by = f"chosen on {len(val_y)} val images (val ROC-AUC {scores[C]:.3f}) from {list(PROBE_C_GRID)}"
+    model = _logistic(train_x, train_y, C, seed, notes)
+    return Probe(_probabilities(model, scaler.transform(eval_x), k), C, chosen_by)
 
 
 def pretraining_overlap(ckpt: dict, filenames: list, split: str, path: str, notes: list) -> None:
@@ -404,21 +440,23 @@ def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype)
     filenames = [table.filenames[i] for i in rows]
     pretraining_overlap(ckpt, filenames, args.split, path, notes)
 
+    choose_rows = np.setdiff1d(table.indices("val"), np.r_[rows, fit_rows])   # the probe's C is chosen here
     encoder = ssl_encoder(ckpt, path)
-    both = encode_images(encoder, [table.filenames[i] for i in np.r_[fit_rows, rows]], ckpt, args, device,
-                         autocast_dtype)
-    fit_x, eval_x = both[: len(fit_rows)], both[len(fit_rows):]
+    every = encode_images(encoder, [table.filenames[i] for i in np.r_[fit_rows, choose_rows, rows]], ckpt, args,
+                          device, autocast_dtype)
+    fit_x, val_x, eval_x = np.split(every, [len(fit_rows), len(fit_rows) + len(choose_rows)])
     fit_y, y = table.labels[fit_rows], table.labels[rows]
     k = table.num_classes
-    probe = fit_linear_probe(fit_x, fit_y, eval_x, k, args.seed, notes)
+    probe = fit_linear_probe(fit_x, fit_y, eval_x, k, args.seed, notes, val_x, table.labels[choose_rows])
     knn = utils.knn_predict(torch.from_numpy(fit_x), torch.from_numpy(fit_y), torch.from_numpy(eval_x), k).numpy()
     info = {"split": args.split, "split_source": "label file", "init": "ssl, frozen encoder",
             "label_fraction": None, "epoch": ckpt.get("epoch"), "checkpoint_kind": "ssl",
-            "fit_images": int(len(fit_rows))}
+            "fit_images": int(len(fit_rows)), "probe_C": probe.C}
     history = history_beside(ckpt, path, notes)
+    chosen = [f"linear probe: L2 strength C={probe.C:g}, {probe.chosen_by}"]
     return [Evaluated(f"{name} {kind}", path, kind, filenames, y, prob.astype(np.float64), eval_x,
-                      list(table.class_names), info | {"probe": kind}, list(notes), history)
-            for kind, prob in (("linear probe", probe), ("kNN", knn))]
+                      list(table.class_names), info | {"probe": kind}, list(notes) + extra, history)
+            for kind, prob, extra in (("linear probe", probe.prob, chosen), ("kNN", knn, []))]
 
 
 def default_name(path: str) -> str:

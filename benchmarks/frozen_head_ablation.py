@@ -75,7 +75,7 @@ def main(args):
         for kind in ("mlp", "standardised mlp", "linear"):
             rows.setdefault(f"{kind} head, clean images", []).append(
                 fit_and_score(kind, x, y, test_x, test_y, k, args.steps, seed))
-        prob = evaluate.fit_linear_probe(x.numpy(), y.numpy(), test_x.numpy(), k, seed, [])
+        prob = evaluate.fit_linear_probe(x.numpy(), y.numpy(), test_x.numpy(), k, seed, []).prob   # C=1: no val here
         rows.setdefault("logistic regression (evaluate.py's probe), clean images", []).append(
             float((prob.argmax(1) == test_y.numpy()).mean()))
         for rotation in args.rotations:

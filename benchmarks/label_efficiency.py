@@ -124,8 +124,8 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
 
     ckpt = utils.load_checkpoint(ssl_path, "ssl", "--ssl_checkpoint")
     table = data_loader.read_label_table(label_file, data_dir, seed=ckpt["args"].get("split_seed", 42))
-    train, test = table.indices("train"), table.indices("test")          # both sorted
-    files = [table.filenames[i] for i in np.r_[train, test]]
+    train, val, test = table.indices("train"), table.indices("val"), table.indices("test")   # all sorted
+    files = [table.filenames[i] for i in np.r_[train, val, test]]
     device = utils.resolve_device(args.device)
     enc_args = Namespace(data_dir=data_dir, cache_gb=4.0, num_workers=0, batch_size=128)
     torch.manual_seed(0)
@@ -134,14 +134,15 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
     results = []
     for name, encoder in encoders.items():
         features = evaluate.encode_images(encoder.eval(), files, ckpt, enc_args, device, None)
-        train_x, test_x = features[: len(train)], features[len(train):]
+        train_x, val_x, test_x = np.split(features, [len(train), len(train) + len(val)])
         for fraction in args.fractions:
             for seed in args.seeds:   # the very subset fine_tune.py draws for this fraction and seed
                 subset = data_loader.stratified_subset(table.labels, train, fraction, seed)
-                prob = evaluate.fit_linear_probe(train_x[np.searchsorted(train, subset)], table.labels[subset],
-                                                 test_x, table.num_classes, seed, [])
-                scores = evaluate.compute_metrics(table.labels[test], prob, table.num_classes, resamples=0, seed=0)
-                results.append({"features": name, "fraction": fraction, "seed": seed,
+                probe = evaluate.fit_linear_probe(train_x[np.searchsorted(train, subset)], table.labels[subset],
+                                                  test_x, table.num_classes, seed, [], val_x, table.labels[val])
+                scores = evaluate.compute_metrics(table.labels[test], probe.prob, table.num_classes, resamples=0,
+                                                  seed=0)
+                results.append({"features": name, "fraction": fraction, "seed": seed, "C": probe.C,
                                 **{m: float(scores[m]["value"]) for m in METRICS}})
     return results
 
@@ -152,7 +153,8 @@ def summarise_probe(results: list, path_csv: str) -> list:
     df = pd.DataFrame(results)
     utils.atomic_write_text(path_csv, df.to_csv(index=False))
     g = df.groupby(["fraction", "features"])
-    lines = ["", "Linear probe on frozen features, same labelled subsets, test split (mean ± std over seeds):", "",
+    lines = ["", "Linear probe on frozen features, same labelled subsets, test split (mean ± std over seeds; "
+             "L2 strength C chosen on the val split per run, see probe.csv):", "",
              "| label fraction | features | runs | accuracy | roc_auc_macro |", "|---|---|---|---|---|"]
     for (fraction, name), part in g:
         lines.append(f"| {fraction:g} | {name} | {len(part)} | {part.accuracy.mean():.3f} ± {part.accuracy.std(ddof=0):.3f}"

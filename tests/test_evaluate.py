@@ -307,6 +307,8 @@ def test_ssl_checkpoint_is_scored_by_linear_probe_and_knn(world, monkeypatch):
         assert "no umap.png: UMAP skipped by the test" in (folder / "report.md").read_text()
         doc = json.loads((folder / "metrics.json").read_text())
         assert doc["num_images"] == 12 and doc["fit_images"] == 24 and doc["checkpoint_kind"] == "ssl"
+        if "linear" in folder.name:                                  # the probe says which C it chose, and where
+            assert doc["probe_C"] in evaluate.PROBE_C_GRID and "chosen on" in (folder / "report.md").read_text()
         assert 0 <= doc["metrics"]["accuracy"]["value"] <= 1
     assert (out / "comparison.csv").is_file() and (out / "roc_comparison.png").is_file()
 
