@@ -429,14 +429,13 @@ def profile_rows(args, real: dict, graphed, batch: int, precision: str, device, 
                              "launches": sum(e.name in LAUNCHES for e in inside) / n, "ops": len(ops) / n})
 
 
-def write_profile_md(path: str, device, header: str) -> None:
+def write_profile_md(path: str, header: str) -> None:
     lines = [header, "", "| px | batch | precision | part | host ms/step | device ms/step | launches/step | "
              "operator calls/step |", "|---|---|---|---|---|---|---|---|"]
     for r in PROFILE_ROWS:
         lines.append(f"| {r['size']} | {r['batch']} | {r['precision']} | {r['part']} | {r['cpu_ms']:.2f} | "
                      f"{r['device_ms']:.2f} | {r['launches']:.0f} | {r['ops']:.0f} |")
     utils.atomic_write_text(path, "\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 def main_train_step(args, device, threads: int) -> None:
@@ -456,8 +455,8 @@ def main_train_step(args, device, threads: int) -> None:
                 for precision in precisions(args.precision):
                     rows.update({f"{k}_{size}": v for k, v in bench_train_step(
                         args, store, size, batch, precision, device, steps[size], rounds[size]).items()})
-    if args.profile_md:
-        write_profile_md(args.profile_md, device, f"`{' '.join(sys.argv)}`  \n{header}")
+                    if args.profile_md:       # after each setting: a run cut by a deadline keeps what it measured
+                        write_profile_md(args.profile_md, f"`{' '.join(sys.argv)}`  \n{header}")
     print(" ".join(f"{k}={v:.3f}" for k, v in rows.items()))
 
 
