@@ -421,7 +421,7 @@ def get_args_parser():
                    help="on: the capture-friendly step (augmentation random numbers drawn on the device, full "
                         "batches, no host read inside a step) replayed from one CUDA graph per step; on a CPU it "
                         "runs without a graph. auto = off everywhere until graphs are measured to win on a GPU "
-                        "(docs/performance_gpu_step.md); off: the step as before")
+                        "(issue 23: not measured yet); off: the step as before")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")
     return p

@@ -345,7 +345,7 @@ def bench_train_step(args, store, size: int, batch: int, precision: str, device,
         for _ in range(-(-warm_steps // steps)):
             real_epoch(real, device, epoch)
             epoch += 1
-    timed(model_views, model_step, 3, 1, device)
+    timed(model_views, model_step, 3 if device.type == "cuda" else 0, 1, device)
     for _ in range(rounds):
         add(totals, "a", timed(model_views, model_step, 0, steps, device))
         for g, real in reals.items():
@@ -399,7 +399,7 @@ def eager_parts(real: dict, images: torch.Tensor, device) -> None:
 def profile_rows(args, real: dict, graphed, batch: int, precision: str, device, size: int) -> None:
     """Per step: host (CPU) ms, device ms, kernel launches and top-level operator calls of each part, and
     of the whole --cuda_graphs on step (on a GPU one graph replay; on a CPU the same step without a graph)."""
-    reps = 5 if device.type == "cuda" else 2
+    reps = 5 if device.type == "cuda" else 1
     images = next(iter(real["loader"]))[0].to(device)
     eager_parts(real, images, device)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
