@@ -652,7 +652,8 @@ class CapturedStep:
             self.graph.register_generator_state(generator)
         # the gradients are made inside the graph, from its memory pool, and overwritten at each replay
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
+        # thread_local: a DataLoader's pin-memory thread (data streamed from disk) may allocate meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_output = self.body(self.static_input)
 
 
