@@ -605,6 +605,10 @@ class BatchAugment(nn.Module):
 
     forward(images: uint8 (B, C, H, W) or float in [0, 1], C in {1, 3}, generator=None)
     -> float (B, 3, S, S). A 1-channel batch stays 1-channel until the normalisation.
+
+    With a generator on the images' device (a CUDA one) the parameters are drawn there and never
+    visit the host: nothing in the call waits for the GPU, and the call can be captured in a CUDA
+    graph (train_ssl.py --cuda_graphs on). The constants it needs are made once per device.
     """
 
     def __init__(self, config: AugmentConfig, image_size: int, channels_last: bool = False):
@@ -612,22 +616,25 @@ class BatchAugment(nn.Module):
         self.config, self.image_size, self.channels_last = config, image_size, channels_last
         self.kernel_size = blur_kernel_size(image_size)
         self.sigma_range = blur_sigma_range(config, image_size)
+        self._constants = {}      # device -> tensors: made while capturing, a host-to-device copy would fail
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         params = self.sample_params(images.shape[0], images.shape[-2], images.shape[-1], generator)
         return self.apply_params(images, _to_device(params, images.device))
 
     def sample_params(self, b: int, height: int, width: int, generator: torch.Generator | None = None) -> dict:
-        """Per-sample parameters as CPU tensors (B,), drawn from `generator` (default: torch's
-        global CPU RNG, so a seed gives the same augmentations whatever the images' device)."""
+        """Per-sample parameters (B,) drawn from `generator`, on its device (default: torch's global CPU
+        RNG, so a seed gives the same augmentations whatever the images' device). The same code draws
+        on every device: only the random stream differs between a CPU and a CUDA generator."""
         c, n = self.config, CROP_ATTEMPTS
-        device = generator.device if generator is not None else "cpu"
-        u = torch.rand(b, 2 * n + 9, generator=generator, dtype=torch.float64, device=device).cpu()
+        device = generator.device if generator is not None else torch.device("cpu")
+        dtype = torch.float32 if device.type == "mps" else torch.float64      # MPS has no float64
+        u = torch.rand(b, 2 * n + 9, generator=generator, dtype=dtype, device=device)
         off_x, off_y, flip, angle, bright, contrast, order, blur, sigma = u[:, 2 * n:].unbind(1)
         crop_w, crop_h, crop_cx, crop_cy = self._crop(u[:, :n], u[:, n:2 * n], off_x, off_y, height, width)
         extra = {}
         if c.gamma > 0:   # drawn after the others, so turning it on leaves their values for a seed as they were
-            u_gamma = torch.rand(b, generator=generator, dtype=torch.float64, device=device).cpu()
+            u_gamma = torch.rand(b, generator=generator, dtype=dtype, device=device)
             extra["gamma"] = torch.exp(_lerp(u_gamma, -np.log1p(c.gamma), np.log1p(c.gamma))).float()
         return dict(**extra,
             crop_w=crop_w.float(), crop_h=crop_h.float(), crop_cx=crop_cx.float(), crop_cy=crop_cy.float(),
@@ -709,9 +716,10 @@ class BatchAugment(nn.Module):
         first = p["contrast_first"].view(b, 1, 1, 1)
         f1 = torch.where(first, p["contrast"].view(b, 1, 1, 1), p["brightness"].view(b, 1, 1, 1))
         f2 = torch.where(first, p["brightness"].view(b, 1, 1, 1), p["contrast"].view(b, 1, 1, 1))
-        t1 = torch.where(first, _gray_mean(x) * scale, 0.0)
+        gray = self._constant("gray", x.device)
+        t1 = torch.where(first, _gray_mean(x, gray) * scale, 0.0)
         x = torch.addcmul(t1 * (1 - f1), x, f1 * scale).clamp_(0, 1)
-        t2 = torch.where(first, 0.0, _gray_mean(x))
+        t2 = torch.where(first, 0.0, _gray_mean(x, gray))
         return torch.addcmul(t2 * (1 - f2), x, f2, out=x).clamp_(0, 1)
 
     def _blur_subset(self, x: torch.Tensor, p: dict) -> torch.Tensor:
@@ -727,11 +735,20 @@ class BatchAugment(nn.Module):
     def _blur_masked(self, x: torch.Tensor, p: dict) -> torch.Tensor:
         return torch.where(p["blur"].view(-1, 1, 1, 1), gaussian_blur_batch(x, p["sigma"], self.kernel_size), x)
 
+    def _constant(self, name: str, device: torch.device) -> torch.Tensor:
+        """Small constant tensors, made on each device once (not in every call, and never while capturing)."""
+        if device not in self._constants:
+            self._constants[device] = {
+                "inv_std": torch.tensor([1 / s for s in IMAGENET_STD], device=device).view(1, 3, 1, 1),
+                "shift": torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
+                                      device=device).view(1, 3, 1, 1),
+                "gray": torch.tensor(GRAY_WEIGHTS, device=device).view(1, 3, 1, 1)}
+        return self._constants[device][name]
+
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet normalisation as one multiply-add that also expands 1 channel to 3."""
         b, _, h, w = x.shape
-        inv_std = torch.tensor([1 / s for s in IMAGENET_STD], device=x.device).view(1, 3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], device=x.device).view(1, 3, 1, 1)
+        inv_std, shift = self._constant("inv_std", x.device), self._constant("shift", x.device)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         out = torch.empty((b, 3, h, w), device=x.device, memory_format=fmt)
         return torch.addcmul(shift, x, inv_std, out=out)
@@ -739,7 +756,7 @@ class BatchAugment(nn.Module):
 
 def _to_device(params: dict, device: torch.device) -> dict:
     """The (B,) parameter tensors on `device` in one pinned copy instead of one small copy each."""
-    if device.type == "cpu":
+    if all(v.device == device for v in params.values()):     # on the CPU, or drawn on the device
         return params
     names = list(params)
     packed = torch.stack([params[k].float() for k in names], dim=1)
@@ -753,11 +770,14 @@ def _lerp(t: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return lo + (hi - lo) * t
 
 
-def _gray_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of the grayscale image per sample: (B, C, H, W) -> (B, 1, 1, 1)."""
+def _gray_mean(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of the grayscale image per sample: (B, C, H, W) -> (B, 1, 1, 1); `weights`: GRAY_WEIGHTS
+    as a (1, 3, 1, 1) tensor on x's device, when the caller keeps one."""
     m = x.mean(dim=(2, 3), keepdim=True)
     if x.shape[1] == 3:
-        m = (m * torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if weights is None:
+            weights = torch.tensor(GRAY_WEIGHTS, device=x.device).view(1, 3, 1, 1)
+        m = (m * weights.to(x.dtype)).sum(1, keepdim=True)
     return m
 
 

@@ -95,6 +95,83 @@ def make_loss_fn(augment, device, temperature, collapse_log, dist):
     return loss_fn
 
 
+# ============ the capture-friendly step (--cuda_graphs) ============
+
+def resolve_step_mode(args, device, dist, autocast_dtype) -> tuple[str, str]:
+    """'eager' (the step of utils.train_one_epoch), 'static' (the capture-friendly step, run as it is:
+    what --cuda_graphs on does without CUDA) or 'graphed' (that step replayed from a CUDA graph); and
+    a note for the settings."""
+    if args.cuda_graphs != "on":
+        return "eager", f"off ({args.cuda_graphs}: off until graphs are measured to win on a GPU, issue 23)"
+    refused = {"--augment pil (the views come from the workers)": args.augment == "pil",
+               "torchrun (one process only)": dist["world_size"] > 1,
+               "--precision fp16 (its GradScaler reads the GPU every step)": autocast_dtype == torch.float16,
+               "--compile": args.compile}
+    for what, bad in refused.items():
+        if bad:
+            raise UserError(f"--cuda_graphs on does not work with {what}; leave one of them out")
+    if device.type == "cuda":
+        return "graphed", "on: augmentation, forward, backward and optimizer replayed from one CUDA graph"
+    return "static", f"on, but no CUDA on {device.type}: the capture-friendly step runs without a graph"
+
+
+def make_static_step(model, augment, optimizer, generator, temperature, device, autocast_dtype, capture):
+    """The pretraining step with nothing that waits for the device: the augmentation draws its random
+    numbers from `generator` on the device, the loss and the embedding spread stay tensors. Returns
+    step(batch, collapse_log) -> (loss, images), the step utils.train_one_epoch takes as step_fn."""
+    def body(images):
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
+                            cache_enabled=False):                  # no weight cache across graph replays
+            v1, v2 = augment(images, generator), augment(images, generator)
+            x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
+            z1, z2 = model(x).float().chunk(2)
+            loss = nt_xent_loss(z1, z2, temperature)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), F.normalize(z1.detach(), dim=1).std(dim=0).mean()
+
+    captured = utils.CapturedStep(body, optimizer, capture=capture, generators=[generator] if capture else [])
+
+    def step(batch, collapse_log):
+        images = batch[0].to(device, non_blocking=True)
+        loss, spread = captured(images)
+        collapse_log.append(spread.clone())          # a graph overwrites its outputs at the next replay
+        return loss, images.shape[0]
+    return step
+
+
+def build_static_step(args, model, augment, optimizer, device, autocast_dtype, dist):
+    """(step or None, its augmentation generator or None, a note for the settings) for --cuda_graphs."""
+    mode, note = resolve_step_mode(args, device, dist, autocast_dtype)
+    if mode == "eager":
+        return None, None, note
+    generator = seed_augment_rng(torch.Generator(device), args.seed)
+    step = make_static_step(model, augment, optimizer, generator, args.temperature, device, autocast_dtype,
+                            capture=mode == "graphed")
+    return step, generator, note
+
+
+def seed_augment_rng(generator: torch.Generator, seed: int) -> torch.Generator:
+    """A CPU generator continues torch's global stream, which the eager step draws its augmentations
+    from: on a CPU both steps then see the same views. A CUDA one starts from the run's seed."""
+    if generator.device.type == "cpu":
+        return generator.set_state(torch.get_rng_state())
+    return generator.manual_seed(seed)
+
+
+def restore_augment_rng(ckpt: dict, generator, start_epoch: int, seed: int) -> None:
+    """The augmentation generator where the checkpoint left it. A checkpoint of a run without
+    --cuda_graphs on (or from another device) has none that fits: the generator is seeded again, with
+    a seed of its own for this epoch."""
+    if generator is None:
+        return
+    state = ckpt.get("augment_rng")
+    if state is not None and state.numel() == generator.get_state().numel():
+        generator.set_state(state)
+    else:
+        seed_augment_rng(generator, seed + 1000 * start_epoch)
+
+
 # ============ model and optimisation ============
 
 def build_model(args):
@@ -192,6 +269,9 @@ def main(args):
     optimizer, scheduler = build_optimizer(args, model, max(1, len(loader)))
     scaler = utils.make_grad_scaler(device, autocast_dtype)
 
+    static_step, augment_rng, step_note = build_static_step(args, model, augment, optimizer, device, autocast_dtype,
+                                                            dist)
+
     start_epoch, best = 0, None
     if resume_path(args):
         ckpt = utils.load_checkpoint(resume_path(args), "ssl", "--resume")
@@ -201,6 +281,8 @@ def main(args):
                                             optimizer, scheduler, scaler, resume_path(args))
         start_epoch = ckpt["epoch"]
         utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
+        restore_augment_rng(ckpt, augment_rng, start_epoch, args.seed)
+    utils.lr_on_device(optimizer, device if static_step is not None else None)
     train_model = utils.maybe_compile(utils.wrap_ddp(model, dist), args.compile)   # DDP broadcasts rank 0's weights
     history = utils.History(os.path.join(args.output_dir, "ssl_history.csv"), resume=start_epoch > 0)
     history.truncate(start_epoch)
@@ -210,7 +292,7 @@ def main(args):
     settings = {"device": str(device), "precision": precision_note, "images": len(store) if store else len(files),
                 "excluded_test_images": len(excluded), "cached_in_memory": getattr(store, "in_memory", False),
                 "channels": channels, "small_stem": model.config.small_stem, "steps_per_epoch": len(loader),
-                "world_size": dist["world_size"], "start_epoch": start_epoch,
+                "world_size": dist["world_size"], "start_epoch": start_epoch, "cuda_graphs_step": step_note,
                 **{k: v for k, v in vars(args).items() if k != "device_obj"}}
     if dist["is_main"]:
         utils.print_settings("SimCLR pretraining", settings)
@@ -226,7 +308,8 @@ def main(args):
                                       make_loss_fn(augment, device, args.temperature, collapse, dist),
                                       device=device, scaler=scaler, autocast_dtype=autocast_dtype,
                                       scheduler=scheduler, epoch=epoch, num_epochs=args.num_epochs,
-                                      desc="pretrain", show_progress=dist["is_main"])
+                                      desc="pretrain", show_progress=dist["is_main"],
+                                      step_fn=None if static_step is None else lambda b: static_step(b, collapse))
         stats["loss"] = utils.all_reduce_mean(stats["loss"], dist)
         stats["images_per_sec"] = utils.all_reduce_mean(stats["images_per_sec"], dist) * dist["world_size"]
         rngs = utils.gather_rng_states(dist)
@@ -252,7 +335,8 @@ def main(args):
             utils.save_checkpoint(ckpt, os.path.join(args.output_dir, "best_ssl_model.pth"))
         print(_epoch_line(epoch, args.num_epochs, stats, knn, row["embedding_std"], improved), flush=True)
         _warn_collapse(row["embedding_std"], model.config.projection_dim)
-        last.save_if_due(ckpt, epoch, args.num_epochs, optimizer, scheduler, scaler, best, rngs)
+        rng_state = {"augment_rng": augment_rng.get_state()} if augment_rng is not None else {}
+        last.save_if_due({**ckpt, **rng_state}, epoch, args.num_epochs, optimizer, scheduler, scaler, best, rngs)
     if dist["is_main"]:
         print(done_line(os.path.join(args.output_dir, "best_ssl_model.pth"), args.num_epochs))
     utils.cleanup_distributed(dist)
@@ -333,6 +417,11 @@ def get_args_parser():
                    help="random gamma: pixel ** g with g log-uniform in [1/(1+gamma), 1+gamma] (0: off, as in the "
                         "spec); changes the shape of the histogram, which brightness and contrast cannot")
     p.add_argument("--eval_every", type=int, default=5, help="epochs between kNN evaluations (with --label_file)")
+    p.add_argument("--cuda_graphs", default="auto", choices=["auto", "on", "off"],
+                   help="on: the capture-friendly step (augmentation random numbers drawn on the device, full "
+                        "batches, no host read inside a step) replayed from one CUDA graph per step; on a CPU it "
+                        "runs without a graph. auto = off everywhere until graphs are measured to win on a GPU "
+                        "(issue 23: not measured yet); off: the step as before")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")
     return p

@@ -424,7 +424,11 @@ class LARS(torch.optim.Optimizer):
     loop makes 440 operator calls a step for ResNet-18 + projector, each a kernel launch, more than the
     model's forward and backward (about 250), and steps of a few dozen small images are launch-bound.
     On a CPU the loop is kept (`foreach=None` chooses): there foreach falls back to a slower loop of its
-    own (52 against 27 ms a step here). Both give bit-identical results on the CPU (tests)."""
+    own (52 against 27 ms a step here). Both give bit-identical results on the CPU (tests).
+
+    The learning rate may be a 0-dim tensor (`lr_on_device`): a step captured in a CUDA graph then reads
+    the scheduler's current value at each replay instead of the number it was captured with. Nothing
+    in a step depends on a tensor's value on the host, so a step never waits for the GPU."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=0.001, foreach=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
@@ -458,7 +462,10 @@ class LARS(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = torch.clone(d_p).detach()
             else:
                 buf.mul_(g["momentum"]).add_(d_p)
-            p.add_(self.state[p]["momentum_buffer"], alpha=-g["lr"])
+            if isinstance(g["lr"], torch.Tensor):
+                p.sub_(self.state[p]["momentum_buffer"] * g["lr"])
+            else:
+                p.add_(self.state[p]["momentum_buffer"], alpha=-g["lr"])
 
     def _update_foreach(self, g, params):
         updates = [p.grad for p in params]
@@ -474,7 +481,30 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(buffers, [updates[i] for i in started])
         for i in set(range(len(params))) - set(started):         # a parameter's first step: the update
             self.state[params[i]]["momentum_buffer"] = updates[i].clone()
-        torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-g["lr"])
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        if isinstance(g["lr"], torch.Tensor):
+            torch._foreach_sub_(params, torch._foreach_mul(buffers, g["lr"]))
+        else:
+            torch._foreach_add_(params, buffers, alpha=-g["lr"])
+
+
+def lr_on_device(optimizer: torch.optim.Optimizer, device: torch.device | None) -> None:
+    """Learning rates as 0-dim float32 tensors on `device`, or as Python floats with device None.
+
+    A CUDA graph replays the numbers it was captured with: a float learning rate would stay at its
+    value of the capture, a tensor one is read from memory, and the scheduler writes it in place
+    (LambdaLR fills tensor learning rates; its base rates stay floats, so that costs no host read).
+    AdamW's `capturable` follows, with its step counts on the parameters' device; call this after
+    the scheduler is built and after a resume has loaded the optimizer's state."""
+    for g in optimizer.param_groups:
+        lr = float(g["lr"])
+        g["lr"] = torch.tensor(lr, dtype=torch.float32, device=device) if device is not None else lr
+        if "capturable" in g:
+            g["capturable"] = device is not None and device.type == "cuda"
+            for p in g["params"]:
+                state = optimizer.state.get(p, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].to(p.device if g["capturable"] else "cpu", torch.float32)
 
 
 def split_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -498,9 +528,11 @@ HOST_SYNC_EVERY = 20  # steps between reads of the loss on the host (each read w
 
 def train_one_epoch(model, loader, optimizer, loss_fn, *, device, scaler, autocast_dtype=None,
                     scheduler=None, epoch: int = 0, num_epochs: int = 0, desc: str = "train",
-                    show_progress: bool = True) -> dict:
+                    show_progress: bool = True, step_fn=None) -> dict:
     """One pass over `loader`; `loss_fn(model, batch) -> (loss, num_images)` holds the task.
 
+    `step_fn(batch) -> (loss, num_images)`, when given, takes the whole optimisation step instead
+    (forward, backward and optimizer, e.g. a `CapturedStep`); the scheduler and the loss reads stay here.
     Returns {'loss': mean loss per image, 'lr': last learning rate, 'images_per_sec': throughput}.
     """
     from tqdm import tqdm
@@ -511,24 +543,27 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, device, scaler, autoca
     bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{num_epochs}", leave=False, disable=quiet, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 10.0)
     for step, batch in enumerate(bar, 1):
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss, n = loss_fn(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        if step_fn is not None:
+            loss, n = step_fn(batch)
+        else:
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                loss, n = loss_fn(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         if scheduler is not None:
             scheduler.step()
         loss_sum += loss.detach().float() * n   # stays on the device: no wait for the GPU in every step
         total_images += n
         if step % HOST_SYNC_EVERY == 0:
             mean_loss = _finite_mean_loss(loss_sum, total_images, epoch)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{float(optimizer.param_groups[0]['lr']):.2e}",
                             img_s=f"{total_images / max(1e-9, time.perf_counter() - start):.0f}")
     mean_loss = _finite_mean_loss(loss_sum, total_images, epoch)
     _check_finite_weights(model, epoch)
     elapsed = max(1e-9, time.perf_counter() - start)
-    return {"loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+    return {"loss": mean_loss, "lr": float(optimizer.param_groups[0]["lr"]),     # a tensor under lr_on_device
             "images_per_sec": total_images / elapsed}
 
 
@@ -562,6 +597,64 @@ def _check_finite_weights(model: nn.Module, epoch: int) -> None:
         raise NonFiniteLossError(
             f"the weights became NaN or inf in epoch {epoch + 1} ({name}); lower --lr, try --precision fp32, "
             f"and check the images for blank or corrupt files (the last good checkpoint is kept)")
+
+
+class CapturedStep:
+    """A training step with static shapes, run as it is or replayed from a CUDA graph.
+
+    `body(inputs) -> tuple of tensors` takes one whole step (forward, backward, optimizer.step) on a
+    device batch; it must not read a tensor on the host (.item(), `if tensor`, nonzero), must draw its
+    random numbers from the generators passed here, and must leave the gradients to be zeroed here.
+    capture=False (CPU, MPS): zero the gradients, run `body`. capture=True (CUDA): the first `warmup`
+    calls run as they are on a side stream (cuDNN's algorithm search, the optimizer's lazily made state),
+    the next is captured into one graph, and from then on a call copies its batch into the graph's
+    input buffer and replays augmentation, forward, backward and optimizer as one launch. The outputs
+    are the graph's own buffers, overwritten by the next call: read or copy them before it.
+    Learning rates must be tensors by then (`lr_on_device`), and autocast must run with
+    cache_enabled=False inside `body` (its weight cache would hold tensors of the capture)."""
+
+    def __init__(self, body, optimizer, capture: bool = False, generators=(), warmup: int = 3):
+        self.body, self.optimizer, self.capture, self.generators = body, optimizer, capture, tuple(generators)
+        self.warmup, self.calls = warmup, 0
+        self.graph = self.static_input = self.static_output = None
+
+    def __call__(self, inputs: torch.Tensor) -> tuple:
+        self.calls += 1
+        if not self.capture:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.body(inputs)
+        if self.graph is None and self.calls <= self.warmup:
+            return self._side_stream_step(inputs)
+        if self.graph is None:
+            self._capture(inputs)
+        elif inputs.shape != self.static_input.shape or inputs.dtype != self.static_input.dtype:
+            raise RuntimeError(f"the captured step takes batches of {tuple(self.static_input.shape)} "
+                               f"{self.static_input.dtype}, got {tuple(inputs.shape)} {inputs.dtype}: the "
+                               f"loader must drop the last partial batch")
+        self.static_input.copy_(inputs, non_blocking=True)
+        self.graph.replay()
+        return self.static_output
+
+    def _side_stream_step(self, inputs: torch.Tensor) -> tuple:
+        """Warm-up steps on a side stream, as capture wants (lazy initialisation never lands in a graph)."""
+        side = torch.cuda.Stream(device=inputs.device)
+        side.wait_stream(torch.cuda.current_stream(inputs.device))
+        with torch.cuda.stream(side):
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.body(inputs)
+        torch.cuda.current_stream(inputs.device).wait_stream(side)
+        return out
+
+    def _capture(self, inputs: torch.Tensor) -> None:
+        self.static_input = inputs.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        for generator in self.generators:
+            self.graph.register_generator_state(generator)
+        # the gradients are made inside the graph, from its memory pool, and overwritten at each replay
+        self.optimizer.zero_grad(set_to_none=True)
+        # thread_local: a DataLoader's pin-memory thread (data streamed from disk) may allocate meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.static_output = self.body(self.static_input)
 
 
 def make_grad_scaler(device: torch.device, autocast_dtype) -> torch.amp.GradScaler:

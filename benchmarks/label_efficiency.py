@@ -67,6 +67,8 @@ def pretrain(args, data_dir, label_file) -> str:
             "--crop_min_scale", str(args.crop_min_scale), "--rotation", str(args.ssl_rotation),
             "--jitter", str(args.jitter), "--gamma", str(args.gamma),
             "--device", args.device, "--precision", args.precision, "--seed", "0"]
+    if args.ssl_cuda_graphs != "auto":          # only then: records of runs before the flag stay reusable
+        argv += ["--cuda_graphs", args.ssl_cuda_graphs]
     saved = read_record(record, args.force)
     if saved.get("argv") == argv and saved.get("done"):      # only a finished pretraining with this recipe
         print(f"reusing {path}")
@@ -270,6 +272,8 @@ def get_args_parser():
     p.add_argument("--ssl_batch_size", type=int, default=64, help="pretraining batch (images)")
     p.add_argument("--ssl_optimizer", default="lars", choices=["adam", "lars"], help="pretraining optimizer")
     p.add_argument("--ssl_lr", type=float, default=1.2, help="pretraining learning rate")
+    p.add_argument("--ssl_cuda_graphs", default="auto", choices=["auto", "on", "off"],
+                   help="train_ssl.py --cuda_graphs: on replays each pretraining step from a CUDA graph")
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     p.add_argument("--crop_min_scale", type=float, default=0.3, help="pretraining crop: smallest area fraction")
     p.add_argument("--ssl_rotation", type=float, default=0.0,

@@ -10,6 +10,15 @@ are fair on a shared or throttling machine:
     python benchmarks/ssl_throughput.py --sizes 64 --steps 30 --precision both
     python benchmarks/ssl_throughput.py --sizes 224 --steps 5 --warmup 1 --num_workers 0 1 2
     python benchmarks/ssl_throughput.py --sizes 64 --profile               # where the augmentation time goes
+    python benchmarks/ssl_throughput.py --train_step --sizes 64 --batches 64 256 --precision both \
+        --optimizer lars --cuda_graphs off on --profile_md step_profile.md   # issue 23, on a GPU
+
+--train_step measures train_ssl.py's own step instead: its model, optimizer, schedule, BatchAugment and
+step (--cuda_graphs off: utils.train_one_epoch's; on: the capture-friendly step, replayed from a CUDA graph
+on a GPU) over full epochs of an in-memory BatchLoader, loss read every utils.HOST_SYNC_EVERY steps and at
+the end of each epoch, against (a) at the same batch (images per step), precision and optimizer; it prints
+step_over_model_<graphs>_<batch>_<precision> ratios, and with --profile_md a torch.profiler table of one
+eager step's parts (augmentation, forward, backward, optimizer, loss read) and of the captured step.
 
 The last line holds key=value pairs (ratio_b_over_a_64=..., ratio_b_over_c_64=..., ...). b/c uses the
 fastest worker count measured for (c); best_stream_workers is the fastest count for (d), to compare
@@ -19,6 +28,7 @@ on a machine shared with other jobs they are steadier than the throughput ratios
 small PNGs into a temporary folder.
 """
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -269,12 +279,197 @@ def summary(args, rows: dict) -> str:
     return " ".join(pairs)
 
 
+# ============ --train_step: train_ssl.py's own step against (a) ============
+
+class TiledStore:
+    """An in-memory ImageStore's images repeated to `n`: long epochs of the real loader without decoding
+    thousands of PNGs."""
+
+    def __init__(self, store, n: int):
+        reps = -(-n // len(store))
+        self.images, self.in_memory, self.channels = store.images.repeat(reps, 1, 1, 1)[:n], True, store.channels
+
+    def __len__(self):
+        return len(self.images)
+
+
+def build_real_step(args, store, size: int, batch: int, precision: str, graphs: str, device, steps: int):
+    """train_ssl.py's model, optimizer, schedule, augmentation and step, built by its own functions."""
+    import train_ssl
+
+    targs = train_ssl.get_args_parser().parse_args([
+        "--image_size", str(size), "--batch_size", str(batch), "--optimizer", args.optimizer,
+        "--lr", "0.3" if args.optimizer == "lars" else "1e-4", "--precision", precision, "--cuda_graphs", graphs,
+        "--num_epochs", "1000", "--warmup_epochs", "1", "--seed", "0", "--device", str(device)])
+    dtype, _ = utils.resolve_precision(precision, None, device)
+    torch.manual_seed(0)
+    model = train_ssl.build_model(targs).to(device).to(memory_format=torch.channels_last)
+    optimizer, scheduler = train_ssl.build_optimizer(targs, model, steps)
+    augment = data_loader.BatchAugment(train_ssl.ssl_augment_config(targs), size, channels_last=True)
+    static_step, _, _ = train_ssl.build_static_step(targs, model, augment, optimizer, device, dtype,
+                                                    {"world_size": 1, "rank": 0})
+    utils.lr_on_device(optimizer, device if static_step is not None else None)
+    loader = data_loader.BatchLoader(TiledStore(store, batch * steps), np.arange(batch * steps), batch_size=batch,
+                                     shuffle=True, drop_last=True, pin_memory=device.type == "cuda")
+    collapse = []
+    return dict(model=model, optimizer=optimizer, scheduler=scheduler, augment=augment, loader=loader, dtype=dtype,
+                static_step=static_step, temperature=targs.temperature, collapse=collapse,
+                loss_fn=train_ssl.make_loss_fn(augment, device, targs.temperature, collapse, {"world_size": 1, "rank": 0}),
+                step_fn=None if static_step is None else lambda b: static_step(b, collapse))
+
+
+def real_epoch(real: dict, device, epoch: int) -> tuple[int, float]:
+    """(views, seconds) of one epoch of utils.train_one_epoch, the loop train_ssl.py runs."""
+    real["loader"].set_epoch(epoch)
+    real["collapse"].clear()
+    sync(device)
+    start = time.perf_counter()
+    stats = utils.train_one_epoch(real["model"], real["loader"], real["optimizer"], real["loss_fn"], device=device,
+                                  scaler=utils.make_grad_scaler(device, real["dtype"]), autocast_dtype=real["dtype"],
+                                  scheduler=real["scheduler"], epoch=epoch, show_progress=False,
+                                  step_fn=real["step_fn"])
+    sync(device)
+    assert math.isfinite(stats["loss"])
+    return 2 * len(real["loader"]) * real["loader"].batch_size, time.perf_counter() - start
+
+
+def bench_train_step(args, store, size: int, batch: int, precision: str, device, steps: int, rounds: int) -> dict:
+    """Views/s of (a) and of the real step for each --cuda_graphs value, interleaved over `rounds`."""
+    dtype, _ = utils.resolve_precision(precision, None, device)
+    model_step = ModelStep(args.backbone, size, device, dtype, args.optimizer)
+    model_views = path_model(batch, size, device)
+    reals = {g: build_real_step(args, store, size, batch, precision, g, device, steps) for g in args.cuda_graphs}
+    totals, epoch = {}, 0
+    warm_steps = 5 if device.type == "cuda" else 1        # cuDNN's search, the optimizer's state, the capture
+    for g, real in reals.items():
+        for _ in range(-(-warm_steps // steps)):
+            real_epoch(real, device, epoch)
+            epoch += 1
+    timed(model_views, model_step, 3 if device.type == "cuda" else 0, 1, device)
+    for _ in range(rounds):
+        add(totals, "a", timed(model_views, model_step, 0, steps, device))
+        for g, real in reals.items():
+            add(totals, g, real_epoch(real, device, epoch))
+        epoch += 1
+    rates = {k: n / sec for k, (n, sec) in totals.items()}
+    tag = f"{batch}_{precision}"
+    row = {f"views_per_s_model_{tag}": rates["a"]}
+    for g in args.cuda_graphs:
+        row[f"views_per_s_step_{g}_{tag}"] = rates[g]
+        row[f"step_over_model_{g}_{tag}"] = rates[g] / rates["a"]
+    print(f"{size:>4} px  batch {batch:>4}  {precision:<4}  model {rates['a']:9.1f} views/s  " + "  ".join(
+        f"step(graphs {g}) {rates[g]:9.1f} = {rates[g] / rates['a']:.3f} x model" for g in args.cuda_graphs)
+        + f"  (load average {os.getloadavg()[0]:.1f})", flush=True)
+    if args.profile_md:
+        real = reals.get("off") or build_real_step(args, store, size, batch, precision, "off", device, steps)
+        graphed = reals.get("on")
+        profile_rows(args, real, graphed, batch, precision, device, size)
+    return row
+
+
+PARTS = ("augmentation", "forward", "backward", "optimizer", "loss read")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch",
+            "cudaMemcpyAsync", "cudaMemsetAsync")
+PROFILE_ROWS: list = []
+GRAPHED = "whole step, --cuda_graphs on"
+
+
+def eager_parts(real: dict, images: torch.Tensor, device) -> None:
+    """One step of train_ssl.py's eager path, each part in a profiler range (the loss read, done once per
+    utils.HOST_SYNC_EVERY steps in training, is shown as what one read costs)."""
+    from model_ssl import nt_xent_loss
+    rf = torch.profiler.record_function
+    with torch.autocast(device.type, dtype=real["dtype"] or torch.float32, enabled=real["dtype"] is not None):
+        with rf("augmentation"):
+            v1, v2 = real["augment"](images), real["augment"](images)
+        with rf("forward"):
+            x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
+            z1, z2 = real["model"](x).float().chunk(2)
+            loss = nt_xent_loss(z1, z2, real["temperature"])
+    with rf("backward"):
+        real["optimizer"].zero_grad(set_to_none=True)
+        loss.backward()
+    with rf("optimizer"):
+        real["optimizer"].step()
+        real["scheduler"].step()
+    with rf("loss read"):
+        loss.item()
+
+
+def profile_rows(args, real: dict, graphed, batch: int, precision: str, device, size: int) -> None:
+    """Per step: host (CPU) ms, device ms, kernel launches and top-level operator calls of each part, and
+    of the whole --cuda_graphs on step (on a GPU one graph replay; on a CPU the same step without a graph)."""
+    reps = 5 if device.type == "cuda" else 1
+    images = next(iter(real["loader"]))[0].to(device)
+    eager_parts(real, images, device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(reps):
+            eager_parts(real, images, device)
+        if graphed is not None and graphed["static_step"] is not None:
+            for _ in range(reps):
+                with torch.profiler.record_function(GRAPHED):
+                    graphed["static_step"]((images,), graphed["collapse"])
+                    graphed["scheduler"].step()
+        sync(device)
+    events = list(prof.events())
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]     # kernels run on GPU clocks
+    labels = PARTS + ((GRAPHED,) if graphed is not None and graphed["static_step"] is not None else ())
+    for label in labels:
+        ranges = [e for e in events if e.name == label]
+        inside = [e for r in ranges for e in host if e.thread == r.thread and e is not r
+                  and r.time_range.start <= e.time_range.start and e.time_range.end <= r.time_range.end]
+        ops = [e for e in inside if e.name.startswith("aten::")
+               and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+        n = max(1, len(ranges))
+        PROFILE_ROWS.append({"size": size, "batch": batch, "precision": precision, "part": label,
+                             "cpu_ms": sum(r.cpu_time_total for r in ranges) / n / 1000,
+                             "device_ms": sum(getattr(r, "device_time_total", 0) for r in ranges) / n / 1000,
+                             "launches": sum(e.name in LAUNCHES for e in inside) / n, "ops": len(ops) / n})
+
+
+def write_profile_md(path: str, header: str) -> None:
+    lines = [header, "", "| px | batch | precision | part | host ms/step | device ms/step | launches/step | "
+             "operator calls/step |", "|---|---|---|---|---|---|---|---|"]
+    for r in PROFILE_ROWS:
+        lines.append(f"| {r['size']} | {r['batch']} | {r['precision']} | {r['part']} | {r['cpu_ms']:.2f} | "
+                     f"{r['device_ms']:.2f} | {r['launches']:.0f} | {r['ops']:.0f} |")
+    utils.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def main_train_step(args, device, threads: int) -> None:
+    if args.optimizer == "lars_loop":
+        raise SystemExit("--train_step builds train_ssl.py's optimizer: --optimizer adam or lars")
+    steps, rounds = per_size(args.steps, args.sizes, 0), per_size(args.rounds, args.sizes, 2)
+    header = (f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{threads} threads'}), "
+              f"torch {torch.__version__}, backbone {args.backbone}, optimizer {args.optimizer}, train_ssl.py's "
+              f"step at batches {args.batches} (images; two views each), --cuda_graphs {args.cuda_graphs}")
+    print(header, flush=True)
+    rows = {}
+    with tempfile.TemporaryDirectory() as root:
+        names = write_pngs(root, args.num_images, args.png_size)
+        for size in args.sizes:
+            store = data_loader.ImageStore(root, names, size, channels=1)
+            for batch in args.batches:
+                for precision in precisions(args.precision):
+                    rows.update({f"{k}_{size}": v for k, v in bench_train_step(
+                        args, store, size, batch, precision, device, steps[size], rounds[size]).items()})
+                    if args.profile_md:       # after each setting: a run cut by a deadline keeps what it measured
+                        write_profile_md(args.profile_md, f"`{' '.join(sys.argv)}`  \n{header}")
+    print(" ".join(f"{k}={v:.3f}" for k, v in rows.items()))
+
+
 # ============ main ============
 
 def main(args):
     device = utils.resolve_device(args.device)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
+    if args.train_step:
+        if args.precision == "auto":
+            args.precision = "bf16" if utils.resolve_precision("auto", None, device)[0] == torch.bfloat16 else "fp32"
+        return main_train_step(args, device, threads)
     if args.precision == "auto":
         dtype, why = utils.resolve_precision("auto", None, device)
         args.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -330,6 +525,15 @@ def get_args_parser():
     p.add_argument("--num_images", type=int, default=256, help="synthetic PNGs written to a temp folder")
     p.add_argument("--png_size", type=int, default=256, help="side of the synthetic PNGs in pixels")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of BatchAugment")
+    g = p.add_argument_group("--train_step: train_ssl.py's own step (issue 23)")
+    g.add_argument("--train_step", action="store_true",
+                   help="measure train_ssl.py's step (augmentation + forward + backward + optimizer + loss reads) "
+                        "against (a) instead of the paths (a)-(d)")
+    g.add_argument("--batches", type=int, nargs="+", default=[64, 256], help="images per step (two views each)")
+    g.add_argument("--cuda_graphs", nargs="+", default=["off", "on"], choices=["off", "on"],
+                   help="train_ssl.py --cuda_graphs values to measure (on without CUDA: the step without a graph)")
+    g.add_argument("--profile_md", default=None,
+                   help="write a markdown table of one step's parts (host ms, device ms, launches, operator calls)")
     return p
 
 

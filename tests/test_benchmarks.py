@@ -79,3 +79,23 @@ def test_ssl_throughput_prints_its_ratios_with_the_pretraining_optimizer(optimiz
     assert f"optimizer {optimizer}" in result.stdout
     last = dict(kv.split("=") for kv in result.stdout.strip().splitlines()[-1].split())
     assert float(last["views_per_s_a_16"]) > 0 and 0 < float(last["ratio_b_over_a_16"])
+
+
+def test_ssl_throughput_train_step_mode_prints_ratios_and_writes_its_profile_table(tmp_path, capsys):
+    """Issue 23's measurement at toy size on the CPU: train_ssl.py's step with --cuda_graphs off and on
+    (there without a graph) against the model alone, and the profiler's table of the step's parts."""
+    import ssl_throughput
+
+    table = tmp_path / "profile.md"
+    ssl_throughput.PROFILE_ROWS.clear()
+    ssl_throughput.main(ssl_throughput.get_args_parser().parse_args(
+        ["--train_step", "--device", "cpu", "--sizes", "16", "--batches", "4", "--precision", "fp32",
+         "--optimizer", "lars", "--steps", "1", "--rounds", "1", "--num_images", "8", "--png_size", "24",
+         "--profile_md", str(table)]))
+    last = dict(kv.split("=") for kv in capsys.readouterr().out.strip().splitlines()[-1].split())
+    for graphs in ("off", "on"):
+        assert 0 < float(last[f"step_over_model_{graphs}_4_fp32_16"]) < 10
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| 16 | 4 | fp32 |")]
+    parts = [r.split(" | ")[3] for r in rows]
+    assert parts == ["augmentation", "forward", "backward", "optimizer", "loss read", "whole step, --cuda_graphs on"]
+    assert all(int(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)      # operator calls counted per part
