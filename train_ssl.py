@@ -168,6 +168,14 @@ def resume_path(args) -> str | None:
 
 # ============ main ============
 
+def check_args(args) -> None:
+    """Every flag checked before any work (utils.FLAG_RULES): one line naming the flag, value and range."""
+    utils.check_flags(args)
+    if args.resume not in (None, "auto"):
+        utils.check_flags(argparse.Namespace(resume=args.resume), {"resume": utils.EXISTING_FILE})
+
+
+@utils.locks_output_dir(check_args, "ssl")
 def main(args):
     dist = utils.init_distributed(args.device)        # under torchrun: the GPU of LOCAL_RANK, or the CPU
     device = args.device_obj = dist["device"]
@@ -178,6 +186,9 @@ def main(args):
 
     # ============ preparing data ============
     files, table, excluded = pretraining_files(args)
+    if not resume_path(args) and dist["is_main"]:
+        utils.refuse_replacing_another_run(os.path.join(args.output_dir, "best_ssl_model.pth"), args,
+                                           table.sha256 if table else None, args.overwrite)
     if args.num_workers is None:
         args.num_workers = utils.default_num_workers(device, streaming=args.augment == "pil")
     utils.configure_cpu_threads(device, args.num_workers)
@@ -201,6 +212,7 @@ def main(args):
                                             optimizer, scheduler, scaler, resume_path(args))
         start_epoch = ckpt["epoch"]
         utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
+        check_epochs_left(start_epoch, args.num_epochs, resume_path(args))
     train_model = utils.maybe_compile(utils.wrap_ddp(model, dist), args.compile)   # DDP broadcasts rank 0's weights
     history = utils.History(os.path.join(args.output_dir, "ssl_history.csv"), resume=start_epoch > 0)
     history.truncate(start_epoch)
@@ -256,6 +268,13 @@ def main(args):
     if dist["is_main"]:
         print(done_line(os.path.join(args.output_dir, "best_ssl_model.pth"), args.num_epochs))
     utils.cleanup_distributed(dist)
+
+
+def check_epochs_left(done: int, num_epochs: int, path: str) -> None:
+    """A resumed run with no epoch left would end by reporting the old best model as if it had trained."""
+    if done >= num_epochs:
+        raise UserError(f"--resume {path}: that run already completed {done} epoch(s), and --num_epochs is "
+                        f"{num_epochs}; nothing to train (its models are unchanged). Raise --num_epochs to train longer")
 
 
 def done_line(best_path: str, num_epochs: int) -> str:
@@ -335,6 +354,8 @@ def get_args_parser():
     p.add_argument("--eval_every", type=int, default=5, help="epochs between kNN evaluations (with --label_file)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a best_ssl_model.pth in --output_dir that another run (other data or settings) wrote")
     return p
 
 
