@@ -176,7 +176,7 @@ def filter_readable(root: str, filenames: list, quiet: bool = False) -> tuple[li
     kept, skipped = [], []
     for name in filenames:
         try:
-            load_image(os.path.join(root, name))
+            check_image_size(load_image(os.path.join(root, name)), name)
             kept.append(name)
         except UserError:
             skipped.append(name)
@@ -368,7 +368,7 @@ def _check_patients_in_one_split(patients, splits, label_file: str, first_line: 
         rows = np.flatnonzero(patients == patient)
         if len(set(splits[rows])) > 1:
             where = ", ".join(f"row {r + first_line} {splits[r]}" for r in rows[:4])
-            raise UserError(f"--label_file {label_file}: patient {patient!r} has images in {len(set(splits[rows]))} "
+            raise UserError(f"--label_file {label_file}: patient {str(patient)!r} has images in {len(set(splits[rows]))} "
                             f"splits ({where}); put all of a patient's images in one split")
 
 
@@ -434,9 +434,21 @@ def stratified_subset(labels: np.ndarray, indices: np.ndarray, fraction: float =
 
 # ============ decoded images and batches ============
 
+MIN_IMAGE_SIDE = 8   # pixels: a smaller "image" (a 1x1 placeholder, an icon) upsampled is a flat square
+
+
+def check_image_size(pixels: np.ndarray, path: str) -> np.ndarray:
+    """`pixels` when both sides are at least MIN_IMAGE_SIDE, else a UserError naming the file."""
+    h, w = pixels.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise UserError(f"{path}: the image is {w}x{h} pixels, too small to learn from (at least {MIN_IMAGE_SIDE} "
+                        f"px a side); remove it from the data (a placeholder or an icon?)")
+    return pixels
+
+
 def decode_to_tensor(path: str, image_size: int, channels: int) -> torch.Tensor:
     """Read, convert to `channels`, resize to image_size x image_size: uint8 (C, S, S)."""
-    pixels = load_image(path)
+    pixels = check_image_size(load_image(path), path)
     im = Image.fromarray(pixels)
     im = im.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.BILINEAR)
     arr = np.array(im)                      # a writable copy; PIL's buffer is read-only
@@ -485,7 +497,8 @@ class ImageStore(torch.utils.data.Dataset):
         print(f"warning: skipped {len(skipped)} unreadable image(s) under {self.root}: {shown}", file=sys.stderr)
         kept = [i for i, good in enumerate(ok) if good]
         if not kept:
-            raise UserError(f"{self.root}: none of the images could be read; check the files")
+            raise UserError(f"{self.root}: none of the images could be used (unreadable or too small, see the "
+                            f"warning above); check the files")
         self.filenames = [self.filenames[i] for i in kept]
         for j, i in enumerate(kept):  # compact in place, no second copy
             images[j] = images[i]

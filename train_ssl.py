@@ -35,6 +35,9 @@ def pretraining_files(args):
     table, excluded = None, []
     if args.label_file:
         table = data_loader.read_label_table(args.label_file, args.data_dir, seed=args.split_seed)
+        if len(np.unique(table.labels)) < 2:          # every kNN vote would be right: a monitor that says nothing
+            raise UserError(f"--label_file {args.label_file}: every image has the same label; the kNN monitor needs "
+                            f"at least 2 classes (leave --label_file out to pick the epoch by the loss)")
         excluded = sorted(np.asarray(table.filenames)[table.indices("test")].tolist())
         held_out = set(excluded)
         files = [f for f in files if f not in held_out]

@@ -122,12 +122,13 @@ class Bound:
 
     def describe(self) -> str:
         what = "an integer" if self.kind is int else "a number"
+        lo, hi = (None if b is None else str(int(b)) if float(b).is_integer() else f"{b:g}" for b in (self.lo, self.hi))
         if self.lo is not None and self.hi is not None:
-            span = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            span = f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
         elif self.lo is not None:
-            span = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            span = f"{'>' if self.lo_open else '>='} {lo}"
         elif self.hi is not None:
-            span = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+            span = f"{'<' if self.hi_open else '<='} {hi}"
         else:
             span = "(finite)"
         return f"{what} {span}" + (f" ({self.hint})" if self.hint else "")
