@@ -260,9 +260,10 @@ def _read_label_csv(label_file: str):
     except pd.errors.EmptyDataError:
         raise UserError(f"--label_file {label_file}: the file is empty; write rows `filename,label`")
     except UnicodeDecodeError as e:
-        utf16 = e.object[:2] in (b"\xff\xfe", b"\xfe\xff")
-        raise UserError(f"--label_file {label_file}: not UTF-8 text ({'UTF-16' if utf16 else f'byte {e.object[e.start]:#04x} at offset {e.start}'}); "
-                        f"save it as UTF-8 (Excel: 'CSV UTF-8'; R: write.csv(..., fileEncoding = 'UTF-8'))")
+        where = "UTF-16" if e.object[:2] in (b"\xff\xfe", b"\xfe\xff") else \
+            f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise UserError(f"--label_file {label_file}: not UTF-8 text ({where}); save it as UTF-8 "
+                        f"(Excel: 'CSV UTF-8'; R: write.csv(..., fileEncoding = 'UTF-8'))")
     except (pd.errors.ParserError, csv.Error) as e:
         raise UserError(f"--label_file {label_file}: not a readable CSV ({_reason(e)}); write rows `filename,label`")
     df.attrs["first_line"] = 1 + has_header       # line number of the first data row, for messages
@@ -362,14 +363,18 @@ def _check_patients(df, label_file: str) -> np.ndarray:
 
 def _check_patients_in_one_split(patients, splits, label_file: str, first_line: int, by_patient: bool) -> None:
     """A patient with images in two splits leaks between training and testing: refuse, naming the rows."""
+    import pandas as pd
+
     if not by_patient:
         return
-    for patient in np.unique(patients):
+    per_patient = pd.Series(splits).groupby(patients).nunique()     # one pass: label files of 100k rows
+    straddling = per_patient[per_patient > 1]
+    if len(straddling):
+        patient = straddling.index[0]
         rows = np.flatnonzero(patients == patient)
-        if len(set(splits[rows])) > 1:
-            where = ", ".join(f"row {r + first_line} {splits[r]}" for r in rows[:4])
-            raise UserError(f"--label_file {label_file}: patient {str(patient)!r} has images in {len(set(splits[rows]))} "
-                            f"splits ({where}); put all of a patient's images in one split")
+        where = ", ".join(f"row {r + first_line} {splits[r]}" for r in rows[:4])
+        raise UserError(f"--label_file {label_file}: patient {str(patient)!r} has images in {straddling.iloc[0]} "
+                        f"splits ({where}); put all of a patient's images in one split")
 
 
 def _parse_splits(col, label_file: str) -> np.ndarray:

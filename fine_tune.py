@@ -47,8 +47,9 @@ def build_data(args, ssl, device, dist):
                                          val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     present = len(np.unique(table.labels))
     if present < 2:
-        raise UserError(f"--label_file {args.label_file}: every image has the label {table.class_names[table.labels[0]]!r}; "
-                        f"a classifier needs images of at least 2 classes")
+        only = table.class_names[table.labels[0]]
+        raise UserError(f"--label_file {args.label_file}: every image has the label {only!r}; a classifier needs "
+                        f"images of at least 2 classes")
     if args.num_classes is not None and args.num_classes not in (table.num_classes, present) or \
             present != table.num_classes:
         raise UserError(f"--num_classes {args.num_classes or table.num_classes}, but {args.label_file} has images of "

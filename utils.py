@@ -153,7 +153,8 @@ FLAG_RULES = {
     "rotation": Bound(float, 0, 180, hint="degrees"), "jitter": Bound(float, 0, 1), "gamma": Bound(float, 0, 10),
     "eval_every": Bound(int, 1, hint="epochs between kNN evaluations"),
     "num_classes": Bound(int, 2, 10_000), "encoder_lr_scale": Bound(float, 0, 100),
-    "unfreeze_after_epoch": UINT, "head_prefit_steps": Bound(int, 0, 1_000_000), "label_fraction": FRACTION,
+    "unfreeze_after_epoch": UINT, "head_prefit_steps": Bound(int, 0, 1_000_000),
+    "label_fraction": Bound(float, 0, 1, lo_open=True, hint="e.g. 0.1 for 10% of the labels"),
     "val_fraction": Bound(float, 0, 1, hi_open=True), "test_fraction": Bound(float, 0, 1, hi_open=True),
     "bootstrap": Bound(int, 0, 100_000, hint="resamples; 0 for no intervals"),
     "num_images": Bound(int, 1, 10_000_000), "num_unlabeled": Bound(int, 0, 10_000_000),
@@ -203,48 +204,69 @@ def _is_folder_of_checkpoints(flag: str, path: str) -> str:
 
 # ============ one run per output folder ============
 
+LOCK_NAME = re.compile(r"\..+\.lock")      # what OutputLock names its file (hidden: never listed as output)
+
+
 class OutputLock:
     """`<folder>/.<name>.lock` while a run writes there: a second run of the same kind into the folder is
     refused with one line naming the first (pid, host, start, command).
 
     The lock is an flock on the file, which the kernel drops when its process dies however it dies, so a
-    lock left by a killed run is taken over (with a note naming it), never waited on. The file is emptied,
-    not deleted, on release: deleting it would let a run that opened it just before lock a dead inode."""
+    lock file left by a killed run is taken over (with a note naming that run), never waited on. The file
+    is deleted on release; a run that opened it just before then finds, once locked, that the path no
+    longer names its file, and opens it again."""
 
     def __init__(self, folder: str, name: str):
         self.folder, self.path, self.fd = folder, os.path.join(folder, f".{name}.lock"), None
+        assert LOCK_NAME.fullmatch(os.path.basename(self.path)), name
 
     def acquire(self) -> "OutputLock":
         try:
             import fcntl
         except ImportError:                  # Windows: no flock; runs are not locked there
             return self
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise UserError(f"cannot write to {self.folder}: {e.strerror or e}; choose a writable --output_dir")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _lock_holder(fd)
-            os.close(fd)
-            raise UserError(f"--output_dir {self.folder} is in use by another run ({holder}); wait for it to "
-                            f"finish or choose another --output_dir")
-        previous = _lock_holder(fd)
+        while self.fd is None:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise UserError(f"--output_dir {self.folder} is in use by another run ({holder}); wait for it to "
+                                f"finish or choose another --output_dir")
+            if self._still_at_path(fd):
+                self.fd = fd
+            else:
+                os.close(fd)                 # released and deleted between our open and our flock: again
+        previous = _lock_holder(self.fd)
         if previous:
             print(f"note: {self.path} was left by a run that is no longer running ({previous}); taking it over",
                   file=sys.stderr)
         me = {"pid": os.getpid(), "host": _hostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-        self.fd = fd
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(me) + "\n").encode(), 0)
         return self
+
+    def _open(self) -> int:
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot write to {self.folder}: {e.strerror or e}; choose a writable --output_dir")
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except OSError:
+            return False
 
     def release(self) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)         # an empty lock file: nothing to report as stale
+            try:
+                os.unlink(self.path)         # while still locked: no one can be holding this file
+            except OSError:
+                pass
             os.close(self.fd)                # closing drops the flock
             self.fd = None
 
@@ -499,14 +521,22 @@ def refuse_replacing_another_run(path: str, args, label_sha256, overwrite: bool)
         old = load_checkpoint(path, flag="--output_dir holds")
     except UserError as e:
         raise UserError(f"{e} (not a model this run could replace safely); {fix}")
-    now = {k: v for k, v in vars(args).items() if k not in RUNTIME_ARGS}
+    now = {k: v for k, v in vars(args).items() if k not in RUNTIME_ARGS and v is not None}   # None: not given
     saved = old.get("args") or {}
-    diff = [f"--{k} {saved[k]} then, {now[k]} now" for k in now if k in saved and saved[k] != now[k]]
+    diff = [f"--{k} {saved[k]} then, {now[k]} now" for k in now
+            if k in saved and not _same_setting(k, saved[k], now[k])]
     if old.get("label_file_sha256") != label_sha256:
         diff.insert(0, "another label file" if label_sha256 and old.get("label_file_sha256") else
                     "with a label file" if old.get("label_file_sha256") else "without a label file")
     if diff:
         raise UserError(f"{path} holds the model of another run ({'; '.join(diff[:2])}); {fix}")
+
+
+def _same_setting(key: str, then, now) -> bool:
+    """Equal values; a checkpoint path also when it names the same file (./c/x.pth and /abs/c/x.pth)."""
+    if then == now:
+        return True
+    return key == "ssl_checkpoint" and isinstance(then, str) and os.path.realpath(then) == os.path.realpath(now)
 
 
 def _load_weights_only(path: str, flag: str):

@@ -108,11 +108,12 @@ def temporaries(folder, name=""):
 
 
 def assert_outputs_readable(folder):
-    """Every output parses; the only other entries are our hidden temporaries, never read as outputs."""
+    """Every output parses; the only other entries are our hidden temporaries and the lock file of a killed
+    run, never read as outputs."""
     for entry in sorted(os.listdir(folder)):
         path = os.path.join(folder, entry)
         if entry.startswith("."):
-            assert utils.TEMPORARY_NAME.fullmatch(entry), entry
+            assert utils.TEMPORARY_NAME.fullmatch(entry) or utils.LOCK_NAME.fullmatch(entry), entry
         elif entry.endswith(".pth"):
             utils.load_checkpoint(path)                             # weights_only=True, then validated
         elif entry.endswith(".csv"):
