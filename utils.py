@@ -163,13 +163,13 @@ FLAG_RULES = {
 }
 
 
-def check_flags(args, overrides: dict | None = None, skip: tuple = ()) -> None:
+def check_flags(args, overrides: dict | None = None) -> None:
     """Check every flag of `args` that FLAG_RULES (or `overrides`) names, before any work: the first bad one
     is a UserError naming the flag, its value and what is allowed. None means "not given" and passes."""
     rules = {**FLAG_RULES, **(overrides or {})}
     for name, value in vars(args).items():
         rule = rules.get(name)
-        if rule is None or name in skip or value is None:
+        if rule is None or value is None:
             continue
         for v in value if isinstance(value, list) else [value]:
             _check_flag(name, v, rule)

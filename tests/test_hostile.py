@@ -432,3 +432,10 @@ def test_the_lock_refuses_a_second_holder_and_is_gone_after_release(tmp_path):
     first.release()
     assert os.listdir(tmp_path) == []
     utils.OutputLock(str(tmp_path), "ssl").acquire().release()
+
+
+def test_a_tiny_label_fraction_still_trains_on_every_class(world):
+    """--label_fraction 0.01 of ~16 train images rounds to 0 images per class: each class keeps one instead."""
+    table = data_loader.read_label_table(os.path.join(world["labels"], "good.csv"), world["data"], seed=0)
+    chosen = data_loader.stratified_subset(table.labels, table.indices("train"), 0.01, seed=0)
+    assert sorted(table.labels[chosen].tolist()) == [0, 1]
