@@ -228,6 +228,13 @@ def resolve_backbone(args, ssl) -> None:
     args.backbone = saved
 
 
+def refuse_replacing_another_run(args, ssl, dist) -> None:
+    """Before any work: a fresh run would replace the best model there, which may be another run's."""
+    if not args.resume and dist["is_main"]:
+        utils.refuse_replacing_another_run(os.path.join(args.output_dir, run_names(args, ssl is not None)[0]),
+                                           args, utils.sha256_file(args.label_file), args.overwrite)
+
+
 @utils.locks_output_dir(check_args, lambda args: run_names(args, bool(args.ssl_checkpoint))[1])
 def main(args):
     dist = utils.init_distributed(args.device)        # under torchrun: the GPU of LOCAL_RANK, or the CPU
@@ -242,9 +249,7 @@ def main(args):
     ssl = load_ssl(args)
     args.image_size = args.image_size or (ssl["image_size"] if ssl else 224)
     resolve_backbone(args, ssl)
-    if not args.resume and dist["is_main"]:
-        utils.refuse_replacing_another_run(os.path.join(args.output_dir, run_names(args, ssl is not None)[0]),
-                                           args, utils.sha256_file(args.label_file), args.overwrite)
+    refuse_replacing_another_run(args, ssl, dist)
     table, train_idx, store, train_loader, val_loader = build_data(args, ssl, device, dist)
     model = build_model(args, ssl, table.num_classes).to(device).to(memory_format=torch.channels_last)
     model = utils.convert_sync_bn(model, args.sync_bn, dist)
@@ -269,10 +274,7 @@ def main(args):
                                             optimizer, scheduler, scaler, resume)
         start_epoch = ckpt["epoch"]
         utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
-        if start_epoch >= args.num_epochs:
-            raise UserError(f"--resume {resume}: that run already completed {start_epoch} epoch(s), and --num_epochs "
-                            f"is {args.num_epochs}; nothing to train (its models are unchanged). Raise --num_epochs "
-                            f"to train longer")
+        utils.check_epochs_left(start_epoch, args.num_epochs, resume)
     if args.head_prefit_steps > 0 and start_epoch == 0:
         loss = prefit_head(model, store, train_idx, table, args, device, weights)
         if dist["is_main"]:

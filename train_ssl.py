@@ -215,7 +215,7 @@ def main(args):
                                             optimizer, scheduler, scaler, resume_path(args))
         start_epoch = ckpt["epoch"]
         utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
-        check_epochs_left(start_epoch, args.num_epochs, resume_path(args))
+        utils.check_epochs_left(start_epoch, args.num_epochs, resume_path(args))
     train_model = utils.maybe_compile(utils.wrap_ddp(model, dist), args.compile)   # DDP broadcasts rank 0's weights
     history = utils.History(os.path.join(args.output_dir, "ssl_history.csv"), resume=start_epoch > 0)
     history.truncate(start_epoch)
@@ -271,13 +271,6 @@ def main(args):
     if dist["is_main"]:
         print(done_line(os.path.join(args.output_dir, "best_ssl_model.pth"), args.num_epochs))
     utils.cleanup_distributed(dist)
-
-
-def check_epochs_left(done: int, num_epochs: int, path: str) -> None:
-    """A resumed run with no epoch left would end by reporting the old best model as if it had trained."""
-    if done >= num_epochs:
-        raise UserError(f"--resume {path}: that run already completed {done} epoch(s), and --num_epochs is "
-                        f"{num_epochs}; nothing to train (its models are unchanged). Raise --num_epochs to train longer")
 
 
 def done_line(best_path: str, num_epochs: int) -> str:

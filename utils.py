@@ -988,6 +988,13 @@ def restore_training_state(ckpt: dict, modules: dict, optimizer, scheduler, scal
     return ckpt["best_metric"]
 
 
+def check_epochs_left(done: int, num_epochs: int, path: str) -> None:
+    """A resumed run with no epoch left would end by reporting the old best model as if it had trained."""
+    if done >= num_epochs:
+        raise UserError(f"--resume {path}: that run already completed {done} epoch(s), and --num_epochs is "
+                        f"{num_epochs}; nothing to train (its models are unchanged). Raise --num_epochs to train longer")
+
+
 def check_resume_compatible(ckpt: dict, args, keys: tuple, path: str) -> None:
     """Refuse to resume a run with settings that change the network or the data it sees."""
     saved = ckpt.get("args", {})
