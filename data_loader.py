@@ -9,8 +9,8 @@ Unlabelled folders: `list_readable_images(data_dir)` (corrupt files skipped with
 Labelled data: `read_label_table(...)` then `ImageStore(...)`, where a corrupt file is an error.
 """
 import argparse
+import csv
 import os
-import posixpath
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from utils import HelpFormatter, UserError, sha256_file
+from utils import HelpFormatter, UserError, locks_output_dir, sha256_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -175,7 +175,7 @@ def filter_readable(root: str, filenames: list, quiet: bool = False) -> tuple[li
     kept, skipped = [], []
     for name in filenames:
         try:
-            load_image(os.path.join(root, name))
+            check_image_size(load_image(os.path.join(root, name)), name)
             kept.append(name)
         except UserError:
             skipped.append(name)
@@ -230,10 +230,11 @@ def read_label_table(label_file: str, data_dir: str, num_classes: int | None = N
         raise UserError(f"--data_dir {data_dir}: no such folder; check the path")
     df = _read_label_csv(label_file)
     labels, class_names = _parse_labels(df["label"], label_file, num_classes)
-    filenames = _check_filenames(df["filename"], label_file, data_dir)
-    patients = df["patient_id"].to_numpy(str) if "patient_id" in df else np.array(filenames, dtype=str)
+    filenames = _check_filenames(df["filename"], label_file, data_dir, df.attrs["first_line"])
+    patients = _check_patients(df, label_file) if "patient_id" in df else np.array(filenames, dtype=str)
     if "split" in df:
         splits = _parse_splits(df["split"], label_file)
+        _check_patients_in_one_split(patients, splits, label_file, df.attrs["first_line"], "patient_id" in df)
     else:
         splits = assign_splits(labels, patients, seed, val_fraction, test_fraction)
     _check_split_coverage(splits, labels, class_names, label_file)
@@ -248,15 +249,23 @@ def _read_label_csv(label_file: str):
     if not os.path.isfile(label_file):
         raise UserError(f"--label_file {label_file}: no such file; check the path")
     try:
-        with open(label_file, encoding="utf-8-sig") as f:
-            first = [c.strip().lower() for c in f.readline().split(",")]
+        with open(label_file, encoding="utf-8-sig", newline="") as f:
+            line = f.readline()
+        # csv, not str.split: R and Excel quote header cells ("Filename","Label")
+        first = [c.strip().lower() for c in next(csv.reader([line]), [])]
         has_header = "filename" in first or "label" in first
         df = pd.read_csv(label_file, header=0 if has_header else None, dtype=str, encoding="utf-8-sig",
                          skipinitialspace=True, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise UserError(f"--label_file {label_file}: the file is empty; write rows `filename,label`")
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        where = "UTF-16" if e.object[:2] in (b"\xff\xfe", b"\xfe\xff") else \
+            f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise UserError(f"--label_file {label_file}: not UTF-8 text ({where}); save it as UTF-8 "
+                        f"(Excel: 'CSV UTF-8'; R: write.csv(..., fileEncoding = 'UTF-8'))")
+    except (pd.errors.ParserError, csv.Error) as e:
         raise UserError(f"--label_file {label_file}: not a readable CSV ({_reason(e)}); write rows `filename,label`")
+    df.attrs["first_line"] = 1 + has_header       # line number of the first data row, for messages
     if has_header:
         df.columns = [str(c).strip().lower() for c in df.columns]
         if "filename" not in df or "label" not in df:
@@ -270,7 +279,9 @@ def _read_label_csv(label_file: str):
     if df.empty:
         raise UserError(f"--label_file {label_file}: no rows; add lines `filename,label`")
     if "label" not in df:
-        raise UserError(f"--label_file {label_file}: only one column; each row needs `filename,label`")
+        semicolons = ";" in line
+        raise UserError(f"--label_file {label_file}: only one column; each row needs `filename,label`" +
+                        (" (the columns are separated by ';': save it comma-separated)" if semicolons else ""))
     df = df.apply(lambda col: col.str.strip())
     blank = np.flatnonzero((df["filename"] == "").to_numpy() | (df["label"] == "").to_numpy())
     if len(blank):
@@ -305,25 +316,64 @@ def _parse_labels(raw, label_file: str, num_classes: int | None) -> tuple[np.nda
     return labels, class_names
 
 
-def _check_filenames(col, label_file: str, data_dir: str) -> list:
-    """Filenames ('/'-separated, relative to data_dir, normalised) that are unique and exist.
+def _check_filenames(col, label_file: str, data_dir: str, first_line: int = 1) -> list:
+    """Filenames ('/'-separated, relative to data_dir, normalised) of existing files inside data_dir, each
+    image once.
 
-    Normalised so that './a.png' and 'a.png' are one image (a duplicate), and so that they compare
-    equal to `list_images` names (train_ssl.py leaves the test split out by name)."""
-    filenames = [posixpath.normpath(f.replace("\\", "/")) for f in col.tolist()]
-    seen, dupes = set(), []
-    for f in filenames:
-        if f in seen:
-            dupes.append(f)
-        seen.add(f)
-    if dupes:
-        raise UserError(f"--label_file {label_file}: {len(dupes)} duplicate filename(s), first {dupes[0]!r}; "
-                        f"keep one row per image")
-    missing = [f for f in filenames if not os.path.isfile(os.path.join(data_dir, f))]
-    if missing:
-        raise UserError(f"--label_file {label_file}: {len(missing)} file(s) not found under {data_dir}, first "
-                        f"{missing[0]!r}; fix the path (relative to --data_dir) or remove the row")
+    A name may be relative, './'-prefixed, absolute or go through '..', as long as it stays inside
+    --data_dir (a symlink inside it may point elsewhere). Two rows that reach the same file, under any
+    names or through symlinks, are refused with both rows named: one image with two labels could land
+    in train and in test. Normalised names compare equal to `list_images` names (train_ssl.py leaves
+    the test split out by name)."""
+    root = os.path.abspath(data_dir)
+    filenames, first_row_of = [], {}
+    for i, raw in enumerate(col.tolist()):
+        row = i + first_line
+        path = os.path.normpath(os.path.join(root, raw.replace("\\", "/")))
+        if os.path.commonpath([root, path]) != root:
+            raise UserError(f"--label_file {label_file}: row {row} names {raw!r}, which is outside --data_dir "
+                            f"{data_dir}; give paths inside it (relative to it) or move the image there")
+        name = os.path.relpath(path, root).replace(os.sep, "/")
+        if not os.path.isfile(path):
+            missing = sum(not os.path.isfile(os.path.join(root, f)) for f in col.tolist()[i:])
+            raise UserError(f"--label_file {label_file}: {missing} file(s) not found under {data_dir}, first "
+                            f"{name!r} (row {row}); fix the path (relative to --data_dir) or remove the row")
+        real = os.path.realpath(path)
+        if real in first_row_of:
+            j = first_row_of[real]
+            raise UserError(f"--label_file {label_file}: rows {j + first_line} ({col.iloc[j]!r}) and {row} ({raw!r}) "
+                            f"name the same image; keep one row per image")
+        first_row_of[real] = i
+        filenames.append(name)
     return filenames
+
+
+def _check_patients(df, label_file: str) -> np.ndarray:
+    """patient_id cells, none blank: blank cells pooled into one pseudo-patient would put unrelated images
+    in one group, and leaving them out would drop labelled images silently."""
+    patients = df["patient_id"].to_numpy(str)
+    blank = np.flatnonzero(patients == "") + df.attrs["first_line"]
+    if len(blank):
+        shown = ", ".join(map(str, blank[:5])) + (f" and {len(blank) - 5} more" if len(blank) > 5 else "")
+        raise UserError(f"--label_file {label_file}: {len(blank)} row(s) have an empty patient_id (row {shown}); "
+                        f"fill them in (an image of unknown patient can get an id of its own, e.g. its filename)")
+    return patients
+
+
+def _check_patients_in_one_split(patients, splits, label_file: str, first_line: int, by_patient: bool) -> None:
+    """A patient with images in two splits leaks between training and testing: refuse, naming the rows."""
+    import pandas as pd
+
+    if not by_patient:
+        return
+    per_patient = pd.Series(splits).groupby(patients).nunique()     # one pass: label files of 100k rows
+    straddling = per_patient[per_patient > 1]
+    if len(straddling):
+        patient = straddling.index[0]
+        rows = np.flatnonzero(patients == patient)
+        where = ", ".join(f"row {r + first_line} {splits[r]}" for r in rows[:4])
+        raise UserError(f"--label_file {label_file}: patient {str(patient)!r} has images in {straddling.iloc[0]} "
+                        f"splits ({where}); put all of a patient's images in one split")
 
 
 def _parse_splits(col, label_file: str) -> np.ndarray:
@@ -388,9 +438,21 @@ def stratified_subset(labels: np.ndarray, indices: np.ndarray, fraction: float =
 
 # ============ decoded images and batches ============
 
+MIN_IMAGE_SIDE = 8   # pixels: a smaller "image" (a 1x1 placeholder, an icon) upsampled is a flat square
+
+
+def check_image_size(pixels: np.ndarray, path: str) -> np.ndarray:
+    """`pixels` when both sides are at least MIN_IMAGE_SIDE, else a UserError naming the file."""
+    h, w = pixels.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise UserError(f"{path}: the image is {w}x{h} pixels, too small to learn from (at least {MIN_IMAGE_SIDE} "
+                        f"px a side); remove it from the data (a placeholder or an icon?)")
+    return pixels
+
+
 def decode_to_tensor(path: str, image_size: int, channels: int) -> torch.Tensor:
     """Read, convert to `channels`, resize to image_size x image_size: uint8 (C, S, S)."""
-    pixels = load_image(path)
+    pixels = check_image_size(load_image(path), path)
     im = Image.fromarray(pixels)
     im = im.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.BILINEAR)
     arr = np.array(im)                      # a writable copy; PIL's buffer is read-only
@@ -439,7 +501,8 @@ class ImageStore(torch.utils.data.Dataset):
         print(f"warning: skipped {len(skipped)} unreadable image(s) under {self.root}: {shown}", file=sys.stderr)
         kept = [i for i, good in enumerate(ok) if good]
         if not kept:
-            raise UserError(f"{self.root}: none of the images could be read; check the files")
+            raise UserError(f"{self.root}: none of the images could be used (unreadable or too small, see the "
+                            f"warning above); check the files")
         self.filenames = [self.filenames[i] for i in kept]
         for j, i in enumerate(kept):  # compact in place, no second copy
             images[j] = images[i]
@@ -1173,6 +1236,15 @@ def _load_npz(npz_path: str) -> dict:
 
 # ============ command line ============
 
+def _check_args(args) -> None:
+    from utils import Bound, check_flags
+    check_flags(args, {"num_classes": Bound(int, 2, MAX_SYNTHETIC_CLASSES, hint="classes the generator draws"),
+                       "image_size": Bound(int, 32, 2048, hint="pixels")})
+    if not args.from_npz:
+        _check_generator_args(args)
+
+
+@locks_output_dir(_check_args, "generate")
 def main(args):
     if args.from_npz:
         rows = import_npz(args.from_npz, args.output_dir)
@@ -1180,7 +1252,6 @@ def main(args):
         print(f"wrote {len(rows)} images ({', '.join(f'{s} {n}' for s, n in counts.items())}) and labels.csv "
               f"to {args.output_dir}")
         return rows
-    _check_generator_args(args)
     rows = generate_dataset(args.output_dir, args.num_images, args.num_classes, args.image_size, args.seed,
                             args.num_unlabeled)
     patients = len({r[2] for r in rows})
@@ -1192,16 +1263,10 @@ def main(args):
 
 
 def _check_generator_args(args) -> None:
-    if not 2 <= args.num_classes <= MAX_SYNTHETIC_CLASSES:
-        raise UserError(f"--num_classes {args.num_classes}: the generator draws 2 to {MAX_SYNTHETIC_CLASSES} "
-                        f"classes; choose one in that range")
+    """What the shared range table (utils.FLAG_RULES) cannot say: flags that depend on each other."""
     if args.num_images < args.num_classes:
         raise UserError(f"--num_images {args.num_images}: need at least one image per class "
                         f"({args.num_classes}); raise --num_images")
-    if args.num_unlabeled < 0:
-        raise UserError(f"--num_unlabeled {args.num_unlabeled}: must be 0 or more")
-    if not 32 <= args.image_size <= 2048:
-        raise UserError(f"--image_size {args.image_size}: choose a side between 32 and 2048 pixels")
 
 
 def get_args_parser():

@@ -961,12 +961,11 @@ def check_args(args) -> None:
     if args.names and len(args.names) != len(args.checkpoint):
         raise UserError(f"--names gives {len(args.names)} name(s) for {len(args.checkpoint)} --checkpoint(s); "
                         f"give one per checkpoint, in the same order")
-    if args.bootstrap < 0 or args.batch_size < 1:
-        raise UserError("--bootstrap must be >= 0 and --batch_size >= 1")
+    utils.check_flags(args)
 
 
+@utils.locks_output_dir(check_args, "evaluate")
 def main(args):
-    check_args(args)
     device = utils.resolve_device(args.device)
     autocast_dtype, precision = utils.resolve_precision(args.precision, args.amp, device)
     settings = {"checkpoints": args.checkpoint, "names": display_names(args), "data_dir": args.data_dir,

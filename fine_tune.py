@@ -46,6 +46,10 @@ def build_data(args, ssl, device, dist):
     table = data_loader.read_label_table(args.label_file, args.data_dir, args.num_classes, seed=args.split_seed,
                                          val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     present = len(np.unique(table.labels))
+    if present < 2:
+        only = table.class_names[table.labels[0]]
+        raise UserError(f"--label_file {args.label_file}: every image has the label {only!r}; a classifier needs "
+                        f"images of at least 2 classes")
     if args.num_classes is not None and args.num_classes not in (table.num_classes, present) or \
             present != table.num_classes:
         raise UserError(f"--num_classes {args.num_classes or table.num_classes}, but {args.label_file} has images of "
@@ -202,14 +206,37 @@ def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metric
 # ============ main ============
 
 def check_args(args) -> None:
-    if not 0 < args.label_fraction <= 1:
-        raise UserError(f"--label_fraction {args.label_fraction}: must be in (0, 1], e.g. 0.1 for 10% of the labels")
-    if args.num_epochs < 1 or args.batch_size < 1:
-        raise UserError("--num_epochs and --batch_size must be at least 1")
+    """Every flag checked before any work (utils.FLAG_RULES): one line naming the flag, value and range."""
+    utils.check_flags(args)
+    if args.resume not in (None, "auto"):
+        utils.check_flags(argparse.Namespace(resume=args.resume), {"resume": utils.EXISTING_FILE})
+    if args.val_fraction + args.test_fraction >= 1:
+        raise UserError(f"--val_fraction {args.val_fraction} + --test_fraction {args.test_fraction} leave no "
+                        f"training images; keep their sum below 1 (e.g. 0.15 and 0.15)")
 
 
+def resolve_backbone(args, ssl) -> None:
+    """An SSL checkpoint decides the architecture: --backbone is what the log, settings and checkpoint record,
+    so it must name what trains."""
+    if ssl is None:
+        args.backbone = args.backbone or "resnet18"
+        return
+    saved = ssl["model_config"].get("backbone", ModelConfig.backbone)
+    if args.backbone not in (None, saved):
+        print(f"note: --backbone {args.backbone} ignored: {args.ssl_checkpoint} holds a {saved} encoder, which is "
+              f"what is fine-tuned (the checkpoint decides the architecture)")
+    args.backbone = saved
+
+
+def refuse_replacing_another_run(args, ssl, dist) -> None:
+    """Before any work: a fresh run would replace the best model there, which may be another run's."""
+    if not args.resume and dist["is_main"]:
+        utils.refuse_replacing_another_run(os.path.join(args.output_dir, run_names(args, ssl is not None)[0]),
+                                           args, utils.sha256_file(args.label_file), args.overwrite)
+
+
+@utils.locks_output_dir(check_args, lambda args: run_names(args, bool(args.ssl_checkpoint))[1])
 def main(args):
-    check_args(args)
     dist = utils.init_distributed(args.device)        # under torchrun: the GPU of LOCAL_RANK, or the CPU
     device = dist["device"]
     autocast_dtype, precision_note = utils.resolve_precision(args.precision, args.amp, device)
@@ -221,6 +248,8 @@ def main(args):
     # ============ preparing data and model ============
     ssl = load_ssl(args)
     args.image_size = args.image_size or (ssl["image_size"] if ssl else 224)
+    resolve_backbone(args, ssl)
+    refuse_replacing_another_run(args, ssl, dist)
     table, train_idx, store, train_loader, val_loader = build_data(args, ssl, device, dist)
     model = build_model(args, ssl, table.num_classes).to(device).to(memory_format=torch.channels_last)
     model = utils.convert_sync_bn(model, args.sync_bn, dist)
@@ -245,6 +274,7 @@ def main(args):
                                             optimizer, scheduler, scaler, resume)
         start_epoch = ckpt["epoch"]
         utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
+        utils.check_epochs_left(start_epoch, args.num_epochs, resume)
     if args.head_prefit_steps > 0 and start_epoch == 0:
         loss = prefit_head(model, store, train_idx, table, args, device, weights)
         if dist["is_main"]:
@@ -343,8 +373,9 @@ def get_args_parser():
                    help="checkpoint file name (default: best_finetuned_model.pth with --ssl_checkpoint, "
                         "best_baseline_model.pth without)")
     p.add_argument("--num_classes", type=int, default=None, help="number of classes (default: from the label file)")
-    p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"],
-                   help="encoder for a from-scratch run (an SSL checkpoint brings its own)")
+    p.add_argument("--backbone", default=None, choices=["resnet18", "resnet50"],
+                   help="encoder for a from-scratch run (default resnet18); with --ssl_checkpoint the "
+                        "checkpoint's encoder is used and a different value is ignored with a note")
     p.add_argument("--image_size", type=int, default=None,
                    help="training resolution (default: the SSL checkpoint's, else 224)")
     p.add_argument("--batch_size", type=int, default=32,
@@ -373,6 +404,8 @@ def get_args_parser():
     p.add_argument("--test_fraction", type=float, default=0.15, help="test share when the label file has no split column")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from last_<run>_checkpoint.pth (no value: the one in --output_dir)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a best model in --output_dir that another run (other label file or settings) wrote")
     return p
 
 

@@ -35,6 +35,9 @@ def pretraining_files(args):
     table, excluded = None, []
     if args.label_file:
         table = data_loader.read_label_table(args.label_file, args.data_dir, seed=args.split_seed)
+        if len(np.unique(table.labels)) < 2:          # every kNN vote would be right: a monitor that says nothing
+            raise UserError(f"--label_file {args.label_file}: every image has the same label; the kNN monitor needs "
+                            f"at least 2 classes (leave --label_file out to pick the epoch by the loss)")
         excluded = sorted(np.asarray(table.filenames)[table.indices("test")].tolist())
         held_out = set(excluded)
         files = [f for f in files if f not in held_out]
@@ -245,6 +248,14 @@ def resume_path(args) -> str | None:
 
 # ============ main ============
 
+def check_args(args) -> None:
+    """Every flag checked before any work (utils.FLAG_RULES): one line naming the flag, value and range."""
+    utils.check_flags(args)
+    if args.resume not in (None, "auto"):
+        utils.check_flags(argparse.Namespace(resume=args.resume), {"resume": utils.EXISTING_FILE})
+
+
+@utils.locks_output_dir(check_args, "ssl")
 def main(args):
     dist = utils.init_distributed(args.device)        # under torchrun: the GPU of LOCAL_RANK, or the CPU
     device = args.device_obj = dist["device"]
@@ -255,6 +266,9 @@ def main(args):
 
     # ============ preparing data ============
     files, table, excluded = pretraining_files(args)
+    if not resume_path(args) and dist["is_main"]:
+        utils.refuse_replacing_another_run(os.path.join(args.output_dir, "best_ssl_model.pth"), args,
+                                           table.sha256 if table else None, args.overwrite)
     if args.num_workers is None:
         args.num_workers = utils.default_num_workers(device, streaming=args.augment == "pil")
     utils.configure_cpu_threads(device, args.num_workers)
@@ -282,6 +296,7 @@ def main(args):
         start_epoch = ckpt["epoch"]
         utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
         restore_augment_rng(ckpt, augment_rng, start_epoch, args.seed)
+        utils.check_epochs_left(start_epoch, args.num_epochs, resume_path(args))
     utils.lr_on_device(optimizer, device if static_step is not None else None)
     train_model = utils.maybe_compile(utils.wrap_ddp(model, dist), args.compile)   # DDP broadcasts rank 0's weights
     history = utils.History(os.path.join(args.output_dir, "ssl_history.csv"), resume=start_epoch > 0)
@@ -424,6 +439,8 @@ def get_args_parser():
                         "(issue 23: not measured yet); off: the step as before")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a best_ssl_model.pth in --output_dir that another run (other data or settings) wrote")
     return p
 
 

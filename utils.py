@@ -17,6 +17,7 @@ import re
 import secrets
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -90,8 +91,224 @@ def run_cli(main, parser: argparse.ArgumentParser, argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: the last completed epoch is saved; continue with --resume", file=sys.stderr)
+        # only the trainers have --resume; for the others "continue with --resume" would send the user astray
+        resumable = any(a.dest == "resume" for a in parser._actions)
+        print("interrupted: " + ("the last completed epoch is saved; continue with --resume" if resumable else
+                                 "every file written is complete (none half-written); run the command again"),
+              file=sys.stderr)
         sys.exit(130)
+
+
+# ============ flag validation: one table for every script ============
+
+@dataclass(frozen=True)
+class Bound:
+    """The allowed values of a numeric flag: an int or a finite float in [lo, hi] (open ends optional)."""
+    kind: type = float
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    hint: str = ""
+
+    def allows(self, v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (self.kind is int and not isinstance(v, int)):
+            return False
+        if not math.isfinite(v):
+            return False
+        lo_ok = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        hi_ok = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return lo_ok and hi_ok
+
+    def describe(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        lo, hi = (None if b is None else str(int(b)) if float(b).is_integer() else f"{b:g}" for b in (self.lo, self.hi))
+        if self.lo is not None and self.hi is not None:
+            span = f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            span = f"{'>' if self.lo_open else '>='} {lo}"
+        elif self.hi is not None:
+            span = f"{'<' if self.hi_open else '<='} {hi}"
+        else:
+            span = "(finite)"
+        return f"{what} {span}" + (f" ({self.hint})" if self.hint else "")
+
+
+# path kinds: the thing must exist as a file / a folder; an output folder must not be a file
+EXISTING_FILE, EXISTING_DIR, OUTPUT_DIR, FILE_NAME = "file", "folder", "output folder", "file name"
+UINT = Bound(int, 0)
+POSITIVE_INT = Bound(int, 1)
+FRACTION = Bound(float, 0, 1, lo_open=True)
+
+# Every numeric and path flag of data_loader.py, train_ssl.py, fine_tune.py and evaluate.py, by name. A flag
+# means the same in every script that has it; a script passes `overrides` where its range differs.
+FLAG_RULES = {
+    "seed": UINT, "split_seed": UINT, "num_workers": UINT,
+    "cache_gb": Bound(float, 0, 1 << 20, hint="GiB of RAM; 0 streams every image from disk"),
+    "batch_size": Bound(int, 1, 1 << 16), "num_epochs": Bound(int, 1, 1 << 20),
+    "image_size": Bound(int, 8, 4096, hint="pixels; 32 or less uses the small-image stem"),
+    "lr": Bound(float, 0, 100, lo_open=True, hint="e.g. 3e-4"), "weight_decay": Bound(float, 0, 10),
+    "warmup_epochs": UINT, "temperature": Bound(float, 1e-3, 100, hint="NT-Xent temperature, e.g. 0.5"),
+    "projection_dim": Bound(int, 1, 1 << 16), "crop_min_scale": FRACTION,
+    "rotation": Bound(float, 0, 180, hint="degrees"), "jitter": Bound(float, 0, 1), "gamma": Bound(float, 0, 10),
+    "eval_every": Bound(int, 1, hint="epochs between kNN evaluations"),
+    "num_classes": Bound(int, 2, 10_000), "encoder_lr_scale": Bound(float, 0, 100),
+    "unfreeze_after_epoch": UINT, "head_prefit_steps": Bound(int, 0, 1_000_000),
+    "label_fraction": Bound(float, 0, 1, lo_open=True, hint="e.g. 0.1 for 10% of the labels"),
+    "val_fraction": Bound(float, 0, 1, hi_open=True), "test_fraction": Bound(float, 0, 1, hi_open=True),
+    "bootstrap": Bound(int, 0, 100_000, hint="resamples; 0 for no intervals"),
+    "num_images": Bound(int, 1, 10_000_000), "num_unlabeled": Bound(int, 0, 10_000_000),
+    "data_dir": EXISTING_DIR, "label_file": EXISTING_FILE, "ssl_checkpoint": EXISTING_FILE,
+    "checkpoint": EXISTING_FILE, "from_npz": EXISTING_FILE, "output_dir": OUTPUT_DIR, "output_name": FILE_NAME,
+}
+
+
+def check_flags(args, overrides: dict | None = None) -> None:
+    """Check every flag of `args` that FLAG_RULES (or `overrides`) names, before any work: the first bad one
+    is a UserError naming the flag, its value and what is allowed. None means "not given" and passes."""
+    rules = {**FLAG_RULES, **(overrides or {})}
+    for name, value in vars(args).items():
+        rule = rules.get(name)
+        if rule is None or value is None:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            _check_flag(name, v, rule)
+
+
+def _check_flag(name: str, v, rule) -> None:
+    flag = f"--{name}"
+    if isinstance(rule, Bound):
+        if not rule.allows(v):
+            raise UserError(f"{flag} {v}: must be {rule.describe()}")
+    elif rule == EXISTING_FILE and not os.path.isfile(v):
+        if os.path.isdir(v):
+            raise UserError(f"{flag} {v}: is a folder, not a file{_is_folder_of_checkpoints(flag, v)}")
+        raise UserError(f"{flag} {v}: no such file; check the path")
+    elif rule == EXISTING_DIR and not os.path.isdir(v):
+        what = "is a file, not a folder" if os.path.exists(v) else "no such folder"
+        raise UserError(f"{flag} {v}: {what}; check the path")
+    elif rule == OUTPUT_DIR and os.path.exists(v) and not os.path.isdir(v):
+        raise UserError(f"{flag} {v}: is a file, not a folder; choose a folder (it is created if missing)")
+    elif rule == FILE_NAME and (not v or os.path.basename(v) != v or v in (".", "..")):
+        raise UserError(f"{flag} {v}: must be a plain file name such as my_model.pth (the folder is --output_dir)")
+
+
+def _is_folder_of_checkpoints(flag: str, path: str) -> str:
+    """For a file flag given a folder: name the .pth files in it, the likely intended argument."""
+    try:
+        inside = sorted(f for f in os.listdir(path) if f.endswith(".pth") and not f.startswith("."))
+    except OSError:
+        inside = []
+    return f"; pass a file in it, e.g. {flag} {os.path.join(path, inside[0])}" if inside else "; check the path"
+
+
+# ============ one run per output folder ============
+
+LOCK_NAME = re.compile(r"\..+\.lock")      # what OutputLock names its file (hidden: never listed as output)
+
+
+class OutputLock:
+    """`<folder>/.<name>.lock` while a run writes there: a second run of the same kind into the folder is
+    refused with one line naming the first (pid, host, start, command).
+
+    The lock is an flock on the file, which the kernel drops when its process dies however it dies, so a
+    lock file left by a killed run is taken over (with a note naming that run), never waited on. The file
+    is deleted on release; a run that opened it just before then finds, once locked, that the path no
+    longer names its file, and opens it again."""
+
+    def __init__(self, folder: str, name: str):
+        self.folder, self.path, self.fd = folder, os.path.join(folder, f".{name}.lock"), None
+        assert LOCK_NAME.fullmatch(os.path.basename(self.path)), name
+
+    def acquire(self) -> "OutputLock":
+        try:
+            import fcntl
+        except ImportError:                  # Windows: no flock; runs are not locked there
+            return self
+        while self.fd is None:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise UserError(f"--output_dir {self.folder} is in use by another run ({holder}); wait for it to "
+                                f"finish or choose another --output_dir")
+            if self._still_at_path(fd):
+                self.fd = fd
+            else:
+                os.close(fd)                 # released and deleted between our open and our flock: again
+        previous = _lock_holder(self.fd)
+        if previous:
+            print(f"note: {self.path} was left by a run that is no longer running ({previous}); taking it over",
+                  file=sys.stderr)
+        me = {"pid": os.getpid(), "host": _hostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(me) + "\n").encode(), 0)
+        return self
+
+    def _open(self) -> int:
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UserError(f"cannot write to {self.folder}: {e.strerror or e}; choose a writable --output_dir")
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except OSError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)         # while still locked: no one can be holding this file
+            except OSError:
+                pass
+            os.close(self.fd)                # closing drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _hostname() -> str:
+    import socket
+    return socket.gethostname()
+
+
+def _lock_holder(fd: int) -> str:
+    """'process 123 on host h, started T: python x.py ...' from a lock file, or '' when it is empty."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "null")
+    except ValueError:
+        return "a process that left an unreadable lock file"
+    if not isinstance(info, dict):
+        return ""
+    return (f"process {info.get('pid')} on host {info.get('host')}, started {info.get('started')}: "
+            f"{info.get('command')}")
+
+
+def locks_output_dir(check, name):
+    """Decorate a script's main(args): run `check(args)` (flag validation) first, then hold an OutputLock
+    named `name` (or `name(args)`) on args.output_dir while main runs. Under torchrun only rank 0 locks."""
+    import functools
+
+    def wrap(main):
+        @functools.wraps(main)
+        def locked_main(args):
+            check(args)
+            if os.environ.get("RANK", "0") != "0":
+                return main(args)
+            with OutputLock(args.output_dir, name(args) if callable(name) else name):
+                return main(args)
+        return locked_main
+    return wrap
 
 
 # ============ reproducibility, devices, precision ============
@@ -270,6 +487,8 @@ def save_checkpoint(state: dict, path: str) -> None:
 def load_checkpoint(path: str, kind: str | tuple | None = None, flag: str = "--checkpoint") -> dict:
     """Load a checkpoint safely (weights_only=True), check it is one of ours, of the expected kind,
     with a valid model_config and state dicts of tensors (their shapes: `load_state_strict`)."""
+    if path and os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder, not a file{_is_folder_of_checkpoints(flag, path)}")
     if not path or not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file")
     ckpt = _load_weights_only(path, flag)
@@ -284,6 +503,40 @@ def load_checkpoint(path: str, kind: str | tuple | None = None, flag: str = "--c
                         f"({'; '.join(hint[k] for k in expected)})")
     _check_contents(ckpt, f"{flag} {path}")
     return ckpt
+
+
+# settings that change where and how fast a run computes, not what it learns: a model trained with other values
+# of these is the same experiment (the label file's and the checkpoint's paths are compared by content instead)
+RUNTIME_ARGS = ("device", "precision", "amp", "num_workers", "cache_gb", "output_dir", "output_name", "resume",
+                "overwrite", "compile", "sync_bn", "device_obj", "data_dir", "label_file")
+
+
+def refuse_replacing_another_run(path: str, args, label_sha256, overwrite: bool) -> None:
+    """A fresh run is about to write `path`: refuse when the file there holds a model trained on another
+    label file or with other settings, unless `overwrite`; replacing it would silently lose that run."""
+    if overwrite or not os.path.exists(path):
+        return
+    fix = "pass --overwrite to replace it, or choose another --output_dir"
+    try:
+        old = load_checkpoint(path, flag="--output_dir holds")
+    except UserError as e:
+        raise UserError(f"{e} (not a model this run could replace safely); {fix}")
+    now = {k: v for k, v in vars(args).items() if k not in RUNTIME_ARGS and v is not None}   # None: not given
+    saved = old.get("args") or {}
+    diff = [f"--{k} {saved[k]} then, {now[k]} now" for k in now
+            if k in saved and not _same_setting(k, saved[k], now[k])]
+    if old.get("label_file_sha256") != label_sha256:
+        diff.insert(0, "another label file" if label_sha256 and old.get("label_file_sha256") else
+                    "with a label file" if old.get("label_file_sha256") else "without a label file")
+    if diff:
+        raise UserError(f"{path} holds the model of another run ({'; '.join(diff[:2])}); {fix}")
+
+
+def _same_setting(key: str, then, now) -> bool:
+    """Equal values; a checkpoint path also when it names the same file (./c/x.pth and /abs/c/x.pth)."""
+    if then == now:
+        return True
+    return key == "ssl_checkpoint" and isinstance(then, str) and os.path.realpath(then) == os.path.realpath(now)
 
 
 def _load_weights_only(path: str, flag: str):
@@ -826,6 +1079,13 @@ def restore_training_state(ckpt: dict, modules: dict, optimizer, scheduler, scal
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_states(ckpt["rng"])
     return ckpt["best_metric"]
+
+
+def check_epochs_left(done: int, num_epochs: int, path: str) -> None:
+    """A resumed run with no epoch left would end by reporting the old best model as if it had trained."""
+    if done >= num_epochs:
+        raise UserError(f"--resume {path}: that run already completed {done} epoch(s), and --num_epochs is "
+                        f"{num_epochs}; nothing to train (its models are unchanged). Raise --num_epochs to train longer")
 
 
 def check_resume_compatible(ckpt: dict, args, keys: tuple, path: str) -> None:

@@ -76,7 +76,8 @@ def pretrain(args, data_dir, label_file) -> str:
     resume = saved.get("argv") == argv and os.path.isfile(os.path.join(out, "last_ssl_checkpoint.pth"))
     os.makedirs(out, exist_ok=True)
     utils.atomic_write_text(record, json.dumps({"argv": argv, "done": False}))
-    train_ssl.main(train_ssl.get_args_parser().parse_args(argv + (["--resume"] if resume else [])))
+    # the benchmark's own record decides what is reused, so a run of another recipe replaces its folder's model
+    train_ssl.main(train_ssl.get_args_parser().parse_args(argv + (["--resume"] if resume else ["--overwrite"])))
     utils.atomic_write_text(record, json.dumps({"argv": argv, "done": True}))
     return path
 
@@ -100,7 +101,7 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     if saved.get("argv") == key:                   # only a run with these very settings (and encoder) counts
         return saved["row"]
     start = time.perf_counter()
-    fine_tune.main(fine_tune.get_args_parser().parse_args(argv))
+    fine_tune.main(fine_tune.get_args_parser().parse_args(argv + ["--overwrite"]))   # the record decides reuse
     seconds = time.perf_counter() - start
     eval_args = evaluate.get_args_parser().parse_args(
         ["--checkpoint", os.path.join(out, "model.pth"), "--data_dir", data_dir, "--label_file", label_file,

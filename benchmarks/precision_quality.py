@@ -40,14 +40,15 @@ def pretrain(args, label_file: str, out: str, precision: str) -> float:
             "--image_size", str(args.image_size), "--batch_size", str(args.ssl_batch_size),
             "--num_epochs", str(args.ssl_epochs), "--warmup_epochs", "1", "--lr", "1e-3",
             "--temperature", "0.2", "--crop_min_scale", "0.3", "--eval_every", str(args.ssl_epochs),
-            "--device", args.device, "--precision", precision, "--seed", "0"]
+            "--device", args.device, "--precision", precision, "--seed", "0", "--overwrite"]   # a rerun's folders
     return timed(train_ssl.main, train_ssl.get_args_parser().parse_args(argv))
 
 
 def finetune(args, label_file: str, ssl_path: str, out: str, precision: str) -> float:
     argv = ["--data_dir", args.data_dir, "--label_file", label_file, "--output_dir", out,
             "--ssl_checkpoint", ssl_path, "--output_name", "model.pth", "--image_size", str(args.image_size),
-            "--num_epochs", str(args.ft_epochs), "--device", args.device, "--precision", precision, "--seed", "0"]
+            "--num_epochs", str(args.ft_epochs), "--device", args.device, "--precision", precision, "--seed", "0",
+            "--overwrite"]
     return timed(fine_tune.main, fine_tune.get_args_parser().parse_args(argv))
 
 

@@ -404,7 +404,7 @@ def test_split_and_patient_columns_positional_and_by_header(folder, tmp_path):
     (["name,label", "img0.png,0"], None, "lacks a filename or label column"),
     (["img0.png"], None, "only one column"),
     (["filename,label", "img0.png,0", "gone.png,1"], None, "not found .* 'gone.png'"),
-    (["filename,label", "img0.png,0", "img0.png,1"], None, "duplicate filename.*'img0.png'"),
+    (["filename,label", "img0.png,0", "img0.png,1"], None, r"rows 2 \('img0.png'\) and 3 \('img0.png'\) name the same image"),
     (["filename,label", "img0.png,0", "img1.png,3"], 3, r"label 3 is outside \[0, 3\)"),
     (["filename,label", "img0.png,-1"], None, "label -1 is outside"),
     (["filename,label", "img0.png,a", "img1.png,b", "img2.png,c", "img3.png,d"], 3, "name 4 classes.*--num_classes is 3"),

@@ -108,11 +108,12 @@ def temporaries(folder, name=""):
 
 
 def assert_outputs_readable(folder):
-    """Every output parses; the only other entries are our hidden temporaries, never read as outputs."""
+    """Every output parses; the only other entries are our hidden temporaries and the lock file of a killed
+    run, never read as outputs."""
     for entry in sorted(os.listdir(folder)):
         path = os.path.join(folder, entry)
         if entry.startswith("."):
-            assert utils.TEMPORARY_NAME.fullmatch(entry), entry
+            assert utils.TEMPORARY_NAME.fullmatch(entry) or utils.LOCK_NAME.fullmatch(entry), entry
         elif entry.endswith(".pth"):
             utils.load_checkpoint(path)                             # weights_only=True, then validated
         elif entry.endswith(".csv"):
@@ -516,14 +517,14 @@ def test_any_label_file_gives_a_consistent_table_or_a_user_error(content, label_
 def test_the_same_image_named_two_ways_is_a_duplicate(label_dir, tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text("filename,label\na.png,0\n./a.png,1\nb.png,1\n")
-    with pytest.raises(utils.UserError, match="1 duplicate filename"):
+    with pytest.raises(utils.UserError, match=r"rows 2 \('a.png'\) and 3 \('./a.png'\) name the same image"):
         data_loader.read_label_table(str(path), label_dir)
 
 
 def test_a_label_file_that_is_not_utf8_text_is_named_as_such(label_dir, tmp_path):
     path = tmp_path / "labels.csv"
     path.write_bytes("filename,label\na.png,0\n".encode("utf-16"))
-    with pytest.raises(utils.UserError, match=r"not a readable CSV \(.*\); write rows `filename,label`"):
+    with pytest.raises(utils.UserError, match=r"not UTF-8 text \(UTF-16\); save it as UTF-8"):
         data_loader.read_label_table(str(path), label_dir)
 
 

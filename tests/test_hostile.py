@@ -1,0 +1,441 @@
+"""A hostile user's matrix (issue 22): bad flags, bad label files, bad data folders, runs into folders that
+hold other runs, locked folders, disagreeing checkpoints, across data_loader.py, train_ssl.py, fine_tune.py
+and evaluate.py. Every case ends with exit 0 and the right files, or exit 2 and one `error:` line naming the
+problem and the fix; never a traceback, never a half-written or lost file. docs/errors.md has a row per case.
+
+Cases run in-process through utils.run_cli on shared module-scoped fixtures: 24 PNGs of 32 px, one SSL
+checkpoint and one fine-tuned checkpoint (1 epoch each, trained at 40 px with the standard stem, ~3x cheaper
+than the small stem at 32). Two cases run as subprocesses to show the top level prints no traceback.
+"""
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import data_loader  # noqa: E402
+import evaluate  # noqa: E402
+import fine_tune  # noqa: E402
+import train_ssl  # noqa: E402
+import utils  # noqa: E402
+from tiny_data import write_tiny_dataset  # noqa: E402
+
+SCRIPTS = {"data_loader": data_loader, "train_ssl": train_ssl, "fine_tune": fine_tune, "evaluate": evaluate}
+RUNTIME = "--device cpu --precision fp32"
+SSL = f"--data_dir {{data}} --output_dir {{out}} --image_size 40 --batch_size 8 --num_epochs 1 --warmup_epochs 0 {RUNTIME}"
+FT = (f"--data_dir {{data}} --label_file {{labels}}/good.csv --output_dir {{out}} --image_size 40 --batch_size 8 "
+      f"--num_epochs 1 {RUNTIME}")
+FT_SSL = FT + " --ssl_checkpoint {ssl}/best_ssl_model.pth"
+EV = f"--data_dir {{data}} --label_file {{labels}}/good.csv --output_dir {{out}} --bootstrap 10 {RUNTIME}"
+EV_FT = EV + " --checkpoint {ft}/best_finetuned_model.pth"
+GEN = "--output_dir {out} --num_images 4 --num_classes 2 --image_size 32"
+
+
+# ============ shared fixtures ============
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _label_files(folder: str, data: str) -> None:
+    """Good and hostile label files over the 24 images of `data` (img000..img023, labels i % 2)."""
+    rows = [(f"img{i:03d}.png", i % 2) for i in range(24)]
+    plain = "\n".join(f"{f},{y}" for f, y in rows)
+    splits = ["train"] * 16 + ["val"] * 4 + ["test"] * 4
+
+    def write(name, text, encoding="utf-8"):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(text.encode(encoding))
+    os.makedirs(folder)
+    write("good.csv", "filename,label\n" + plain + "\n")
+    write("other.csv", "filename,label\n" + plain + "\n" + "\n")     # same rows, other bytes: another file
+    write("r_quoted.csv", '"Filename","Label"\n' + "\n".join(f'"{f}","{y}"' for f, y in rows) + "\n")
+    write("dup_abs.csv", "filename,label\n" + plain + f"\n{os.path.join(data, 'img000.png')},1\n")
+    write("dup_dotdot.csv", "filename,label\n" + plain + f"\n../{os.path.basename(data)}/img001.png,0\n")
+    write("outside.csv", "filename,label\n" + plain + "\n../elsewhere.png,0\n")
+    write("blank_patient.csv", "filename,label,patient_id\n" +
+          "\n".join(f"{f},{y},{'' if i in (4, 9) else f'P{i // 2}'}" for i, (f, y) in enumerate(rows)) + "\n")
+    write("straddle.csv", "filename,label,split,patient_id\n" +
+          "\n".join(f"{f},{y},{s},P{i // 3}" for i, ((f, y), s) in enumerate(zip(rows, splits))) + "\n")
+    write("one_class.csv", "filename,label\n" + "\n".join(f"{f},normal" for f, _ in rows) + "\n")
+    write("latin1.csv", "filename,label\n" + "\n".join(f"{f},{'süß' if y else 'krank'}" for f, y in rows) + "\n",
+          "latin-1")
+    write("utf16.csv", "filename,label\n" + plain + "\n", "utf-16")
+    write("semicolons.csv", "filename;label\n" + plain.replace(",", ";") + "\n")
+    write("tiny_image.csv", "filename,label,split\n" + "\n".join(f"{f},{y},{s}" for (f, y), s in zip(rows, splits)) +
+          "\ntiny/px.png,1,train\n")
+    write("bad_split.csv", "filename,label,split\n" + "\n".join(f"{f},{y},holdout" for f, y in rows) + "\n")
+    write("header_only.csv", "filename,label\n")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Paths of the shared data, label files, odd folders and the two trained runs."""
+    root = tmp_path_factory.mktemp("hostile")
+    w = {k: str(root / k) for k in ("data", "labels", "ssl", "ft", "empty", "one", "pixels")}
+    write_tiny_dataset(w["data"], n=24, size=32, classes=2)
+    _label_files(w["labels"], w["data"])
+    os.makedirs(w["empty"])
+    os.makedirs(w["one"])
+    shutil.copy(os.path.join(w["data"], "img000.png"), w["one"])
+    os.makedirs(w["pixels"])
+    for i in range(4):
+        Image.fromarray(np.full((1, 1), 40 * i, np.uint8)).save(os.path.join(w["pixels"], f"{i}.png"))
+    fmt = {**w, "out": w["ssl"]}
+    train_ssl.main(train_ssl.get_args_parser().parse_args(shlex.split(SSL.format(**fmt))))
+    fmt = {**w, "out": w["ft"]}
+    fine_tune.main(fine_tune.get_args_parser().parse_args(shlex.split(FT_SSL.format(**fmt))))
+    os.makedirs(os.path.join(w["data"], "tiny"))             # after training: a 1x1 image a label file names
+    Image.fromarray(np.full((1, 1), 90, np.uint8)).save(os.path.join(w["data"], "tiny", "px.png"))
+    w["a_file"] = os.path.join(w["labels"], "good.csv")
+    return w
+
+
+def sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def visible_files(folder: str) -> list:
+    """Files a run left in `folder` (its hidden lock file excluded)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder)
+                  for f in fs if not f.startswith("."))
+
+
+# ============ holding a lock from another process ============
+
+HOLDER = """
+import fcntl, json, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({"pid": os.getpid(), "host": "h", "started": "t", "command": "train_ssl.py --x"}).encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lock(folder: str, name: str) -> subprocess.Popen:
+    """A live process holding `<folder>/.<name>.lock`, as a concurrent run does."""
+    os.makedirs(folder, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, os.path.join(folder, f".{name}.lock")],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def leave_stale_lock(folder: str, name: str) -> None:
+    """The lock file of a run that was killed: its content stays, its flock went with the process."""
+    proc = hold_lock(folder, name)
+    proc.kill()
+    proc.wait()
+
+
+# ============ the matrix ============
+
+@dataclass
+class Case:
+    script: str
+    argv: str                  # {data} {labels} {ssl} {ft} {out} {empty} {one} {pixels} {a_file} are filled in
+    code: int                  # 0 or 2
+    message: str               # a fragment of the last stderr line (exit 2) or of stdout+stderr (exit 0)
+    exists: tuple = ()         # paths that must exist afterwards (exit 0)
+    unchanged: tuple = ()      # paths whose bytes must not change (a refused run into a finished run's folder)
+    setup: str = ""            # "lock:<name>" (a live holder) or "stale:<name>" (a dead one's lock) in {out}
+    copy: str = ""             # "ssl" or "ft": {out} starts as a copy of that finished run's folder
+
+
+FT_BEST, SSL_BEST = "{ft}/best_finetuned_model.pth", "{ssl}/best_ssl_model.pth"
+CASES = {
+    # ---- data_loader.py (the synthetic generator and the .npz import) ----
+    "gen-num_images-0": Case("data_loader", GEN + " --num_images 0", 2, "--num_images 0: must be an integer in [1,"),
+    "gen-num_classes-9": Case("data_loader", GEN + " --num_classes 9", 2, "--num_classes 9: must be an integer in [2, 5]"),
+    "gen-num_classes-1": Case("data_loader", GEN + " --num_classes 1", 2, "--num_classes 1: must be an integer in [2, 5]"),
+    "gen-image_size-16": Case("data_loader", GEN + " --image_size 16", 2, "--image_size 16: must be an integer in [32, 2048]"),
+    "gen-num_unlabeled-neg": Case("data_loader", GEN + " --num_unlabeled -1", 2, "--num_unlabeled -1: must be an integer in [0,"),
+    "gen-seed-neg": Case("data_loader", GEN + " --seed -5", 2, "--seed -5: must be an integer >= 0"),
+    "gen-fewer-images-than-classes": Case("data_loader", GEN + " --num_images 2 --num_classes 3", 2,
+                                          "need at least one image per class (3)"),
+    "gen-npz-missing": Case("data_loader", "--output_dir {out} --from_npz {out}/none.npz", 2, "--from_npz {out}/none.npz: no such file"),
+    "gen-npz-folder": Case("data_loader", "--output_dir {out} --from_npz {labels}", 2, "--from_npz {labels}: is a folder, not a file"),
+    "gen-npz-not-npz": Case("data_loader", "--output_dir {out} --from_npz {a_file}", 2, "not a readable .npz file"),
+    "gen-output-is-a-file": Case("data_loader", GEN.replace("{out}", "{a_file}"), 2, "--output_dir {a_file}: is a file, not a folder",
+                                 unchanged=("{a_file}",)),
+    "gen-locked": Case("data_loader", GEN, 2, "is in use by another run (process", setup="lock:generate"),
+    "gen-stale-lock": Case("data_loader", GEN, 0, "was left by a run that is no longer running", setup="stale:generate",
+                           exists=("{out}/labels.csv", "{out}/preview.png")),
+    # ---- train_ssl.py ----
+    "ssl-batch_size-0": Case("train_ssl", SSL + " --batch_size 0", 2, "--batch_size 0: must be an integer in [1, 65536]"),
+    "ssl-eval_every-0": Case("train_ssl", SSL + " --label_file {labels}/good.csv --eval_every 0", 2,
+                             "--eval_every 0: must be an integer >= 1"),
+    "ssl-temperature-0": Case("train_ssl", SSL + " --temperature 0", 2, "--temperature 0.0: must be a number in [0.001, 100]"),
+    "ssl-temperature-neg": Case("train_ssl", SSL + " --temperature -0.5", 2, "--temperature -0.5: must be a number in"),
+    "ssl-lr-nan": Case("train_ssl", SSL + " --lr nan", 2, "--lr nan: must be a number in (0, 100]"),
+    "ssl-lr-0": Case("train_ssl", SSL + " --lr 0", 2, "--lr 0.0: must be a number in (0, 100]"),
+    "ssl-weight_decay-neg": Case("train_ssl", SSL + " --weight_decay -1", 2, "--weight_decay -1.0: must be a number in [0, 10]"),
+    "ssl-warmup-neg": Case("train_ssl", SSL + " --warmup_epochs -1", 2, "--warmup_epochs -1: must be an integer >= 0"),
+    "ssl-crop-0": Case("train_ssl", SSL + " --crop_min_scale 0", 2, "--crop_min_scale 0.0: must be a number in (0, 1]"),
+    "ssl-crop-1.5": Case("train_ssl", SSL + " --crop_min_scale 1.5", 2, "--crop_min_scale 1.5: must be a number in (0, 1]"),
+    "ssl-rotation-400": Case("train_ssl", SSL + " --rotation 400", 2, "--rotation 400.0: must be a number in [0, 180]"),
+    "ssl-jitter-2": Case("train_ssl", SSL + " --jitter 2", 2, "--jitter 2.0: must be a number in [0, 1]"),
+    "ssl-gamma-neg": Case("train_ssl", SSL + " --gamma -1", 2, "--gamma -1.0: must be a number in [0, 10]"),
+    "ssl-projection_dim-0": Case("train_ssl", SSL + " --projection_dim 0", 2, "--projection_dim 0: must be an integer in [1,"),
+    "ssl-image_size-4": Case("train_ssl", SSL + " --image_size 4", 2, "--image_size 4: must be an integer in [8, 4096]"),
+    "ssl-num_epochs-0": Case("train_ssl", SSL + " --num_epochs 0", 2, "--num_epochs 0: must be an integer in [1,"),
+    "ssl-num_workers-neg": Case("train_ssl", SSL + " --num_workers -1", 2, "--num_workers -1: must be an integer >= 0"),
+    "ssl-cache_gb-nan": Case("train_ssl", SSL + " --cache_gb nan", 2, "--cache_gb nan: must be a number in [0,"),
+    "ssl-split_seed-neg": Case("train_ssl", SSL + " --split_seed -1", 2, "--split_seed -1: must be an integer >= 0"),
+    "ssl-data_dir-missing": Case("train_ssl", SSL.replace("{data}", "{out}/nowhere"), 2, "/nowhere: no such folder"),
+    "ssl-data_dir-is-file": Case("train_ssl", SSL.replace("{data}", "{a_file}"), 2, "--data_dir {a_file}: is a file, not a folder"),
+    "ssl-data_dir-empty": Case("train_ssl", SSL.replace("{data}", "{empty}"), 2, "--data_dir {empty}: no images found"),
+    "ssl-data_dir-one-image": Case("train_ssl", SSL.replace("{data}", "{one}"), 2, "SimCLR needs at least 2 images, found 1"),
+    "ssl-data_dir-1x1-images": Case("train_ssl", SSL.replace("{data}", "{pixels}"), 2,
+                                    "none of the images could be used (unreadable or too small"),
+    "ssl-label_file-missing": Case("train_ssl", SSL + " --label_file {labels}/none.csv", 2, "/none.csv: no such file"),
+    "ssl-label_file-one-class": Case("train_ssl", SSL + " --label_file {labels}/one_class.csv", 2,
+                                     "every image has the same label; the kNN monitor needs at least 2 classes"),
+    "ssl-resume-folder": Case("train_ssl", SSL + " --resume {ssl}", 2, "--resume {ssl}: is a folder, not a file; pass a file in it"),
+    "ssl-resume-nothing": Case("train_ssl", SSL + " --resume", 2, "last_ssl_checkpoint.pth: no such file"),
+    "ssl-resume-finished": Case("train_ssl", SSL.replace("{out}", "{ssl}") + " --resume", 2,
+                                "already completed 1 epoch(s), and --num_epochs is 1; nothing to train", unchanged=(SSL_BEST,)),
+    "ssl-num_epochs-0-into-finished": Case("train_ssl", SSL.replace("{out}", "{ssl}") + " --num_epochs 0 --resume", 2,
+                                           "--num_epochs 0: must be an integer in [1,", unchanged=(SSL_BEST,)),
+    "ssl-another-run-in-folder": Case("train_ssl", SSL.replace("{out}", "{ssl}") + " --lr 0.01", 2,
+                                      "best_ssl_model.pth holds the model of another run (--lr 0.0003 then, 0.01 now); "
+                                      "pass --overwrite", unchanged=(SSL_BEST,)),
+    "ssl-locked": Case("train_ssl", SSL, 2, "is in use by another run (process", setup="lock:ssl"),
+    "ssl-output-is-a-file": Case("train_ssl", SSL.replace("{out}", "{a_file}"), 2, "--output_dir {a_file}: is a file",
+                                 unchanged=("{a_file}",)),
+    "ssl-fp16-on-cpu": Case("train_ssl", SSL + " --precision fp16", 2, "--precision fp16 is not supported on CPU"),
+    # ---- fine_tune.py ----
+    "ft-label_fraction-0": Case("fine_tune", FT + " --label_fraction 0", 2, "--label_fraction 0.0: must be a number in (0, 1]"),
+    "ft-label_fraction-1.5": Case("fine_tune", FT + " --label_fraction 1.5", 2, "--label_fraction 1.5: must be a number in (0, 1]"),
+    "ft-num_classes-1": Case("fine_tune", FT + " --num_classes 1", 2, "--num_classes 1: must be an integer in [2, 10000]"),
+    "ft-num_classes-3": Case("fine_tune", FT + " --num_classes 3", 2, "has images of 2 classes; fix --num_classes"),
+    "ft-fractions-sum": Case("fine_tune", FT + " --val_fraction 0.6 --test_fraction 0.5", 2, "leave no training images"),
+    "ft-val_fraction-1": Case("fine_tune", FT + " --val_fraction 1", 2, "--val_fraction 1.0: must be a number in [0, 1)"),
+    "ft-prefit-neg": Case("fine_tune", FT + " --head_prefit_steps -1", 2, "--head_prefit_steps -1: must be an integer in [0,"),
+    "ft-encoder_lr_scale-neg": Case("fine_tune", FT + " --encoder_lr_scale -1", 2, "--encoder_lr_scale -1.0: must be a number"),
+    "ft-unfreeze-neg": Case("fine_tune", FT + " --unfreeze_after_epoch -1", 2, "--unfreeze_after_epoch -1: must be an integer >= 0"),
+    "ft-batch_size-0": Case("fine_tune", FT + " --batch_size 0", 2, "--batch_size 0: must be an integer in [1, 65536]"),
+    "ft-output_name-path": Case("fine_tune", FT + " --output_name ../evil.pth", 2, "--output_name ../evil.pth: must be a plain file name"),
+    "ft-ssl_checkpoint-folder": Case("fine_tune", FT + " --ssl_checkpoint {ssl}", 2,
+                                     "is a folder, not a file; pass a file in it, e.g. --ssl_checkpoint {ssl}/best_ssl_model.pth"),
+    "ft-ssl_checkpoint-classifier": Case("fine_tune", FT + " --ssl_checkpoint {ft}/best_finetuned_model.pth", 2,
+                                         "is a 'classifier' checkpoint, expected 'ssl'"),
+    "ft-ssl_checkpoint-csv": Case("fine_tune", FT + " --ssl_checkpoint {a_file}", 2, "not a readable PyTorch checkpoint"),
+    "ft-label-dup-absolute": Case("fine_tune", FT.replace("good.csv", "dup_abs.csv"), 2,
+                                  "rows 2 ('img000.png') and 26 ('{data}/img000.png') name the same image"),
+    "ft-label-dup-dotdot": Case("fine_tune", FT.replace("good.csv", "dup_dotdot.csv"), 2,
+                                "rows 3 ('img001.png') and 26 ('../data/img001.png') name the same image"),
+    "ft-label-outside-data_dir": Case("fine_tune", FT.replace("good.csv", "outside.csv"), 2,
+                                      "row 26 names '../elsewhere.png', which is outside --data_dir"),
+    "ft-label-blank-patient": Case("fine_tune", FT.replace("good.csv", "blank_patient.csv"), 2,
+                                   "2 row(s) have an empty patient_id (row 6, 11)"),
+    "ft-label-patient-straddles": Case("fine_tune", FT.replace("good.csv", "straddle.csv"), 2,
+                                       "patient 'P5' has images in 2 splits (row 17 train, row 18 val, row 19 val)"),
+    "ft-label-one-class": Case("fine_tune", FT.replace("good.csv", "one_class.csv"), 2,
+                               "every image has the label 'normal'; a classifier needs images of at least 2 classes"),
+    "ft-label-latin1": Case("fine_tune", FT.replace("good.csv", "latin1.csv"), 2, "not UTF-8 text (byte 0xfc at offset"),
+    "ft-label-utf16": Case("fine_tune", FT.replace("good.csv", "utf16.csv"), 2, "not UTF-8 text (UTF-16); save it as UTF-8"),
+    "ft-label-semicolons": Case("fine_tune", FT.replace("good.csv", "semicolons.csv"), 2, "separated by ';': save it comma-separated"),
+    "ft-label-1x1-image": Case("fine_tune", FT.replace("good.csv", "tiny_image.csv"), 2,
+                               "the image is 1x1 pixels, too small to learn from"),
+    "ft-label-unknown-split": Case("fine_tune", FT.replace("good.csv", "bad_split.csv"), 2, "unknown split 'holdout'"),
+    "ft-label-header-only": Case("fine_tune", FT.replace("good.csv", "header_only.csv"), 2, "no rows; add lines"),
+    "ft-label-folder": Case("fine_tune", FT.replace("{labels}/good.csv", "{labels}"), 2, "--label_file {labels}: is a folder"),
+    "ft-label-r-quoted-header": Case("fine_tune", FT.replace("good.csv", "r_quoted.csv").replace("size 40", "size 8"), 0,
+                                     "done: best epoch 1",
+                                     exists=("{out}/best_baseline_model.pth",)),
+    "ft-another-label-file": Case("fine_tune", FT_SSL.replace("{out}", "{ft}").replace("good.csv", "other.csv"), 2,
+                                  "best_finetuned_model.pth holds the model of another run (another label file); "
+                                  "pass --overwrite", unchanged=(FT_BEST,)),
+    "ft-other-settings": Case("fine_tune", FT_SSL.replace("{out}", "{ft}") + " --lr 0.01", 2,
+                              "holds the model of another run (--lr 0.001 then, 0.01 now)", unchanged=(FT_BEST,)),
+    "ft-overwrite": Case("fine_tune", FT_SSL.replace("good.csv", "other.csv") + " --overwrite", 0, "done: best epoch 1",
+                         copy="ft", exists=("{out}/best_finetuned_model.pth",)),
+    "ft-resume-finished": Case("fine_tune", FT_SSL.replace("{out}", "{ft}") + " --resume", 2,
+                               "already completed 1 epoch(s), and --num_epochs is 1; nothing to train", unchanged=(FT_BEST,)),
+    "ft-num_epochs-0-into-finished": Case("fine_tune", FT_SSL.replace("{out}", "{ft}") + " --num_epochs 0", 2,
+                                          "--num_epochs 0: must be an integer in [1,", unchanged=(FT_BEST,)),
+    "ft-locked": Case("fine_tune", FT_SSL, 2, "is in use by another run (process", setup="lock:finetuned"),
+    "ft-image_size-other-stem": Case("fine_tune", FT_SSL.replace("--image_size 40", "--image_size 16"), 2,
+                                     "--image_size 16 needs the small stem"),
+    # ---- evaluate.py ----
+    "ev-checkpoint-folder": Case("evaluate", EV + " --checkpoint {ft}", 2,
+                                 "--checkpoint {ft}: is a folder, not a file; pass a file in it, e.g. --checkpoint {ft}/"),
+    "ev-checkpoint-missing": Case("evaluate", EV + " --checkpoint {ft}/none.pth", 2, "--checkpoint {ft}/none.pth: no such file"),
+    "ev-checkpoint-csv": Case("evaluate", EV + " --checkpoint {a_file}", 2, "not a readable PyTorch checkpoint"),
+    "ev-bootstrap-neg": Case("evaluate", EV_FT + " --bootstrap -1", 2, "--bootstrap -1: must be an integer in [0, 100000]"),
+    "ev-bootstrap-huge": Case("evaluate", EV_FT + " --bootstrap 1000000000", 2, "--bootstrap 1000000000: must be an integer"),
+    "ev-batch_size-0": Case("evaluate", EV_FT + " --batch_size 0", 2, "--batch_size 0: must be an integer in [1, 65536]"),
+    "ev-names-count": Case("evaluate", EV_FT + " --names a b", 2, "--names gives 2 name(s) for 1 --checkpoint(s)"),
+    "ev-num_classes-other": Case("evaluate", EV_FT + " --num_classes 3", 2, "was trained for 2 classes"),
+    "ev-probe-one-class": Case("evaluate", EV.replace("good.csv", "one_class.csv") + " --checkpoint {ssl}/best_ssl_model.pth",
+                               2, "the linear probe needs at least two classes"),
+    "ev-ssl-split-train": Case("evaluate", EV + " --checkpoint {ssl}/best_ssl_model.pth --split train", 2,
+                               "--split train leaves no train-split images"),
+    "ev-data_dir-missing": Case("evaluate", EV_FT.replace("{data}", "{out}/nowhere"), 2, "/nowhere: no such folder"),
+    "ev-output-is-a-file": Case("evaluate", EV_FT.replace("{out}", "{a_file}"), 2, "--output_dir {a_file}: is a file",
+                                unchanged=("{a_file}",)),
+    "ev-locked": Case("evaluate", EV_FT, 2, "is in use by another run (process", setup="lock:evaluate"),
+    "ev-label-r-quoted-header": Case("evaluate", EV_FT.replace("good.csv", "r_quoted.csv"), 0, "report:",
+                                     exists=("{out}/report.md", "{out}/metrics.json")),
+}
+
+
+def run_case(case: Case, paths: dict, capsys) -> tuple:
+    """(exit code, stdout, stderr) of utils.run_cli(main, parser, argv) in this process."""
+    module = SCRIPTS[case.script]
+    argv = shlex.split(case.argv.format(**paths))
+    try:
+        utils.run_cli(module.main, module.get_args_parser(), argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_case(name, world, tmp_path, capsys):
+    case = CASES[name]
+    paths = {**world, "out": str(tmp_path / "out")}
+    if case.copy:
+        shutil.copytree(world[case.copy], paths["out"])
+    holder = None
+    if case.setup:
+        kind, lock = case.setup.split(":")
+        if kind == "lock":
+            holder = hold_lock(paths["out"], lock)
+        else:
+            leave_stale_lock(paths["out"], lock)
+    before = {p: sha(p.format(**paths)) for p in case.unchanged}
+    try:
+        code, out, err = run_case(case, paths, capsys)
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    message = case.message.format(**paths)
+    assert "Traceback" not in out + err
+    assert code == case.code, (code, err[-500:])
+    if code == 2:
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last, last
+        assert err.count("error:") == 1
+        if not case.copy and not case.unchanged:
+            assert visible_files(paths["out"]) == [], "a refused run wrote files"
+    else:
+        assert message in out + err
+    for p in case.exists:
+        assert os.path.isfile(p.format(**paths)), p
+    for p, digest in before.items():
+        assert sha(p.format(**paths)) == digest, f"{p} changed"
+
+
+# ============ cases with more to check than the table says ============
+
+def test_stale_lock_is_taken_over_with_a_note_naming_the_dead_process_and_released_after(world, tmp_path, capsys):
+    out = str(tmp_path / "gen")
+    leave_stale_lock(out, "generate")
+    code, _, err = run_case(Case("data_loader", GEN, 0, ""), {**world, "out": out}, capsys)
+    assert code == 0 and "process" in err and "train_ssl.py --x" in err   # names the run that left it
+    assert not os.path.exists(os.path.join(out, ".generate.lock"))      # released: nothing stale left
+    code, _, err = run_case(Case("data_loader", GEN, 0, ""), {**world, "out": out}, capsys)
+    assert code == 0 and "no longer running" not in err
+
+
+def test_the_checkpoint_decides_the_backbone_and_everything_written_says_so(world, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    code, stdout, _ = run_case(Case("fine_tune", FT_SSL + " --backbone resnet50", 0, ""), {**world, "out": out}, capsys)
+    assert code == 0 and "--backbone resnet50 ignored" in stdout
+    with open(os.path.join(out, "finetuned_settings.json")) as f:
+        assert json.load(f)["backbone"] == "resnet18"
+    ckpt = torch.load(os.path.join(out, "best_finetuned_model.pth"), weights_only=True)
+    assert ckpt["args"]["backbone"] == ckpt["model_config"]["backbone"] == "resnet18"
+
+
+def test_an_r_quoted_header_is_a_header_not_a_class(world):
+    table = data_loader.read_label_table(os.path.join(world["labels"], "r_quoted.csv"), world["data"])
+    assert table.class_names == ["0", "1"] and len(table.filenames) == 24
+
+
+@pytest.mark.parametrize("script,resumable", [("evaluate", False), ("train_ssl", True)])
+def test_ctrl_c_says_what_is_kept_and_releases_the_lock(script, resumable, world, tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    out = str(tmp_path / "o")
+    if script == "evaluate":
+        monkeypatch.setattr(evaluate, "evaluate_checkpoint", interrupted)
+        case = Case("evaluate", EV_FT, 130, "")
+    else:
+        monkeypatch.setattr(utils, "train_one_epoch", interrupted)
+        case = Case("train_ssl", SSL, 130, "")
+    code, _, err = run_case(case, {**world, "out": out}, capsys)
+    assert code == 130 and "Traceback" not in err
+    assert ("continue with --resume" in err) == resumable and "interrupted:" in err
+    assert not os.path.exists(os.path.join(out, f".{'evaluate' if script == 'evaluate' else 'ssl'}.lock"))
+
+
+def test_a_flag_table_entry_exists_for_every_numeric_and_path_flag():
+    """A new numeric or path flag must get a range: the shared table is the only validation."""
+    unchecked = []
+    for name, module in SCRIPTS.items():
+        for action in module.get_args_parser()._actions:
+            numeric = action.type in (int, float)
+            pathlike = action.dest.endswith(("_dir", "_file", "checkpoint", "npz", "_name"))
+            if (numeric or pathlike) and action.dest not in utils.FLAG_RULES:
+                unchecked.append(f"{name} --{action.dest}")
+    assert unchecked == []
+
+
+# ============ the top level, as a user runs it ============
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("train_ssl.py", "--data_dir {data} --output_dir {out} --batch_size 0", "--batch_size 0: must be an integer"),
+    ("data_loader.py", "--output_dir {out} --num_classes 9", "--num_classes 9: must be an integer in [2, 5]"),
+])
+def test_the_command_line_prints_one_line_and_no_traceback(script, argv, message, world, tmp_path):
+    args = shlex.split(argv.format(**world, out=str(tmp_path / "o")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, os.path.join(REPO, script), *args], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr
+    assert r.stderr.startswith("error: ")
+
+
+def test_the_lock_refuses_a_second_holder_and_is_gone_after_release(tmp_path):
+    first = utils.OutputLock(str(tmp_path), "ssl").acquire()
+    with pytest.raises(utils.UserError, match=rf"--output_dir {tmp_path} is in use by another run \(process "
+                                              rf"{os.getpid()} on host .*\); wait for it"):
+        utils.OutputLock(str(tmp_path), "ssl").acquire()
+    with utils.OutputLock(str(tmp_path), "finetuned"):          # another kind of run: other files, other lock
+        pass
+    first.release()
+    assert os.listdir(tmp_path) == []
+    utils.OutputLock(str(tmp_path), "ssl").acquire().release()
+
+
+def test_a_tiny_label_fraction_still_trains_on_every_class(world):
+    """--label_fraction 0.01 of ~16 train images rounds to 0 images per class: each class keeps one instead."""
+    table = data_loader.read_label_table(os.path.join(world["labels"], "good.csv"), world["data"], seed=0)
+    chosen = data_loader.stratified_subset(table.labels, table.indices("train"), 0.01, seed=0)
+    assert sorted(table.labels[chosen].tolist()) == [0, 1]
