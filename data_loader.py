@@ -486,7 +486,11 @@ def read_multilabel_table(label_file: str, data_dir: str, uncertain: str = "igno
     if "split" in df:
         splits = _parse_splits(df["split"], label_file)
     else:
-        splits = assign_multilabel_splits(targets, patients, seed, val_fraction, test_fraction)
+        # from the certain cells only: --uncertain must not move images between splits (train_ssl.py, which
+        # has no --uncertain, leaves the test split out of pretraining)
+        certain = targets if fmt == "pipe" or uncertain == "ignore" else \
+            _parse_finding_columns(df, findings, label_file, "ignore")[0]
+        splits = assign_multilabel_splits(certain, patients, seed, val_fraction, test_fraction)
     _check_finding_coverage(splits, targets, names, label_file)
     return MultiLabelTable(filenames, targets, splits.astype(str), patients.astype(str), names,
                            sha256_file(label_file), fmt, uncertain)
