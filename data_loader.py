@@ -560,7 +560,7 @@ def _parse_finding_columns(df, findings: list, label_file: str, uncertain: str) 
     bad = ~np.isin(values, list(FINDING_CELLS))
     if bad.any():
         row, k = np.argwhere(bad)[0]
-        raise UserError(f"--label_file {label_file}: row {row + 2}, column {findings[k]!r} holds {values[row, k]!r}; "
+        raise UserError(f"--label_file {label_file}: row {row + 2}, column {findings[k]!r} holds {str(values[row, k])!r}; "
                         f"a finding cell is 1, 0, -1 (uncertain) or empty (not mentioned), or drop that column")
     lookup = {s: (UNCERTAIN_VALUE[uncertain] if v is None else v) for s, v in FINDING_CELLS.items()}
     targets = np.vectorize(lookup.get, otypes=[np.float32])(values)
