@@ -4,6 +4,7 @@ augmentations, and the synthetic chest X-ray generator.
     python data_loader.py                                   # 500 synthetic images + labels.csv in ./data/medical_images
     python data_loader.py --num_images 200 --num_unlabeled 2000 --image_size 64 --output_dir ./data/small
     python data_loader.py --from_npz ../shared/data/breastmnist.npz --output_dir ./data/breastmnist
+    python data_loader.py --multi_label --output_dir ./data/multilabel   # several findings per image
 
 Unlabelled folders: `list_readable_images(data_dir)` (corrupt files skipped with one warning).
 Labelled data: `read_label_table(...)` then `ImageStore(...)`, where a corrupt file is an error.
@@ -560,8 +561,9 @@ def _parse_finding_columns(df, findings: list, label_file: str, uncertain: str) 
     bad = ~np.isin(values, list(FINDING_CELLS))
     if bad.any():
         row, k = np.argwhere(bad)[0]
-        raise UserError(f"--label_file {label_file}: row {row + 2}, column {findings[k]!r} holds {str(values[row, k])!r}; "
-                        f"a finding cell is 1, 0, -1 (uncertain) or empty (not mentioned), or drop that column")
+        raise UserError(f"--label_file {label_file}: row {row + 2}, column {findings[k]!r} holds "
+                        f"{str(values[row, k])!r}; a finding cell is 1, 0, -1 (uncertain) or empty (not mentioned), "
+                        f"or drop that column")
     lookup = {s: (UNCERTAIN_VALUE[uncertain] if v is None else v) for s, v in FINDING_CELLS.items()}
     targets = np.vectorize(lookup.get, otypes=[np.float32])(values)
     return targets.reshape(len(df), len(findings)), list(findings)

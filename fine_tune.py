@@ -417,7 +417,8 @@ def still_improving_hint(best_epoch: int, num_epochs: int):
 def selection_text(best: dict) -> str:
     if "mean_auc" not in best:
         return f"val balanced accuracy {best['balanced_accuracy']:.3f}"
-    auc = "n/a (no finding has positives and negatives in val)" if best["mean_auc"] is None else f"{best['mean_auc']:.3f}"
+    auc = "n/a (no finding had positives and negatives in val)" if best["mean_auc"] is None \
+        else f"{best['mean_auc']:.3f}"
     return f"val mean ROC-AUC {auc}, thresholds by {best['threshold_rule']} on val"
 
 
@@ -430,7 +431,8 @@ def log_epoch_multilabel(history, paths, run, epoch, num_epochs, stats, val, fro
                                  last_epoch=epoch + 1 == num_epochs)
     auc = "n/a" if val["mean_auc"] is None else f"{val['mean_auc']:.3f}"
     print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
-          f"val_mean_auc {auc}{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}", flush=True)
+          f"val_mean_auc {auc}{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}",
+          flush=True)
 
 
 def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improved) -> None:
@@ -451,7 +453,7 @@ def get_args_parser():
                                 formatter_class=utils.HelpFormatter)
     p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's names are relative to")
     p.add_argument("--label_file", default="./data/medical_images/labels.csv",
-                   help="CSV filename,label[,split][,patient_id]")
+                   help="CSV filename,label[,split][,patient_id], or a multi-label file (docs/multilabel.md)")
     p.add_argument("--ssl_checkpoint", default=None,
                    help="best_ssl_model.pth from train_ssl.py; leave out to train from scratch (the baseline)")
     p.add_argument("--output_dir", default="./checkpoints", help="where the model, history and plots go")

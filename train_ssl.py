@@ -301,7 +301,8 @@ def _warn_collapse(std: float, dim: int) -> None:
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="SimCLR self-supervised pretraining.",
-                                parents=[utils.common_parser(), utils.training_parser(), utils.task_parser(uncertain=False)],
+                                parents=[utils.common_parser(), utils.training_parser(),
+                                         utils.task_parser(uncertain=False)],
                                 formatter_class=utils.HelpFormatter)
     p.add_argument("--data_dir", default="./data/medical_images", help="folder of unlabelled images (recursive)")
     p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go")

@@ -118,12 +118,14 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     device = utils.resolve_device(args.device)
     (ev,) = evaluate.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
     if ev.kind == evaluate.MULTILABEL_KIND:
-        scores, metrics = evaluate.compute_multilabel_metrics(ev.y_true, ev.prob, ev.info["thresholds"], 0, 0), \
-            MULTILABEL_METRICS
+        scores = evaluate.compute_multilabel_metrics(ev.y_true, ev.prob, ev.info["thresholds"], 0, 0)
+        metrics = MULTILABEL_METRICS
     else:
-        scores, metrics = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0), METRICS
+        scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
+        metrics = METRICS
     row = {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
-           "best_epoch": ev.info["epoch"], "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in metrics}}
+           "best_epoch": ev.info["epoch"], "test_images": len(ev.y_true),
+           **{m: float(scores[m]["value"]) for m in metrics}}
     utils.atomic_write_text(done, json.dumps({"argv": key, "row": row}))
     return row
 
@@ -230,8 +232,8 @@ def summarise(rows: list, path_csv: str, path_md: str, extra: list = (), num_epo
     for frac, part in summary.groupby("fraction"):
         by = part.set_index("method")
         if {"ssl", "scratch"} <= set(by.index):
-            gains.append(f"- {frac:g}: SSL - scratch {metrics[0].replace('_auc', ' AUC')} = "
-                         f"{100 * (by.loc['ssl', metrics[0] + '_mean'] - by.loc['scratch', metrics[0] + '_mean']):+.1f} points")
+            gain = by.loc["ssl", metrics[0] + "_mean"] - by.loc["scratch", metrics[0] + "_mean"]
+            gains.append(f"- {frac:g}: SSL - scratch {metrics[0].replace('_auc', ' AUC')} = {100 * gain:+.1f} points")
     chosen = []
     if "best_epoch" in df and df.best_epoch.notna().all():     # rows kept from before best_epoch was recorded lack it
         epochs = df.groupby(["fraction", "method"]).best_epoch.median()

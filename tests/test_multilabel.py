@@ -208,7 +208,8 @@ def pipeline(tmp_path_factory):
     ssl = os.path.join(ckpts, "best_ssl_model.pth")
     utils.run_cli(fine_tune.main, fine_tune.get_args_parser(), common + ["--ssl_checkpoint", ssl, "--pos_weight",
                                                                          "balanced", "--label_fraction", "0.5"])
-    utils.run_cli(fine_tune.main, fine_tune.get_args_parser(), common + ["--image_size", "32", "--label_fraction", "0.5"])
+    utils.run_cli(fine_tune.main, fine_tune.get_args_parser(),
+                  common + ["--image_size", "32", "--label_fraction", "0.5"])
     project = evaluate.project_embedding
     with pytest.MonkeyPatch.context() as mp:     # UMAP's numba compilation alone takes 15-50 s; the figure is tested
         mp.setattr(evaluate, "project_embedding", lambda x, method, seed: project(x, "t-SNE", seed))
