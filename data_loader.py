@@ -432,7 +432,8 @@ def label_file_format(label_file: str) -> str:
         return "pipe"
     if "label" in header or not any(h in FILENAME_HEADERS for h in header):
         return "classes"
-    return "columns" if _finding_columns(header) else "classes"
+    # two or more: a `filename,class` file is a one-label file with a misnamed column, not one finding
+    return "columns" if len(_finding_columns(header)) >= 2 else "classes"
 
 
 def _finding_columns(header: list) -> list:
