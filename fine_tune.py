@@ -49,6 +49,9 @@ def build_data(args, ssl, device, dist):
     if dist["is_main"]:
         print(data_loader.describe_table(table))
     multilabel = table.task == "multilabel"
+    if not multilabel and args.pos_weight != "none":
+        raise UserError(f"--pos_weight is for multi-label files and {args.label_file} has one label per image; "
+                        f"use --class_weights balanced")
     present = table.num_classes if multilabel else len(np.unique(table.labels))
     if args.num_classes is not None and args.num_classes not in (table.num_classes, present) or \
             present != table.num_classes:

@@ -142,6 +142,25 @@ def test_masked_bce_ignores_uncertain_cells_as_a_hand_computation_does():
     assert masked_bce_with_logits(logits, torch.full((2, 3), -1.0)).item() == 0.0
 
 
+@pytest.mark.parametrize("rule", ["youden", "f1"])
+def test_val_threshold_is_the_best_cut_off_by_its_rule(rule):
+    rng = np.random.default_rng(1)
+    y = (rng.random(300) < 0.2).astype(np.float32)
+    prob = np.round(np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1), 2)   # ties, as real probabilities have
+    y[:20] = dl.IGNORED                                                   # ignored cells play no part
+
+    def score(t, y, p):
+        pred = p >= t
+        tp, fp, fn, tn = (pred & (y == 1)).sum(), (pred & (y == 0)).sum(), (~pred & (y == 1)).sum(), \
+            (~pred & (y == 0)).sum()
+        return tp / (tp + fn) + tn / (tn + fp) - 1 if rule == "youden" else 2 * tp / (2 * tp + fp + fn)
+
+    chosen = fine_tune.choose_threshold(y, prob, rule)
+    best = max(score(t, y[20:], prob[20:]) for t in np.unique(prob[20:]))
+    assert score(chosen, y[20:], prob[20:]) == pytest.approx(best)
+    assert fine_tune.choose_threshold(np.zeros(5), np.linspace(0, 1, 5), rule) == 0.5    # no positives
+
+
 def test_iterative_stratification_keeps_every_finding_and_the_prevalences():
     rng = np.random.default_rng(0)
     prevalence = np.array([0.004, 0.01, 0.05, 0.2, 0.4])
