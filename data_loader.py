@@ -4,6 +4,7 @@ augmentations, and the synthetic chest X-ray generator.
     python data_loader.py                                   # 500 synthetic images + labels.csv in ./data/medical_images
     python data_loader.py --num_images 200 --num_unlabeled 2000 --image_size 64 --output_dir ./data/small
     python data_loader.py --from_npz ../shared/data/breastmnist.npz --output_dir ./data/breastmnist
+    python data_loader.py --multi_label --output_dir ./data/multilabel   # several findings per image
 
 Unlabelled folders: `list_readable_images(data_dir)` (corrupt files skipped with one warning).
 Labelled data: `read_label_table(...)` then `ImageStore(...)`, where a corrupt file is an error.
@@ -203,6 +204,7 @@ class LabelTable:
     patient_ids: np.ndarray  # (N,) str; one id per image when the file has no patient_id column
     class_names: list
     sha256: str
+    task = "multiclass"      # a class attribute, not a field: MultiLabelTable says "multilabel"
 
     @property
     def num_classes(self) -> int:
@@ -436,6 +438,286 @@ def stratified_subset(labels: np.ndarray, indices: np.ndarray, fraction: float =
     return np.sort(np.concatenate(chosen)) if chosen else indices[:0]
 
 
+# ============ multi-label label files (several findings per image) ============
+#
+# Two layouts, told apart by the header (a multi-label file needs one):
+#   pipe:    filename,labels[,split][,patient_id]   labels = finding names joined by '|', 'No Finding' = none
+#            (ChestX-ray14's Data_Entry_2017.csv also reads: Image Index, Finding Labels, Patient ID)
+#   columns: filename,<finding 1>,<finding 2>,...    one cell per finding: 1, 0, -1 (uncertain) or blank
+#            (CheXpert's train.csv also reads: Path, Sex, Age, Frontal/Lateral, AP/PA are skipped)
+# Targets are float32 (N, K): 1 present, 0 absent, IGNORED for a cell left out of the loss and the metrics.
+
+TASKS = ("auto", "multiclass", "multilabel")
+UNCERTAIN_POLICIES = ("ignore", "zero", "one")   # what a CheXpert -1 becomes: masked out, absent, present
+IGNORED = -1.0
+NO_FINDING = "no finding"
+FILENAME_HEADERS = ("filename", "path", "image index")          # ours, CheXpert's, ChestX-ray14's
+LABELS_HEADERS = ("labels", "finding labels")
+PATIENT_HEADERS = ("patient_id", "patient id")
+METADATA_HEADERS = ("sex", "age", "frontal/lateral", "ap/pa", "view position", "follow-up #", "patient age",
+                    "patient gender", "study", "study_id", "view")   # columns of public files that are no finding
+# a blank CheXpert cell means the report did not mention the finding: negative, as in CheXpert's own baselines
+FINDING_CELLS = {"1": 1.0, "1.0": 1.0, "0": 0.0, "0.0": 0.0, "": 0.0, "-1": None, "-1.0": None}
+UNCERTAIN_VALUE = {"ignore": IGNORED, "zero": 0.0, "one": 1.0}
+
+
+@dataclass
+class MultiLabelTable(LabelTable):
+    """A LabelTable whose `labels` are float32 targets (N, K) over the findings `class_names`."""
+    label_format: str = "pipe"   # "pipe" or "columns"
+    uncertain: str = "ignore"
+    task = "multilabel"
+
+
+def label_file_format(label_file: str) -> str:
+    """'classes' (one label per image), 'pipe' or 'columns' (multi-label), from the header alone."""
+    import csv
+
+    try:
+        with open(label_file, encoding="utf-8-sig", newline="") as f:
+            header = [c.strip().lower() for c in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError):
+        return "classes"                     # read_label_table names the problem
+    if any(h in LABELS_HEADERS for h in header):
+        return "pipe"
+    if "label" in header or not any(h in FILENAME_HEADERS for h in header):
+        return "classes"
+    # two or more: a `filename,class` file is a one-label file with a misnamed column, not one finding
+    return "columns" if len(_finding_columns(header)) >= 2 else "classes"
+
+
+def _finding_columns(header: list) -> list:
+    skip = FILENAME_HEADERS + LABELS_HEADERS + PATIENT_HEADERS + METADATA_HEADERS + ("split", "label")
+    return [i for i, h in enumerate(header) if h.strip().lower() not in skip and h.strip()]
+
+
+def load_label_table(label_file: str, data_dir: str, task: str = "auto", uncertain: str = "ignore",
+                     num_classes: int | None = None, seed: int = 42, val_fraction: float = 0.15,
+                     test_fraction: float = 0.15) -> LabelTable:
+    """read_label_table for one-label files, read_multilabel_table for multi-label ones; `task` forces."""
+    fmt = label_file_format(label_file)
+    if task == "multiclass" and fmt != "classes":
+        raise UserError(f"--label_file {label_file}: its header makes it a multi-label file ({fmt} layout) but "
+                        f"--task is multiclass; drop --task or write one `label` per row")
+    if task == "multiclass" or (task == "auto" and fmt == "classes"):
+        return read_label_table(label_file, data_dir, num_classes, seed, val_fraction, test_fraction)
+    table = read_multilabel_table(label_file, data_dir, uncertain, seed, val_fraction, test_fraction)
+    if num_classes is not None and num_classes != table.num_classes:
+        raise UserError(f"--num_classes {num_classes}: {label_file} names {table.num_classes} findings "
+                        f"({', '.join(table.class_names[:6])}); make them agree or drop --num_classes")
+    return table
+
+
+def describe_table(table: LabelTable) -> str:
+    """One line for the log: what kind of label file was detected."""
+    if table.task != "multilabel":
+        return f"labels: one class per image, {table.num_classes} classes"
+    layout = ("a |-separated list of findings per row (ChestX-ray14 style)" if table.label_format == "pipe"
+              else "one 1/0/-1 column per finding (CheXpert style)")
+    counted = table.labels != IGNORED
+    prevalence = ", ".join(f"{n} {100 * (table.labels[:, k] == 1).mean():.0f}%"
+                           for k, n in enumerate(table.class_names))
+    uncertain = int((~counted).sum())
+    return (f"labels: multi-label, {layout}; {table.num_classes} findings ({prevalence} of images); "
+            f"--uncertain {table.uncertain}" + (f": {uncertain} cells ignored" if uncertain else ""))
+
+
+def read_multilabel_table(label_file: str, data_dir: str, uncertain: str = "ignore", seed: int = 42,
+                          val_fraction: float = 0.15, test_fraction: float = 0.15) -> MultiLabelTable:
+    """A multi-label file of either layout, with splits grouped by patient (assign_multilabel_splits).
+    Every problem is a UserError naming the row and column."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir}: no such folder; check the path")
+    df, fmt, findings = _read_multilabel_csv(label_file)
+    if fmt == "pipe":
+        targets, names = _parse_finding_lists(df["labels"], label_file, findings[0])
+    else:
+        targets, names = _parse_finding_columns(df, findings, label_file, uncertain)
+    df.attrs.setdefault("first_line", 2)                               # the header is line 1
+    filenames = _check_filenames(df["filename"], label_file, data_dir, df.attrs["first_line"])
+    patients = _check_patients(df, label_file) if "patient_id" in df else _patients_from_paths(filenames)
+    if "split" in df:
+        splits = _parse_splits(df["split"], label_file)
+        _check_patients_in_one_split(patients, splits, label_file, df.attrs["first_line"], True)
+    else:
+        # from the certain cells only: --uncertain must not move images between splits (train_ssl.py, which
+        # has no --uncertain, leaves the test split out of pretraining)
+        certain = targets if fmt == "pipe" or uncertain == "ignore" else \
+            _parse_finding_columns(df, findings, label_file, "ignore")[0]
+        splits = assign_multilabel_splits(certain, patients, seed, val_fraction, test_fraction)
+    _check_finding_coverage(splits, targets, names, label_file)
+    return MultiLabelTable(filenames, targets, splits.astype(str), patients.astype(str), names,
+                           sha256_file(label_file), fmt, uncertain)
+
+
+def _read_multilabel_csv(label_file: str):
+    """(strings with canonical filename/labels/split/patient_id columns, layout, finding column names).
+    A `label` column counts as a `labels` one: only --task multilabel sends such a file here."""
+    import pandas as pd
+
+    if not os.path.isfile(label_file):
+        raise UserError(f"--label_file {label_file}: no such file; check the path")
+    try:
+        df = pd.read_csv(label_file, header=0, dtype=str, encoding="utf-8-sig", skipinitialspace=True,
+                         keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"--label_file {label_file}: not a readable CSV ({_reason(e)})")
+    df.columns = columns = [str(c).strip() for c in df.columns]
+    lower = [c.lower() for c in columns]
+    rename = {}
+    for canonical, aliases in (("filename", FILENAME_HEADERS), ("labels", LABELS_HEADERS + ("label",)),
+                               ("split", ("split",)), ("patient_id", PATIENT_HEADERS)):
+        hits = [c for c, low in zip(columns, lower) if low in aliases]
+        if hits:
+            rename[hits[0]] = canonical
+    if "filename" not in rename.values():
+        raise UserError(f"--label_file {label_file}: no filename column in the header {','.join(columns)}; "
+                        f"name it filename (or Path, Image Index)")
+    fmt = "pipe" if "labels" in rename.values() else "columns"
+    findings = ([c for c, v in rename.items() if v == "labels"] if fmt == "pipe"
+                else [columns[i] for i in _finding_columns(lower)])
+    if not findings:
+        raise UserError(f"--label_file {label_file}: no finding columns; add one 1/0 column per finding or a "
+                        f"`labels` column of |-separated findings")
+    if df.empty:
+        raise UserError(f"--label_file {label_file}: no rows; add one line per image")
+    df = df.rename(columns=rename).apply(lambda col: col.str.strip())
+    return df, fmt, findings
+
+
+def _parse_finding_lists(col, label_file: str, column: str) -> tuple[np.ndarray, list]:
+    """'Effusion|Cardiomegaly' cells -> (targets (N, K) float32, sorted finding names)."""
+    lists = []
+    for row, cell in enumerate(col.tolist()):
+        parts = [p.strip() for p in cell.split("|")]
+        where = f"--label_file {label_file}: row {row + 2}, column {column!r}"
+        if cell == "" or "" in parts:
+            raise UserError(f"{where} has an empty finding ({cell!r}); write the names joined by '|', or "
+                            f"'No Finding' for an image without findings")
+        named = [p for p in parts if p.lower() != NO_FINDING]
+        if named and len(named) < len(parts):
+            raise UserError(f"{where} is {cell!r}: 'No Finding' together with a finding; keep one of them")
+        lists.append(named)
+    names = sorted({p for parts in lists for p in parts})
+    if not names:
+        raise UserError(f"--label_file {label_file}: every row is 'No Finding'; a multi-label file needs findings")
+    index = {n: k for k, n in enumerate(names)}
+    targets = np.zeros((len(lists), len(names)), dtype=np.float32)
+    for i, parts in enumerate(lists):
+        targets[i, [index[p] for p in parts]] = 1.0
+    return targets, names
+
+
+def _parse_finding_columns(df, findings: list, label_file: str, uncertain: str) -> tuple[np.ndarray, list]:
+    """One 1/0/-1/blank column per finding -> (targets (N, K) float32, names in file order)."""
+    values = df[findings].to_numpy(str)
+    bad = ~np.isin(values, list(FINDING_CELLS))
+    if bad.any():
+        row, k = np.argwhere(bad)[0]
+        raise UserError(f"--label_file {label_file}: row {row + 2}, column {findings[k]!r} holds "
+                        f"{str(values[row, k])!r}; a finding cell is 1, 0, -1 (uncertain) or empty (not mentioned), "
+                        f"or drop that column")
+    lookup = {s: (UNCERTAIN_VALUE[uncertain] if v is None else v) for s, v in FINDING_CELLS.items()}
+    targets = np.vectorize(lookup.get, otypes=[np.float32])(values)
+    return targets.reshape(len(df), len(findings)), list(findings)
+
+
+def _patients_from_paths(filenames: list) -> np.ndarray:
+    """CheXpert paths name the patient (…/patient00001/study1/…); otherwise one patient per image."""
+    import re
+
+    ids = [re.search(r"(?:^|/)(patient\d+)/", f) for f in filenames]
+    return np.array([m.group(1) if m else f for m, f in zip(ids, filenames)], dtype=str)
+
+
+def _check_finding_coverage(splits, targets, names: list, label_file: str) -> None:
+    """No train split is an error; a finding with no positive image in train or val is a warning."""
+    if not (splits == "train").any():
+        raise UserError(f"--label_file {label_file}: the train split is empty; mark some rows `train`")
+    for split in ("train", "val", "test"):
+        rows = splits == split
+        if not rows.any():
+            print(f"warning: {label_file}: the {split} split is empty", file=sys.stderr)
+            continue
+        absent = [n for k, n in enumerate(names) if not (targets[rows, k] == 1).any()]
+        if absent:
+            print(f"warning: {label_file}: no {split} image has finding(s) {', '.join(absent)}"
+                  + ("; their AUC there is undefined" if split != "train" else ""), file=sys.stderr)
+
+
+def iterative_stratified_subset(targets: np.ndarray, indices, fraction: float, seed: int = 0) -> np.ndarray:
+    """`fraction` of `indices` keeping each finding's prevalence: iterative stratification (Sechidis,
+    Tsoumakas and Vlahavas 2011) into two folds, the subset and the rest; then, for any finding the pool
+    has but the subset lost, one random image with it moved in, so every finding keeps a positive.
+    Deterministic for a seed; unlike stratified_subset, smaller fractions are not nested in larger ones."""
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"label fraction {fraction} is outside (0, 1]; pass e.g. 0.1 for 10% of the labels")
+    indices = np.sort(np.asarray(indices))
+    if fraction == 1.0 or len(indices) == 0:
+        return indices
+    rng = np.random.default_rng(seed)
+    positive = targets[indices] == 1                                   # (n, K); ignored cells are not positives
+    chosen = iterative_folds(positive.astype(float), np.ones(len(indices)), [fraction, 1 - fraction], rng) == 0
+    for k in np.flatnonzero(positive.any(0) & ~positive[chosen].any(0)):
+        chosen[rng.choice(np.flatnonzero(positive[:, k]))] = True
+    if not chosen.any():
+        chosen[rng.integers(len(indices))] = True
+    return indices[chosen]
+
+
+def iterative_folds(counts: np.ndarray, sizes: np.ndarray, ratios, rng: np.random.Generator) -> np.ndarray:
+    """Sechidis et al.'s iterative stratification: the fold (0..F-1) of each of n units (images, or patients
+    whose `counts` (n, K) sum their images' positives and `sizes` (n,) their images), filling folds to `ratios`.
+
+    The finding with the fewest units still to place goes first; each of its units joins the fold that most
+    lacks that finding (ties: the fold that lacks most images, then at random). Units without findings fill
+    the folds to size last."""
+    ratios = np.asarray(ratios, dtype=float)
+    want = ratios[:, None] * counts.sum(0)[None, :]                    # (F, K) positives each fold still lacks
+    want_size = ratios * sizes.sum()
+    fold = np.full(len(counts), -1)
+    has = counts > 0
+    while ((fold < 0) & has.any(1)).any():
+        left = (has & (fold < 0)[:, None]).sum(0)
+        finding = int(np.where(left > 0, left, np.iinfo(np.int64).max).argmin())
+        for i in rng.permutation(np.flatnonzero((fold < 0) & has[:, finding])):
+            fold[i] = _neediest_fold(want[:, finding], want_size, rng)
+            want[fold[i]] -= counts[i]
+            want_size[fold[i]] -= sizes[i]
+    for i in rng.permutation(np.flatnonzero(fold < 0)):
+        fold[i] = _neediest_fold(want_size, want_size, rng)
+        want_size[fold[i]] -= sizes[i]
+    return fold
+
+
+def _neediest_fold(need: np.ndarray, size_need: np.ndarray, rng) -> int:
+    best = np.flatnonzero(need == need.max())
+    if len(best) > 1:
+        best = best[size_need[best] == size_need[best].max()]
+    return int(rng.choice(best)) if len(best) > 1 else int(best[0])
+
+
+def assign_multilabel_splits(targets: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float = 0.15,
+                             test_fraction: float = 0.15) -> np.ndarray:
+    """Train/val/test of whole patients by iterative stratification over their findings, deterministic for a
+    seed and independent of the row order. A finding held by 3 or more patients then gets one in val and
+    in test if stratification left them without (moved from train, which keeps at least one)."""
+    rng = np.random.default_rng(seed)
+    group_ids, group_of = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    positive = (targets == 1).astype(float)
+    counts = np.zeros((len(group_ids), targets.shape[1]))
+    np.add.at(counts, group_of, positive)
+    sizes = np.bincount(group_of, minlength=len(group_ids)).astype(float)
+    ratios = [1.0 - val_fraction - test_fraction, val_fraction, test_fraction]
+    fold = iterative_folds(counts, sizes, ratios, rng)
+    for k in range(counts.shape[1]):
+        for f in (1, 2):
+            holders = np.flatnonzero(counts[:, k] > 0)
+            in_train = holders[fold[holders] == 0]
+            if ratios[f] > 0 and len(holders) >= 3 and not (fold[holders] == f).any() and len(in_train) > 1:
+                fold[rng.choice(in_train)] = f
+    return np.array(SPLITS)[fold][group_of]
+
 # ============ decoded images and batches ============
 
 MIN_IMAGE_SIDE = 8   # pixels: a smaller "image" (a 1x1 placeholder, an icon) upsampled is a flat square
@@ -539,7 +821,7 @@ class ImageStore(torch.utils.data.Dataset):
 
 
 class BatchLoader:
-    """Yields (images uint8 (B, C, S, S), labels int64 (B,), indices int64 (B,)) over `indices`.
+    """Yields (images uint8 (B, C, S, S), labels int64 (B,) or float32 (B, K), indices int64 (B,)) over `indices`.
 
     In-memory stores are sliced directly (no per-image collation); streaming stores go through a
     DataLoader with workers. `set_epoch` reshuffles deterministically; rank/world shard the epoch.
@@ -549,8 +831,9 @@ class BatchLoader:
                  drop_last: bool = False, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  pin_memory: bool = False):
         self.store, self.indices = store, torch.as_tensor(np.asarray(indices), dtype=torch.int64)
-        self.labels = torch.as_tensor(np.asarray(labels if labels is not None else np.full(len(store), -1)),
-                                      dtype=torch.int64)
+        labels = np.asarray(labels if labels is not None else np.full(len(store), -1))
+        # multi-label targets (N, K) stay float: 1, 0 and -1 for an ignored cell
+        self.labels = torch.as_tensor(labels, dtype=torch.float32 if labels.dtype.kind == "f" else torch.int64)
         self.batch_size, self.shuffle, self.drop_last, self.seed = batch_size, shuffle, drop_last, seed
         self.num_workers, self.rank, self.world_size, self.pin_memory = num_workers, rank, world_size, pin_memory
         self.epoch = 0
@@ -977,7 +1260,7 @@ def _patient_anatomy(rng: np.random.Generator, label: int) -> dict:
     lung_w = rng.uniform(0.25, 0.30)
     ctr = rng.uniform(0.40, 0.49)                 # cardiothoracic ratio of a normal heart
     enlargement = rng.uniform(0.12, 0.18)         # drawn for every class so the other draws line up
-    ctr += FINDING_STRENGTH * enlargement * (label == 4)
+    ctr += FINDING_STRENGTH * enlargement * (4 in _findings_of(label))
     return dict(
         body_w=rng.uniform(0.80, 0.95), body_h=rng.uniform(1.2, 1.4), tissue=rng.uniform(0.42, 0.55),
         lung_x=lung_x, lung_w=lung_w, apex=rng.uniform(-0.78, -0.66), dome=rng.uniform(0.42, 0.56),
@@ -986,6 +1269,11 @@ def _patient_anatomy(rng: np.random.Generator, label: int) -> dict:
         spine_w=rng.uniform(0.06, 0.08), rib_gap=rng.uniform(0.13, 0.16), rib_bend=rng.uniform(0.45, 0.75),
         rib_phase=rng.uniform(0, 1), air=rng.uniform(0.26, 0.34),
     )
+
+
+def _findings_of(label) -> tuple:
+    """A class index (one label) or a tuple of them (several findings, data_loader --multi_label) as a tuple."""
+    return tuple(label) if isinstance(label, (tuple, list, frozenset, set)) else (label,)
 
 
 def _coordinates(rng: np.random.Generator, size: int) -> tuple:
@@ -1056,8 +1344,9 @@ def _effusion(rng, a, x, y, lungs, dome):
     return 0.20 * fluid * lungs
 
 
-def render_chest_xray(anatomy: dict, label: int, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One radiograph as uint8 (size, size); `rng` draws this image's position, exposure and finding."""
+def render_chest_xray(anatomy: dict, label, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One radiograph as uint8 (size, size); `rng` draws this image's position, exposure and finding(s).
+    `label` is a class index, or a tuple of them for an image with several findings."""
     a = anatomy
     x, y = _coordinates(rng, size)
     edge = max(2.0 / size, 0.012)
@@ -1077,8 +1366,9 @@ def render_chest_xray(anatomy: dict, label: int, rng: np.random.Generator, size:
     findings = {1: lambda: _consolidation(rng, a, x, y, lungs, size),
                 2: lambda: _nodules(rng, a, x, y, lungs, size),
                 3: lambda: _effusion(rng, a, x, y, lungs, dome)}
-    if label in findings:
-        density = density + FINDING_STRENGTH * findings[label]() * (1 - heart)
+    for finding in _findings_of(label):     # one label draws exactly what it drew before several could
+        if finding in findings:
+            density = density + FINDING_STRENGTH * findings[finding]() * (1 - heart)
     return _expose(rng, density)
 
 
@@ -1108,10 +1398,11 @@ def plan_patients(num_images: int, num_classes: int, seed: int, stream: int = 0)
 
 
 def generate_images(out_dir: str, subdir: str, num_images: int, num_classes: int, image_size: int,
-                    seed: int, stream: int) -> list:
-    """Render and save a cohort; returns rows (filename, label, patient_id) in file order."""
+                    seed: int, stream: int, plan: list | None = None) -> list:
+    """Render and save a cohort (`plan`: plan_patients' rows, or plan_multilabel_patients'); returns rows
+    (filename, label, patient_id) in file order."""
     rows = []
-    for p, (patient, label, count) in enumerate(plan_patients(num_images, num_classes, seed, stream)):
+    for p, (patient, label, count) in enumerate(plan or plan_patients(num_images, num_classes, seed, stream)):
         anatomy = _patient_anatomy(np.random.default_rng([seed, stream + 1, p + 1]), label)
         for k in range(count):
             image = render_chest_xray(anatomy, label, np.random.default_rng([seed, stream + 1, p + 1, k + 1]), image_size)
@@ -1183,11 +1474,79 @@ def _warn_foreign_images(out_dir: str) -> None:
           file=sys.stderr)
 
 
+# ============ synthetic multi-label cohort (data_loader.py --multi_label) ============
+#
+# The same patients and renderer, with 0 to 4 findings per patient drawn from a small chain of
+# dependencies that mimics chest X-ray co-occurrence: an enlarged heart raises the odds of an
+# effusion, an effusion those of a consolidation next to it, and nodules are rare and independent.
+SYNTHETIC_FINDINGS = {1: "Consolidation", 2: "Nodule", 3: "Effusion", 4: "Cardiomegaly"}  # ChestX-ray14 names
+MIN_POSITIVE_PATIENTS = 4        # so that a small cohort still has every finding in train, val and test
+
+
+def draw_findings(rng: np.random.Generator) -> tuple:
+    """One patient's findings (class indices of SYNTHETIC_FINDINGS), sorted; () for a normal chest.
+    Prevalences: cardiomegaly 22%, effusion about 19% (45% with cardiomegaly, 12% without),
+    consolidation about 16% (35% with an effusion, 12% without), nodules 7%."""
+    cardiomegaly = rng.random() < 0.22
+    effusion = rng.random() < (0.45 if cardiomegaly else 0.12)
+    consolidation = rng.random() < (0.35 if effusion else 0.12)
+    nodules = rng.random() < 0.07
+    return tuple(c for c, present in ((1, consolidation), (2, nodules), (3, effusion), (4, cardiomegaly)) if present)
+
+
+def plan_multilabel_patients(num_images: int, seed: int, stream: int = 0) -> list:
+    """(patient_id, findings tuple, image count) per patient, deterministic. Image counts as plan_patients;
+    a finding held by fewer than MIN_POSITIVE_PATIENTS patients is given to more (only small cohorts)."""
+    counts = [n for _, _, n in plan_patients(num_images, 1, seed, stream)]
+    rng = np.random.default_rng([seed, stream + 1, 99])
+    findings = [set(draw_findings(rng)) for _ in counts]
+    for c in SYNTHETIC_FINDINGS:
+        lacking = [p for p, f in enumerate(findings) if c not in f]
+        short = MIN_POSITIVE_PATIENTS - (len(findings) - len(lacking))
+        if short > 0 and len(lacking) > short:
+            for p in rng.choice(lacking, size=short, replace=False):
+                findings[p].add(c)
+    prefix = "P" if stream == 0 else "U"
+    return [(f"{prefix}{i:05d}", tuple(sorted(f)), n) for i, (f, n) in enumerate(zip(findings, counts))]
+
+
+def finding_names(findings: tuple) -> str:
+    """'Effusion|Cardiomegaly' for a labels.csv cell, 'No Finding' for none."""
+    return "|".join(SYNTHETIC_FINDINGS[c] for c in findings) or "No Finding"
+
+
+def generate_multilabel_dataset(out_dir: str, num_images: int, image_size: int, seed: int,
+                                num_unlabeled: int = 0) -> list:
+    """The multi-label cohort: images, labels.csv (filename,labels,patient_id; ChestX-ray14's |-separated
+    names), classes.txt (finding and description), preview.png (a row per finding). Returns the rows."""
+    from utils import atomic_write_text
+
+    _warn_foreign_images(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    plan = plan_multilabel_patients(num_images, seed)
+    rows = generate_images(out_dir, "", num_images, 0, image_size, seed, stream=0, plan=plan)
+    if num_unlabeled:
+        os.makedirs(os.path.join(out_dir, "unlabeled"), exist_ok=True)
+        generate_images(out_dir, "unlabeled", num_unlabeled, 0, image_size, seed, stream=1,
+                        plan=plan_multilabel_patients(num_unlabeled, seed, stream=1))
+    write_label_csv(os.path.join(out_dir, "labels.csv"), "filename,labels,patient_id",
+                    [(f, finding_names(y), p) for f, y, p in rows])
+    atomic_write_text(os.path.join(out_dir, "classes.txt"),
+                      "".join(f"{name}\t{CLASS_DESCRIPTIONS[c]}\n" for c, name in SYNTHETIC_FINDINGS.items()))
+    order = [0] + list(SYNTHETIC_FINDINGS)                 # preview rows: No Finding, then each finding
+    shown = [(f, order.index(c), p) for f, y, p in rows for c in (y or (0,))]
+    write_preview(out_dir, shown, ["No Finding"] + list(SYNTHETIC_FINDINGS.values()))
+    return rows
+
+
 # ============ MedMNIST import ============
 
-def import_npz(npz_path: str, out_dir: str) -> list:
-    """A MedMNIST-style .npz -> PNG files in `out_dir`/{split}/ and labels.csv (filename,label,split)."""
+def import_npz(npz_path: str, out_dir: str, label_names: list | None = None) -> list:
+    """A MedMNIST-style .npz -> PNG files in `out_dir`/{split}/ and labels.csv (filename,label,split).
+    Multi-label files (labels (N, K), e.g. ChestMNIST) go to import_multilabel_npz."""
     arrays = _load_npz(npz_path)
+    if arrays["train_labels"].ndim == 2:
+        return import_multilabel_npz(arrays, npz_path, out_dir, label_names)
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     for split in SPLITS:
@@ -1223,15 +1582,45 @@ def _load_npz(npz_path: str) -> dict:
             images = images[..., 0]
         if labels.ndim == 2 and labels.shape[1] == 1:
             labels = labels[:, 0]
-        if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)) or labels.ndim != 1:
+        if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)) or labels.ndim not in (1, 2):
             raise UserError(f"--from_npz {npz_path}: {split} arrays have shapes {images.shape} and {labels.shape}; "
-                            f"expected images (N, H, W) or (N, H, W, 3) and labels (N,) or (N, 1) (multi-label "
-                            f"and 3D MedMNIST files are not supported)")
+                            f"expected images (N, H, W) or (N, H, W, 3) and labels (N,), (N, 1) or, multi-label, "
+                            f"(N, K) of 0/1 (3D MedMNIST files are not supported)")
         if len(images) != len(labels) or (len(labels) and labels.min() < 0):
             raise UserError(f"--from_npz {npz_path}: {split} has {len(images)} images but {len(labels)} labels "
                             f"(or a negative label); the arrays must match")
         out[f"{split}_images"], out[f"{split}_labels"] = images, labels.astype(np.int64)
+    if len({out[f"{s}_labels"].shape[1:] for s in SPLITS}) > 1:
+        raise UserError(f"--from_npz {npz_path}: the splits' label arrays have different widths "
+                        f"({', '.join(str(out[f'{s}_labels'].shape) for s in SPLITS)}); they must match")
     return out
+
+
+def import_multilabel_npz(arrays: dict, npz_path: str, out_dir: str, label_names: list | None) -> list:
+    """Multi-label MedMNIST arrays -> PNGs and labels.csv with one 0/1 column per finding (filename,split,
+    <names>); the names are `label_names` or finding_0..finding_{K-1}. Returns rows (filename, targets, split)."""
+    k = arrays["train_labels"].shape[1]
+    names = list(label_names) if label_names else [f"finding_{i}" for i in range(k)]
+    if len(names) != k or len(set(names)) != k or any("," in n or not n.strip() for n in names):
+        raise UserError(f"--label_names: {len(names)} name(s) for the {k} label columns of {npz_path}; give {k} "
+                        f"distinct names without commas, in the file's column order")
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for split in SPLITS:
+        labels = arrays[f"{split}_labels"]
+        if not np.isin(labels, (0, 1)).all():
+            raise UserError(f"--from_npz {npz_path}: {split}_labels holds values other than 0 and 1; "
+                            f"multi-label arrays are 0/1 per finding")
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        for i, (image, target) in enumerate(zip(arrays[f"{split}_images"], labels)):
+            name = f"{split}/{split}_{i:05d}.png"
+            Image.fromarray(to_uint8(image)).save(os.path.join(out_dir, name))
+            rows.append((name, target, split))
+    write_label_csv(os.path.join(out_dir, "labels.csv"), ",".join(["filename", "split"] + names),
+                    [(f, s, *map(int, t)) for f, t, s in rows])
+    shown = [(f, int(c) + 1, f) for f, t, _ in rows for c in (np.flatnonzero(t) if t.any() else [-1])]
+    write_preview(out_dir, shown, ["no finding"] + names)
+    return rows
 
 
 # ============ command line ============
@@ -1247,11 +1636,13 @@ def _check_args(args) -> None:
 @locks_output_dir(_check_args, "generate")
 def main(args):
     if args.from_npz:
-        rows = import_npz(args.from_npz, args.output_dir)
+        rows = import_npz(args.from_npz, args.output_dir, args.label_names)
         counts = {s: sum(r[2] == s for r in rows) for s in SPLITS}
         print(f"wrote {len(rows)} images ({', '.join(f'{s} {n}' for s, n in counts.items())}) and labels.csv "
               f"to {args.output_dir}")
         return rows
+    if args.multi_label:
+        return _generate_multilabel(args)
     rows = generate_dataset(args.output_dir, args.num_images, args.num_classes, args.image_size, args.seed,
                             args.num_unlabeled)
     patients = len({r[2] for r in rows})
@@ -1259,6 +1650,21 @@ def main(args):
           f"labels.csv, classes.txt and preview.png to {args.output_dir}")
     for c in range(args.num_classes):
         print(f"  class {c}: {CLASS_DESCRIPTIONS[c]}")
+    return rows
+
+
+def _generate_multilabel(args) -> list:
+    rows = generate_multilabel_dataset(args.output_dir, args.num_images, args.image_size, args.seed,
+                                       args.num_unlabeled)
+    patients = {r[2]: r[1] for r in rows}
+    print(f"wrote {len(rows)} labelled images of {len(patients)} patients with several findings each, "
+          f"{args.num_unlabeled} unlabelled, labels.csv (|-separated findings), classes.txt and preview.png "
+          f"to {args.output_dir}")
+    none = sum(not f for f in patients.values())
+    print(f"  No Finding: {none} patients ({100 * none / len(patients):.0f}%)")
+    for c, name in SYNTHETIC_FINDINGS.items():
+        n = sum(c in f for f in patients.values())
+        print(f"  {name}: {n} patients ({100 * n / len(patients):.0f}%) - {CLASS_DESCRIPTIONS[c]}")
     return rows
 
 
@@ -1278,6 +1684,12 @@ def get_args_parser():
     p.add_argument("--image_size", type=int, default=224, help="side of the square images in pixels")
     p.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives identical files")
     p.add_argument("--from_npz", default=None, help="import a MedMNIST-style .npz instead of generating")
+    p.add_argument("--multi_label", action="store_true",
+                   help="several findings per image (consolidation, nodules, effusion, cardiomegaly at unequal, "
+                        "correlated prevalences); labels.csv lists them |-separated; --num_classes is ignored")
+    p.add_argument("--label_names", nargs="+", default=None,
+                   help="with --from_npz of a multi-label file (labels (N, K), e.g. ChestMNIST): the K finding "
+                        "names in column order (default: finding_0 ... finding_K-1)")
     return p
 
 

@@ -468,6 +468,12 @@ def evaluate_checkpoint(path: str, name: str, args, device, autocast_dtype) -> l
     for key in ("image_size", "encoder"):
         if key not in ckpt:
             raise UserError(f"--checkpoint {path}: has no {key!r} entry (see docs/checkpoints.md)")
+    if ckpt["kind"] == "classifier" and ckpt.get("task") == "multilabel":
+        return evaluate_multilabel_classifier(path, name, ckpt, args, device, autocast_dtype)
+    if ckpt["kind"] == "ssl" and data_loader.label_file_format(args.label_file) != "classes":
+        raise UserError(f"--checkpoint {path}: an SSL checkpoint is probed with one class per image, and "
+                        f"{args.label_file} is multi-label; fine-tune it (fine_tune.py --ssl_checkpoint) and evaluate "
+                        f"that checkpoint")
     run = evaluate_classifier if ckpt["kind"] == "classifier" else evaluate_ssl
     return run(path, name, ckpt, args, device, autocast_dtype)
 
@@ -905,6 +911,353 @@ def paired_sentences(paired) -> list:
             f"{fmt(paired['high'])}], paired bootstrap: the same resampled images for both). The interval {verdict}."]
 
 
+# ============ multi-label checkpoints (several findings per image) ============
+# Targets y (N, K) hold 1, 0 or -1 (a cell ignored under --uncertain ignore); probabilities are sigmoids.
+# An ignored cell gets weight 0 for its finding, so it counts in no metric of that finding.
+
+MULTILABEL_KIND = "multi-label classifier"
+FINDING_METRICS = {"roc_auc": "ROC-AUC", "average_precision": "average precision",
+                   "sensitivity": "sensitivity", "specificity": "specificity"}
+TOP_FINDINGS_SHOWN = 4           # t-SNE/UMAP panels: the most frequent findings of the split
+
+
+def evaluate_multilabel_classifier(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
+    """Sigmoid probabilities of a multi-label classifier on its recorded split, with its val thresholds."""
+    notes, k = [], int(ckpt["num_classes"])
+    if args.num_classes is not None and args.num_classes != k:
+        raise UserError(f"--num_classes {args.num_classes}: {path} was trained for {k} findings; "
+                        f"drop the flag or pass --num_classes {k}")
+    names = [str(c) for c in ckpt.get("class_names") or range(k)]
+    table = data_loader.load_label_table(args.label_file, args.data_dir, "multilabel", ckpt.get("uncertain", "ignore"),
+                                         seed=ckpt.get("split_seed", 42), val_fraction=ckpt.get("val_fraction", 0.15),
+                                         test_fraction=ckpt.get("test_fraction", 0.15))
+    check_label_hash(ckpt.get("label_file_sha256"), table, args.label_file, path, notes)
+    rows = recorded_split(ckpt, table, args.split, path, args.label_file, notes)
+    filenames = [table.filenames[i] for i in rows]
+    check_not_trained_on(ckpt, filenames, args.split, path, notes)
+    missing = [n for n in names if n not in table.class_names]
+    if missing:
+        raise UserError(f"--label_file {args.label_file}: has no finding {missing[0]!r} of the checkpoint's "
+                        f"{', '.join(names)}; use the label file it was trained with")
+    y = table.labels[rows][:, [table.class_names.index(n) for n in names]]
+
+    model = model_ssl.Classifier(model_ssl.ModelConfig(**ckpt["model_config"]), k)
+    utils.load_state_strict(model.encoder, ckpt["encoder"], "encoder", path)
+    utils.load_state_strict(model.head, ckpt["head"], "classification head", path)
+    features = encode_images(model.encoder, filenames, ckpt, args, device, autocast_dtype)
+    with torch.no_grad():
+        prob = model.head.eval().cpu()(torch.from_numpy(features)).sigmoid().double().numpy()
+    info = {"split": args.split, "split_source": "recorded in the checkpoint" if args.split != "all" else "label file",
+            "init": ckpt.get("init"), "label_fraction": ckpt.get("label_fraction"), "epoch": ckpt.get("epoch"),
+            "checkpoint_kind": "classifier", "task": "multilabel", "uncertain": ckpt.get("uncertain", "ignore"),
+            "thresholds": [float(t) for t in ckpt.get("thresholds") or [0.5] * k],
+            "threshold_rule": ckpt.get("threshold_rule") or "fixed 0.5 (none recorded)"}
+    return [Evaluated(name, path, MULTILABEL_KIND, filenames, y, prob, features, names, info, notes,
+                      history_beside(ckpt, path, notes))]
+
+
+def finding_metrics(weights, y, prob, thresholds) -> dict:
+    """Per-finding metrics for each row of `weights` (B, N): four (B, K) arrays, NaN where undefined."""
+    counted, pos, neg = y >= 0, y == 1, y == 0
+    ranked = [class_ranking(weights * counted[:, k], pos[:, k], prob[:, k]) for k in range(y.shape[1])]
+    pred = prob >= np.asarray(thresholds)[None, :]
+    tp, fn = weights @ (pos & pred), weights @ (pos & ~pred)
+    tn, fp = weights @ (neg & ~pred), weights @ (neg & pred)
+    return {"roc_auc": np.stack([a for a, _ in ranked], 1), "average_precision": np.stack([p for _, p in ranked], 1),
+            "sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp)}
+
+
+def scorable_findings(y: np.ndarray) -> np.ndarray:
+    """(K,) bool: findings with counted positives and negatives in the split (their AUC is defined)."""
+    return (y == 1).any(0) & (y == 0).any(0)
+
+
+def multilabel_draws(weights, y, prob, thresholds, scorable) -> dict:
+    """finding_metrics plus the mean AUC and mean AP over the scorable findings (NaN for a resample that
+    lost one of them: skipped, as the single-label macro averages are)."""
+    out = finding_metrics(weights, y, prob, thresholds)
+    nan = np.full(len(weights), np.nan)
+    out["mean_auc"] = out["roc_auc"][:, scorable].mean(1) if scorable.any() else nan
+    out["mean_ap"] = out["average_precision"][:, scorable].mean(1) if scorable.any() else nan
+    return out
+
+
+def compute_multilabel_metrics(y, prob, thresholds, resamples: int, seed: int) -> dict:
+    """{metric: {'value', 'low', 'high', 'valid'}} (per-finding metrics are (K,) arrays) with percentile
+    bootstrap intervals over images, plus 'positives' and 'negatives' counted per finding."""
+    y, prob = np.asarray(y), np.asarray(prob, dtype=np.float64)
+    n, scorable = len(y), scorable_findings(y)
+    point = multilabel_draws(np.ones((1, n)), y, prob, thresholds, scorable)
+    draws = [multilabel_draws(w, y, prob, thresholds, scorable)
+             for w in bootstrap_weights(n, resamples, seed, _chunk(n, 4 * y.shape[1]))]
+    out = {"positives": (y == 1).sum(0), "negatives": (y == 0).sum(0), "ignored": (y < 0).sum(0)}
+    for key, value in point.items():
+        samples = np.concatenate([d[key] for d in draws]) if draws else value[:0]
+        low, high, valid = percentile_interval(samples)
+        out[key] = {"value": value[0], "low": low, "high": high, "valid": valid}
+    return out
+
+
+def paired_auc_difference(a: Evaluated, b: Evaluated, resamples: int, seed: int):
+    """Per-finding and mean ROC-AUC of A minus B on the images both scored, paired bootstrap (the same
+    resampled images for both); None without common images."""
+    rows_b = {f: i for i, f in enumerate(b.filenames)}
+    common = [(i, rows_b[f]) for i, f in enumerate(a.filenames) if f in rows_b]
+    if not common:
+        return None
+    ia, ib = np.array(common).T
+    y, pa, pb = a.y_true[ia], a.prob[ia], b.prob[ib]
+    scorable = scorable_findings(y)
+
+    def difference(w):
+        auc_a = finding_metrics(w, y, pa, np.full(y.shape[1], 0.5))["roc_auc"]
+        auc_b = finding_metrics(w, y, pb, np.full(y.shape[1], 0.5))["roc_auc"]
+        diff = auc_a - auc_b                                                      # (B, K)
+        mean = diff[:, scorable].mean(1, keepdims=True) if scorable.any() else np.full((len(w), 1), np.nan)
+        return np.concatenate([diff, mean], 1)                                    # (B, K + 1)
+
+    point = difference(np.ones((1, len(y))))[0]
+    draws = [difference(w) for w in bootstrap_weights(len(y), resamples, seed, _chunk(len(y), 8 * y.shape[1]))]
+    low, high, _ = percentile_interval(np.concatenate(draws) if draws else point[None, :0])
+    if not draws:
+        low = high = np.full(len(point), np.nan)
+    return {"model_a": a.name, "model_b": b.name, "num_images": len(y), "findings": list(a.class_names),
+            "difference": point, "low": low, "high": high}
+
+
+# ------------ files and figures of multi-label models ------------
+
+def plot_roc_grid(evaluated: list, results: list, path: str, title: str) -> None:
+    """One ROC panel per finding, every model overlaid, its val-chosen operating point marked."""
+    from sklearn.metrics import roc_curve
+
+    plt = pyplot()
+    names = evaluated[0].class_names
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.5 * rows), squeeze=False)
+    colors = class_colors(max(len(evaluated), 2))
+    for k, ax in enumerate(axes.flat):
+        if k >= len(names):
+            ax.axis("off")
+            continue
+        for i, (ev, m) in enumerate(zip(evaluated, results)):
+            counted = ev.y_true[:, k] >= 0
+            y, p = ev.y_true[counted, k], ev.prob[counted, k]
+            if 0 < y.sum() < len(y):
+                fpr, tpr, _ = roc_curve(y, p)
+                ax.plot(fpr, tpr, color=colors[i], lw=1.5, label=f"{ev.name}: {with_ci(m['roc_auc'], k, 2)}")
+                pred = p >= ev.info["thresholds"][k]
+                ax.plot(pred[y == 0].mean(), pred[y == 1].mean(), "o", color=colors[i], ms=5)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+        positives = int((evaluated[0].y_true[:, k] == 1).sum())
+        ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), title=f"{names[k]} ({positives} positive)")
+        ax.set_xlabel("1 - specificity", fontsize=8)
+        ax.set_ylabel("sensitivity", fontsize=8)
+        ax.legend(loc="lower right", fontsize=6, title="AUC [95% CI]", title_fontsize=6)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}\n(dot: the operating point at the threshold chosen on val)", fontsize=10)
+    fig.tight_layout()
+    utils.atomic_savefig(fig, path)
+
+
+def plot_multilabel_embedding(coords: np.ndarray, ev: Evaluated, method: str, path: str) -> None:
+    """One panel per most frequent finding: its positives in colour over the other images in grey."""
+    plt = pyplot()
+    order = np.argsort(-(ev.y_true == 1).sum(0), kind="stable")[:TOP_FINDINGS_SHOWN]
+    fig, axes = plt.subplots(1, len(order), figsize=(3.6 * len(order), 3.7), squeeze=False)
+    colors, size = class_colors(len(ev.class_names)), 10 if len(coords) > 200 else 24
+    for ax, k in zip(axes[0], order):
+        pos, ignored = ev.y_true[:, k] == 1, ev.y_true[:, k] < 0
+        ax.scatter(*coords[~pos & ~ignored].T, s=size, color="0.8", edgecolors="none", label="absent")
+        if ignored.any():
+            ax.scatter(*coords[ignored].T, s=size, color="0.5", marker="x", label="uncertain (ignored)")
+        ax.scatter(*coords[pos].T, s=size, color=colors[k], edgecolors="none", label=f"present (n={int(pos.sum())})")
+        ax.set(xticks=[], yticks=[], title=ev.class_names[k])
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{method} of encoder embeddings: {default_name(ev.checkpoint)}, {ev.info['split']} split, "
+                 f"{len(coords)} images, coloured by the {len(order)} most frequent findings", fontsize=10)
+    fig.tight_layout()
+    utils.atomic_savefig(fig, path)
+
+
+def write_multilabel_predictions(ev: Evaluated, path: str) -> None:
+    """One row per image: for each finding the label (1, 0, empty if ignored), probability, thresholded call."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["filename"] + [f"{kind}_{n}" for n in ev.class_names for kind in ("true", "prob", "pred")])
+    thresholds = np.asarray(ev.info["thresholds"])
+    for f, y, p in zip(ev.filenames, ev.y_true, ev.prob):
+        cells = [[("" if t < 0 else int(t)), f"{q:.6f}", int(q >= c)] for t, q, c in zip(y, p, thresholds)]
+        w.writerow([f] + [c for triple in cells for c in triple])
+    utils.atomic_write_text(path, out.getvalue())
+
+
+def multilabel_table(ev: Evaluated, metrics: dict) -> list:
+    lines = [f"- mean ROC-AUC over the findings with positives and negatives: **{with_ci(metrics['mean_auc'])}**",
+             f"- mean average precision: {with_ci(metrics['mean_ap'])}", "",
+             "| finding | positives | negatives | threshold | " + " | ".join(FINDING_METRICS.values()) + " |",
+             "|---|---:|---:|---:|" + "---|" * len(FINDING_METRICS)]
+    for k, name in enumerate(ev.class_names):
+        cells = " | ".join(with_ci(metrics[key], k) for key in FINDING_METRICS)
+        lines.append(f"| {name} | {int(metrics['positives'][k])} | {int(metrics['negatives'][k])} | "
+                     f"{ev.info['thresholds'][k]:.3f} | {cells} |")
+    return lines
+
+
+def multilabel_notes(ev: Evaluated, metrics: dict, resamples: int) -> list:
+    notes = []
+    for k, name in enumerate(ev.class_names):
+        if metrics["positives"][k] == 0 or metrics["negatives"][k] == 0:
+            notes.append(f"finding {name!r} has no {'positive' if metrics['positives'][k] == 0 else 'negative'} "
+                         f"image in the {ev.info['split']} split: its AUC, AP and one of sensitivity/specificity are "
+                         f"undefined (n/a) and the mean AUC leaves it out")
+        if metrics["ignored"][k]:
+            notes.append(f"finding {name!r}: {int(metrics['ignored'][k])} uncertain cell(s) ignored "
+                         f"(--uncertain {ev.info['uncertain']})")
+    used = int(metrics["mean_auc"]["valid"])
+    if resamples and used < resamples:
+        notes.append(f"the mean-AUC interval uses {used} of {resamples} resamples; the others lost a finding's "
+                     f"positives or negatives")
+    return notes
+
+
+def multilabel_document(ev: Evaluated, metrics: dict, args) -> dict:
+    def entry(m, k=None):
+        pick = (lambda a: a) if k is None else (lambda a: np.asarray(a)[k])
+        return {"value": plain(pick(m["value"])), "ci95": [plain(pick(m["low"])), plain(pick(m["high"]))]}
+
+    per_finding = {name: {key: entry(metrics[key], k) for key in FINDING_METRICS} |
+                   {"positives": int(metrics["positives"][k]), "negatives": int(metrics["negatives"][k]),
+                    "ignored": int(metrics["ignored"][k]), "threshold": float(ev.info["thresholds"][k])}
+                   for k, name in enumerate(ev.class_names)}
+    return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info,
+            "num_images": len(ev.y_true), "findings": ev.class_names, "label_file": os.path.abspath(args.label_file),
+            "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "interval": "percentile, 95%",
+                          "unit": "image"},
+            "metrics": {"mean_auc": entry(metrics["mean_auc"]) | {"resamples_used": int(metrics["mean_auc"]["valid"])},
+                        "mean_ap": entry(metrics["mean_ap"])},
+            "per_finding": per_finding, "notes": ev.notes}
+
+
+def write_multilabel_outputs(ev: Evaluated, metrics: dict, folder: str, args, projections: dict) -> None:
+    """predictions.csv, metrics.json, roc_grid.png, t-SNE/UMAP panels, training curves and report.md."""
+    ev.notes.extend(multilabel_notes(ev, metrics, args.bootstrap))
+    write_multilabel_predictions(ev, os.path.join(folder, "predictions.csv"))
+    plot_roc_grid([ev], [metrics], os.path.join(folder, "roc_grid.png"), f"ROC per finding: {ev.name}")
+    figures = {"roc_grid.png": "ROC curve per finding"}
+    for method, file in (("t-SNE", "tsne.png"), ("UMAP", "umap.png")):
+        if isinstance(projections[method], str):
+            ev.notes.append(f"no {file}: {projections[method]}")
+            continue
+        plot_multilabel_embedding(projections[method], ev, method, os.path.join(folder, file))
+        figures[file] = f"{method} of the encoder's embeddings, by the most frequent findings"
+    if ev.history_csv:
+        utils.plot_history(ev.history_csv, os.path.join(folder, "training_curves.png"),
+                           f"Training curves: {default_name(ev.checkpoint)}")
+        if os.path.isfile(os.path.join(folder, "training_curves.png")):
+            figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
+    utils.atomic_write_json(os.path.join(folder, "metrics.json"), multilabel_document(ev, metrics, args))
+    lines = [f"# Evaluation: {ev.name}", "", f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
+             f"- split: **{ev.info['split']}** ({ev.info['split_source']}), {len(ev.y_true)} images, "
+             f"{len(ev.class_names)} findings; uncertain cells: {ev.info['uncertain']}",
+             f"- thresholds: chosen per finding on val ({ev.info['threshold_rule']}), recorded in the checkpoint",
+             f"- label file: `{os.path.abspath(args.label_file)}`",
+             f"- intervals: {args.bootstrap} bootstrap resamples of the images, 95% percentile, seed {args.seed}",
+             "", "## Metrics", ""] + multilabel_table(ev, metrics)
+    if ev.notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in ev.notes]
+    lines += ["", "## Figures", ""]
+    for file, caption in figures.items():
+        lines += [f"### {caption}", "", f"![{caption}]({file})", ""]
+    lines += ["Files: [metrics.json](metrics.json), [predictions.csv](predictions.csv)"]
+    utils.atomic_write_text(os.path.join(folder, "report.md"), "\n".join(lines) + "\n")
+
+
+def write_multilabel_comparison(evaluated, results, folders, paired, args) -> None:
+    """comparison.csv (a row per model and finding), comparison.md and report.md with the paired AUC
+    differences of the first two models, and roc_grid_comparison.png."""
+    names = evaluated[0].class_names
+    rows = []
+    for ev, m, folder in zip(evaluated, results, folders):
+        for k, finding in enumerate(names + ["mean"]):
+            src = {key: (m[key], k) for key in FINDING_METRICS} if finding != "mean" else \
+                {"roc_auc": (m["mean_auc"], None), "average_precision": (m["mean_ap"], None)}
+            row = {"model": ev.name, "folder": os.path.basename(folder), "finding": finding,
+                   "init": ev.info.get("init") or "", "label_fraction": ev.info.get("label_fraction"),
+                   "num_images": len(ev.y_true)}
+            for key, (entry, idx) in src.items():
+                pick = (lambda a: a) if idx is None else (lambda a, i=idx: np.asarray(a)[i])
+                row |= {key: plain(pick(entry["value"])), f"{key}_ci_low": plain(pick(entry["low"])),
+                        f"{key}_ci_high": plain(pick(entry["high"]))}
+            rows.append(row)
+    import pandas as pd
+    utils.atomic_write_text(os.path.join(args.output_dir, "comparison.csv"), pd.DataFrame(rows).to_csv(index=False))
+    plot_roc_grid(evaluated, results, os.path.join(args.output_dir, "roc_grid_comparison.png"),
+                  f"ROC per finding, {args.split} split")
+    header = ["finding", "positives"] + [f"{ev.name} AUC" for ev in evaluated]
+    lines = [f"# Comparison on the {args.split} split ({len(names)} findings)", "",
+             f"ROC-AUC per finding with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed "
+             f"{args.seed}); the mean is over the findings with positives and negatives in the split.", "",
+             "| " + " | ".join(header) + " |", "|---|---:|" + "---|" * len(evaluated)]
+    for k, finding in enumerate(names):
+        cells = [with_ci(m["roc_auc"], k) for m in results]
+        lines.append(f"| {finding} | {int(results[0]['positives'][k])} | " + " | ".join(cells) + " |")
+    lines.append("| **mean** | | " + " | ".join(f"**{with_ci(m['mean_auc'])}**" for m in results) + " |")
+    lines += ["", "## Paired ROC-AUC difference", ""] + paired_auc_lines(paired)
+    utils.atomic_write_text(os.path.join(args.output_dir, "comparison.md"), "\n".join(lines) + "\n")
+    report = lines + ["", "## ROC curves per finding", "", "![ROC per finding](roc_grid_comparison.png)", "",
+                      "## Per-model reports", ""] + [f"- [{ev.name}]({os.path.basename(f)}/report.md)"
+                                                     for ev, f in zip(evaluated, folders)]
+    report[0] = f"# Evaluation report: {len(evaluated)} multi-label models on the {args.split} split"
+    utils.atomic_write_text(os.path.join(args.output_dir, "report.md"), "\n".join(report) + "\n")
+
+
+def paired_auc_lines(paired) -> list:
+    if paired is None:
+        return ["The first two models share no evaluated image, so no paired difference is computed."]
+    lines = [f"ROC-AUC of **{paired['model_a']}** minus **{paired['model_b']}** on the {paired['num_images']} "
+             f"images both scored (paired bootstrap: the same resampled images for both). An interval that excludes "
+             f"zero means the difference is unlikely to be resampling noise.", "",
+             "| finding | difference [95% CI] | excludes zero |", "|---|---|---|"]
+    for k, finding in enumerate(paired["findings"] + ["**mean AUC**"]):
+        d, lo, hi = paired["difference"][k], paired["low"][k], paired["high"][k]
+        if not np.isfinite(d):
+            lines.append(f"| {finding} | n/a | |")
+            continue
+        ci = f" [{fmt(lo)}, {fmt(hi)}]" if np.isfinite(lo) else ""
+        lines.append(f"| {finding} | {d:+.3f}{ci} | {'yes' if np.isfinite(lo) and (lo > 0 or hi < 0) else 'no'} |")
+    return lines
+
+
+def report_multilabel(evaluated: list, args, settings: dict) -> dict:
+    """Metrics, files and figures when the checkpoints are multi-label (main's second half for them)."""
+    if any(ev.kind != MULTILABEL_KIND for ev in evaluated) or \
+            any(ev.class_names != evaluated[0].class_names for ev in evaluated):
+        raise UserError("--checkpoint: multi-label checkpoints are compared only with multi-label checkpoints of the "
+                        "same findings; evaluate the others separately")
+    print(f"bootstrap: {args.bootstrap} resamples per model ...")
+    results = [compute_multilabel_metrics(ev.y_true, ev.prob, ev.info["thresholds"], args.bootstrap, args.seed)
+               for ev in evaluated]
+    single = len(evaluated) == 1
+    folders = [args.output_dir] if single else [os.path.join(args.output_dir, f) for f in folder_names(evaluated)]
+    projections = embedding_projections(evaluated, args.seed)
+    for ev, metrics, folder in zip(evaluated, results, folders):
+        write_multilabel_outputs(ev, metrics, folder, args, projections[ev.checkpoint])
+    paired = None
+    if not single:
+        paired = paired_auc_difference(evaluated[0], evaluated[1], args.bootstrap, args.seed)
+        write_multilabel_comparison(evaluated, results, folders, paired, args)
+    utils.write_settings(os.path.join(args.output_dir, "evaluation_settings.json"), settings)
+    width = max(len(ev.name) for ev in evaluated) + 2
+    print(f"{'model':<{width}}{'split':<7}{'images':>7}  {'mean AUC':>10}{'mean AP':>10}")
+    for ev, m in zip(evaluated, results):
+        print(f"{ev.name:<{width}}{ev.info['split']:<7}{len(ev.y_true):>7}  {fmt(m['mean_auc']['value']):>10}"
+              f"{fmt(m['mean_ap']['value']):>10}")
+    print(f"report: {os.path.join(args.output_dir, 'report.md')}")
+    return {"models": [ev.name for ev in evaluated], "folders": folders, "metrics": results, "paired": paired}
+
+
 # ============ summary ============
 
 def folder_names(evaluated: list) -> list:
@@ -979,6 +1332,8 @@ def main(args):
     evaluated = []
     for path, name in zip(args.checkpoint, display_names(args)):
         evaluated += evaluate_checkpoint(path, name, args, device, autocast_dtype)
+    if any(ev.kind == MULTILABEL_KIND for ev in evaluated):       # several findings per image: its own report
+        return report_multilabel(evaluated, args, settings)
 
     # ============ metrics with bootstrap intervals ============
     print(f"bootstrap: {args.bootstrap} resamples per model ...")

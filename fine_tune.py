@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 import data_loader
 import utils
-from model_ssl import Classifier, ModelConfig, use_small_stem
+from model_ssl import Classifier, ModelConfig, masked_bce_with_logits, use_small_stem
 from utils import UserError
 
 RESUME_KEYS = ("label_fraction", "seed", "split_seed", "num_classes", "image_size", "batch_size", "freeze_encoder",
-               "unfreeze_after_epoch", "ssl_checkpoint")
+               "unfreeze_after_epoch", "ssl_checkpoint", "task", "uncertain", "pos_weight")
 
 
 # ============ data ============
@@ -43,10 +43,17 @@ def load_ssl(args):
 
 def build_data(args, ssl, device, dist):
     """Label table, the labelled train subset, val indices, and loaders (train: this process's shard)."""
-    table = data_loader.read_label_table(args.label_file, args.data_dir, args.num_classes, seed=args.split_seed,
-                                         val_fraction=args.val_fraction, test_fraction=args.test_fraction)
-    present = len(np.unique(table.labels))
-    if present < 2:
+    table = data_loader.load_label_table(args.label_file, args.data_dir, args.task, args.uncertain, args.num_classes,
+                                         seed=args.split_seed, val_fraction=args.val_fraction,
+                                         test_fraction=args.test_fraction)
+    if dist["is_main"]:
+        print(data_loader.describe_table(table))
+    multilabel = table.task == "multilabel"
+    if not multilabel and args.pos_weight != "none":
+        raise UserError(f"--pos_weight is for multi-label files and {args.label_file} has one label per image; "
+                        f"use --class_weights balanced")
+    present = table.num_classes if multilabel else len(np.unique(table.labels))
+    if not multilabel and present < 2:
         only = table.class_names[table.labels[0]]
         raise UserError(f"--label_file {args.label_file}: every image has the label {only!r}; a classifier needs "
                         f"images of at least 2 classes")
@@ -54,7 +61,11 @@ def build_data(args, ssl, device, dist):
             present != table.num_classes:
         raise UserError(f"--num_classes {args.num_classes or table.num_classes}, but {args.label_file} has images of "
                         f"{present} classes; fix --num_classes or the label file")
-    train_idx = data_loader.stratified_subset(table.labels, table.indices("train"), args.label_fraction, args.seed)
+    if multilabel:      # every finding keeps a positive image in the subset (see docs/multilabel.md)
+        train_idx = data_loader.iterative_stratified_subset(table.labels, table.indices("train"), args.label_fraction,
+                                                            args.seed)
+    else:
+        train_idx = data_loader.stratified_subset(table.labels, table.indices("train"), args.label_fraction, args.seed)
     val_idx = table.indices("val")
     for name, idx in (("train", train_idx), ("val", val_idx)):
         if len(idx) == 0:
@@ -115,15 +126,36 @@ def prefit_head(model, store, train_idx, table, args, device, weights) -> float:
 
 
 def fit_head(head, features, labels, steps: int, lr: float, weight_decay: float, weights=None) -> float:
-    """`steps` full-batch AdamW steps of cross entropy on (features, labels); returns the last loss."""
+    """`steps` full-batch AdamW steps of cross entropy on (features, labels) (masked BCE for multi-label
+    float targets); returns the last loss."""
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     head.train()
     for _ in range(steps):
-        loss = F.cross_entropy(head(features), labels, weight=weights)
+        loss = supervised_loss(head(features), labels, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return loss.item()
+
+
+def supervised_loss(logits, labels, weights):
+    """Cross entropy of class indices, or for multi-label float targets (N, K) the masked BCE-with-logits
+    (weights: per-class weights, or per-finding positive weights)."""
+    if labels.is_floating_point():
+        return masked_bce_with_logits(logits, labels, pos_weight=weights)
+    return F.cross_entropy(logits, labels, weight=weights)
+
+
+def positive_weights(args, targets, device):
+    """--pos_weight balanced: each finding's positive term weighted by its negatives / positives among the
+    counted (not ignored) train cells, so a rare finding weighs as much as a common one in the loss."""
+    if args.class_weights != "none":
+        raise UserError("--class_weights is for one label per image; for multi-label files use --pos_weight balanced")
+    if args.pos_weight == "none":
+        return None
+    positives, negatives = (targets == 1).sum(0), (targets == 0).sum(0)
+    weights = negatives / np.maximum(positives, 1)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def class_weights(args, labels, num_classes, device):
@@ -144,7 +176,7 @@ def make_loss_fn(augment, device, weights):
         images, labels, _ = batch
         x = augment(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         logits = model(x)
-        return F.cross_entropy(logits.float(), labels.to(device), weight=weights), len(labels)
+        return supervised_loss(logits.float(), labels.to(device), weights), len(labels)
     return loss_fn
 
 
@@ -166,10 +198,62 @@ def validate(model, loader, device, autocast_dtype, num_classes) -> dict:
             "balanced_accuracy": float(np.mean(recalls))}
 
 
+@torch.no_grad()
+def validate_multilabel(model, loader, device, autocast_dtype, threshold_rule: str) -> dict:
+    """Masked BCE, per-finding ROC-AUC and their mean on the val split, and each finding's threshold on
+    its sigmoid probability chosen there by `threshold_rule` (recorded in the checkpoint for evaluate.py)."""
+    model.eval()
+    logits, targets = [], []
+    for images, labels, _ in loader:
+        x = data_loader.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits.append(model(x).float().cpu())
+        targets.append(labels)
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    loss = masked_bce_with_logits(logits, targets).item()
+    prob, y = logits.sigmoid().double().numpy(), targets.numpy()
+    aucs = [finding_auc(y[:, k], prob[:, k]) for k in range(y.shape[1])]
+    defined = [a for a in aucs if a is not None]
+    return {"loss": loss, "mean_auc": float(np.mean(defined)) if defined else None, "auc": aucs,
+            "thresholds": [choose_threshold(y[:, k], prob[:, k], threshold_rule) for k in range(y.shape[1])],
+            "threshold_rule": threshold_rule}
+
+
+def finding_auc(y, prob):
+    """ROC-AUC of one finding over its counted cells (y 1 or 0), or None without both."""
+    from sklearn.metrics import roc_auc_score
+
+    counted = y >= 0
+    if len(np.unique(y[counted])) < 2:
+        return None
+    return float(roc_auc_score(y[counted], prob[counted]))
+
+
+def choose_threshold(y, prob, rule: str) -> float:
+    """The probability cut-off of one finding on val: Youden's J (max sensitivity + specificity - 1) or
+    max F1; 0.5 when val lacks positives or negatives of the finding."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    counted = y >= 0
+    y, prob = y[counted], prob[counted]
+    if len(np.unique(y)) < 2:
+        return 0.5
+    if rule == "f1":
+        precision, recall, cuts = precision_recall_curve(y, prob)
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        return float(cuts[int(np.argmax(f1))])
+    fpr, tpr, cuts = roc_curve(y, prob)
+    best = int(np.argmax(tpr[1:] - fpr[1:])) + 1          # cuts[0] is +inf: nothing predicted positive
+    return float(min(cuts[best], 1.0))
+
+
 def is_better(metrics: dict, best) -> bool:
-    """Higher balanced accuracy wins; ties go to the lower val loss."""
+    """Higher balanced accuracy (multi-label: mean val ROC-AUC) wins; ties go to the lower val loss."""
     if best is None:
         return True
+    if "mean_auc" in metrics:
+        score = lambda m: -1.0 if m.get("mean_auc") is None else m["mean_auc"]   # noqa: E731
+        return (score(metrics), -metrics["loss"]) > (score(best), -best["loss"])
     return (metrics["balanced_accuracy"], -metrics["loss"]) > (best["balanced_accuracy"], -best["loss"])
 
 
@@ -199,8 +283,17 @@ def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metric
         "splits": {s: files[table.indices(s)].tolist() for s in data_loader.SPLITS},
         "train_files": files[train_idx].tolist(), "label_fraction": args.label_fraction,
         "val_metrics": val_metrics, "history_file": history_file, "epoch": epoch, "world_size": world_size,
-        "args": {k: v for k, v in vars(args).items() if k != "device_obj"},
+        "args": {k: v for k, v in vars(args).items() if k != "device_obj"}, **task_entries(table, val_metrics),
     }
+
+
+def task_entries(table, val_metrics: dict) -> dict:
+    """The task, and for multi-label checkpoints what evaluate.py needs to score them the same way: the
+    finding names (class_names), the uncertain-cell policy and each finding's val-chosen threshold."""
+    if table.task != "multilabel":
+        return {"task": "multiclass"}
+    return {"task": "multilabel", "uncertain": table.uncertain, "label_format": table.label_format,
+            "thresholds": list(val_metrics["thresholds"]), "threshold_rule": val_metrics["threshold_rule"]}
 
 
 # ============ main ============
@@ -213,6 +306,8 @@ def check_args(args) -> None:
     if args.val_fraction + args.test_fraction >= 1:
         raise UserError(f"--val_fraction {args.val_fraction} + --test_fraction {args.test_fraction} leave no "
                         f"training images; keep their sum below 1 (e.g. 0.15 and 0.15)")
+    if args.pos_weight != "none" and args.task == "multiclass":
+        raise UserError("--pos_weight is for multi-label files; with one label per image use --class_weights")
 
 
 def resolve_backbone(args, ssl) -> None:
@@ -258,7 +353,9 @@ def main(args):
               f"epoch {args.unfreeze_after_epoch}")
     optimizer, scheduler = build_optimizer(args, model, len(train_loader), pretrained=ssl is not None)
     scaler = utils.make_grad_scaler(device, autocast_dtype)
-    weights = class_weights(args, table.labels[train_idx], table.num_classes, device)
+    multilabel = table.task == "multilabel"
+    weights = (positive_weights(args, table.labels[train_idx], device) if multilabel
+               else class_weights(args, table.labels[train_idx], table.num_classes, device))
     name, run = run_names(args, ssl is not None)
     paths = {k: os.path.join(args.output_dir, v) for k, v in {
         "best": name, "last": f"last_{run}_checkpoint.pth", "history": f"{run}_history.csv",
@@ -312,20 +409,22 @@ def main(args):
         rngs = utils.gather_rng_states(dist)
         if not dist["is_main"]:                    # the others wait for rank 0 in the next epoch's first step
             continue
-        val = validate(model, val_loader, device, autocast_dtype, table.num_classes)
+        val = (validate_multilabel(model, val_loader, device, autocast_dtype, args.threshold_rule) if multilabel
+               else validate(model, val_loader, device, autocast_dtype, table.num_classes))
         improved = is_better(val, best)
         if improved:
             best = val
         ckpt = checkpoint_dict(model, args, ssl, table, train_idx, store, epoch + 1, val,
                                os.path.basename(paths["history"]), dist["world_size"])
         # the last checkpoint is written last: a run killed before it redoes the epochs since on --resume
-        log_epoch(history, paths, run, epoch, args.num_epochs, stats, val, frozen, improved)
+        (log_epoch_multilabel if multilabel else log_epoch)(history, paths, run, epoch, args.num_epochs, stats, val,
+                                                            frozen, improved)
         if improved:
             utils.save_checkpoint(ckpt, paths["best"])
         last.save_if_due(ckpt, epoch, args.num_epochs, optimizer, scheduler, scaler, best, rngs)
     if dist["is_main"]:
         best_epoch = utils.load_checkpoint(paths["best"], "classifier")["epoch"]
-        print(f"done: best epoch {best_epoch} by val balanced accuracy {best['balanced_accuracy']:.3f} -> {paths['best']}")
+        print(f"done: best epoch {best_epoch} by {selection_text(best)} -> {paths['best']}")
         hint = still_improving_hint(best_epoch, args.num_epochs)
         if hint:
             print(hint)
@@ -348,6 +447,27 @@ def still_improving_hint(best_epoch: int, num_epochs: int):
     return None
 
 
+def selection_text(best: dict) -> str:
+    if "mean_auc" not in best:
+        return f"val balanced accuracy {best['balanced_accuracy']:.3f}"
+    auc = "n/a (no finding had positives and negatives in val)" if best["mean_auc"] is None \
+        else f"{best['mean_auc']:.3f}"
+    return f"val mean ROC-AUC {auc}, thresholds by {best['threshold_rule']} on val"
+
+
+def log_epoch_multilabel(history, paths, run, epoch, num_epochs, stats, val, frozen, improved) -> None:
+    """One history row (mean and per-finding val AUC), the curves, one line on stdout."""
+    mean_auc = "" if val["mean_auc"] is None else val["mean_auc"]
+    history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"], "val_mean_auc": mean_auc,
+                    "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]})
+    utils.plot_history_throttled(paths["history"], paths["plot"], f"fine-tuning ({run})",
+                                 last_epoch=epoch + 1 == num_epochs)
+    auc = "n/a" if val["mean_auc"] is None else f"{val['mean_auc']:.3f}"
+    print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
+          f"val_mean_auc {auc}{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}",
+          flush=True)
+
+
 def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improved) -> None:
     """One history row, the curves, one line on stdout."""
     history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
@@ -362,10 +482,11 @@ def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improv
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
-                                parents=[utils.common_parser(), utils.training_parser()], formatter_class=utils.HelpFormatter)
+                                parents=[utils.common_parser(), utils.training_parser(), utils.task_parser()],
+                                formatter_class=utils.HelpFormatter)
     p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's names are relative to")
     p.add_argument("--label_file", default="./data/medical_images/labels.csv",
-                   help="CSV filename,label[,split][,patient_id]")
+                   help="CSV filename,label[,split][,patient_id], or a multi-label file (docs/multilabel.md)")
     p.add_argument("--ssl_checkpoint", default=None,
                    help="best_ssl_model.pth from train_ssl.py; leave out to train from scratch (the baseline)")
     p.add_argument("--output_dir", default="./checkpoints", help="where the model, history and plots go")
@@ -400,6 +521,12 @@ def get_args_parser():
                    help="stratified fraction of the train split to train on (val and test untouched)")
     p.add_argument("--class_weights", default="none", choices=["none", "balanced"],
                    help="balanced: weight the loss by inverse class frequency (rare diseases)")
+    p.add_argument("--pos_weight", default="none", choices=["none", "balanced"],
+                   help="multi-label: balanced weights each finding's positive term by its train negatives / "
+                        "positives (rare findings)")
+    p.add_argument("--threshold_rule", default="youden", choices=["youden", "f1"],
+                   help="multi-label: how each finding's probability threshold is chosen on val (Youden's J: max "
+                        "sensitivity + specificity - 1; or max F1); recorded in the checkpoint")
     p.add_argument("--val_fraction", type=float, default=0.15, help="val share when the label file has no split column")
     p.add_argument("--test_fraction", type=float, default=0.15, help="test share when the label file has no split column")
     p.add_argument("--resume", nargs="?", const="auto", default=None,

@@ -138,3 +138,16 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
     rows = torch.arange(2 * n, device=z1.device)
     logits[rows, self_index] = float("-inf")                           # a view is not its own negative
     return F.cross_entropy(logits, positive_index)
+
+
+def masked_bce_with_logits(logits: torch.Tensor, targets: torch.Tensor,
+                           pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross entropy of K independent findings, ignoring the cells a label file left uncertain.
+
+    logits: (N, K) raw scores; targets: (N, K) with 1 present, 0 absent and -1 ignored (an uncertain
+    CheXpert cell under --uncertain ignore); pos_weight: (K,) factor on each finding's positive term.
+    Returns the mean over the counted cells (0, still differentiable, when every cell is ignored)."""
+    counted = targets >= 0                                              # (N, K)
+    per_cell = F.binary_cross_entropy_with_logits(logits, targets.clamp(min=0).to(logits.dtype),
+                                                  pos_weight=pos_weight, reduction="none")
+    return (per_cell * counted).sum() / counted.sum().clamp(min=1)

@@ -34,13 +34,17 @@ def pretraining_files(args):
     files = data_loader.list_images(args.data_dir)
     table, excluded = None, []
     if args.label_file:
-        table = data_loader.read_label_table(args.label_file, args.data_dir, seed=args.split_seed)
-        if len(np.unique(table.labels)) < 2:          # every kNN vote would be right: a monitor that says nothing
+        table = data_loader.load_label_table(args.label_file, args.data_dir, args.task, seed=args.split_seed)
+        if table.task != "multilabel" and len(np.unique(table.labels)) < 2:   # every kNN vote would be right
             raise UserError(f"--label_file {args.label_file}: every image has the same label; the kNN monitor needs "
                             f"at least 2 classes (leave --label_file out to pick the epoch by the loss)")
         excluded = sorted(np.asarray(table.filenames)[table.indices("test")].tolist())
         held_out = set(excluded)
         files = [f for f in files if f not in held_out]
+        if table.task == "multilabel":      # the kNN monitor scores one class per image
+            print(f"{data_loader.describe_table(table)}\nmulti-label file: its test split is left out of "
+                  f"pretraining; the best epoch is chosen by loss (the kNN monitor needs one class per image)")
+            table = None
     if len(files) < 2:
         raise UserError(f"--data_dir {args.data_dir}: SimCLR needs at least 2 images, found {len(files)}")
     return files, table, excluded
@@ -395,7 +399,9 @@ def _warn_collapse(std: float, dim: int) -> None:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="SimCLR self-supervised pretraining.", parents=[utils.common_parser(), utils.training_parser()],
+    p = argparse.ArgumentParser(description="SimCLR self-supervised pretraining.",
+                                parents=[utils.common_parser(), utils.training_parser(),
+                                         utils.task_parser(uncertain=False)],
                                 formatter_class=utils.HelpFormatter)
     p.add_argument("--data_dir", default="./data/medical_images", help="folder of unlabelled images (recursive)")
     p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go")

@@ -77,6 +77,20 @@ def training_parser() -> argparse.ArgumentParser:
     return p
 
 
+def task_parser(uncertain: bool = True) -> argparse.ArgumentParser:
+    """--task (and --uncertain) for the scripts that read a label file that may be multi-label."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("labels")
+    g.add_argument("--task", default="auto", choices=["auto", "multiclass", "multilabel"],
+                   help="auto: multi-label when the label file's header has a `labels` (or `Finding Labels`) column "
+                        "or one column per finding, else one class per image (docs/multilabel.md)")
+    if uncertain:
+        g.add_argument("--uncertain", default="ignore", choices=["ignore", "zero", "one"],
+                       help="multi-label files: what an uncertain (-1) cell means; ignore leaves it out of the loss "
+                            "and the metrics, zero counts it absent, one present (blank cells are absent)")
+    return p
+
+
 def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     """torch.compile the module used for training steps; checkpoints keep saving the plain module."""
     return torch.compile(model) if enabled else model

@@ -6,6 +6,8 @@ fractions and seeds, all scored on the same held-out test split.
     python benchmarks/label_efficiency.py --fractions 0.05 0.1 0.25 1.0 --seeds 0 1 2
     python benchmarks/label_efficiency.py --npz ../shared/data/breastmnist.npz --image_size 28 \\
         --output_dir ./runs/label_efficiency_breastmnist
+    python benchmarks/label_efficiency.py --multi_label --data_dir ./data/label_efficiency_multilabel \\
+        --output_dir ./runs/label_efficiency_multilabel          # several findings per image: mean ROC-AUC
 
 Pretrains once (test split left out), then for every fraction x seed x {ssl, scratch} runs
 fine_tune.py's main with identical settings (epochs, augmentation, learning rates, best-on-val
@@ -32,6 +34,13 @@ import train_ssl  # noqa: E402
 import utils  # noqa: E402
 
 METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro")
+MULTILABEL_METRICS = ("mean_auc", "mean_ap")      # over the findings, on the test split
+GAIN_NAMES = {"accuracy": "Accuracy", "mean_auc": "Mean ROC-AUC"}
+
+
+def is_multilabel(args, label_file: str) -> bool:
+    """--multi_label, or a label file (e.g. an imported ChestMNIST) that is multi-label."""
+    return args.multi_label or data_loader.label_file_format(label_file) != "classes"
 
 
 def prepare_data(args) -> tuple:
@@ -42,6 +51,9 @@ def prepare_data(args) -> tuple:
         return data_dir, label_file
     if args.npz:
         data_loader.import_npz(args.npz, data_dir)
+    elif args.multi_label:
+        data_loader.generate_multilabel_dataset(data_dir, args.num_images, args.image_size, args.data_seed,
+                                                args.num_unlabeled)
     else:
         data_loader.generate_dataset(data_dir, args.num_images, 3, args.image_size, args.data_seed, args.num_unlabeled)
     return data_dir, label_file
@@ -108,9 +120,15 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
          "--device", args.device, "--bootstrap", "0"])
     device = utils.resolve_device(args.device)
     (ev,) = evaluate.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
-    scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
+    if ev.kind == evaluate.MULTILABEL_KIND:
+        scores = evaluate.compute_multilabel_metrics(ev.y_true, ev.prob, ev.info["thresholds"], 0, 0)
+        metrics = MULTILABEL_METRICS
+    else:
+        scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
+        metrics = METRICS
     row = {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
-           "best_epoch": ev.info["epoch"], "test_images": len(ev.y_true), **{m: float(scores[m]["value"]) for m in METRICS}}
+           "best_epoch": ev.info["epoch"], "test_images": len(ev.y_true),
+           **{m: float(scores[m]["value"]) for m in metrics}}
     utils.atomic_write_text(done, json.dumps({"argv": key, "row": row}))
     return row
 
@@ -126,7 +144,7 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
     import torch
 
     ckpt = utils.load_checkpoint(ssl_path, "ssl", "--ssl_checkpoint")
-    table = data_loader.read_label_table(label_file, data_dir, seed=ckpt["args"].get("split_seed", 42))
+    table = data_loader.load_label_table(label_file, data_dir, seed=ckpt["args"].get("split_seed", 42))
     train, val, test = table.indices("train"), table.indices("val"), table.indices("test")   # all sorted
     files = [table.filenames[i] for i in np.r_[train, val, test]]
     device = utils.resolve_device(args.device)
@@ -140,6 +158,10 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
         train_x, val_x, test_x = np.split(features, [len(train), len(train) + len(val)])
         for fraction in args.fractions:
             for seed in args.seeds:   # the very subset fine_tune.py draws for this fraction and seed
+                if table.task == "multilabel":
+                    results.append({"features": name, "fraction": fraction, "seed": seed,
+                                    **multilabel_probe(table, train, test, train_x, test_x, fraction, seed)})
+                    continue
                 subset = data_loader.stratified_subset(table.labels, train, fraction, seed)
                 probe = evaluate.fit_linear_probe(train_x[np.searchsorted(train, subset)], table.labels[subset],
                                                   test_x, table.num_classes, seed, [], val_x, table.labels[val])
@@ -150,18 +172,41 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
     return results
 
 
+def multilabel_probe(table, train, test, train_x, test_x, fraction: float, seed: int) -> dict:
+    """One logistic regression per finding on standardised frozen features of fine_tune.py's labelled subset
+    (ignored cells left out), scored on the test split: mean ROC-AUC and AP over the findings."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    subset = data_loader.iterative_stratified_subset(table.labels, train, fraction, seed)
+    fit_x, fit_y = train_x[np.searchsorted(train, subset)], table.labels[subset]
+    scaler = StandardScaler().fit(fit_x)
+    prob = np.full((len(test), table.num_classes), 0.5)
+    for k in range(table.num_classes):
+        counted = fit_y[:, k] >= 0
+        if len(np.unique(fit_y[counted, k])) == 2:   # iterative stratification keeps a positive; a negative too?
+            probe = LogisticRegression(max_iter=2000, random_state=seed)
+            prob[:, k] = probe.fit(scaler.transform(fit_x[counted]), fit_y[counted, k]).predict_proba(
+                scaler.transform(test_x))[:, 1]
+    scores = evaluate.compute_multilabel_metrics(table.labels[test], prob, np.full(table.num_classes, 0.5), 0, 0)
+    return {m: float(scores[m]["value"]) for m in MULTILABEL_METRICS}
+
+
 def summarise_probe(results: list, path_csv: str) -> list:
     import pandas as pd
 
     df = pd.DataFrame(results)
     utils.atomic_write_text(path_csv, df.to_csv(index=False))
     g = df.groupby(["fraction", "features"])
+    shown = ("mean_auc", "mean_ap") if "mean_auc" in df else ("accuracy", "roc_auc_macro")
     lines = ["", "Linear probe on frozen features, same labelled subsets, test split (mean ± std over seeds; "
-             "L2 strength C chosen on the val split per run, see probe.csv):", "",
-             "| label fraction | features | runs | accuracy | roc_auc_macro |", "|---|---|---|---|---|"]
+             "one-label files: L2 strength C chosen on the val split per run, see probe.csv):", "",
+             f"| label fraction | features | runs | {shown[0]} | {shown[1]} |", "|---|---|---|---|---|"]
     for (fraction, name), part in g:
-        lines.append(f"| {fraction:g} | {name} | {len(part)} | {part.accuracy.mean():.3f} ± {part.accuracy.std(ddof=0):.3f}"
-                     f" | {part.roc_auc_macro.mean():.3f} ± {part.roc_auc_macro.std(ddof=0):.3f} |")
+        a, b = part[shown[0]], part[shown[1]]
+        lines.append(f"| {fraction:g} | {name} | {len(part)} | {a.mean():.3f} ± {a.std(ddof=0):.3f}"
+                     f" | {b.mean():.3f} ± {b.std(ddof=0):.3f} |")
     return lines
 
 
@@ -174,44 +219,45 @@ def convergence_warnings(df, num_epochs: int) -> list:
             for (f, m), n in late.items()]
 
 
-def summarise(rows: list, path_csv: str, path_md: str, extra: list = (), num_epochs: int = 0) -> list:
+def summarise(rows: list, path_csv: str, path_md: str, extra: list = (), num_epochs: int = 0,
+              metrics: tuple = METRICS) -> list:
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    g = df.groupby(["fraction", "method"])[list(METRICS)]
+    g = df.groupby(["fraction", "method"])[list(metrics)]
     summary = g.mean().add_suffix("_mean").join(g.std(ddof=0).add_suffix("_std")).join(g.size().rename("runs"))
     summary = summary.reset_index()
     utils.atomic_write_text(path_csv, summary.to_csv(index=False))
-    lines = ["| label fraction | method | runs | " + " | ".join(METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
+    lines = ["| label fraction | method | runs | " + " | ".join(metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
     for _, r in summary.iterrows():
-        cells = [f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in METRICS]
+        cells = [f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in metrics]
         lines.append(f"| {r['fraction']:g} | {r['method']} | {r['runs']} | " + " | ".join(cells) + " |")
     gains = []
     for frac, part in summary.groupby("fraction"):
         by = part.set_index("method")
         if {"ssl", "scratch"} <= set(by.index):
-            gains.append(f"- {frac:g}: SSL - scratch accuracy = "
-                         f"{100 * (by.loc['ssl', 'accuracy_mean'] - by.loc['scratch', 'accuracy_mean']):+.1f} points")
+            gain = by.loc["ssl", metrics[0] + "_mean"] - by.loc["scratch", metrics[0] + "_mean"]
+            gains.append(f"- {frac:g}: SSL - scratch {metrics[0].replace('_auc', ' AUC')} = {100 * gain:+.1f} points")
     chosen = []
     if "best_epoch" in df and df.best_epoch.notna().all():     # rows kept from before best_epoch was recorded lack it
         epochs = df.groupby(["fraction", "method"]).best_epoch.median()
         chosen = ["", "Epoch chosen on val:", *[f"- {f:g} {m}: median best epoch {e:g} of {num_epochs}"
                                                 for (f, m), e in epochs.items()], *convergence_warnings(df, num_epochs)]
-    out = lines + ["", "Accuracy gain of SSL initialisation:", *gains, *chosen, *extra]
+    out = lines + ["", f"{GAIN_NAMES[metrics[0]]} gain of SSL initialisation:", *gains, *chosen, *extra]
     utils.atomic_write_text(path_md, "\n".join(out) + "\n")
     return out
 
 
-def plot(rows: list, path: str) -> None:
+def plot(rows: list, path: str, metrics: tuple = METRICS) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4))
-    for ax, metric in zip(axes, METRICS):
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4))
+    for ax, metric in zip(axes, metrics):
         for method, colour in (("ssl", "tab:blue"), ("scratch", "tab:orange")):
             part = df[df.method == method].groupby("fraction")[metric]
             mean, std = part.mean(), part.std(ddof=0).fillna(0)
@@ -251,9 +297,10 @@ def main(args):
                 print(rows[-1], flush=True)
                 utils.atomic_write_text(os.path.join(args.output_dir, "results.csv"),
                                         pd.DataFrame(rows).to_csv(index=False))
+    metrics = MULTILABEL_METRICS if is_multilabel(args, label_file) else METRICS
     lines = summarise(rows, os.path.join(args.output_dir, "summary.csv"), os.path.join(args.output_dir, "summary.md"),
-                      probe, args.ft_epochs)
-    plot(rows, os.path.join(args.output_dir, "label_efficiency.png"))
+                      probe, args.ft_epochs, metrics)
+    plot(rows, os.path.join(args.output_dir, "label_efficiency.png"), metrics)
     print("\n".join(lines))
 
 
@@ -261,6 +308,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--data_dir", default="./data/label_efficiency", help="dataset folder (created if empty)")
     p.add_argument("--npz", default=None, help="import this MedMNIST .npz into --data_dir instead of synthetic data")
+    p.add_argument("--multi_label", action="store_true",
+                   help="synthetic data with several findings per image (data_loader.py --multi_label); the runs "
+                        "are scored by mean ROC-AUC over the findings (also automatic for a multi-label --npz)")
     p.add_argument("--output_dir", default="./runs/label_efficiency", help="runs, tables and the figure")
     p.add_argument("--num_images", type=int, default=500, help="labelled synthetic images")
     p.add_argument("--num_unlabeled", type=int, default=0, help="extra unlabelled synthetic images")
