@@ -8,11 +8,15 @@ r"""Metrics and figures for trained checkpoints, on a held-out split, with boots
     python evaluate.py --checkpoint ./checkpoints/best_ssl_model.pth --data_dir ./data/medical_images \
         --output_dir ./evaluation_results/ssl_probe          # linear probe + kNN on frozen features
     python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --split val --bootstrap 2000
+    python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --images ./new_scans \
+        --output_dir ./predictions                          # no labels: predictions.csv, summary.md, gradcam.png
 
 A classifier is scored on the split recorded in its checkpoint (never recomputed); an SSL checkpoint is
 scored as a representation (a logistic-regression probe and a kNN fitted on the train split's frozen
 features). Several --checkpoint flags add comparison.csv/.md, an overlaid ROC figure and a paired bootstrap
-of the accuracy difference between the first two models.
+of the differences between the first two models, said in words at the top of the report. A classifier's
+report shows Grad-CAM heat maps (the `grad-cam` package); when the data folder has findings.csv (the
+synthetic generator writes it) the pointing game scores them against where the finding was drawn.
 """
 import argparse
 import csv
@@ -823,14 +827,14 @@ def plot_pointing_game(rows: list, path: str) -> None:
 
 
 def gradcam_examples(ev: Evaluated) -> list:
-    """(row title, split index) pairs: per true class, the most confident correct and the most confident wrong."""
+    """Split indices, two per true class (row): the most confident correct and the most confident wrong
+    prediction, None where the split has no such image."""
     pred, conf = ev.prob.argmax(1), ev.prob.max(1)
     picks = []
-    for c, name in enumerate(ev.class_names):
+    for c in range(len(ev.class_names)):
         for correct in (True, False):
             idx = np.flatnonzero((ev.y_true == c) & ((pred == c) == correct))
-            if len(idx):
-                picks.append(idx[np.argmax(conf[idx])])
+            picks.append(int(idx[np.argmax(conf[idx])]) if len(idx) else None)
     return picks
 
 
@@ -842,15 +846,19 @@ def overlay(image: torch.Tensor, cam: np.ndarray) -> np.ndarray:
 
 
 def plot_cam_grid(panels: list, path: str, title: str, ncols: int = 4) -> None:
-    """panels: (overlay RGB, panel title, finding boxes in input pixels or []) -> a grid figure."""
+    """panels: (overlay RGB or None for an empty cell, panel title, finding boxes in input pixels) -> a grid."""
     from matplotlib.patches import Rectangle
 
     plt = pyplot()
+    ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols, 3.1 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols + 1.0, 3.3 * nrows + 0.8), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (rgb, text, boxes) in zip(axes.flat, panels):
+        if rgb is None:
+            ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, color="0.4", transform=ax.transAxes)
+            continue
         ax.imshow(rgb)
         for x0, y0, x1, y1 in boxes:
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="white", lw=1.2, ls="--"))
@@ -870,23 +878,30 @@ def write_gradcam_figure(ev: Evaluated, findings, folder: str, device, batch_siz
     """gradcam.png: for each class the most confident correct and wrong images with the heat map of the
     predicted class; returns why it was skipped, or None."""
     ex = ev.explained
-    picks = gradcam_examples(ev)
+    slots = gradcam_examples(ev)
+    picks = [i for i in slots if i is not None]
     if ex is None or not picks:
         return None
     files = [ev.filenames[i] for i in picks]
     images = decode_images(ex.root, files, ex)
     pred = ev.prob[picks].argmax(1)
-    cams = grad_cams(ex.model, images, pred, ex.layer, ex.prepare, device, batch_size)
-    sizes = image_sizes(ex.root, files) if findings else [None] * len(files)
+    cams = dict(zip(picks, grad_cams(ex.model, images, pred, ex.layer, ex.prepare, device, batch_size)))
+    images, files = dict(zip(picks, images)), dict(zip(picks, files))
     panels = []
-    for i, f, image, cam, size in zip(picks, files, images, cams, sizes):
-        true, p = ev.class_names[ev.y_true[i]], ev.class_names[int(ev.prob[i].argmax())]
-        mark = "correct" if true == p else "WRONG"
-        boxes = scaled_boxes(findings.get(f, []), size, ex.image_size) if findings else []
-        panels.append((overlay(image, cam), f"{mark}: true {true}\npred {p} (p={ev.prob[i].max():.2f})", boxes))
+    for slot, i in enumerate(slots):
+        name = ev.class_names[slot // 2]
+        if i is None:
+            panels.append((None, f"true {name}:\nno {'correct' if slot % 2 == 0 else 'wrong'} prediction", []))
+            continue
+        p = ev.class_names[int(ev.prob[i].argmax())]
+        boxes = findings.get(files[i], []) if findings else []
+        boxes = scaled_boxes(boxes, image_sizes(ex.root, [files[i]])[0], ex.image_size) if boxes else []
+        panels.append((overlay(images[i], cams[i]), f"{'correct' if slot % 2 == 0 else 'WRONG'}: true {name}\n"
+                                                    f"pred {p} (p={ev.prob[i].max():.2f})", boxes))
     plot_cam_grid(panels, os.path.join(folder, "gradcam.png"),
-                  f"Grad-CAM ({ex.layer}) of the predicted class: {ev.name}; per class the most confident correct "
-                  f"and wrong image" + ("; dashed: where the finding was drawn" if findings else ""))
+                  f"Grad-CAM ({ex.layer}) of the predicted class: {ev.name}\nper true class, the most confident "
+                  f"correct and wrong prediction" + ("; dashed: where the finding was drawn" if findings else ""),
+                  ncols=2)
     return "gradcam.png"
 
 
@@ -1122,8 +1137,9 @@ def metrics_table(ev: Evaluated, metrics: dict) -> list:
 
 def write_model_report(ev: Evaluated, metrics: dict, figures: dict, args, path: str, pointing=()) -> None:
     lines = [f"# Evaluation: {ev.name}", "", headline_sentence(ev, metrics), ""]
-    lines += [f"> **Caution:** {w}" for w in ev.info.get("small_split", [])]
-    lines += ["", f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
+    for w in ev.info.get("small_split", []):
+        lines += [f"> **Caution:** {w}", ""]
+    lines += [f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
              f"- split: **{ev.info['split']}** ({ev.info['split_source']}), {len(ev.y_true)} images",
              f"- label file: `{os.path.abspath(args.label_file)}`",
              f"- intervals: {args.bootstrap} bootstrap resamples of the images, 95% percentile, seed {args.seed}",
@@ -1236,7 +1252,8 @@ def write_comparison(evaluated, results, folders, paired, args, pointing=()) -> 
         table.append("| " + " | ".join(cells + [with_ci(m[k]) for k in COMPARISON_METRICS]) + " |")
     cautions = list(dict.fromkeys(w for ev in evaluated for w in ev.info.get("small_split", [])))
     lines = [f"# Comparison on the {args.split} split", ""] + verdict_lines(paired) + [""]
-    lines += [f"> **Caution:** {w}" for w in cautions] + ([""] if cautions else [])
+    for w in cautions:
+        lines += [f"> **Caution:** {w}", ""]
     lines += [f"Values with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed {args.seed}). "
              f"ROC-AUC: the macro one-vs-rest average (with two classes, the positive class's AUC); "
              f"ECE (expected calibration error): lower is better.", ""] + table

@@ -663,7 +663,7 @@ def plot_history(csv_path: str, png_path: str, title: str, best_epoch: int | Non
     best_epoch = best_epoch if best_epoch is not None else best_history_epoch(df)
     ncols = 1 if len(panels) == 1 else 2
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.1 * nrows), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows), squeeze=False)
     for ax, (panel_title, cols, ylabel) in zip(axes.flat, panels):
         for col in cols:
             d = df[["epoch", col]].dropna()
@@ -674,14 +674,15 @@ def plot_history(csv_path: str, png_path: str, title: str, best_epoch: int | Non
                 ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance ({chance:.2f})")
         if best_epoch is not None:
             ax.axvline(best_epoch, color="tab:red", ls="--", lw=1, label=f"kept: epoch {best_epoch}")
-        ax.set(title=panel_title, ylabel=ylabel, xlim=(0.5, max(1, df["epoch"].max()) + 0.5))
+        ax.set(title=panel_title, ylabel=ylabel, xlabel="epoch", xlim=(0.5, max(1, df["epoch"].max()) + 0.5))
+        values = df[cols].to_numpy(float)
+        if panel_title == "loss" and np.nanmin(values) > 0 and np.nanmax(values) > 30 * np.nanmin(values):
+            ax.set_yscale("log")                  # a first-epoch val loss of 100 would flatten the rest
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("epoch")
     fig.suptitle(title)
     fig.tight_layout()
     atomic_savefig(fig, png_path)

@@ -68,7 +68,6 @@ def test_a_trained_model_points_at_the_finding_far_more_often_than_chance(pointi
     assert "## Grad-CAM pointing game" in report and "| from scratch | layer2 |" in report
     assert "](pointing_game.png)" in report and (out / "pointing_game.png").stat().st_size > 5000
     assert json.loads((out / "pointing_game.json").read_text())[0]["model"] == "from scratch"
-    assert "dashed: where the finding was drawn" not in report          # the caption lives in the figure
     assert (out / "gradcam.png").stat().st_size > 5000
 
 
