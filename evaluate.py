@@ -432,7 +432,10 @@ def default_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def evaluate_checkpoint(path: str, ckpt: dict, name: str, args, device, autocast_dtype) -> list:
+def evaluate_checkpoint(path: str, name: str, args, device, autocast_dtype, ckpt: dict | None = None) -> list:
+    """Predictions of one checkpoint (loaded from `path` unless given) on the split `args` asks for."""
+    if ckpt is None:
+        ckpt = utils.load_checkpoint(path, kind=("classifier", "ssl"))
     for key in ("image_size", "encoder"):
         if key not in ckpt:
             raise UserError(f"--checkpoint {path}: has no {key!r} entry (see docs/checkpoints.md)")
@@ -1492,7 +1495,7 @@ def main(args):
     # ============ predictions ============
     evaluated = []
     for path, ckpt, name in zip(args.checkpoint, ckpts, names):
-        evaluated += evaluate_checkpoint(path, ckpt, name, args, device, autocast_dtype)
+        evaluated += evaluate_checkpoint(path, name, args, device, autocast_dtype, ckpt)
     del ckpts
 
     # ============ metrics with bootstrap intervals, the pointing game ============
