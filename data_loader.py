@@ -399,6 +399,46 @@ def _check_split_coverage(splits: np.ndarray, labels: np.ndarray, class_names: l
         print(f"warning: {label_file}: class(es) {names} have no training image", file=sys.stderr)
 
 
+def read_class_names(label_file: str, class_names: list) -> list:
+    """Readable names for `class_names`: integer labels take their names from classes.txt beside the label
+    file (lines `index<TAB>name[: description]`, or one name per line in class order); names stay as they are."""
+    names = [str(c) for c in class_names]
+    path = os.path.join(os.path.dirname(os.path.abspath(label_file)), "classes.txt")
+    if not all(n.lstrip("-").isdigit() for n in names) or not os.path.isfile(path):
+        return names
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except (OSError, UnicodeDecodeError):
+        return names
+    found = {}
+    for i, line in enumerate(lines):
+        index, sep, rest = line.partition("\t")
+        key, text = (index.strip(), rest) if sep and index.strip().isdigit() else (str(i), line)
+        found[key] = text.split(":")[0].strip() or key
+    return [found.get(n, n) for n in names]
+
+
+def read_findings(data_dir: str) -> dict | None:
+    """{filename: [(x0, y0, x1, y1), ...]} from findings.csv in `data_dir` (the synthetic generator writes
+    it: pixel boxes of where each finding was drawn, ends exclusive), or None when the folder has none."""
+    import pandas as pd
+
+    path = os.path.join(data_dir, FINDINGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        df = pd.read_csv(path, dtype={"filename": str})
+        boxes = {}
+        for row in df.itertuples(index=False):
+            boxes.setdefault(posixpath.normpath(row.filename), []).append(
+                (int(row.x0), int(row.y0), int(row.x1), int(row.y1)))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, AttributeError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable findings file ({_reason(e)}); expected "
+                        f"filename,finding,x0,y0,x1,y1 rows, or delete it")
+    return boxes
+
+
 def assign_splits(labels: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float = 0.15,
                   test_fraction: float = 0.15) -> np.ndarray:
     """Stratified train/val/test split of whole groups (patients), deterministic for a seed.
@@ -1235,6 +1275,8 @@ CLASS_DESCRIPTIONS = (
     "cardiomegaly: heart wider than half the thorax (cardiothoracic ratio about 0.55-0.65)",
 )
 MAX_SYNTHETIC_CLASSES = len(CLASS_DESCRIPTIONS)
+CLASS_NAMES = tuple(d.split(":")[0] for d in CLASS_DESCRIPTIONS)
+FINDINGS_FILE = "findings.csv"   # beside labels.csv: filename,finding,x0,y0,x1,y1 per drawn region
 # Scales the density every finding adds (and the heart enlargement). At 1.0 findings are visible by
 # eye but small next to ribs, noise and exposure: at 64 px with 10% of the labels both a from-scratch
 # ResNet-18 and one fine-tuned from a 15-epoch SimCLR encoder stayed at chance (benchmarks/
@@ -1321,17 +1363,22 @@ def _consolidation(rng, a, x, y, lungs, size):
     return 0.26 * blob * patches * lungs
 
 
-def _nodules(rng, a, x, y, lungs, size):
-    """Two to five round opacities, at least 1.5 px in radius so augmentation cannot erase them."""
+def _nodules(rng, a, x, y, lungs, size, parts=None):
+    """Two to five round opacities, at least 1.5 px in radius so augmentation cannot erase them.
+    `parts`, when given, receives each nodule's own field (for its box in findings.csv)."""
     out = np.zeros_like(x)
+    mask = np.clip(lungs * 1.5, 0, 1)
     for _ in range(rng.integers(2, 6)):
         side = int(rng.choice([-1, 1]))
         cx = side * (a["lung_x"] + rng.uniform(-0.6, 0.6) * a["lung_w"])
         cy = rng.uniform(a["apex"] + 0.15, a["dome"] - 0.15)
         r = max(rng.uniform(0.035, 0.06), 3.0 / size)
         d2 = ((x - cx) ** 2 + (y - cy) ** 2) / r ** 2
-        out += 0.22 * np.sqrt(np.clip(1 - d2, 0, 1))
-    return out * np.clip(lungs * 1.5, 0, 1)
+        nodule = 0.22 * np.sqrt(np.clip(1 - d2, 0, 1))
+        out += nodule
+        if parts is not None:
+            parts.append(nodule * mask)
+    return out * mask
 
 
 def _effusion(rng, a, x, y, lungs, dome):
@@ -1344,9 +1391,14 @@ def _effusion(rng, a, x, y, lungs, dome):
     return 0.20 * fluid * lungs
 
 
-def render_chest_xray(anatomy: dict, label, rng: np.random.Generator, size: int) -> np.ndarray:
+def render_chest_xray(anatomy: dict, label, rng: np.random.Generator, size: int,
+                      boxes: list | None = None) -> np.ndarray:
     """One radiograph as uint8 (size, size); `rng` draws this image's position, exposure and finding(s).
-    `label` is a class index, or a tuple of them for an image with several findings."""
+    `label` is a class index, or a tuple of them for an image with several findings.
+
+    `boxes`, when given, receives where the findings were drawn: one (x0, y0, x1, y1) pixel box per
+    region (each nodule its own; x1, y1 exclusive), none for a normal image. Passing it draws nothing
+    differently."""
     a = anatomy
     x, y = _coordinates(rng, size)
     edge = max(2.0 / size, 0.012)
@@ -1363,13 +1415,35 @@ def render_chest_xray(anatomy: dict, label, rng: np.random.Generator, size: int)
     density = (0.04 + body * (a["tissue"] + 0.10 * abdomen) + 0.10 * spine + 0.08 * mediastinum - 0.08 * trachea
                + 0.10 * _ribs(a, x, y) * body - a["air"] * lungs * (1 - heart) + markings * lungs
                + 0.06 * heart)
+    parts = []                                    # the finding's regions, for `boxes`
     findings = {1: lambda: _consolidation(rng, a, x, y, lungs, size),
-                2: lambda: _nodules(rng, a, x, y, lungs, size),
+                2: lambda: _nodules(rng, a, x, y, lungs, size, parts),
                 3: lambda: _effusion(rng, a, x, y, lungs, dome)}
+    regions = []
     for finding in _findings_of(label):     # one label draws exactly what it drew before several could
         if finding in findings:
-            density = density + FINDING_STRENGTH * findings[finding]() * (1 - heart)
+            parts.clear()
+            field = findings[finding]()
+            density = density + FINDING_STRENGTH * field * (1 - heart)
+            regions += [p * (1 - heart) for p in parts] if parts else [field * (1 - heart)]
+        elif finding == 4:                        # cardiomegaly: the enlarged heart is the finding
+            regions.append(heart)
+    if boxes is not None:
+        boxes.extend(b for b in map(region_box, regions) if b is not None)
     return _expose(rng, density)
+
+
+FINDING_BOX_LEVEL = 0.25   # a region's box holds the pixels above this fraction of its peak density
+
+
+def region_box(field: np.ndarray):
+    """(x0, y0, x1, y1) pixel box, ends exclusive, of where `field` exceeds FINDING_BOX_LEVEL of its
+    peak; None where nothing was drawn (a nodule the lung mask hid)."""
+    peak = float(field.max())
+    if peak <= 0:
+        return None
+    rows, cols = np.nonzero(field >= FINDING_BOX_LEVEL * peak)
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
 
 
 def _expose(rng: np.random.Generator, density: np.ndarray) -> np.ndarray:
@@ -1398,17 +1472,22 @@ def plan_patients(num_images: int, num_classes: int, seed: int, stream: int = 0)
 
 
 def generate_images(out_dir: str, subdir: str, num_images: int, num_classes: int, image_size: int,
-                    seed: int, stream: int, plan: list | None = None) -> list:
+                    seed: int, stream: int, plan: list | None = None, findings: list | None = None) -> list:
     """Render and save a cohort (`plan`: plan_patients' rows, or plan_multilabel_patients'); returns rows
-    (filename, label, patient_id) in file order."""
+    (filename, label, patient_id) in file order. `findings`, when given, receives (filename, finding, x0, y0,
+    x1, y1) per drawn region of a one-label cohort."""
     rows = []
     for p, (patient, label, count) in enumerate(plan or plan_patients(num_images, num_classes, seed, stream)):
         anatomy = _patient_anatomy(np.random.default_rng([seed, stream + 1, p + 1]), label)
         for k in range(count):
-            image = render_chest_xray(anatomy, label, np.random.default_rng([seed, stream + 1, p + 1, k + 1]), image_size)
-            name = os.path.join(subdir, f"{patient}_{k}.png") if subdir else f"{patient}_{k}.png"
+            boxes = []
+            image = render_chest_xray(anatomy, label, np.random.default_rng([seed, stream + 1, p + 1, k + 1]),
+                                      image_size, boxes)
+            name = (os.path.join(subdir, f"{patient}_{k}.png") if subdir else f"{patient}_{k}.png").replace(os.sep, "/")
             Image.fromarray(image).save(os.path.join(out_dir, name))
-            rows.append((name.replace(os.sep, "/"), label, patient))
+            rows.append((name, label, patient))
+            if findings is not None:
+                findings.extend((name, CLASS_NAMES[label], *box) for box in boxes)
     return rows
 
 
@@ -1444,11 +1523,14 @@ def write_label_csv(path: str, header: str, rows: list) -> None:
 
 def generate_dataset(out_dir: str, num_images: int, num_classes: int, image_size: int, seed: int,
                      num_unlabeled: int = 0) -> list:
-    """Write the synthetic cohort: images, labels.csv, classes.txt, preview.png; unlabelled images
+    """Write the synthetic cohort: images, labels.csv, classes.txt, findings.csv (where each finding was
+    drawn: `read_findings`), preview.png; unlabelled images
     (other patients, same class mix) under unlabeled/ with no label row. Returns the label rows."""
     _warn_foreign_images(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    rows = generate_images(out_dir, "", num_images, num_classes, image_size, seed, stream=0)
+    findings = []
+    rows = generate_images(out_dir, "", num_images, num_classes, image_size, seed, stream=0, findings=findings)
+    write_label_csv(os.path.join(out_dir, FINDINGS_FILE), "filename,finding,x0,y0,x1,y1", findings)
     if num_unlabeled:
         os.makedirs(os.path.join(out_dir, "unlabeled"), exist_ok=True)
         generate_images(out_dir, "unlabeled", num_unlabeled, num_classes, image_size, seed, stream=1)

@@ -8,11 +8,15 @@ r"""Metrics and figures for trained checkpoints, on a held-out split, with boots
     python evaluate.py --checkpoint ./checkpoints/best_ssl_model.pth --data_dir ./data/medical_images \
         --output_dir ./evaluation_results/ssl_probe          # linear probe + kNN on frozen features
     python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --split val --bootstrap 2000
+    python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --images ./new_scans \
+        --output_dir ./predictions                          # no labels: predictions.csv, summary.md, gradcam.png
 
 A classifier is scored on the split recorded in its checkpoint (never recomputed); an SSL checkpoint is
 scored as a representation (a logistic-regression probe and a kNN fitted on the train split's frozen
 features). Several --checkpoint flags add comparison.csv/.md, an overlaid ROC figure and a paired bootstrap
-of the accuracy difference between the first two models.
+of the differences between the first two models, said in words at the top of the report. A classifier's
+report shows Grad-CAM heat maps (the `grad-cam` package); when the data folder has findings.csv (the
+synthetic generator writes it) the pointing game scores them against where the finding was drawn.
 """
 import argparse
 import csv
@@ -219,6 +223,7 @@ class Evaluated:
     info: dict                   # split, init, label fraction, epoch... for the reports
     notes: list = field(default_factory=list)
     history_csv: str | None = None
+    explained: object = None     # an `Explained` (network + preprocessing) for Grad-CAM; None for probes and kNN
 
 
 def warn(notes: list, message: str) -> None:
@@ -330,18 +335,19 @@ def evaluate_classifier(path: str, name: str, ckpt: dict, args, device, autocast
     filenames = [table.filenames[i] for i in rows]
     check_not_trained_on(ckpt, filenames, args.split, path, notes)
 
-    model = model_ssl.Classifier(model_ssl.ModelConfig(**ckpt["model_config"]), num_classes)
-    utils.load_state_strict(model.encoder, ckpt["encoder"], "encoder", path)
-    utils.load_state_strict(model.head, ckpt["head"], "classification head", path)
+    model = load_classifier(ckpt, path)
     features = encode_images(model.encoder, filenames, ckpt, args, device, autocast_dtype)
     with torch.no_grad():
         prob = model.head.eval().cpu()(torch.from_numpy(features)).softmax(1).double().numpy()
     info = {"split": args.split, "split_source": "recorded in the checkpoint" if args.split != "all" else "label file",
             "init": ckpt.get("init"), "label_fraction": ckpt.get("label_fraction"), "epoch": ckpt.get("epoch"),
-            "checkpoint_kind": "classifier"}
-    return [Evaluated(name, path, "classifier", filenames,
-                      labels_in_class_order(table, class_names, args.label_file)[rows], prob, features, class_names,
-                      info, notes, history_beside(ckpt, path, notes))]
+            "num_epochs": (ckpt.get("args") or {}).get("num_epochs"), "checkpoint_kind": "classifier"}
+    y_true = labels_in_class_order(table, class_names, args.label_file)[rows]
+    explained = Explained(model, normalizer(ckpt), cam_layer_name(model.config, ckpt["image_size"], args.cam_layer),
+                          args.data_dir, ckpt["image_size"], ckpt.get("channels", 3))
+    return [Evaluated(name, path, "classifier", filenames, y_true, prob, features,
+                      classifier_class_names(ckpt, args.label_file), info, notes, history_beside(ckpt, path, notes),
+                      explained)]
 
 
 PROBE_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)   # inverse L2 strength, on standardised features
@@ -450,12 +456,13 @@ def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype)
     probe = fit_linear_probe(fit_x, fit_y, eval_x, k, args.seed, notes, val_x, table.labels[choose_rows])
     knn = utils.knn_predict(torch.from_numpy(fit_x), torch.from_numpy(fit_y), torch.from_numpy(eval_x), k).numpy()
     info = {"split": args.split, "split_source": "label file", "init": "ssl, frozen encoder",
-            "label_fraction": None, "epoch": ckpt.get("epoch"), "checkpoint_kind": "ssl",
-            "fit_images": int(len(fit_rows)), "probe_C": probe.C}
+            "label_fraction": None, "epoch": ckpt.get("epoch"), "num_epochs": run_args.get("num_epochs"),
+            "checkpoint_kind": "ssl", "fit_images": int(len(fit_rows)), "probe_C": probe.C}
     history = history_beside(ckpt, path, notes)
     chosen = [f"linear probe: L2 strength C={probe.C:g}, {probe.chosen_by}"]
     return [Evaluated(f"{name} {kind}", path, kind, filenames, y, prob.astype(np.float64), eval_x,
-                      list(table.class_names), info | {"probe": kind}, list(notes) + extra, history)
+                      data_loader.read_class_names(args.label_file, table.class_names), info | {"probe": kind},
+                      list(notes) + extra, history)
             for kind, prob, extra in (("linear probe", probe.prob, chosen), ("kNN", knn, []))]
 
 
@@ -463,8 +470,10 @@ def default_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def evaluate_checkpoint(path: str, name: str, args, device, autocast_dtype) -> list:
-    ckpt = utils.load_checkpoint(path, kind=("classifier", "ssl"))
+def evaluate_checkpoint(path: str, name: str, args, device, autocast_dtype, ckpt: dict | None = None) -> list:
+    """Predictions of one checkpoint (loaded from `path` unless given) on the split `args` asks for."""
+    if ckpt is None:
+        ckpt = utils.load_checkpoint(path, kind=("classifier", "ssl"))
     for key in ("image_size", "encoder"):
         if key not in ckpt:
             raise UserError(f"--checkpoint {path}: has no {key!r} entry (see docs/checkpoints.md)")
@@ -673,6 +682,377 @@ def plot_embedding(coords: np.ndarray, ev: Evaluated, method: str, path: str) ->
     utils.atomic_savefig(fig, path)
 
 
+# ============ Grad-CAM and the pointing game ============
+# Heat maps come from the maintained `grad-cam` package (pytorch_grad_cam). Its GradCAM upsamples the
+# map of one layer to the input size and scales each image's map to [0, 1].
+
+CAM_LAYERS = ("layer4", "layer3", "layer2")
+CAM_MIN_SIDE = 7           # deepest ResNet stage whose map is at least this many cells a side (7 at 224 px)
+RANDOM_INIT_NAME = "random init"
+
+
+def cam_layer_name(config: model_ssl.ModelConfig, image_size: int, choice: str = "auto") -> str:
+    """The ResNet stage Grad-CAM reads. 'auto': the deepest with a map of at least CAM_MIN_SIDE cells: layer4
+    at 224 px, but at 64 px layer4 is 2x2 cells, too coarse to say where a finding is, so layer2 (8x8)."""
+    if choice != "auto":
+        return choice
+    side = image_size // (1 if config.small_stem else 4)        # after the stem: stride 1, or 2 plus a max-pool
+    for name, stride in zip(CAM_LAYERS, (8, 4, 2)):
+        if side // stride >= CAM_MIN_SIDE:
+            return name
+    return CAM_LAYERS[-1]
+
+
+def load_classifier(ckpt: dict, path: str) -> model_ssl.Classifier:
+    model = model_ssl.Classifier(model_ssl.ModelConfig(**ckpt["model_config"]), int(ckpt["num_classes"]))
+    utils.load_state_strict(model.encoder, ckpt["encoder"], "encoder", path)
+    utils.load_state_strict(model.head, ckpt["head"], "classification head", path)
+    return model.eval()
+
+
+def random_init_classifier(config: model_ssl.ModelConfig, num_classes: int, seed: int) -> model_ssl.Classifier:
+    """The same network untrained: the reference a heat map must beat to say anything (Adebayo et al. 2018)."""
+    torch.manual_seed(seed)
+    return model_ssl.Classifier(config, num_classes).eval()
+
+
+def normalizer(ckpt: dict):
+    """uint8 (B, C, S, S) -> the float input the checkpoint was trained on (its recorded mean and std)."""
+    norm = ckpt.get("normalization") or {}
+    mean = torch.tensor(norm.get("mean", data_loader.IMAGENET_MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(norm.get("std", data_loader.IMAGENET_STD)).view(1, 3, 1, 1)
+    return lambda images: (images.float() / 255.0 - mean.to(images.device)) / std.to(images.device)
+
+
+def grad_cams(model, images: torch.Tensor, targets, layer: str, prepare, device, batch_size: int) -> np.ndarray:
+    """Grad-CAM maps (N, S, S) in [0, 1] of `images` uint8 (N, C, S, S) for the class indices `targets`."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = model.to(device).eval()
+    maps = []
+    with GradCAM(model=model, target_layers=[getattr(model.encoder, layer)[-1]]) as cam:
+        for start in range(0, len(images), batch_size):
+            x = prepare(images[start:start + batch_size].to(device))
+            batch_targets = [ClassifierOutputTarget(int(t)) for t in targets[start:start + batch_size]]
+            maps.append(cam(input_tensor=x, targets=batch_targets))
+    model.cpu()
+    return np.concatenate(maps) if maps else np.zeros((0,) + tuple(images.shape[2:]))
+
+
+def cam_peaks(cams: np.ndarray):
+    """(row, col) of each map's maximum, and whether the map is blank (all zero: it points nowhere)."""
+    flat = cams.reshape(len(cams), -1)
+    rows, cols = np.unravel_index(flat.argmax(1), cams.shape[1:])
+    return np.stack([rows, cols], 1), flat.max(1) <= 0
+
+
+# A peak this close to the finding still counts (Zhang et al. 2018, "Top-down neural attention by excitation
+# backprop": 15 px at 224 px). A ResNet stage's map is coarse (8x8 cells at 64 px) and its peak often sits
+# on the finding's edge, a pixel outside; chance is computed with the same widened boxes.
+POINTING_TOLERANCE = 15 / 224      # of the image's longer side
+
+
+def box_mask(boxes: list, width: int, height: int, margin: int = 0) -> np.ndarray:
+    """The pixels inside any of the boxes, each widened by `margin` pixels on every side."""
+    mask = np.zeros((height, width), bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(0, y0 - margin):max(0, y1 + margin), max(0, x0 - margin):max(0, x1 + margin)] = True
+    return mask
+
+
+def pointing_hits(cams: np.ndarray, boxes: list, sizes: list, tolerance: float = POINTING_TOLERANCE):
+    """Per image: whether the map's peak lies in one of its finding boxes, widened by `tolerance` x the image
+    side (boxes in the file's own pixels, `sizes` its (width, height)); the share of the image the widened
+    boxes cover (a random peak's hit rate); and which maps are blank."""
+    peaks, blank = cam_peaks(cams)
+    side_y, side_x = cams.shape[1:]
+    hits, chance = np.zeros(len(cams), bool), np.zeros(len(cams))
+    for i, ((row, col), image_boxes, (w, h)) in enumerate(zip(peaks, boxes, sizes)):
+        mask = box_mask(image_boxes, w, h, int(round(tolerance * max(w, h))))
+        y, x = min(h - 1, int((row + 0.5) * h / side_y)), min(w - 1, int((col + 0.5) * w / side_x))
+        hits[i] = mask[y, x] and not blank[i]
+        chance[i] = mask.mean()
+    return hits, chance, blank
+
+
+def proportion_with_ci(hits: np.ndarray, resamples: int, seed: int) -> dict:
+    """Mean of 0/1 outcomes with a percentile bootstrap 95% interval over images."""
+    n = len(hits)
+    draws = [w @ hits.astype(float) / n for w in bootstrap_weights(n, resamples, seed, _chunk(n))]
+    low, high, _ = percentile_interval(np.concatenate(draws) if draws else np.zeros(0))
+    return {"value": float(hits.mean()) if n else float("nan"), "low": float(low), "high": float(high)}
+
+
+@dataclass
+class Explained:
+    """Grad-CAM inputs of one scored classifier: the network, its preprocessing and the images it scored."""
+    model: torch.nn.Module
+    prepare: object
+    layer: str
+    root: str
+    image_size: int
+    channels: int
+
+
+def decode_images(root: str, filenames: list, ex: Explained) -> torch.Tensor:
+    return torch.stack([data_loader.decode_to_tensor(os.path.join(root, f), ex.image_size, ex.channels)
+                        for f in filenames]) if filenames else torch.zeros(0, ex.channels, ex.image_size, ex.image_size,
+                                                                           dtype=torch.uint8)
+
+
+def image_sizes(root: str, filenames: list) -> list:
+    from PIL import Image
+
+    sizes = []
+    for f in filenames:
+        with Image.open(os.path.join(root, f)) as im:
+            sizes.append(im.size)
+    return sizes
+
+
+def pointing_game(evaluated: list, findings: dict, args, device) -> list:
+    """Pointing-game rows for every classifier scored (Grad-CAM of the true class on each split image with a
+    finding) and for the same network at random init; [] when no scored image has a finding box."""
+    models = [(ev.name, ev) for ev in evaluated if ev.explained is not None]
+    if not models or findings is None:
+        return []
+    first = models[0][1]
+    ex0 = first.explained
+    keep = [i for i, f in enumerate(first.filenames) if findings.get(f)]
+    if not keep:
+        return []
+    files = [first.filenames[i] for i in keep]
+    images, sizes = decode_images(ex0.root, files, ex0), image_sizes(ex0.root, files)
+    boxes, targets = [findings[f] for f in files], first.y_true[keep]
+    config, k = ex0.model.config, len(first.class_names)
+    random_model = Explained(random_init_classifier(config, k, args.seed), ex0.prepare, ex0.layer, ex0.root,
+                             ex0.image_size, ex0.channels)
+    rows = []
+    for name, ex in [(n, ev.explained) for n, ev in models] + [(RANDOM_INIT_NAME, random_model)]:
+        if (ex.image_size, ex.channels) != (ex0.image_size, ex0.channels):
+            continue                                         # another resolution: not the same images
+        print(f"pointing game: Grad-CAM ({ex.layer}) of {name} on {len(files)} images with a finding ...")
+        cams = grad_cams(ex.model, images, targets, ex.layer, ex.prepare, device, args.batch_size)
+        hits, chance, blank = pointing_hits(cams, boxes, sizes)
+        rows.append({"model": name, "images": len(files), "hits": int(hits.sum()), "layer": ex.layer,
+                     "blank_maps": int(blank.sum()), "chance": float(chance.mean()),
+                     **proportion_with_ci(hits, args.bootstrap, args.seed)})
+    return rows
+
+
+def pointing_sentences(rows: list) -> list:
+    if not rows:
+        return []
+    n, chance = rows[0]["images"], rows[0]["chance"]
+    lines = [f"Pointing game: the share of the {n} split images with a drawn finding (findings.csv) whose "
+             f"Grad-CAM peak, for the true class, falls inside the finding's box (widened by "
+             f"{POINTING_TOLERANCE:.1%} of the image side, 15 px at 224 px, as Zhang et al. 2018). Chance (a "
+             f"random peak) is {chance:.3f}, the share of the image the widened boxes cover. 95% bootstrap "
+             f"intervals over images.", "",
+             "| model | Grad-CAM layer | hits | pointing accuracy [95% CI] | blank maps |", "|---|---|---:|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['layer']} | {r['hits']}/{r['images']} | {with_ci(r)} | {r['blank_maps']} |")
+    lines += ["", f"A blank map (Grad-CAM zero everywhere) points nowhere and counts as a miss.", "",
+              "![Pointing game](pointing_game.png)"]
+    return lines
+
+
+def plot_pointing_game(rows: list, path: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2.5, 4))
+    values = np.array([r["value"] for r in rows])
+    errors = np.array([[r["value"] - r["low"], r["high"] - r["value"]] for r in rows]).T
+    colors = ["tab:grey" if r["model"] == RANDOM_INIT_NAME else c for r, c in zip(rows, class_colors(len(rows)))]
+    ax.bar(range(len(rows)), values, color=colors, yerr=np.nan_to_num(errors), capsize=6, edgecolor="black")
+    ax.axhline(rows[0]["chance"], color="black", ls=":", label=f"chance ({rows[0]['chance']:.2f}: box area share)")
+    ax.set_xticks(range(len(rows)), [r["model"] for r in rows])
+    ax.set(ylim=(0, 1.02), ylabel="Grad-CAM peak inside the finding",
+           title=f"Pointing game on {rows[0]['images']} images with a finding\n(95% bootstrap CI)")
+    ax.legend(fontsize=8, loc="upper right")
+    utils.atomic_savefig(fig, path)
+
+
+def gradcam_examples(ev: Evaluated) -> list:
+    """Split indices, two per true class (row): the most confident correct and the most confident wrong
+    prediction, None where the split has no such image."""
+    pred, conf = ev.prob.argmax(1), ev.prob.max(1)
+    picks = []
+    for c in range(len(ev.class_names)):
+        for correct in (True, False):
+            idx = np.flatnonzero((ev.y_true == c) & ((pred == c) == correct))
+            picks.append(int(idx[np.argmax(conf[idx])]) if len(idx) else None)
+    return picks
+
+
+def overlay(image: torch.Tensor, cam: np.ndarray) -> np.ndarray:
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = image.float().div(255).expand(3, -1, -1).permute(1, 2, 0).numpy()
+    return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.55)
+
+
+def plot_cam_grid(panels: list, path: str, title: str, ncols: int = 4) -> None:
+    """panels: (overlay RGB or None for an empty cell, panel title, finding boxes in input pixels) -> a grid."""
+    from matplotlib.patches import Rectangle
+
+    plt = pyplot()
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols + 1.0, 3.3 * nrows + 0.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (rgb, text, boxes) in zip(axes.flat, panels):
+        if rgb is None:
+            ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, color="0.4", transform=ax.transAxes)
+            continue
+        ax.imshow(rgb)
+        for x0, y0, x1, y1 in boxes:
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="white", lw=1.2, ls="--"))
+        ax.set_title(text, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    utils.atomic_savefig(fig, path)
+
+
+def scaled_boxes(boxes: list, size: tuple, side: int) -> list:
+    """Finding boxes in the file's pixels -> in the model input's pixels."""
+    w, h = size
+    return [(x0 * side / w, y0 * side / h, x1 * side / w, y1 * side / h) for x0, y0, x1, y1 in boxes]
+
+
+def write_gradcam_figure(ev: Evaluated, findings, folder: str, device, batch_size: int) -> str | None:
+    """gradcam.png: for each class the most confident correct and wrong images with the heat map of the
+    predicted class; returns why it was skipped, or None."""
+    ex = ev.explained
+    slots = gradcam_examples(ev)
+    picks = [i for i in slots if i is not None]
+    if ex is None or not picks:
+        return None
+    files = [ev.filenames[i] for i in picks]
+    images = decode_images(ex.root, files, ex)
+    pred = ev.prob[picks].argmax(1)
+    cams = dict(zip(picks, grad_cams(ex.model, images, pred, ex.layer, ex.prepare, device, batch_size)))
+    images, files = dict(zip(picks, images)), dict(zip(picks, files))
+    panels = []
+    for slot, i in enumerate(slots):
+        name = ev.class_names[slot // 2]
+        if i is None:
+            panels.append((None, f"true {name}:\nno {'correct' if slot % 2 == 0 else 'wrong'} prediction", []))
+            continue
+        p = ev.class_names[int(ev.prob[i].argmax())]
+        boxes = findings.get(files[i], []) if findings else []
+        boxes = scaled_boxes(boxes, image_sizes(ex.root, [files[i]])[0], ex.image_size) if boxes else []
+        panels.append((overlay(images[i], cams[i]), f"{'correct' if slot % 2 == 0 else 'WRONG'}: true {name}\n"
+                                                    f"pred {p} (p={ev.prob[i].max():.2f})", boxes))
+    plot_cam_grid(panels, os.path.join(folder, "gradcam.png"),
+                  f"Grad-CAM ({ex.layer}) of the predicted class: {ev.name}\nper true class, the most confident "
+                  f"correct and wrong prediction" + ("; dashed: where the finding was drawn" if findings else ""),
+                  ncols=2)
+    return "gradcam.png"
+
+
+# ============ verdicts in words, and warnings about small splits ============
+
+VERDICT_METRICS = {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "f1_macro": "macro F1",
+                   "roc_auc_macro": "ROC-AUC", "ece": "calibration error (ECE)"}
+LOWER_IS_BETTER = {"ece"}
+ACCURACY_HALF_WIDTHS = (0.10, 0.05)     # interval half-widths the small-split warning says how to reach
+MIN_CLASS_IMAGES = 30                   # below this a class's recall interval is wider than about +-0.18
+
+
+def paired_metric_differences(y_true, prob_a, prob_b, k: int, resamples: int, seed: int) -> dict:
+    """{metric: difference A - B, 95% paired-bootstrap interval}: both models scored on the same resampled
+    images, so what the images have in common cancels out."""
+    y_true = np.asarray(y_true)
+    n, counts = len(y_true), np.bincount(y_true, minlength=k)
+    scorable = (counts > 0) & (counts < n)
+    keys = list(VERDICT_METRICS)
+    a, b = (all_metrics(np.ones((1, n)), y_true, p, k, scorable) for p in (prob_a, prob_b))
+    draws = []
+    for w in bootstrap_weights(n, resamples, seed, _chunk(n, k)):
+        da, db = all_metrics(w, y_true, prob_a, k, scorable), all_metrics(w, y_true, prob_b, k, scorable)
+        draws.append(np.stack([da[key] - db[key] for key in keys], 1))
+    samples = np.concatenate(draws) if draws else np.zeros((0, len(keys)))
+    low, high, _ = percentile_interval(samples)
+    out = {}
+    for j, key in enumerate(keys):
+        diff = float(a[key][0] - b[key][0])
+        excludes = bool(np.isfinite(low[j]) and (low[j] > 0 or high[j] < 0))
+        out[key] = {"difference": diff, "low": float(low[j]), "high": float(high[j]), "excludes_zero": excludes}
+    return out
+
+
+def _signed(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:+.3f}"
+
+
+def metric_verdict(name_a: str, name_b: str, key: str, d: dict) -> str:
+    """One clause: which model is better on one metric, by how much, or no significant difference."""
+    label, ci = VERDICT_METRICS[key], f"95% CI [{_signed(d['low'])}, {_signed(d['high'])}]"
+    if not np.isfinite(d["difference"]):
+        return f"{label}: undefined on these images"
+    if not d["excludes_zero"]:
+        return f"{label}: no significant difference ({name_a} minus {name_b} {_signed(d['difference'])}, {ci})"
+    a_better = (d["difference"] < 0) if key in LOWER_IS_BETTER else (d["difference"] > 0)
+    winner, loser = (name_a, name_b) if a_better else (name_b, name_a)
+    word = "lower" if key in LOWER_IS_BETTER else "higher"
+    return f"{label}: **{winner}** is better, {abs(d['difference']):.3f} {word} than {loser} ({ci})"
+
+
+def verdict_lines(paired) -> list:
+    """The first lines of a comparison: did the first model beat the second (did SSL help), metric by metric."""
+    if paired is None:
+        return ["**Verdict:** the first two models share no scored image, so they cannot be compared."]
+    a, b, diffs = paired["model_a"], paired["model_b"], paired["metrics"]
+    primary = diffs["balanced_accuracy"]
+    ssl_vs_scratch = {paired.get("init_a"), paired.get("init_b")} == {"ssl", "scratch"}
+    if not primary["excludes_zero"]:
+        head = (f"SSL pretraining made **no significant difference**" if ssl_vs_scratch else
+                f"**No significant difference** between {a} and {b}")
+    else:
+        winner = a if primary["difference"] > 0 else b
+        helped = (winner == a) == (paired.get("init_a") == "ssl")
+        head = (f"SSL pretraining **{'helped' if helped else 'hurt'}**" if ssl_vs_scratch
+                else f"**{winner}** is better")
+    head += (f" in balanced accuracy on the {paired['num_images']} {paired['split']} images: {a} minus {b} "
+             f"{_signed(primary['difference'])} (paired bootstrap 95% CI [{_signed(primary['low'])}, "
+             f"{_signed(primary['high'])}]).")
+    return [f"**Verdict:** {head}", ""] + [f"- {metric_verdict(a, b, key, d)}" for key, d in diffs.items()]
+
+
+def headline_sentence(ev: Evaluated, metrics: dict) -> str:
+    """The one-model verdict: the headline metrics in one sentence."""
+    auc_key = "roc_auc" if len(ev.class_names) == 2 else "roc_auc_macro"
+    return (f"**Summary:** on {len(ev.y_true)} {ev.info['split']}-split images, {ev.name} has balanced accuracy "
+            f"{with_ci(metrics['balanced_accuracy'])}, accuracy {with_ci(metrics['accuracy'])}, macro F1 "
+            f"{with_ci(metrics['f1_macro'])} and ROC-AUC {with_ci(metrics[auc_key])} (95% bootstrap CI; chance "
+            f"balanced accuracy {1 / len(ev.class_names):.3f}).")
+
+
+def images_for_half_width(half_width: float, p: float = 0.5) -> int:
+    """Images a proportion near p needs for a 95% interval of +-half_width (normal approximation)."""
+    return int(np.ceil(1.96 ** 2 * p * (1 - p) / half_width ** 2))
+
+
+def small_split_warnings(ev: Evaluated, metrics: dict) -> list:
+    """Sentences for a split (or a class in it) too small for its intervals to mean much."""
+    n, out = len(ev.y_true), []
+    need = [images_for_half_width(h) for h in ACCURACY_HALF_WIDTHS]
+    if n < need[0]:
+        out.append(f"only {n} {ev.info['split']} images: a 95% interval for accuracy is about "
+                   f"+-{1.96 * np.sqrt(0.25 / n):.2f} wide, and bootstrap intervals of so few images can be "
+                   f"degenerate (e.g. [0.500, 0.500]); about {need[0]} images give +-{ACCURACY_HALF_WIDTHS[0]:.2f} "
+                   f"and {need[1]} give +-{ACCURACY_HALF_WIDTHS[1]:.2f}")
+    small = [(name, int(c)) for name, c in zip(ev.class_names, metrics["support"]) if 0 < c < MIN_CLASS_IMAGES]
+    if small:
+        shown = ", ".join(f"{name} ({c})" for name, c in small)
+        out.append(f"few images of class {shown}: a per-class recall or precision interval is wider than "
+                   f"+-{1.96 * np.sqrt(0.25 / MIN_CLASS_IMAGES):.2f} below {MIN_CLASS_IMAGES} images of the class; "
+                   f"about {need[0]} per class give +-{ACCURACY_HALF_WIDTHS[0]:.2f}")
+    return out
+
+
 # ============ files of one model ============
 
 def plain(x):
@@ -758,7 +1138,8 @@ def write_figures(ev: Evaluated, metrics: dict, folder: str, projections: dict) 
         with open(ev.history_csv) as f:
             utils.atomic_write_text(os.path.join(folder, os.path.basename(ev.history_csv)), f.read())
         utils.plot_history(ev.history_csv, os.path.join(folder, "training_curves.png"),
-                           f"Training curves: {default_name(ev.checkpoint)}")
+                           f"Training curves: {ev.name} ({default_name(ev.checkpoint)})",
+                           best_epoch=ev.info.get("epoch"), chance=1 / len(ev.class_names))
         if os.path.isfile(os.path.join(folder, "training_curves.png")):
             figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
     return figures
@@ -771,7 +1152,8 @@ def describe(ev: Evaluated) -> str:
     if ev.info.get("label_fraction") is not None:
         parts.append(f"{ev.info['label_fraction']:.0%} of the train labels")
     if ev.info.get("epoch") is not None:
-        parts.append(f"{'pretrained ' if ev.info['checkpoint_kind'] == 'ssl' else ''}{ev.info['epoch']} epochs")
+        of = f" of {ev.info['num_epochs']}" if ev.info.get("num_epochs") else ""
+        parts.append(f"{'pretraining: ' if ev.info['checkpoint_kind'] == 'ssl' else ''}best epoch {ev.info['epoch']}{of}")
     if ev.info.get("fit_images"):
         parts.append(f"fitted on {ev.info['fit_images']} train-split images")
     return ", ".join(parts)
@@ -800,15 +1182,19 @@ def metrics_table(ev: Evaluated, metrics: dict) -> list:
     return lines
 
 
-def write_model_report(ev: Evaluated, metrics: dict, figures: dict, args, path: str) -> None:
-    lines = [f"# Evaluation: {ev.name}", "",
-             f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
+def write_model_report(ev: Evaluated, metrics: dict, figures: dict, args, path: str, pointing=()) -> None:
+    lines = [f"# Evaluation: {ev.name}", "", headline_sentence(ev, metrics), ""]
+    for w in ev.info.get("small_split", []):
+        lines += [f"> **Caution:** {w}", ""]
+    lines += [f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
              f"- split: **{ev.info['split']}** ({ev.info['split_source']}), {len(ev.y_true)} images",
              f"- label file: `{os.path.abspath(args.label_file)}`",
              f"- intervals: {args.bootstrap} bootstrap resamples of the images, 95% percentile, seed {args.seed}",
              "", "## Metrics", ""] + metrics_table(ev, metrics)
     if ev.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in ev.notes]
+    if pointing:
+        lines += ["", "## Grad-CAM pointing game", ""] + pointing_sentences(pointing)
     lines += ["", "## Figures", ""]
     for file, caption in figures.items():
         lines += [f"### {caption}", "", f"![{caption}]({file})", ""]
@@ -817,13 +1203,33 @@ def write_model_report(ev: Evaluated, metrics: dict, figures: dict, args, path: 
     utils.atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def write_model_outputs(ev: Evaluated, metrics: dict, folder: str, args, projections: dict) -> None:
+def write_model_outputs(ev: Evaluated, metrics: dict, folder: str, args, projections: dict, device=None,
+                        findings=None, pointing=()) -> None:
     ev.notes.extend(metric_notes(ev, metrics, args.bootstrap))
+    ev.info["small_split"] = small_split_warnings(ev, metrics)
+    for w in ev.info["small_split"]:
+        print(f"warning: {ev.name}: {w}")
     write_predictions(ev, os.path.join(folder, "predictions.csv"))
     write_classification_report(ev, metrics, os.path.join(folder, "classification_report.txt"))
     figures = write_figures(ev, metrics, folder, projections)
+    figures |= write_explanations(ev, folder, args, device, findings, pointing)
     utils.atomic_write_json(os.path.join(folder, "metrics.json"), metrics_document(ev, metrics, args))
-    write_model_report(ev, metrics, figures, args, os.path.join(folder, "report.md"))
+    write_model_report(ev, metrics, figures, args, os.path.join(folder, "report.md"), pointing)
+
+
+def write_explanations(ev: Evaluated, folder: str, args, device, findings, pointing) -> dict:
+    """Grad-CAM examples and the pointing-game figure of one model: {file: caption}."""
+    figures = {}
+    if args.gradcam and ev.explained is not None:
+        print(f"Grad-CAM examples of {ev.name} ...")
+        if write_gradcam_figure(ev, findings, folder, device or torch.device("cpu"), args.batch_size):
+            figures["gradcam.png"] = ("Grad-CAM: per class, the most confident correct and wrong test images, "
+                                      "heat map of the predicted class")
+    elif ev.explained is None:
+        ev.notes.append(f"no Grad-CAM: a {ev.kind} on frozen features has no network to take gradients through")
+    if pointing:
+        plot_pointing_game(pointing, os.path.join(folder, "pointing_game.png"))
+    return figures
 
 
 # ============ comparison of several models ============
@@ -855,7 +1261,10 @@ def paired_comparison(a: Evaluated, b: Evaluated, resamples: int, seed: int):
         return None
     ia, ib = np.array(common).T
     result = paired_accuracy_difference(a.y_true[ia], a.prob[ia], b.prob[ib], resamples, seed)
-    return result | {"model_a": a.name, "model_b": b.name}
+    result["metrics"] = paired_metric_differences(a.y_true[ia], a.prob[ia], b.prob[ib], len(a.class_names),
+                                                  resamples, seed)
+    return result | {"model_a": a.name, "model_b": b.name, "init_a": a.info.get("init"),
+                     "init_b": b.info.get("init"), "split": a.info["split"]}
 
 
 def comparison_rows(evaluated: list, results: list, folders: list) -> list:
@@ -871,7 +1280,7 @@ def comparison_rows(evaluated: list, results: list, folders: list) -> list:
     return rows
 
 
-def write_comparison(evaluated, results, folders, paired, args) -> None:
+def write_comparison(evaluated, results, folders, paired, args, pointing=()) -> None:
     out = args.output_dir
     rows = comparison_rows(evaluated, results, folders)
     buf = io.StringIO()
@@ -888,11 +1297,17 @@ def write_comparison(evaluated, results, folders, paired, args) -> None:
         fraction = "" if r["label_fraction"] is None else f"{r['label_fraction']:.0%}"
         cells = [f"[{ev.name}]({r['folder']}/report.md)", r["init"], fraction, str(r["num_images"])]
         table.append("| " + " | ".join(cells + [with_ci(m[k]) for k in COMPARISON_METRICS]) + " |")
-    lines = [f"# Comparison on the {args.split} split", "",
-             f"Values with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed {args.seed}). "
+    cautions = list(dict.fromkeys(w for ev in evaluated for w in ev.info.get("small_split", [])))
+    lines = [f"# Comparison on the {args.split} split", ""] + verdict_lines(paired) + [""]
+    for w in cautions:
+        lines += [f"> **Caution:** {w}", ""]
+    lines += [f"Values with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed {args.seed}). "
              f"ROC-AUC: the macro one-vs-rest average (with two classes, the positive class's AUC); "
              f"ECE (expected calibration error): lower is better.", ""] + table
-    lines += ["", "## Paired accuracy difference", ""] + paired_sentences(paired)
+    lines += ["", "## Paired differences", ""] + paired_sentences(paired)
+    if pointing:
+        lines += ["", "## Grad-CAM pointing game", ""] + pointing_sentences(pointing)
+        plot_pointing_game(pointing, os.path.join(out, "pointing_game.png"))
     utils.atomic_write_text(os.path.join(out, "comparison.md"), "\n".join(lines) + "\n")
     report = lines + ["", "## ROC curves", "", "![ROC comparison](roc_comparison.png)", "",
                       "## Per-model reports", ""] + [f"- [{ev.name}]({os.path.basename(f)}/report.md)"
@@ -906,9 +1321,140 @@ def paired_sentences(paired) -> list:
         return ["The first two models share no evaluated image, so no paired difference is computed."]
     verdict = ("excludes zero: the difference is unlikely to be resampling noise" if paired["excludes_zero"]
                else "includes zero: the data do not show a difference")
-    return [f"Accuracy of **{paired['model_a']}** minus **{paired['model_b']}** on the {paired['num_images']} "
-            f"images both scored: **{paired['difference']:+.3f}** (95% CI [{fmt(paired['low'])}, "
-            f"{fmt(paired['high'])}], paired bootstrap: the same resampled images for both). The interval {verdict}."]
+    lines = [f"Accuracy of **{paired['model_a']}** minus **{paired['model_b']}** on the {paired['num_images']} "
+             f"images both scored: **{paired['difference']:+.3f}** (95% CI [{fmt(paired['low'])}, "
+             f"{fmt(paired['high'])}], paired bootstrap: the same resampled images for both). The interval {verdict}.",
+             "", f"| metric | {paired['model_a']} minus {paired['model_b']} | 95% CI | significant |", "|---|---:|---|---|"]
+    for key, d in paired.get("metrics", {}).items():
+        lines.append(f"| {VERDICT_METRICS[key]} | {_signed(d['difference'])} | [{_signed(d['low'])}, "
+                     f"{_signed(d['high'])}] | {'yes' if d['excludes_zero'] else 'no'} |")
+    return lines
+
+
+# ============ predictions on a folder of new images (--images) ============
+
+def check_predict_checkpoint(ckpt: dict, path: str) -> None:
+    if ckpt["kind"] == "ssl":
+        raise UserError(f"--checkpoint {path}: is an SSL encoder, which predicts no class; pass the classifier "
+                        f"fine_tune.py wrote (best_finetuned_model.pth or best_baseline_model.pth) with --images")
+
+
+def classifier_class_names(ckpt: dict, label_file: str | None) -> list:
+    """Readable class names of a classifier: recorded in the checkpoint, else classes.txt beside the label file
+    (the one given, or the one it was trained with), else the raw labels."""
+    raw = [str(c) for c in ckpt.get("class_names") or range(int(ckpt["num_classes"]))]
+    recorded = ckpt.get("class_display_names")
+    if recorded and len(recorded) == len(raw):
+        return [str(c) for c in recorded]
+    for candidate in (label_file, (ckpt.get("args") or {}).get("label_file")):
+        if candidate:
+            names = data_loader.read_class_names(candidate, raw)
+            if names != raw:
+                return names
+    return raw
+
+
+@torch.no_grad()
+def predict_store(model, store, prepare, device, autocast_dtype, batch_size: int, multilabel: bool = False):
+    """Probabilities (N, K) of every image in `store`, batched, with a progress bar: softmax over the
+    classes, or one sigmoid per finding for a multi-label classifier."""
+    from tqdm import tqdm
+
+    model = model.to(device).eval()
+    loader = data_loader.BatchLoader(store, np.arange(len(store)), batch_size=batch_size)
+    probs = []
+    for images, _, _ in tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True):
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(prepare(images.to(device)))
+        probs.append((logits.float().sigmoid() if multilabel else logits.float().softmax(1)).cpu())
+    model.cpu()
+    return torch.cat(probs).double().numpy()
+
+
+def write_folder_predictions(filenames: list, prob: np.ndarray, class_names: list, path: str,
+                             thresholds=None) -> None:
+    """predictions.csv: the predicted class (multi-label: the |-joined findings at or above their recorded val
+    thresholds, "No Finding" for none) and one probability column per class."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["filename", "predicted"] + [f"prob_{c}" for c in class_names])
+    for f, p in zip(filenames, prob):
+        if thresholds is None:
+            predicted = class_names[int(p.argmax())]
+        else:
+            predicted = "|".join(c for c, v, t in zip(class_names, p, thresholds) if v >= t) or "No Finding"
+        w.writerow([f, predicted] + [f"{v:.6f}" for v in p])
+    utils.atomic_write_text(path, out.getvalue())
+
+
+def write_folder_gradcam(filenames, prob, class_names, ex: Explained, args, device, per_class: int = 3):
+    """gradcam.png for --images: the `per_class` most confident images of each predicted class."""
+    pred, conf = prob.argmax(1), prob.max(1)
+    picks = [i for c in range(len(class_names)) for i in np.flatnonzero(pred == c)[np.argsort(-conf[pred == c])][:per_class]]
+    files = [filenames[i] for i in picks]
+    images = decode_images(ex.root, files, ex)
+    cams = grad_cams(ex.model, images, pred[picks], ex.layer, ex.prepare, device, args.batch_size)
+    panels = [(overlay(im, cam), f"{f[-28:]}\npred {class_names[pred[i]]} (p={conf[i]:.2f})", [])
+              for i, f, im, cam in zip(picks, files, images, cams)]
+    plot_cam_grid(panels, os.path.join(args.output_dir, "gradcam.png"),
+                  f"Grad-CAM ({ex.layer}) of the predicted class: the {per_class} most confident images per class")
+
+
+def write_folder_summary(args, ckpt, names, filenames, skipped, prob, has_cam: bool) -> str:
+    pred, conf = prob.argmax(1), prob.max(1)
+    lines = [f"# Predictions for {os.path.abspath(args.images)}", "",
+             f"**Summary:** {len(filenames)} image(s) scored by `{os.path.basename(args.checkpoint[0])}` "
+             f"({describe_checkpoint(ckpt)}); {len(skipped)} unreadable file(s) skipped.", "",
+             "| predicted class | images | mean probability |", "|---|---:|---:|"]
+    for c, name in enumerate(names):
+        chosen = pred == c
+        mean = f"{conf[chosen].mean():.3f}" if chosen.any() else "-"
+        lines.append(f"| {name} | {int(chosen.sum())} | {mean} |")
+    unsure = int((conf < 0.5).sum())
+    lines += ["", f"- {unsure} image(s) have a top probability below 0.5: look at them yourself.",
+              f"- preprocessing: resized to {ckpt['image_size']} px, {ckpt.get('channels', 3)} channel(s), the "
+              f"checkpoint's normalisation; probabilities are the model's, not calibrated risks.",
+              "- all predictions: [predictions.csv](predictions.csv)"]
+    if skipped:
+        lines += ["", "## Skipped (unreadable)", ""] + [f"- `{f}`" for f in skipped]
+    if has_cam:
+        lines += ["", "## Grad-CAM", "", "![Grad-CAM](gradcam.png)"]
+    utils.atomic_write_text(os.path.join(args.output_dir, "summary.md"), "\n".join(lines) + "\n")
+    return lines[2]
+
+
+def describe_checkpoint(ckpt: dict) -> str:
+    init = {"ssl": "SSL init", "scratch": "from scratch"}.get(ckpt.get("init"), ckpt.get("init") or "classifier")
+    epochs = (ckpt.get("args") or {}).get("num_epochs")
+    return init + (f", best epoch {ckpt['epoch']} of {epochs}" if ckpt.get("epoch") and epochs else "")
+
+
+def predict_folder(args, device, autocast_dtype) -> dict:
+    """--images: class probabilities for every readable image under the folder; no labels needed."""
+    path = args.checkpoint[0]
+    ckpt = utils.load_checkpoint(path, kind=("classifier", "ssl"))
+    check_predict_checkpoint(ckpt, path)
+    names = classifier_class_names(ckpt, args.label_file)
+    all_files = data_loader.list_images(args.images)
+    store = data_loader.ImageStore(args.images, all_files, ckpt["image_size"], args.cache_gb, ckpt.get("channels"),
+                                   skip_unreadable=True)
+    kept = set(store.filenames)
+    skipped = [f for f in all_files if f not in kept]
+    model, prepare = load_classifier(ckpt, path), normalizer(ckpt)
+    print(f"predicting {len(store)} image(s) at {ckpt['image_size']} px on {device} ...")
+    multilabel = ckpt.get("task") == "multilabel"
+    prob = predict_store(model, store, prepare, device, autocast_dtype, args.batch_size, multilabel)
+    thresholds = ckpt.get("thresholds") or [0.5] * len(names) if multilabel else None
+    write_folder_predictions(store.filenames, prob, names, os.path.join(args.output_dir, "predictions.csv"),
+                             thresholds)
+    ex = Explained(model, prepare, cam_layer_name(model.config, ckpt["image_size"], args.cam_layer), args.images,
+                   ckpt["image_size"], store.channels)
+    if args.gradcam:
+        write_folder_gradcam(store.filenames, prob, names, ex, args, device)
+    summary = write_folder_summary(args, ckpt, names, store.filenames, skipped, prob, args.gradcam)
+    print(summary.replace("**", ""))
+    print(f"predictions: {os.path.join(args.output_dir, 'predictions.csv')}")
+    return {"filenames": store.filenames, "skipped": skipped, "prob": prob, "class_names": names}
 
 
 # ============ multi-label checkpoints (several findings per image) ============
@@ -1283,13 +1829,20 @@ def print_summary(evaluated: list, results: list, report: str) -> None:
     print(f"report: {report}")
 
 
-def display_names(args) -> list:
-    """--names, or the checkpoint file names (with their folder when two share a name)."""
+INIT_NAMES = {"ssl": "SSL init", "scratch": "from scratch"}
+
+
+def display_names(args, ckpts: list) -> list:
+    """--names, or what each model is: "SSL init" / "from scratch" (the checkpoint's `init`), "SSL encoder" for
+    a pretrained encoder; the file name is added where two models would share a name."""
     if args.names:
         return list(args.names)
+    kinds = [INIT_NAMES.get(c.get("init"), "SSL encoder" if c["kind"] == "ssl" else default_name(p))
+             for p, c in zip(args.checkpoint, ckpts)]
     stems = [default_name(p) for p in args.checkpoint]
-    return [f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}/{s}" if stems.count(s) > 1 else s
-            for p, s in zip(args.checkpoint, stems)]
+    stems = [f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}/{s}" if stems.count(s) > 1 else s
+             for p, s in zip(args.checkpoint, stems)]
+    return [f"{k} ({s})" if kinds.count(k) > 1 and k != s else k for k, s in zip(kinds, stems)]
 
 
 def embedding_projections(evaluated: list, seed: int) -> dict:
@@ -1309,19 +1862,29 @@ def embedding_projections(evaluated: list, seed: int) -> dict:
 
 
 def check_args(args) -> None:
-    if args.label_file is None:
+    if args.label_file is None and args.images is None:
         args.label_file = os.path.join(args.data_dir, "labels.csv")
     if args.names and len(args.names) != len(args.checkpoint):
         raise UserError(f"--names gives {len(args.names)} name(s) for {len(args.checkpoint)} --checkpoint(s); "
                         f"give one per checkpoint, in the same order")
     utils.check_flags(args)
+    if args.images is not None and len(args.checkpoint) != 1:
+        raise UserError(f"--images scores a folder with one classifier; give one --checkpoint, not "
+                        f"{len(args.checkpoint)}")
 
 
 @utils.locks_output_dir(check_args, "evaluate")
 def main(args):
     device = utils.resolve_device(args.device)
     autocast_dtype, precision = utils.resolve_precision(args.precision, args.amp, device)
-    settings = {"checkpoints": args.checkpoint, "names": display_names(args), "data_dir": args.data_dir,
+    if args.images is not None:
+        utils.print_settings("evaluate: predictions for a folder", {
+            "checkpoint": args.checkpoint[0], "images": args.images, "output_dir": args.output_dir,
+            "batch_size": args.batch_size, "device": str(device), "precision": precision})
+        return predict_folder(args, device, autocast_dtype)
+    ckpts = [utils.load_checkpoint(p, kind=("classifier", "ssl")) for p in args.checkpoint]
+    names = display_names(args, ckpts)
+    settings = {"checkpoints": args.checkpoint, "names": names, "data_dir": args.data_dir,
                 "label_file": args.label_file, "output_dir": args.output_dir, "split": args.split,
                 "bootstrap": args.bootstrap, "batch_size": args.batch_size, "seed": args.seed,
                 "device": str(device), "precision": precision}
@@ -1330,29 +1893,46 @@ def main(args):
 
     # ============ predictions ============
     evaluated = []
-    for path, name in zip(args.checkpoint, display_names(args)):
-        evaluated += evaluate_checkpoint(path, name, args, device, autocast_dtype)
+    for path, ckpt, name in zip(args.checkpoint, ckpts, names):
+        evaluated += evaluate_checkpoint(path, name, args, device, autocast_dtype, ckpt)
+    del ckpts
     if any(ev.kind == MULTILABEL_KIND for ev in evaluated):       # several findings per image: its own report
         return report_multilabel(evaluated, args, settings)
 
-    # ============ metrics with bootstrap intervals ============
+    # ============ metrics with bootstrap intervals, the pointing game ============
     print(f"bootstrap: {args.bootstrap} resamples per model ...")
     results = [compute_metrics(ev.y_true, ev.prob, len(ev.class_names), args.bootstrap, args.seed)
                for ev in evaluated]
+    findings = data_loader.read_findings(args.data_dir)
+    pointing = pointing_game(evaluated, findings, args, device) if args.gradcam else []
 
     # ============ files and figures ============
     single = len(evaluated) == 1
     folders = [args.output_dir] if single else [os.path.join(args.output_dir, f) for f in folder_names(evaluated)]
     projections = embedding_projections(evaluated, args.seed)
     for ev, metrics, folder in zip(evaluated, results, folders):
-        write_model_outputs(ev, metrics, folder, args, projections[ev.checkpoint])
+        write_model_outputs(ev, metrics, folder, args, projections[ev.checkpoint], device, findings,
+                            pointing if single else ())
     paired = None
     if not single:
         paired = paired_comparison(evaluated[0], evaluated[1], args.bootstrap, args.seed)
-        write_comparison(evaluated, results, folders, paired, args)
+        write_comparison(evaluated, results, folders, paired, args, pointing)
+    if pointing:
+        utils.atomic_write_json(os.path.join(args.output_dir, "pointing_game.json"), pointing)
     utils.write_settings(os.path.join(args.output_dir, "evaluation_settings.json"), settings)
     print_summary(evaluated, results, os.path.join(args.output_dir, "report.md"))
-    return {"models": [ev.name for ev in evaluated], "folders": folders, "metrics": results, "paired": paired}
+    print_verdict(evaluated, results, paired, pointing)
+    return {"models": [ev.name for ev in evaluated], "folders": folders, "metrics": results, "paired": paired,
+            "pointing": pointing}
+
+
+def print_verdict(evaluated, results, paired, pointing) -> None:
+    lines = verdict_lines(paired) if paired is not None else [headline_sentence(evaluated[0], results[0])]
+    for line in lines:
+        if line:
+            print(line.replace("**", ""))
+    for r in pointing:
+        print(f"pointing game, {r['model']}: {with_ci(r)} ({r['hits']}/{r['images']}; chance {r['chance']:.3f})")
 
 
 def get_args_parser():
@@ -1372,7 +1952,17 @@ def get_args_parser():
                    help="bootstrap resamples of the images for the 95%% confidence intervals (0: none)")
     p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
     p.add_argument("--names", nargs="+", default=None,
-                   help="display names, one per --checkpoint in order (default: the checkpoint file names)")
+                   help="display names, one per --checkpoint in order (default: what each model is, from the "
+                        "checkpoint: 'SSL init', 'from scratch', 'SSL encoder')")
+    p.add_argument("--images", default=None,
+                   help="score every readable image under this folder (PNG, JPEG, BMP, TIFF, DICOM; no label file) "
+                        "with one classifier: predictions.csv, summary.md and gradcam.png in --output_dir")
+    p.add_argument("--gradcam", action=argparse.BooleanOptionalAction, default=True,
+                   help="Grad-CAM heat maps (gradcam.png) and, when the data folder has findings.csv, the "
+                        "pointing game")
+    p.add_argument("--cam_layer", default="auto", choices=("auto",) + CAM_LAYERS,
+                   help="ResNet stage Grad-CAM reads; auto: the deepest whose map is at least 7 cells a side "
+                        "(layer4 at 224 px, layer2 at 64 px)")
     return p
 
 

@@ -273,7 +273,9 @@ def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metric
     files = np.asarray(table.filenames)
     return {
         "kind": "classifier", "model_config": model.config.to_dict(), "num_classes": table.num_classes,
-        "class_names": list(table.class_names), "image_size": args.image_size, "channels": store.channels,
+        "class_names": list(table.class_names),
+        "class_display_names": data_loader.read_class_names(args.label_file, table.class_names),
+        "image_size": args.image_size, "channels": store.channels,
         "normalization": {"mean": list(data_loader.IMAGENET_MEAN), "std": list(data_loader.IMAGENET_STD)},
         "encoder": model.encoder.state_dict(), "head": model.head.state_dict(),
         "init": "ssl" if ssl else "scratch",
@@ -417,8 +419,10 @@ def main(args):
         ckpt = checkpoint_dict(model, args, ssl, table, train_idx, store, epoch + 1, val,
                                os.path.basename(paths["history"]), dist["world_size"])
         # the last checkpoint is written last: a run killed before it redoes the epochs since on --resume
-        (log_epoch_multilabel if multilabel else log_epoch)(history, paths, run, epoch, args.num_epochs, stats, val,
-                                                            frozen, improved)
+        if multilabel:
+            log_epoch_multilabel(history, paths, run, epoch, args.num_epochs, stats, val, frozen, improved)
+        else:
+            log_epoch(history, paths, run, epoch, args.num_epochs, stats, val, frozen, improved, 1 / table.num_classes)
         if improved:
             utils.save_checkpoint(ckpt, paths["best"])
         last.save_if_due(ckpt, epoch, args.num_epochs, optimizer, scheduler, scaler, best, rngs)
@@ -461,20 +465,20 @@ def log_epoch_multilabel(history, paths, run, epoch, num_epochs, stats, val, fro
     history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"], "val_mean_auc": mean_auc,
                     "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]})
     utils.plot_history_throttled(paths["history"], paths["plot"], f"fine-tuning ({run})",
-                                 last_epoch=epoch + 1 == num_epochs)
+                                 last_epoch=epoch + 1 == num_epochs, chance=0.5)      # an AUC's chance level
     auc = "n/a" if val["mean_auc"] is None else f"{val['mean_auc']:.3f}"
     print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
           f"val_mean_auc {auc}{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}",
           flush=True)
 
 
-def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improved) -> None:
+def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improved, chance=None) -> None:
     """One history row, the curves, one line on stdout."""
     history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
                     "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
                     "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]})
     utils.plot_history_throttled(paths["history"], paths["plot"], f"fine-tuning ({run})",
-                                 last_epoch=epoch + 1 == num_epochs)
+                                 last_epoch=epoch + 1 == num_epochs, chance=chance)
     print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
           f"val_acc {val['accuracy']:.3f}  val_bal_acc {val['balanced_accuracy']:.3f}"
           f"{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}", flush=True)

@@ -349,7 +349,8 @@ def main(args):
         # drops the history rows after the checkpoint's epoch, so no row is ever missing or doubled
         history.append(row)
         utils.plot_history_throttled(history.path, os.path.join(args.output_dir, "ssl_training.png"),
-                                     "SimCLR pretraining", last_epoch=epoch + 1 == args.num_epochs)
+                                     "SimCLR pretraining", last_epoch=epoch + 1 == args.num_epochs,
+                                     chance=1 / table.num_classes if table is not None else None)
         if improved:
             utils.save_checkpoint(ckpt, os.path.join(args.output_dir, "best_ssl_model.pth"))
         print(_epoch_line(epoch, args.num_epochs, stats, knn, row["embedding_std"], improved), flush=True)

@@ -173,7 +173,7 @@ FLAG_RULES = {
     "bootstrap": Bound(int, 0, 100_000, hint="resamples; 0 for no intervals"),
     "num_images": Bound(int, 1, 10_000_000), "num_unlabeled": Bound(int, 0, 10_000_000),
     "data_dir": EXISTING_DIR, "label_file": EXISTING_FILE, "ssl_checkpoint": EXISTING_FILE,
-    "checkpoint": EXISTING_FILE, "from_npz": EXISTING_FILE, "output_dir": OUTPUT_DIR, "output_name": FILE_NAME,
+    "checkpoint": EXISTING_FILE, "from_npz": EXISTING_FILE, "images": EXISTING_DIR, "output_dir": OUTPUT_DIR, "output_name": FILE_NAME,
 }
 
 
@@ -963,19 +963,55 @@ PLOT_EVERY_S = 30.0      # redraw training curves at most this often (and after 
 _last_plotted: dict = {}
 
 
-def plot_history_throttled(csv_path: str, png_path: str, title: str, last_epoch: bool) -> None:
+def plot_history_throttled(csv_path: str, png_path: str, title: str, last_epoch: bool, **plot_args) -> None:
     """plot_history after the first and the last epoch, and in between at most every PLOT_EVERY_S
     seconds. Drawing the figure takes about a second on a small CPU: each epoch of a fine-tuning on a
-    few dozen images, or 10% of a 64 px pretraining epoch. The CSV is written every epoch regardless."""
+    few dozen images, or 10% of a 64 px pretraining epoch. The CSV is written every epoch regardless.
+    `plot_args` (best_epoch, chance) go to plot_history."""
     now = time.monotonic()
     if not last_epoch and now - _last_plotted.get(png_path, -math.inf) < PLOT_EVERY_S:
         return
-    plot_history(csv_path, png_path, title)
+    plot_history(csv_path, png_path, title, **plot_args)
     _last_plotted[png_path] = time.monotonic()
 
 
-def plot_history(csv_path: str, png_path: str, title: str) -> None:
-    """One panel per metric column of a history CSV, epochs on the x axis."""
+# The panels of the training-curve figure: (title, history columns drawn together, y label). Other columns
+# (images/s, the encoder-frozen flag) are for the CSV: a reader of the figure needs loss, quality and lr.
+HISTORY_PANELS = (
+    ("loss", ("train_loss", "val_loss", "loss"), "loss per image"),
+    ("validation", ("val_balanced_accuracy", "val_accuracy", "knn_accuracy", "val_mean_auc"),
+     "accuracy (multi-label: mean ROC-AUC)"),
+    ("learning rate", ("lr",), "learning rate"),
+    ("embedding spread (collapse if near 0)", ("embedding_std",), "std of normalised embeddings"),
+)
+
+
+def best_history_epoch(df):
+    """The epoch the trainers keep, by their own rules: fine-tuning the highest val balanced accuracy (ties:
+    lower val loss, then the earlier epoch); pretraining the highest kNN accuracy (ties: the later epoch),
+    else the lowest loss. None when the history has none of these columns."""
+    if "val_balanced_accuracy" in df and df["val_balanced_accuracy"].notna().any():
+        d = df.dropna(subset=["val_balanced_accuracy"])
+        loss = d["val_loss"] if "val_loss" in d else 0
+        ranked = d.assign(_neg_loss=-loss).sort_values(["val_balanced_accuracy", "_neg_loss"], ascending=False,
+                                                       kind="stable")
+        return int(ranked["epoch"].iloc[0])
+    if "val_mean_auc" in df and df["val_mean_auc"].notna().any():     # multi-label: the first best mean AUC
+        d = df.dropna(subset=["val_mean_auc"])
+        return int(d["epoch"][d["val_mean_auc"] == d["val_mean_auc"].max()].iloc[0])
+    if "knn_accuracy" in df and df["knn_accuracy"].notna().any():
+        d = df.dropna(subset=["knn_accuracy"])
+        return int(d["epoch"][d["knn_accuracy"] == d["knn_accuracy"].max()].iloc[-1])
+    if "loss" in df and df["loss"].notna().any():
+        return int(df["epoch"][df["loss"].idxmin()])
+    return None
+
+
+def plot_history(csv_path: str, png_path: str, title: str, best_epoch: int | None = None,
+                 chance: float | None = None) -> None:
+    """A compact grid of the training curves that matter (loss, validation accuracy, lr, embedding spread),
+    epochs on a shared x axis, the kept epoch marked (`best_epoch`, else found by the trainers' rules) and
+    the accuracy `chance` level (1 / classes) drawn when given."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -983,18 +1019,34 @@ def plot_history(csv_path: str, png_path: str, title: str) -> None:
     import pandas as pd
 
     df = pd.read_csv(csv_path)
-    cols = [c for c in df.columns if c != "epoch" and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
-    if not cols:
+    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
+    panels = [(t, [c for c in cols if c in numeric], y) for t, cols, y in HISTORY_PANELS]
+    panels = [p for p in panels if p[1]]
+    if not panels or "epoch" not in df:
         return
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.6 * len(cols), 3.2), squeeze=False)
-    for ax, col in zip(axes[0], cols):
-        d = df[["epoch", col]].dropna()
-        ax.plot(d["epoch"], d[col], marker="o", ms=3)
-        ax.set_title(col.replace("_", " "))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(col.replace("_", " "))
+    best_epoch = best_epoch if best_epoch is not None else best_history_epoch(df)
+    ncols = 1 if len(panels) == 1 else 2
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.3 * nrows), squeeze=False)
+    for ax, (panel_title, cols, ylabel) in zip(axes.flat, panels):
+        for col in cols:
+            d = df[["epoch", col]].dropna()
+            ax.plot(d["epoch"], d[col], marker="o", ms=3 if len(d) < 40 else 0, label=col.replace("_", " "))
+        if panel_title == "validation":
+            ax.set_ylim(0, 1.02)                  # accuracies on one scale, so a flat curve looks flat
+            if chance is not None:
+                ax.axhline(chance, color="grey", ls=":", lw=1, label=f"chance ({chance:.2f})")
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="tab:red", ls="--", lw=1, label=f"kept: epoch {best_epoch}")
+        ax.set(title=panel_title, ylabel=ylabel, xlabel="epoch", xlim=(0.5, max(1, df["epoch"].max()) + 0.5))
+        values = df[cols].to_numpy(float)
+        if panel_title == "loss" and np.nanmin(values) > 0 and np.nanmax(values) > 30 * np.nanmin(values):
+            ax.set_yscale("log")                  # a first-epoch val loss of 100 would flatten the rest
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     atomic_savefig(fig, png_path)

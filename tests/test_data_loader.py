@@ -299,6 +299,36 @@ def test_every_finding_changes_the_image(size):
         assert (diff > 12).sum() >= 4, f"class {label} at {size} px"
 
 
+def test_findings_csv_names_a_box_for_every_drawn_finding(synthetic):
+    import pandas as pd
+    labels = pd.read_csv(synthetic / "labels.csv")
+    findings = pd.read_csv(synthetic / "findings.csv")
+    assert list(findings.columns) == ["filename", "finding", "x0", "y0", "x1", "y1"]
+    boxes = dl.read_findings(str(synthetic))
+    assert set(boxes) == set(labels.filename[labels.label > 0])        # normal images have no finding
+    assert set(findings.finding) == {"consolidation", "nodules"}
+    assert ((findings.x0 >= 0) & (findings.x0 < findings.x1) & (findings.x1 <= 32)).all()
+    assert ((findings.y0 >= 0) & (findings.y0 < findings.y1) & (findings.y1 <= 32)).all()
+    assert not any(f.startswith("unlabeled/") for f in boxes)
+
+
+@pytest.mark.parametrize("label", range(1, dl.MAX_SYNTHETIC_CLASSES))
+def test_finding_boxes_hold_what_the_finding_added(label, monkeypatch):
+    """Before exposure (which renormalises the whole image) the finding adds density: most of it lies in
+    its boxes, which cover a small part of the image. Asking for the boxes draws nothing differently."""
+    args = lambda y: (dl._patient_anatomy(np.random.default_rng([5, label]), y), y)     # noqa: E731
+    boxes = []
+    plain = dl.render_chest_xray(*args(label), np.random.default_rng(9), 64)
+    assert np.array_equal(plain, dl.render_chest_xray(*args(label), np.random.default_rng(9), 64, boxes))
+    monkeypatch.setattr(dl, "_expose", lambda rng, density: density)
+    added = np.abs(dl.render_chest_xray(*args(label), np.random.default_rng(9), 64)
+                   - dl.render_chest_xray(*args(0), np.random.default_rng(9), 64))
+    inside = np.zeros((64, 64), bool)
+    for x0, y0, x1, y1 in boxes:
+        inside[y0:y1, x0:x1] = True
+    assert boxes and (added * inside).sum() > 0.7 * added.sum() and inside.mean() < 0.2, (label, boxes)
+
+
 def test_class_is_not_predictable_from_global_intensity(tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score

@@ -19,6 +19,7 @@ CLASS_NAMES = ["normal", "pneumonia", "effusion"]
 PER_CLASS = {"train": 8, "val": 2, "test": 4}           # images per class and split: 42 in all
 MODEL_FILES = ["metrics.json", "classification_report.txt", "predictions.csv", "confusion_matrix.png",
                "roc_curves.png", "pr_curves.png", "reliability.png", "tsne.png", "umap.png", "report.md"]
+CLASSIFIER_FILES = MODEL_FILES + ["gradcam.png"]
 
 
 # ============ metrics on hand-made predictions ============
@@ -162,7 +163,7 @@ def write_dataset(root):
 def common_state(model, table):
     return {"model_config": model.config.to_dict(), "image_size": 32, "channels": 1,
             "normalization": {"mean": list(data_loader.IMAGENET_MEAN), "std": list(data_loader.IMAGENET_STD)},
-            "encoder": model.encoder.state_dict(), "args": {"seed": 42}, "epoch": 3,
+            "encoder": model.encoder.state_dict(), "args": {"seed": 42, "num_epochs": 5}, "epoch": 3,
             "label_file_sha256": table.sha256}
 
 
@@ -214,8 +215,8 @@ def run_evaluate(world, out, *checkpoints, extra=()):
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
 
 
-def assert_model_files(folder, skipped=()):
-    for name in [f for f in MODEL_FILES + ["training_curves.png"] if f not in skipped]:
+def assert_model_files(folder, skipped=(), files=MODEL_FILES):
+    for name in [f for f in files + ["training_curves.png"] if f not in skipped]:
         path = folder / name
         assert path.is_file() and path.stat().st_size > 0, name
         if name.endswith(".png"):
@@ -236,7 +237,7 @@ def single_run(world):
 
 
 def test_classifier_run_writes_every_file(single_run):
-    assert_model_files(single_run)
+    assert_model_files(single_run, files=CLASSIFIER_FILES)
     assert (single_run / "evaluation_settings.json").is_file()
     doc = json.loads((single_run / "metrics.json").read_text())
     assert doc["split"] == "test" and doc["num_images"] == 12 and doc["kind"] == "classifier"
@@ -245,6 +246,13 @@ def test_classifier_run_writes_every_file(single_run):
         assert key in doc["metrics"] and len(doc["metrics"][key]["ci95"]) == 2
     report = (single_run / "report.md").read_text()
     assert "95% CI" in report and "| normal | 4 |" in report
+    first = report.splitlines()
+    assert first[0] == "# Evaluation: SSL init"                      # named by its init, not its file name
+    assert first[2].startswith("**Summary:** on 12 test-split images, SSL init has balanced accuracy")
+    assert "best epoch 3 of 5" in report
+    # 12 images, 4 per class: the report says the intervals mean little, and how many images would do
+    assert "> **Caution:** only 12 test images" in report and "about 97 images give +-0.10" in report
+    assert "few images of class effusion (4), normal (4), pneumonia (4)" in report
 
 
 def test_predictions_are_the_recorded_test_split_and_never_trained_on(world, single_run):
@@ -262,6 +270,7 @@ def test_predictions_are_the_recorded_test_split_and_never_trained_on(world, sin
 def skip_figures(monkeypatch):
     """For tests about which images are scored: the figures are checked elsewhere and cost seconds."""
     monkeypatch.setattr(evaluate, "write_figures", lambda *a, **k: {})
+    monkeypatch.setattr(evaluate, "write_gradcam_figure", lambda *a, **k: None)
     monkeypatch.setattr(evaluate, "embedding_projections",
                         lambda evaluated, seed: {e.checkpoint: {} for e in evaluated})
 
@@ -279,7 +288,10 @@ def test_comparison_mode(world, single_run, monkeypatch):
     assert [r["model"] for r in rows] == ["SSL", "scratch"] and rows[0]["init"] == "ssl"
     assert {"accuracy_ci_low", "roc_auc_macro", "ece_ci_high", "label_fraction"} <= set(rows[0])
     md = (out / "comparison.md").read_text()
-    assert "Paired accuracy difference" in md and ("excludes zero" in md or "includes zero" in md)
+    assert "Paired differences" in md and ("excludes zero" in md or "includes zero" in md)
+    verdict = md.splitlines()[2]
+    assert verdict.startswith("**Verdict:** SSL pretraining") and "paired bootstrap 95% CI" in verdict
+    assert "| balanced accuracy |" in md and "> **Caution:** only 12 test images" in md
     assert result["paired"]["num_images"] == 12
     assert "SSL/report.md" in (out / "report.md").read_text()
     # deterministic: the same checkpoint, seed and split give the same numbers in both runs
@@ -299,12 +311,13 @@ def test_ssl_checkpoint_is_scored_by_linear_probe_and_knn(world, monkeypatch):
 
     monkeypatch.setattr(evaluate, "project_embedding", no_umap)
     result = run_evaluate(world, out, world["ssl"])
-    assert result["models"] == ["best_ssl_model linear probe", "best_ssl_model kNN"]
+    assert result["models"] == ["SSL encoder linear probe", "SSL encoder kNN"]
     for folder in result["folders"]:
         folder = out / os.path.basename(folder)
         assert_model_files(folder, skipped=("umap.png",))
         assert not (folder / "umap.png").exists()
         assert "no umap.png: UMAP skipped by the test" in (folder / "report.md").read_text()
+        assert "no Grad-CAM: a " in (folder / "report.md").read_text()
         doc = json.loads((folder / "metrics.json").read_text())
         assert doc["num_images"] == 12 and doc["fit_images"] == 24 and doc["checkpoint_kind"] == "ssl"
         if "linear" in folder.name:                                  # the probe says which C it chose, and where
@@ -357,3 +370,99 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such file" in err[0]
+
+
+# ============ predictions on a folder, class names, verdicts ============
+
+@pytest.fixture(scope="module")
+def scans(world):
+    """A folder of new images: an 8-bit PNG and the same pixels as a 16-bit TIFF, a test-split image in a
+    subfolder, a DICOM from pydicom's test files, and a broken file."""
+    from pydicom.data import get_testdata_file
+    import shutil
+
+    folder = world["root"] / "new_scans"
+    (folder / "ward_b").mkdir(parents=True)
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 40)).astype(np.uint8)
+    pixels[0, 0], pixels[0, 1] = 0, 255                         # full range: the 16-bit copy maps back exactly
+    Image.fromarray(pixels).save(folder / "a.png")
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(folder / "a16.tif")
+    assert Image.open(folder / "a16.tif").mode.startswith("I;16")
+    test_file = world["table"].filenames[list(world["table"].splits).index("test")]
+    shutil.copy(world["data"] / test_file, folder / "ward_b" / test_file)
+    shutil.copy(get_testdata_file("CT_small.dcm"), folder / "ct.dcm")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return folder, test_file
+
+
+def test_images_folder_predictions(world, scans, single_run, tmp_path):
+    folder, test_file = scans
+    argv = ["--checkpoint", str(world["finetuned"]), "--images", str(folder), "--output_dir", str(tmp_path),
+            "--device", "cpu", "--batch_size", "2"]
+    result = utils.run_cli(evaluate.main, evaluate.get_args_parser(), argv)
+    assert result["skipped"] == ["broken.png"]
+    rows = {r["filename"]: r for r in read_predictions(tmp_path / "predictions.csv")}
+    assert sorted(rows) == ["a.png", "a16.tif", "ct.dcm", f"ward_b/{test_file}"]
+    names = world["table"].class_names
+    assert list(next(iter(rows.values()))) == ["filename", "predicted"] + [f"prob_{c}" for c in names]
+    prob = {f: np.array([float(r[f"prob_{c}"]) for c in names]) for f, r in rows.items()}
+    np.testing.assert_allclose([p.sum() for p in prob.values()], 1.0, atol=1e-5)
+    assert all(r["predicted"] == names[int(prob[f].argmax())] for f, r in rows.items())
+    np.testing.assert_allclose(prob["a.png"], prob["a16.tif"], atol=1e-6)       # 16 bits read as 8 bits would
+    scored = {r["filename"]: r for r in read_predictions(single_run / "predictions.csv")}[test_file]
+    # the checkpoint's own preprocessing: as scored in the test split (bf16 autocast on some CPUs: not to 1e-6)
+    np.testing.assert_allclose(prob[f"ward_b/{test_file}"], [float(scored[f"prob_{c}"]) for c in names], atol=3e-3)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "4 image(s) scored" in summary and "`broken.png`" in summary and "](gradcam.png)" in summary
+    assert (tmp_path / "gradcam.png").stat().st_size > 5000
+
+
+def test_images_with_an_ssl_checkpoint_is_a_one_line_error(world, scans, tmp_path, capsys):
+    argv = ["--checkpoint", str(world["ssl"]), "--images", str(scans[0]), "--output_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        utils.run_cli(evaluate.main, evaluate.get_args_parser(), argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert "is an SSL encoder, which predicts no class" in err[0] and "best_finetuned_model.pth" in err[0]
+
+
+def test_class_names_come_from_classes_txt_beside_integer_labels(tmp_path):
+    label_file = tmp_path / "labels.csv"
+    label_file.write_text("filename,label\n")
+    assert data_loader.read_class_names(str(label_file), ["0", "1"]) == ["0", "1"]          # no classes.txt
+    (tmp_path / "classes.txt").write_text("0\tnormal: clear lungs\n1\tpleural effusion: fluid\n")
+    assert data_loader.read_class_names(str(label_file), ["0", "1"]) == ["normal", "pleural effusion"]
+    assert data_loader.read_class_names(str(label_file), ["cat", "dog"]) == ["cat", "dog"]  # names stay
+    ckpt = {"class_names": ["0", "1"], "num_classes": 2, "args": {"label_file": str(label_file)}}
+    assert evaluate.classifier_class_names(ckpt, None) == ["normal", "pleural effusion"]
+    assert evaluate.classifier_class_names(ckpt | {"class_display_names": ["a", "b"]}, None) == ["a", "b"]
+
+
+def test_models_are_named_by_their_init():
+    args = evaluate.get_args_parser().parse_args(["--checkpoint", "run1/best_finetuned_model.pth", "--checkpoint",
+                                                  "best_baseline_model.pth", "--checkpoint", "b/x.pth"])
+    ckpts = [{"kind": "classifier", "init": "ssl"}, {"kind": "classifier", "init": "scratch"},
+             {"kind": "classifier", "init": "ssl"}]
+    assert evaluate.display_names(args, ckpts) == ["SSL init (best_finetuned_model)", "from scratch", "SSL init (x)"]
+    assert evaluate.display_names(args, ckpts[:2] + [{"kind": "ssl"}]) == ["SSL init", "from scratch", "SSL encoder"]
+
+
+def test_verdict_in_words():
+    y, good = random_predictions(400, 3, seed=8, signal=3.0)
+    bad = np.roll(good, 1, axis=1)
+    base = {"num_images": 400, "split": "test", "init_a": "ssl", "init_b": "scratch"}
+    helped = evaluate.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics":
+                                            evaluate.paired_metric_differences(y, good, bad, 3, 200, seed=0)})
+    assert helped[0].startswith("**Verdict:** SSL pretraining **helped** in balanced accuracy on the 400 test")
+    assert "- balanced accuracy: **SSL init** is better" in "\n".join(helped)
+    same = evaluate.paired_metric_differences(y, good, good, 3, 200, seed=0)
+    assert all(d["difference"] == 0 and not d["excludes_zero"] for d in same.values())
+    lines = evaluate.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics": same})
+    assert "**no significant difference**" in lines[0] and "no significant difference (SSL init minus" in lines[2]
+    hurt = evaluate.paired_metric_differences(y, bad, good, 3, 200, seed=0)
+    lines = evaluate.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics": hurt})
+    assert "SSL pretraining **hurt**" in lines[0]
+    # the accuracy difference agrees with the accuracy-only helper, interval included
+    acc = evaluate.paired_accuracy_difference(y, good, bad, 200, seed=0)
+    d = evaluate.paired_metric_differences(y, good, bad, 3, 200, seed=0)["accuracy"]
+    assert d["difference"] == pytest.approx(acc["difference"]) and d["low"] == pytest.approx(acc["low"])

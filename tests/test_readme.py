@@ -52,7 +52,11 @@ def test_quickstart_runs_every_phase_and_writes_the_comparison_report(quickstart
     for name in ("report.md", "comparison.csv", "comparison.md", "roc_comparison.png"):
         assert (report / name).stat().st_size > 0, name
     table = (report / "comparison.md").read_text()
-    assert "best_finetuned_model" in table and "best_baseline_model" in table
+    assert "| [SSL init](" in table and "| [from scratch](" in table          # named by what they are
+    verdict = (report / "report.md").read_text().splitlines()[2]            # the report's first lines say it
+    assert verdict.startswith("**Verdict:** SSL pretraining ") and "paired bootstrap 95% CI" in verdict
+    assert (report / "SSL_init" / "gradcam.png").stat().st_size > 0          # heat maps of each classifier
+    assert "## Grad-CAM pointing game" in table and (report / "pointing_game.png").stat().st_size > 0
 
 
 def test_every_script_explains_its_flags():

@@ -300,3 +300,36 @@ def test_fine_tune_says_when_its_best_epoch_was_one_of_the_last():
     assert "best val epoch was 91 of 100" in fine_tune.still_improving_hint(91, 100)
     assert fine_tune.still_improving_hint(90, 100) is None          # peaked and held: converged
     assert fine_tune.still_improving_hint(2, 2) is None             # too short a run to tell
+
+
+def test_training_curves_show_what_matters_and_mark_the_kept_epoch(tmp_path, monkeypatch):
+    import pandas as pd
+    fine = tmp_path / "finetuned_history.csv"
+    fine.write_text("epoch,train_loss,val_loss,val_accuracy,val_balanced_accuracy,lr,encoder_frozen,images_per_sec\n"
+                    "1,1.1,1.0,0.4,0.40,1e-3,1,50\n2,0.9,0.8,0.6,0.55,9e-4,1,50\n3,0.8,0.7,0.6,0.55,5e-4,0,50\n"
+                    "4,0.7,0.9,0.6,0.55,1e-4,0,50\n")
+    ssl = tmp_path / "ssl_history.csv"
+    ssl.write_text("epoch,loss,lr,images_per_sec,knn_accuracy,embedding_std\n1,5.1,3e-4,90,,0.05\n"
+                   "2,4.9,2e-4,90,0.5,0.06\n3,4.8,1e-4,90,,0.06\n4,4.7,0,90,0.5,0.07\n")
+    # the trainers' own rules: ties in val balanced accuracy go to the lower val loss; kNN ties to the later epoch
+    assert utils.best_history_epoch(pd.read_csv(fine)) == 3
+    assert utils.best_history_epoch(pd.read_csv(ssl)) == 4
+    drawn = []
+    real_subplots = __import__("matplotlib.pyplot").pyplot.subplots
+
+    def spy(*args, **kwargs):
+        fig, axes = real_subplots(*args, **kwargs)
+        drawn.append(axes)
+        return fig, axes
+
+    monkeypatch.setattr("matplotlib.pyplot.subplots", spy)
+    utils.plot_history(str(fine), str(tmp_path / "fine.png"), "fine-tuning", chance=1 / 3)
+    utils.plot_history(str(ssl), str(tmp_path / "ssl.png"), "SimCLR", best_epoch=2)
+    fine_axes, ssl_axes = ([a for a in axes.flat if a.axison] for axes in drawn)
+    assert [a.get_title() for a in fine_axes] == ["loss", "validation", "learning rate"]    # no images/s, no flag
+    labels = [line.get_label() for line in fine_axes[1].get_lines()]
+    assert "chance (0.33)" in labels and "kept: epoch 3" in labels
+    assert len(ssl_axes) == 4 and "kept: epoch 2" in [line.get_label() for line in ssl_axes[0].get_lines()]
+    knn = [line for line in ssl_axes[1].get_lines() if line.get_label() == "knn accuracy"][0]
+    assert list(knn.get_xdata()) == [2, 4]                        # kNN points at their epochs
+    assert (tmp_path / "fine.png").stat().st_size > 5000 and (tmp_path / "ssl.png").stat().st_size > 5000
