@@ -10,7 +10,9 @@
 
 An SSL-initialised run writes best_finetuned_model.pth, a from-scratch run best_baseline_model.pth
 (so the spec's two commands, which share --output_dir, no longer overwrite each other); --output_name
-overrides. Beside it: <run>_history.csv, <run>_training.png, last_<run>_checkpoint.pth.
+overrides. Beside it: <run>_history.csv, <run>_training.png, <run>_settings.json (the settings as resolved:
+device, precision and workers with the reason for each) and last_<run>_checkpoint.pth (full state for
+--resume: after the first epoch, then at most every 30 s, and after the last epoch).
 Training uses the train split (or its --label_fraction), the best epoch is chosen on the val split,
 and the test split is never read. Under torchrun each process trains on its shard of the train split
 and rank 0 alone validates and writes.
@@ -41,7 +43,7 @@ def load_ssl(args):
     return utils.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
 
 
-def build_data(args, ssl, device, dist):
+def build_data(args, ssl, runtime):
     """Label table, the labelled train subset, val indices, and loaders (train: this process's shard)."""
     table = data_loader.read_label_table(args.label_file, args.data_dir, args.num_classes, seed=args.split_seed,
                                          val_fraction=args.val_fraction, test_fraction=args.test_fraction)
@@ -61,14 +63,15 @@ def build_data(args, ssl, device, dist):
                                    channels=ssl["channels"] if ssl else None)
     labels = table.labels[used]
     local_train, local_val = np.arange(len(train_idx)), np.arange(len(train_idx), len(used))
-    pin = device.type == "cuda"
-    per_rank = -(-len(local_train) // dist["world_size"])    # shards are padded to equal length
+    pin, dist = runtime.device.type == "cuda", runtime.dist
+    workers = runtime.choose_workers(args.num_workers, streaming=not store.in_memory)
+    per_rank = -(-len(local_train) // dist.world_size)      # shards are padded to equal length
     train_loader = data_loader.BatchLoader(store, local_train, labels, batch_size=args.batch_size, shuffle=True,
                                            seed=args.seed, drop_last=per_rank > args.batch_size,
-                                           num_workers=args.num_workers, pin_memory=pin,
-                                           rank=dist["rank"], world_size=dist["world_size"])
+                                           num_workers=workers, pin_memory=pin,
+                                           rank=dist.rank, world_size=dist.world_size)
     val_loader = data_loader.BatchLoader(store, local_val, labels, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, pin_memory=pin)
+                                         num_workers=workers, pin_memory=pin)
     return table, train_idx, store, train_loader, val_loader
 
 
@@ -195,7 +198,7 @@ def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metric
         "splits": {s: files[table.indices(s)].tolist() for s in data_loader.SPLITS},
         "train_files": files[train_idx].tolist(), "label_fraction": args.label_fraction,
         "val_metrics": val_metrics, "history_file": history_file, "epoch": epoch, "world_size": world_size,
-        "args": {k: v for k, v in vars(args).items() if k != "device_obj"},
+        "args": dict(vars(args)),
     }
 
 
@@ -210,92 +213,70 @@ def check_args(args) -> None:
 
 def main(args):
     check_args(args)
-    dist = utils.init_distributed(args.device)        # under torchrun: the GPU of LOCAL_RANK, or the CPU
-    device = dist["device"]
-    autocast_dtype, precision_note = utils.resolve_precision(args.precision, args.amp, device)
-    utils.seed_everything(args.seed + dist["rank"])   # own augmentations per process; DDP copies rank 0's init
-    if args.num_workers is None:
-        args.num_workers = 0
-    utils.configure_cpu_threads(device, args.num_workers)
+    runtime = utils.setup_runtime(args.device, args.precision, args.amp, args.seed)
+    dist, device, autocast_dtype = runtime.dist, runtime.device, runtime.autocast_dtype
 
     # ============ preparing data and model ============
     ssl = load_ssl(args)
     args.image_size = args.image_size or (ssl["image_size"] if ssl else 224)
-    table, train_idx, store, train_loader, val_loader = build_data(args, ssl, device, dist)
+    table, train_idx, store, train_loader, val_loader = build_data(args, ssl, runtime)
     model = build_model(args, ssl, table.num_classes).to(device).to(memory_format=torch.channels_last)
     model = utils.convert_sync_bn(model, args.sync_bn, dist)
-    if args.freeze_encoder and ssl is None and dist["is_main"]:
+    if args.freeze_encoder and ssl is None and dist.is_main:
         print("warning: --freeze_encoder without --ssl_checkpoint freezes a random encoder until "
               f"epoch {args.unfreeze_after_epoch}")
     optimizer, scheduler = build_optimizer(args, model, len(train_loader), pretrained=ssl is not None)
     scaler = utils.make_grad_scaler(device, autocast_dtype)
     weights = class_weights(args, table.labels[train_idx], table.num_classes, device)
     name, run = run_names(args, ssl is not None)
-    paths = {k: os.path.join(args.output_dir, v) for k, v in {
-        "best": name, "last": f"last_{run}_checkpoint.pth", "history": f"{run}_history.csv",
-        "plot": f"{run}_training.png", "settings": f"{run}_settings.json"}.items()}
+    paths = utils.RunPaths.of(args.output_dir, run, name)
 
-    start_epoch, best = 0, None
-    if args.resume:
-        resume = paths["last"] if args.resume == "auto" else args.resume
-        ckpt = utils.load_checkpoint(resume, "classifier", "--resume")
-        utils.check_resume_compatible(ckpt, args, RESUME_KEYS, resume)
-        utils.check_resume_world_size(ckpt, dist, resume)
-        best = utils.restore_training_state(ckpt, {"encoder": model.encoder, "head": model.head},
-                                            optimizer, scheduler, scaler, resume)
-        start_epoch = ckpt["epoch"]
-        utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
+    resume = (paths.last if args.resume == "auto" else args.resume) if args.resume else None
+    start_epoch, best = utils.resume_run(resume, "classifier", args, RESUME_KEYS, dist,
+                                         {"encoder": model.encoder, "head": model.head},
+                                         optimizer, scheduler, scaler, args.seed)
     if args.head_prefit_steps > 0 and start_epoch == 0:
         loss = prefit_head(model, store, train_idx, table, args, device, weights)
-        if dist["is_main"]:
+        if dist.is_main:
             print(f"head pre-fitted on frozen features of {len(train_idx)} images: {args.head_prefit_steps} steps, "
                   f"loss {loss:.4f}")
     # built while every parameter requires grad: a frozen encoder then counts as unused and its grads stay None
     freezes_later = args.freeze_encoder and start_epoch < args.unfreeze_after_epoch
     train_model = utils.maybe_compile(utils.wrap_ddp(model, dist, find_unused_parameters=freezes_later), args.compile)
-    history = utils.History(paths["history"], resume=start_epoch > 0)
-    history.truncate(start_epoch)
 
-    settings = {"device": str(device), "precision": precision_note, "init": "ssl" if ssl else "scratch",
-                "writes": paths["best"], "classes": table.class_names, "train_images": len(train_idx),
-                "val_images": len(table.indices("val")), "test_images_held_out": len(table.indices("test")),
-                "small_stem": model.config.small_stem, "world_size": dist["world_size"], **vars(args)}
-    if dist["is_main"]:
-        utils.print_settings(f"fine-tuning ({'from ' + args.ssl_checkpoint if ssl else 'from scratch: baseline'})",
-                             settings)
-        utils.write_settings(paths["settings"], settings)
+    files_out = utils.RunFiles(paths, f"fine-tuning ({run})", start_epoch, resume)
+    files_out.write_settings(
+        f"fine-tuning ({'from ' + args.ssl_checkpoint if ssl else 'from scratch: baseline'})",
+        runtime.settings(args, init="ssl" if ssl else "scratch", writes=paths.best, classes=table.class_names,
+                         train_images=len(train_idx), val_images=len(table.indices("val")),
+                         test_images_held_out=len(table.indices("test")), small_stem=model.config.small_stem), dist)
 
     # ============ training ============
     augment = data_loader.BatchAugment(supervised_augment_config(args), args.image_size, channels_last=True)
     loss_fn = make_loss_fn(augment, device, weights)
-    last = utils.LastCheckpoint(paths["last"])
-    for epoch in range(start_epoch, args.num_epochs):
-        frozen = args.freeze_encoder and epoch < args.unfreeze_after_epoch
-        model.freeze_encoder(frozen)
-        train_loader.set_epoch(epoch)
-        stats = utils.train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
-                                      autocast_dtype=autocast_dtype, scheduler=scheduler, epoch=epoch,
-                                      num_epochs=args.num_epochs, show_progress=dist["is_main"],
-                                      desc="fine-tune" + (" (frozen)" if frozen else ""))
-        stats["loss"] = utils.all_reduce_mean(stats["loss"], dist)
-        stats["images_per_sec"] = utils.all_reduce_mean(stats["images_per_sec"], dist) * dist["world_size"]
-        rngs = utils.gather_rng_states(dist)
-        if not dist["is_main"]:                    # the others wait for rank 0 in the next epoch's first step
-            continue
-        val = validate(model, val_loader, device, autocast_dtype, table.num_classes)
-        improved = is_better(val, best)
-        if improved:
-            best = val
-        ckpt = checkpoint_dict(model, args, ssl, table, train_idx, store, epoch + 1, val,
-                               os.path.basename(paths["history"]), dist["world_size"])
-        # the last checkpoint is written last: a run killed before it redoes the epochs since on --resume
-        log_epoch(history, paths, run, epoch, args.num_epochs, stats, val, frozen, improved)
-        if improved:
-            utils.save_checkpoint(ckpt, paths["best"])
-        last.save_if_due(ckpt, epoch, args.num_epochs, optimizer, scheduler, scaler, best, rngs)
-    if dist["is_main"]:
-        best_epoch = utils.load_checkpoint(paths["best"], "classifier")["epoch"]
-        print(f"done: best epoch {best_epoch} by val balanced accuracy {best['balanced_accuracy']:.3f} -> {paths['best']}")
+    with files_out.last.on_interrupt(args.num_epochs, dist.is_main):
+        for epoch in range(start_epoch, args.num_epochs):
+            frozen = args.freeze_encoder and epoch < args.unfreeze_after_epoch
+            model.freeze_encoder(frozen)
+            train_loader.set_epoch(epoch)
+            stats = utils.train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
+                                          autocast_dtype=autocast_dtype, scheduler=scheduler, epoch=epoch,
+                                          num_epochs=args.num_epochs, show_progress=dist.is_main,
+                                          desc="fine-tune" + (" (frozen)" if frozen else ""))
+            stats, rngs = utils.reduce_epoch_stats(stats, dist)
+            if not dist.is_main:                   # the others wait for rank 0 in the next epoch's first step
+                continue
+            val = validate(model, val_loader, device, autocast_dtype, table.num_classes)
+            improved = is_better(val, best)
+            if improved:
+                best = val
+            ckpt = checkpoint_dict(model, args, ssl, table, train_idx, store, epoch + 1, val,
+                                   os.path.basename(paths.history), dist.world_size)
+            row = log_epoch(epoch, args.num_epochs, stats, val, frozen, improved)
+            files_out.end_epoch(epoch, args.num_epochs, row, ckpt, improved, optimizer, scheduler, scaler, best, rngs)
+    if dist.is_main:
+        best_epoch = utils.load_checkpoint(paths.best, "classifier")["epoch"]
+        print(f"done: best epoch {best_epoch} by val balanced accuracy {best['balanced_accuracy']:.3f} -> {paths.best}")
         hint = still_improving_hint(best_epoch, args.num_epochs)
         if hint:
             print(hint)
@@ -318,16 +299,14 @@ def still_improving_hint(best_epoch: int, num_epochs: int):
     return None
 
 
-def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improved) -> None:
-    """One history row, the curves, one line on stdout."""
-    history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
-                    "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-                    "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]})
-    utils.plot_history_throttled(paths["history"], paths["plot"], f"fine-tuning ({run})",
-                                 last_epoch=epoch + 1 == num_epochs)
+def log_epoch(epoch, num_epochs, stats, val, frozen, improved) -> dict:
+    """One line on stdout; returns the epoch's history row."""
     print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
           f"val_acc {val['accuracy']:.3f}  val_bal_acc {val['balanced_accuracy']:.3f}"
           f"{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}", flush=True)
+    return {"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
+            "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]}
 
 
 def get_args_parser():
