@@ -9,7 +9,7 @@
         --label_file ./data/medical_images/labels.csv --ssl_checkpoint ./checkpoints/best_ssl_model.pth
 
 An SSL-initialised run writes best_finetuned_model.pth, a from-scratch run best_baseline_model.pth
-(so the spec's two commands, which share --output_dir, no longer overwrite each other); --output_name
+(so the original recipe's two commands, which share --output_dir, no longer overwrite each other); --output_name
 overrides. Beside it: <run>_history.csv, <run>_training.png, <run>_settings.json (the settings as resolved:
 device, precision and workers with the reason for each) and last_<run>_checkpoint.pth (full state for
 --resume: after the first epoch, then at most every 30 s, and after the last epoch).
@@ -340,10 +340,10 @@ def get_args_parser():
                    help="before epoch 1, train the head alone for this many full-batch steps on frozen features of "
                         "the labelled images (linear probing then fine-tuning; helps with a few dozen labels)")
     p.add_argument("--rotation", type=float, default=10.0,
-                   help="augmentation: random rotation in degrees (the spec's 10; 0: off)")
+                   help="augmentation: random rotation in degrees (the original recipe's 10; 0: off)")
     p.add_argument("--rotation_fill", default="zeros", choices=data_loader.ROTATION_FILLS,
                    help="what fills the corners a rotation brings in: black (torchvision's RandomRotation, the "
-                        "spec) or the image mirrored at its edges (no black wedges for the model to learn)")
+                        "original recipe) or the image mirrored at its edges (no black wedges for the model to learn)")
     p.add_argument("--label_fraction", type=float, default=1.0,
                    help="stratified fraction of the train split to train on (val and test untouched)")
     p.add_argument("--class_weights", default="none", choices=["none", "balanced"],

@@ -287,7 +287,7 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (after warm-up)")
     p.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay (not on biases and norms)")
     p.add_argument("--optimizer", default="adam", choices=["adam", "lars"],
-                   help="adam (AdamW) as in the spec, or LARS as in the SimCLR paper (use lr ~ 0.3 x batch/256)")
+                   help="adam (AdamW) as in the original recipe, or LARS as in the SimCLR paper (use lr ~ 0.3 x batch/256)")
     p.add_argument("--warmup_epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay")
     p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
     p.add_argument("--projection_dim", type=int, default=128, help="output size of the projection head")
@@ -297,18 +297,18 @@ def get_args_parser():
                    help="batch: decode once, augment whole batches on the device; pil: classic per-image "
                         "torchvision pipeline in DataLoader workers (reference)")
     p.add_argument("--crop_min_scale", type=float, default=0.8,
-                   help="smallest crop area as a fraction of the image (the spec's 0.8; the SimCLR paper uses "
+                   help="smallest crop area as a fraction of the image (the original recipe's 0.8; the SimCLR paper uses "
                         "0.08; smaller crops force the encoder to use local findings, not the global anatomy)")
     p.add_argument("--rotation", type=float, default=15.0,
                    help="random rotation in degrees, uniform in [-rotation, rotation], corners zero-filled as "
-                        "RandomRotation does (the spec's 15; 0: off)")
+                        "RandomRotation does (the original recipe's 15; 0: off)")
     p.add_argument("--jitter", type=float, default=0.3,
-                   help="brightness and contrast factors are drawn from [1 - jitter, 1 + jitter] (the spec's "
-                        "0.3; grayscale images have no colour to distort, so stronger intensity jitter stops "
+                   help="brightness and contrast factors are drawn from [1 - jitter, 1 + jitter] (the original "
+                        "recipe's 0.3; grayscale images have no colour to distort, so stronger intensity jitter stops "
                         "the encoder matching views by their histogram)")
     p.add_argument("--gamma", type=float, default=0.0,
                    help="random gamma: pixel ** g with g log-uniform in [1/(1+gamma), 1+gamma] (0: off, as in the "
-                        "spec); changes the shape of the histogram, which brightness and contrast cannot")
+                        "original recipe); changes the shape of the histogram, which brightness and contrast cannot")
     p.add_argument("--eval_every", type=int, default=5, help="epochs between kNN evaluations (with --label_file)")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")

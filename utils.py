@@ -1,5 +1,6 @@
 """What two or more scripts share: errors, seeding, devices and precision, checkpoints, the
-training loop, history files, schedules, feature extraction and kNN.
+training loop, history files, schedules, feature extraction and kNN, and the setup both trainers
+run (Runtime, resume_run, RunFiles).
 
 Nothing here reads `args`; every function takes explicit parameters. The CLIs import it:
 
