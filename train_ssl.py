@@ -287,7 +287,8 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (after warm-up)")
     p.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay (not on biases and norms)")
     p.add_argument("--optimizer", default="adam", choices=["adam", "lars"],
-                   help="adam (AdamW) as in the original recipe, or LARS as in the SimCLR paper (use lr ~ 0.3 x batch/256)")
+                   help="adam (AdamW) as in the original recipe, or LARS as in the SimCLR paper "
+                        "(use lr ~ 0.3 x batch/256)")
     p.add_argument("--warmup_epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay")
     p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
     p.add_argument("--projection_dim", type=int, default=128, help="output size of the projection head")
@@ -297,8 +298,8 @@ def get_args_parser():
                    help="batch: decode once, augment whole batches on the device; pil: classic per-image "
                         "torchvision pipeline in DataLoader workers (reference)")
     p.add_argument("--crop_min_scale", type=float, default=0.8,
-                   help="smallest crop area as a fraction of the image (the original recipe's 0.8; the SimCLR paper uses "
-                        "0.08; smaller crops force the encoder to use local findings, not the global anatomy)")
+                   help="smallest crop area as a fraction of the image (the original recipe's 0.8; the SimCLR "
+                        "paper uses 0.08; smaller crops force the encoder to use local findings, not the global anatomy)")
     p.add_argument("--rotation", type=float, default=15.0,
                    help="random rotation in degrees, uniform in [-rotation, rotation], corners zero-filled as "
                         "RandomRotation does (the original recipe's 15; 0: off)")
