@@ -247,8 +247,8 @@ def main(args):
     files_out = utils.RunFiles(paths, f"fine-tuning ({run})", start_epoch, resume)
     files_out.write_settings(
         f"fine-tuning ({'from ' + args.ssl_checkpoint if ssl else 'from scratch: baseline'})",
-        runtime.settings(args, init="ssl" if ssl else "scratch", writes=paths.best, classes=table.class_names,
-                         train_images=len(train_idx), val_images=len(table.indices("val")),
+        runtime.settings(vars(args), init="ssl" if ssl else "scratch", writes=paths.best,
+                         classes=table.class_names, train_images=len(train_idx), val_images=len(table.indices("val")),
                          test_images_held_out=len(table.indices("test")), small_stem=model.config.small_stem), dist)
 
     # ============ training ============

@@ -197,7 +197,7 @@ def main(args):
     files_out = utils.RunFiles(utils.RunPaths.of(args.output_dir, "ssl", "best_ssl_model.pth"), "SimCLR pretraining",
                                start_epoch, resume_path(args))
     files_out.write_settings("SimCLR pretraining", runtime.settings(
-        args, images=len(store) if store else len(files), excluded_test_images=len(excluded),
+        vars(args), images=len(store) if store else len(files), excluded_test_images=len(excluded),
         cached_in_memory=getattr(store, "in_memory", False), channels=channels,
         small_stem=model.config.small_stem, steps_per_epoch=len(loader), start_epoch=start_epoch), dist)
 
@@ -299,7 +299,8 @@ def get_args_parser():
                         "torchvision pipeline in DataLoader workers (reference)")
     p.add_argument("--crop_min_scale", type=float, default=0.8,
                    help="smallest crop area as a fraction of the image (the original recipe's 0.8; the SimCLR "
-                        "paper uses 0.08; smaller crops force the encoder to use local findings, not the global anatomy)")
+                        "paper uses 0.08; smaller crops force the encoder to use local findings, not the global "
+                        "anatomy)")
     p.add_argument("--rotation", type=float, default=15.0,
                    help="random rotation in degrees, uniform in [-rotation, rotation], corners zero-filled as "
                         "RandomRotation does (the original recipe's 15; 0: off)")

@@ -949,11 +949,11 @@ class Runtime:
         configure_cpu_threads(self.device, workers)
         return workers
 
-    def settings(self, args, **facts) -> dict:
+    def settings(self, flags: dict, **facts) -> dict:
         """The resolved runtime and `facts` first, then every flag as given (the resolved ones replaced)."""
         resolved = {"device": self.device_note, "precision": self.precision_note, "num_workers": self.workers_note,
                     "world_size": self.dist.world_size, **facts}
-        return {**resolved, **{k: v for k, v in vars(args).items() if k not in resolved}}
+        return {**resolved, **{k: v for k, v in flags.items() if k not in resolved}}
 
 
 def setup_runtime(device_name: str, precision: str, amp, seed: int) -> Runtime:
