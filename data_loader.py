@@ -3,7 +3,7 @@ augmentations, and the synthetic chest X-ray generator.
 
     python data_loader.py                                   # 500 synthetic images + labels.csv in ./data/medical_images
     python data_loader.py --num_images 200 --num_unlabeled 2000 --image_size 64 --output_dir ./data/small
-    python data_loader.py --from_npz ../shared/data/breastmnist.npz --output_dir ./data/breastmnist
+    python data_loader.py --from_npz breastmnist.npz --output_dir ./data/breastmnist   # a MedMNIST file (README)
     python data_loader.py --multi_label --output_dir ./data/multilabel   # several findings per image
 
 Unlabelled folders: `list_readable_images(data_dir)` (corrupt files skipped with one warning).
@@ -1765,7 +1765,8 @@ def get_args_parser():
     p.add_argument("--num_classes", type=int, default=3, help="number of findings (classes)")
     p.add_argument("--image_size", type=int, default=224, help="side of the square images in pixels")
     p.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives identical files")
-    p.add_argument("--from_npz", default=None, help="import a MedMNIST-style .npz instead of generating")
+    p.add_argument("--from_npz", default=None,
+                   help="import a MedMNIST .npz (e.g. breastmnist.npz: README, Using your own data) instead of generating")
     p.add_argument("--multi_label", action="store_true",
                    help="several findings per image (consolidation, nodules, effusion, cardiomegaly at unequal, "
                         "correlated prevalences); labels.csv lists them |-separated; --num_classes is ignored")

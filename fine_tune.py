@@ -9,8 +9,10 @@
         --label_file ./data/medical_images/labels.csv --ssl_checkpoint ./checkpoints/best_ssl_model.pth
 
 An SSL-initialised run writes best_finetuned_model.pth, a from-scratch run best_baseline_model.pth
-(so the spec's two commands, which share --output_dir, no longer overwrite each other); --output_name
-overrides. Beside it: <run>_history.csv, <run>_training.png, last_<run>_checkpoint.pth.
+(so the original recipe's two commands, which share --output_dir, no longer overwrite each other); --output_name
+overrides. Beside it: <run>_history.csv, <run>_training.png, <run>_settings.json (the settings as resolved:
+device, precision and workers with the reason for each) and last_<run>_checkpoint.pth (full state for
+--resume: after the first epoch, then at most every 30 s, and after the last epoch).
 Training uses the train split (or its --label_fraction), the best epoch is chosen on the val split,
 and the test split is never read. Under torchrun each process trains on its shard of the train split
 and rank 0 alone validates and writes.
@@ -41,12 +43,12 @@ def load_ssl(args):
     return utils.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
 
 
-def build_data(args, ssl, device, dist):
+def build_data(args, ssl, runtime):
     """Label table, the labelled train subset, val indices, and loaders (train: this process's shard)."""
     table = data_loader.load_label_table(args.label_file, args.data_dir, args.task, args.uncertain, args.num_classes,
                                          seed=args.split_seed, val_fraction=args.val_fraction,
                                          test_fraction=args.test_fraction)
-    if dist["is_main"]:
+    if runtime.dist.is_main:
         print(data_loader.describe_table(table))
     multilabel = table.task == "multilabel"
     if not multilabel and args.pos_weight != "none":
@@ -76,14 +78,15 @@ def build_data(args, ssl, device, dist):
                                    channels=ssl["channels"] if ssl else None)
     labels = table.labels[used]
     local_train, local_val = np.arange(len(train_idx)), np.arange(len(train_idx), len(used))
-    pin = device.type == "cuda"
-    per_rank = -(-len(local_train) // dist["world_size"])    # shards are padded to equal length
+    pin, dist = runtime.device.type == "cuda", runtime.dist
+    workers = runtime.choose_workers(args.num_workers, streaming=not store.in_memory)
+    per_rank = -(-len(local_train) // dist.world_size)      # shards are padded to equal length
     train_loader = data_loader.BatchLoader(store, local_train, labels, batch_size=args.batch_size, shuffle=True,
                                            seed=args.seed, drop_last=per_rank > args.batch_size,
-                                           num_workers=args.num_workers, pin_memory=pin,
-                                           rank=dist["rank"], world_size=dist["world_size"])
+                                           num_workers=workers, pin_memory=pin,
+                                           rank=dist.rank, world_size=dist.world_size)
     val_loader = data_loader.BatchLoader(store, local_val, labels, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, pin_memory=pin)
+                                         num_workers=workers, pin_memory=pin)
     return table, train_idx, store, train_loader, val_loader
 
 
@@ -285,7 +288,7 @@ def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metric
         "splits": {s: files[table.indices(s)].tolist() for s in data_loader.SPLITS},
         "train_files": files[train_idx].tolist(), "label_fraction": args.label_fraction,
         "val_metrics": val_metrics, "history_file": history_file, "epoch": epoch, "world_size": world_size,
-        "args": {k: v for k, v in vars(args).items() if k != "device_obj"}, **task_entries(table, val_metrics),
+        "args": dict(vars(args)), **task_entries(table, val_metrics),
     }
 
 
@@ -327,30 +330,25 @@ def resolve_backbone(args, ssl) -> None:
 
 def refuse_replacing_another_run(args, ssl, dist) -> None:
     """Before any work: a fresh run would replace the best model there, which may be another run's."""
-    if not args.resume and dist["is_main"]:
+    if not args.resume and dist.is_main:
         utils.refuse_replacing_another_run(os.path.join(args.output_dir, run_names(args, ssl is not None)[0]),
                                            args, utils.sha256_file(args.label_file), args.overwrite)
 
 
 @utils.locks_output_dir(check_args, lambda args: run_names(args, bool(args.ssl_checkpoint))[1])
 def main(args):
-    dist = utils.init_distributed(args.device)        # under torchrun: the GPU of LOCAL_RANK, or the CPU
-    device = dist["device"]
-    autocast_dtype, precision_note = utils.resolve_precision(args.precision, args.amp, device)
-    utils.seed_everything(args.seed + dist["rank"])   # own augmentations per process; DDP copies rank 0's init
-    if args.num_workers is None:
-        args.num_workers = 0
-    utils.configure_cpu_threads(device, args.num_workers)
+    runtime = utils.setup_runtime(args.device, args.precision, args.amp, args.seed)
+    dist, device, autocast_dtype = runtime.dist, runtime.device, runtime.autocast_dtype
 
     # ============ preparing data and model ============
     ssl = load_ssl(args)
     args.image_size = args.image_size or (ssl["image_size"] if ssl else 224)
     resolve_backbone(args, ssl)
     refuse_replacing_another_run(args, ssl, dist)
-    table, train_idx, store, train_loader, val_loader = build_data(args, ssl, device, dist)
+    table, train_idx, store, train_loader, val_loader = build_data(args, ssl, runtime)
     model = build_model(args, ssl, table.num_classes).to(device).to(memory_format=torch.channels_last)
     model = utils.convert_sync_bn(model, args.sync_bn, dist)
-    if args.freeze_encoder and ssl is None and dist["is_main"]:
+    if args.freeze_encoder and ssl is None and dist.is_main:
         print("warning: --freeze_encoder without --ssl_checkpoint freezes a random encoder until "
               f"epoch {args.unfreeze_after_epoch}")
     optimizer, scheduler = build_optimizer(args, model, len(train_loader), pretrained=ssl is not None)
@@ -359,76 +357,56 @@ def main(args):
     weights = (positive_weights(args, table.labels[train_idx], device) if multilabel
                else class_weights(args, table.labels[train_idx], table.num_classes, device))
     name, run = run_names(args, ssl is not None)
-    paths = {k: os.path.join(args.output_dir, v) for k, v in {
-        "best": name, "last": f"last_{run}_checkpoint.pth", "history": f"{run}_history.csv",
-        "plot": f"{run}_training.png", "settings": f"{run}_settings.json"}.items()}
+    paths = utils.RunPaths.of(args.output_dir, run, name)
 
-    start_epoch, best = 0, None
-    if args.resume:
-        resume = paths["last"] if args.resume == "auto" else args.resume
-        ckpt = utils.load_checkpoint(resume, "classifier", "--resume")
-        utils.check_resume_compatible(ckpt, args, RESUME_KEYS, resume)
-        utils.check_resume_world_size(ckpt, dist, resume)
-        best = utils.restore_training_state(ckpt, {"encoder": model.encoder, "head": model.head},
-                                            optimizer, scheduler, scaler, resume)
-        start_epoch = ckpt["epoch"]
-        utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
-        utils.check_epochs_left(start_epoch, args.num_epochs, resume)
+    resume = (paths.last if args.resume == "auto" else args.resume) if args.resume else None
+    start_epoch, best, _ = utils.resume_run(resume, "classifier", args, RESUME_KEYS, dist,
+                                            {"encoder": model.encoder, "head": model.head},
+                                            optimizer, scheduler, scaler, args.seed)
     if args.head_prefit_steps > 0 and start_epoch == 0:
         loss = prefit_head(model, store, train_idx, table, args, device, weights)
-        if dist["is_main"]:
+        if dist.is_main:
             print(f"head pre-fitted on frozen features of {len(train_idx)} images: {args.head_prefit_steps} steps, "
                   f"loss {loss:.4f}")
     # built while every parameter requires grad: a frozen encoder then counts as unused and its grads stay None
     freezes_later = args.freeze_encoder and start_epoch < args.unfreeze_after_epoch
     train_model = utils.maybe_compile(utils.wrap_ddp(model, dist, find_unused_parameters=freezes_later), args.compile)
-    history = utils.History(paths["history"], resume=start_epoch > 0)
-    history.truncate(start_epoch)
 
-    settings = {"device": str(device), "precision": precision_note, "init": "ssl" if ssl else "scratch",
-                "writes": paths["best"], "classes": table.class_names, "train_images": len(train_idx),
-                "val_images": len(table.indices("val")), "test_images_held_out": len(table.indices("test")),
-                "small_stem": model.config.small_stem, "world_size": dist["world_size"], **vars(args)}
-    if dist["is_main"]:
-        utils.print_settings(f"fine-tuning ({'from ' + args.ssl_checkpoint if ssl else 'from scratch: baseline'})",
-                             settings)
-        utils.write_settings(paths["settings"], settings)
+    files_out = utils.RunFiles(paths, f"fine-tuning ({run})", start_epoch, resume)
+    files_out.write_settings(
+        f"fine-tuning ({'from ' + args.ssl_checkpoint if ssl else 'from scratch: baseline'})",
+        runtime.settings(vars(args), init="ssl" if ssl else "scratch", writes=paths.best,
+                         classes=table.class_names, train_images=len(train_idx), val_images=len(table.indices("val")),
+                         test_images_held_out=len(table.indices("test")), small_stem=model.config.small_stem), dist)
 
     # ============ training ============
     augment = data_loader.BatchAugment(supervised_augment_config(args), args.image_size, channels_last=True)
     loss_fn = make_loss_fn(augment, device, weights)
-    last = utils.LastCheckpoint(paths["last"])
-    for epoch in range(start_epoch, args.num_epochs):
-        frozen = args.freeze_encoder and epoch < args.unfreeze_after_epoch
-        model.freeze_encoder(frozen)
-        train_loader.set_epoch(epoch)
-        stats = utils.train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
-                                      autocast_dtype=autocast_dtype, scheduler=scheduler, epoch=epoch,
-                                      num_epochs=args.num_epochs, show_progress=dist["is_main"],
-                                      desc="fine-tune" + (" (frozen)" if frozen else ""))
-        stats["loss"] = utils.all_reduce_mean(stats["loss"], dist)
-        stats["images_per_sec"] = utils.all_reduce_mean(stats["images_per_sec"], dist) * dist["world_size"]
-        rngs = utils.gather_rng_states(dist)
-        if not dist["is_main"]:                    # the others wait for rank 0 in the next epoch's first step
-            continue
-        val = (validate_multilabel(model, val_loader, device, autocast_dtype, args.threshold_rule) if multilabel
-               else validate(model, val_loader, device, autocast_dtype, table.num_classes))
-        improved = is_better(val, best)
-        if improved:
-            best = val
-        ckpt = checkpoint_dict(model, args, ssl, table, train_idx, store, epoch + 1, val,
-                               os.path.basename(paths["history"]), dist["world_size"])
-        # the last checkpoint is written last: a run killed before it redoes the epochs since on --resume
-        if multilabel:
-            log_epoch_multilabel(history, paths, run, epoch, args.num_epochs, stats, val, frozen, improved)
-        else:
-            log_epoch(history, paths, run, epoch, args.num_epochs, stats, val, frozen, improved, 1 / table.num_classes)
-        if improved:
-            utils.save_checkpoint(ckpt, paths["best"])
-        last.save_if_due(ckpt, epoch, args.num_epochs, optimizer, scheduler, scaler, best, rngs)
-    if dist["is_main"]:
-        best_epoch = utils.load_checkpoint(paths["best"], "classifier")["epoch"]
-        print(f"done: best epoch {best_epoch} by {selection_text(best)} -> {paths['best']}")
+    with files_out.last.on_interrupt(args.num_epochs, dist.is_main):
+        for epoch in range(start_epoch, args.num_epochs):
+            frozen = args.freeze_encoder and epoch < args.unfreeze_after_epoch
+            model.freeze_encoder(frozen)
+            train_loader.set_epoch(epoch)
+            stats = utils.train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
+                                          autocast_dtype=autocast_dtype, scheduler=scheduler, epoch=epoch,
+                                          num_epochs=args.num_epochs, show_progress=dist.is_main,
+                                          desc="fine-tune" + (" (frozen)" if frozen else ""))
+            stats, rngs = utils.reduce_epoch_stats(stats, dist)
+            if not dist.is_main:                   # the others wait for rank 0 in the next epoch's first step
+                continue
+            val = (validate_multilabel(model, val_loader, device, autocast_dtype, args.threshold_rule) if multilabel
+                   else validate(model, val_loader, device, autocast_dtype, table.num_classes))
+            improved = is_better(val, best)
+            if improved:
+                best = val
+            ckpt = checkpoint_dict(model, args, ssl, table, train_idx, store, epoch + 1, val,
+                                   os.path.basename(paths.history), dist.world_size)
+            row = log_epoch(epoch, args.num_epochs, stats, val, frozen, improved)
+            files_out.end_epoch(epoch, args.num_epochs, row, ckpt, improved, optimizer, scheduler, scaler, best, rngs,
+                                chance=0.5 if multilabel else 1 / table.num_classes)   # AUC's chance, or accuracy's
+    if dist.is_main:
+        best_epoch = utils.load_checkpoint(paths.best, "classifier")["epoch"]
+        print(f"done: best epoch {best_epoch} by {selection_text(best)} -> {paths.best}")
         hint = still_improving_hint(best_epoch, args.num_epochs)
         if hint:
             print(hint)
@@ -459,29 +437,27 @@ def selection_text(best: dict) -> str:
     return f"val mean ROC-AUC {auc}, thresholds by {best['threshold_rule']} on val"
 
 
-def log_epoch_multilabel(history, paths, run, epoch, num_epochs, stats, val, frozen, improved) -> None:
-    """One history row (mean and per-finding val AUC), the curves, one line on stdout."""
-    mean_auc = "" if val["mean_auc"] is None else val["mean_auc"]
-    history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"], "val_mean_auc": mean_auc,
-                    "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]})
-    utils.plot_history_throttled(paths["history"], paths["plot"], f"fine-tuning ({run})",
-                                 last_epoch=epoch + 1 == num_epochs, chance=0.5)      # an AUC's chance level
+def log_epoch_multilabel(epoch, num_epochs, stats, val, frozen, improved) -> dict:
+    """One line on stdout; returns the epoch's history row (mean val AUC over the findings)."""
     auc = "n/a" if val["mean_auc"] is None else f"{val['mean_auc']:.3f}"
     print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
           f"val_mean_auc {auc}{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}",
           flush=True)
+    return {"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
+            "val_mean_auc": "" if val["mean_auc"] is None else val["mean_auc"],
+            "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]}
 
 
-def log_epoch(history, paths, run, epoch, num_epochs, stats, val, frozen, improved, chance=None) -> None:
-    """One history row, the curves, one line on stdout."""
-    history.append({"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
-                    "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-                    "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]})
-    utils.plot_history_throttled(paths["history"], paths["plot"], f"fine-tuning ({run})",
-                                 last_epoch=epoch + 1 == num_epochs, chance=chance)
+def log_epoch(epoch, num_epochs, stats, val, frozen, improved) -> dict:
+    """One line on stdout; returns the epoch's history row."""
+    if "mean_auc" in val:
+        return log_epoch_multilabel(epoch, num_epochs, stats, val, frozen, improved)
     print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
           f"val_acc {val['accuracy']:.3f}  val_bal_acc {val['balanced_accuracy']:.3f}"
           f"{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}", flush=True)
+    return {"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
+            "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]}
 
 
 def get_args_parser():
@@ -517,10 +493,10 @@ def get_args_parser():
                    help="before epoch 1, train the head alone for this many full-batch steps on frozen features of "
                         "the labelled images (linear probing then fine-tuning; helps with a few dozen labels)")
     p.add_argument("--rotation", type=float, default=10.0,
-                   help="augmentation: random rotation in degrees (the spec's 10; 0: off)")
+                   help="augmentation: random rotation in degrees (the original recipe's 10; 0: off)")
     p.add_argument("--rotation_fill", default="zeros", choices=data_loader.ROTATION_FILLS,
                    help="what fills the corners a rotation brings in: black (torchvision's RandomRotation, the "
-                        "spec) or the image mirrored at its edges (no black wedges for the model to learn)")
+                        "original recipe) or the image mirrored at its edges (no black wedges for the model to learn)")
     p.add_argument("--label_fraction", type=float, default=1.0,
                    help="stratified fraction of the train split to train on (val and test untouched)")
     p.add_argument("--class_weights", default="none", choices=["none", "balanced"],

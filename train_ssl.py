@@ -6,9 +6,10 @@
     python train_ssl.py --data_dir ./data/medical_images --resume  # continue from last_ssl_checkpoint.pth
     torchrun --standalone --nproc_per_node 2 train_ssl.py --data_dir ./data/medical_images
 
-Outputs in --output_dir: best_ssl_model.pth (lowest loss, or best kNN accuracy when a label file is
-given), last_ssl_checkpoint.pth (full state, every epoch), ssl_history.csv, ssl_training.png,
-ssl_settings.json.
+Outputs in --output_dir: best_ssl_model.pth (lowest loss, or best kNN accuracy on val when a label file
+is given), last_ssl_checkpoint.pth (full state for --resume: after the first epoch, then at most every 30 s,
+and after the last epoch), ssl_history.csv, ssl_training.png, ssl_settings.json (the settings as resolved:
+device, precision and workers with the reason for each).
 """
 import argparse
 import dataclasses
@@ -58,28 +59,30 @@ def ssl_augment_config(args) -> data_loader.AugmentConfig:
                                brightness=args.jitter, contrast=args.jitter, gamma=args.gamma)
 
 
-def build_loader(args, files, dist):
+def build_loader(args, files, runtime):
     """A shuffled batch loader over decoded images (or the per-image PIL pipeline for --augment pil)."""
+    dist = runtime.dist
     if args.augment == "pil":
         transform = data_loader.build_pil_transform(ssl_augment_config(args), args.image_size)
         dataset = data_loader.PILTwoViewDataset(args.data_dir, files, transform)
-        sampler = torch.utils.data.DistributedSampler(dataset, dist["world_size"], dist["rank"], seed=args.seed) \
-            if dist["world_size"] > 1 else torch.utils.data.RandomSampler(dataset)
+        sampler = torch.utils.data.DistributedSampler(dataset, dist.world_size, dist.rank, seed=args.seed) \
+            if dist.world_size > 1 else torch.utils.data.RandomSampler(dataset)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                                             num_workers=args.num_workers,
+                                             num_workers=runtime.choose_workers(args.num_workers, streaming=True),
                                              drop_last=_per_rank(len(files), dist) > args.batch_size)
         return None, loader
     store = data_loader.ImageStore(args.data_dir, files, args.image_size, cache_gb=args.cache_gb, skip_unreadable=True)
     loader = data_loader.BatchLoader(
         store, np.arange(len(store)), batch_size=args.batch_size, shuffle=True, seed=args.seed,
-        drop_last=_per_rank(len(store), dist) > args.batch_size, num_workers=args.num_workers,
-        rank=dist["rank"], world_size=dist["world_size"], pin_memory=args.device_obj.type == "cuda")
+        drop_last=_per_rank(len(store), dist) > args.batch_size,
+        num_workers=runtime.choose_workers(args.num_workers, streaming=not store.in_memory),
+        rank=dist.rank, world_size=dist.world_size, pin_memory=runtime.device.type == "cuda")
     return store, loader
 
 
 def _per_rank(num_images: int, dist) -> int:
     """Images each process sees per epoch (both samplers pad the shards to equal length)."""
-    return -(-num_images // dist["world_size"])
+    return -(-num_images // dist.world_size)
 
 
 def make_loss_fn(augment, device, temperature, collapse_log, dist):
@@ -92,9 +95,9 @@ def make_loss_fn(augment, device, temperature, collapse_log, dist):
             v1, v2 = augment(images), augment(images)
         x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
         z1, z2 = model(x).float().chunk(2)
-        if dist["world_size"] > 1:                # every anchor sees the negatives of all processes
+        if dist.world_size > 1:                   # every anchor sees the negatives of all processes
             z1_all, z2_all = utils.all_gather_with_grad(z1), utils.all_gather_with_grad(z2)
-            loss = nt_xent_loss(z1, z2, temperature, z1_all, z2_all, offset=dist["rank"] * z1.shape[0])
+            loss = nt_xent_loss(z1, z2, temperature, z1_all, z2_all, offset=dist.rank * z1.shape[0])
         else:
             loss = nt_xent_loss(z1, z2, temperature)
         collapse_log.append(F.normalize(z1.detach(), dim=1).std(dim=0).mean())   # a tensor: read once per epoch
@@ -111,7 +114,7 @@ def resolve_step_mode(args, device, dist, autocast_dtype) -> tuple[str, str]:
     if args.cuda_graphs != "on":
         return "eager", f"off ({args.cuda_graphs}: off until graphs are measured to win on a GPU, issue 23)"
     refused = {"--augment pil (the views come from the workers)": args.augment == "pil",
-               "torchrun (one process only)": dist["world_size"] > 1,
+               "torchrun (one process only)": dist.world_size > 1,
                "--precision fp16 (its GradScaler reads the GPU every step)": autocast_dtype == torch.float16,
                "--compile": args.compile}
     for what, bad in refused.items():
@@ -237,7 +240,7 @@ def checkpoint_dict(model, args, epoch, loss, knn, table, excluded, channels, wo
         "channels": channels, "normalization": {"mean": list(data_loader.IMAGENET_MEAN),
                                                 "std": list(data_loader.IMAGENET_STD)},
         "encoder": model.encoder.state_dict(), "projector": model.projector.state_dict(),
-        "args": {k: v for k, v in vars(args).items() if k != "device_obj"}, "epoch": epoch, "loss": loss,
+        "args": dict(vars(args)), "epoch": epoch, "loss": loss,
         "knn_accuracy": knn, "label_file_sha256": table.sha256 if table else None, "excluded_files": excluded,
         "history_file": "ssl_history.csv",
         "world_size": world_size,
@@ -261,22 +264,15 @@ def check_args(args) -> None:
 
 @utils.locks_output_dir(check_args, "ssl")
 def main(args):
-    dist = utils.init_distributed(args.device)        # under torchrun: the GPU of LOCAL_RANK, or the CPU
-    device = args.device_obj = dist["device"]
-    autocast_dtype, precision_note = utils.resolve_precision(args.precision, args.amp, device)
-    utils.seed_everything(args.seed + dist["rank"])   # own augmentations per process; DDP copies rank 0's init
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    runtime = utils.setup_runtime(args.device, args.precision, args.amp, args.seed)
+    dist, device, autocast_dtype = runtime.dist, runtime.device, runtime.autocast_dtype
 
     # ============ preparing data ============
     files, table, excluded = pretraining_files(args)
-    if not resume_path(args) and dist["is_main"]:
+    if not resume_path(args) and dist.is_main:
         utils.refuse_replacing_another_run(os.path.join(args.output_dir, "best_ssl_model.pth"), args,
                                            table.sha256 if table else None, args.overwrite)
-    if args.num_workers is None:
-        args.num_workers = utils.default_num_workers(device, streaming=args.augment == "pil")
-    utils.configure_cpu_threads(device, args.num_workers)
-    store, loader = build_loader(args, files, dist)
+    store, loader = build_loader(args, files, runtime)
     channels = store.channels if store is not None else 3
     augment = data_loader.BatchAugment(ssl_augment_config(args), args.image_size, channels_last=True) \
         if store is not None else None
@@ -286,79 +282,60 @@ def main(args):
     model = utils.convert_sync_bn(model, args.sync_bn, dist)
     optimizer, scheduler = build_optimizer(args, model, max(1, len(loader)))
     scaler = utils.make_grad_scaler(device, autocast_dtype)
-
     static_step, augment_rng, step_note = build_static_step(args, model, augment, optimizer, device, autocast_dtype,
                                                             dist)
-
-    start_epoch, best = 0, None
-    if resume_path(args):
-        ckpt = utils.load_checkpoint(resume_path(args), "ssl", "--resume")
-        utils.check_resume_compatible(ckpt, args, RESUME_KEYS, resume_path(args))
-        utils.check_resume_world_size(ckpt, dist, resume_path(args))
-        best = utils.restore_training_state(ckpt, {"encoder": model.encoder, "projector": model.projector},
-                                            optimizer, scheduler, scaler, resume_path(args))
-        start_epoch = ckpt["epoch"]
-        utils.restore_rank_rng(ckpt, dist, args.seed + 1000 * start_epoch)
-        restore_augment_rng(ckpt, augment_rng, start_epoch, args.seed)
-        utils.check_epochs_left(start_epoch, args.num_epochs, resume_path(args))
+    start_epoch, best, resumed = utils.resume_run(resume_path(args), "ssl", args, RESUME_KEYS, dist,
+                                                  {"encoder": model.encoder, "projector": model.projector},
+                                                  optimizer, scheduler, scaler, args.seed)
+    if resumed is not None:
+        restore_augment_rng(resumed, augment_rng, start_epoch, args.seed)
     utils.lr_on_device(optimizer, device if static_step is not None else None)
     train_model = utils.maybe_compile(utils.wrap_ddp(model, dist), args.compile)   # DDP broadcasts rank 0's weights
-    history = utils.History(os.path.join(args.output_dir, "ssl_history.csv"), resume=start_epoch > 0)
-    history.truncate(start_epoch)
 
     if store is not None and len(store) < 2:
         raise UserError(f"--data_dir {args.data_dir}: SimCLR needs at least 2 readable images, found {len(store)}")
-    settings = {"device": str(device), "precision": precision_note, "images": len(store) if store else len(files),
-                "excluded_test_images": len(excluded), "cached_in_memory": getattr(store, "in_memory", False),
-                "channels": channels, "small_stem": model.config.small_stem, "steps_per_epoch": len(loader),
-                "world_size": dist["world_size"], "start_epoch": start_epoch, "cuda_graphs_step": step_note,
-                **{k: v for k, v in vars(args).items() if k != "device_obj"}}
-    if dist["is_main"]:
-        utils.print_settings("SimCLR pretraining", settings)
-        utils.write_settings(os.path.join(args.output_dir, "ssl_settings.json"), settings)
+    files_out = utils.RunFiles(utils.RunPaths.of(args.output_dir, "ssl", "best_ssl_model.pth"), "SimCLR pretraining",
+                               start_epoch, resume_path(args))
+    files_out.write_settings("SimCLR pretraining", runtime.settings(
+        vars(args), images=len(store) if store else len(files), excluded_test_images=len(excluded),
+        cached_in_memory=getattr(store, "in_memory", False), channels=channels,
+        small_stem=model.config.small_stem, steps_per_epoch=len(loader), start_epoch=start_epoch,
+        cuda_graphs_step=step_note), dist)
 
     # ============ training ============
     knn_loaders = None
-    last = utils.LastCheckpoint(os.path.join(args.output_dir, "last_ssl_checkpoint.pth"))
-    for epoch in range(start_epoch, args.num_epochs):
-        _set_epoch(loader, epoch)
-        collapse = []
-        stats = utils.train_one_epoch(train_model, loader, optimizer,
-                                      make_loss_fn(augment, device, args.temperature, collapse, dist),
-                                      device=device, scaler=scaler, autocast_dtype=autocast_dtype,
-                                      scheduler=scheduler, epoch=epoch, num_epochs=args.num_epochs,
-                                      desc="pretrain", show_progress=dist["is_main"],
-                                      step_fn=None if static_step is None else lambda b: static_step(b, collapse))
-        stats["loss"] = utils.all_reduce_mean(stats["loss"], dist)
-        stats["images_per_sec"] = utils.all_reduce_mean(stats["images_per_sec"], dist) * dist["world_size"]
-        rngs = utils.gather_rng_states(dist)
-        if not dist["is_main"]:                    # the others wait for rank 0 in the next epoch's first step
-            continue
-        knn = None
-        if table is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
-            knn_loaders = knn_loaders or build_knn_loaders(table, store, args, channels)
-            knn = knn_accuracy(model, knn_loaders, table.num_classes, device, autocast_dtype)
-        row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": stats["lr"], "images_per_sec": stats["images_per_sec"],
-               "knn_accuracy": "" if knn is None else knn, "embedding_std": torch.stack(collapse).mean().item()}
-        improved = _improved(best, stats["loss"], knn, table is not None)
-        if improved:
-            best = knn if table is not None else stats["loss"]
-        ckpt = checkpoint_dict(model, args, epoch + 1, stats["loss"], knn, table, excluded, channels,
-                               dist["world_size"])
-        # the last checkpoint is written last: a run killed before it redoes the epochs since, and --resume
-        # drops the history rows after the checkpoint's epoch, so no row is ever missing or doubled
-        history.append(row)
-        utils.plot_history_throttled(history.path, os.path.join(args.output_dir, "ssl_training.png"),
-                                     "SimCLR pretraining", last_epoch=epoch + 1 == args.num_epochs,
-                                     chance=1 / table.num_classes if table is not None else None)
-        if improved:
-            utils.save_checkpoint(ckpt, os.path.join(args.output_dir, "best_ssl_model.pth"))
-        print(_epoch_line(epoch, args.num_epochs, stats, knn, row["embedding_std"], improved), flush=True)
-        _warn_collapse(row["embedding_std"], model.config.projection_dim)
-        rng_state = {"augment_rng": augment_rng.get_state()} if augment_rng is not None else {}
-        last.save_if_due({**ckpt, **rng_state}, epoch, args.num_epochs, optimizer, scheduler, scaler, best, rngs)
-    if dist["is_main"]:
-        print(done_line(os.path.join(args.output_dir, "best_ssl_model.pth"), args.num_epochs))
+    with files_out.last.on_interrupt(args.num_epochs, dist.is_main):
+        for epoch in range(start_epoch, args.num_epochs):
+            _set_epoch(loader, epoch)
+            collapse = []
+            stats = utils.train_one_epoch(train_model, loader, optimizer,
+                                          make_loss_fn(augment, device, args.temperature, collapse, dist),
+                                          device=device, scaler=scaler, autocast_dtype=autocast_dtype,
+                                          scheduler=scheduler, epoch=epoch, num_epochs=args.num_epochs,
+                                          desc="pretrain", show_progress=dist.is_main,
+                                          step_fn=None if static_step is None else lambda b: static_step(b, collapse))
+            stats, rngs = utils.reduce_epoch_stats(stats, dist)
+            if not dist.is_main:                   # the others wait for rank 0 in the next epoch's first step
+                continue
+            knn = None
+            if table is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.num_epochs):
+                knn_loaders = knn_loaders or build_knn_loaders(table, store, args, channels)
+                knn = knn_accuracy(model, knn_loaders, table.num_classes, device, autocast_dtype)
+            row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": stats["lr"],
+                   "images_per_sec": stats["images_per_sec"], "knn_accuracy": "" if knn is None else knn,
+                   "embedding_std": torch.stack(collapse).mean().item()}
+            improved = _improved(best, stats["loss"], knn, table is not None)
+            if improved:
+                best = knn if table is not None else stats["loss"]
+            ckpt = checkpoint_dict(model, args, epoch + 1, stats["loss"], knn, table, excluded, channels,
+                                   dist.world_size)
+            files_out.end_epoch(epoch, args.num_epochs, row, ckpt, improved, optimizer, scheduler, scaler, best, rngs,
+                                chance=1 / table.num_classes if table is not None else None,
+                                resumable={"augment_rng": augment_rng.get_state()} if augment_rng is not None else None)
+            print(_epoch_line(epoch, args.num_epochs, stats, knn, row["embedding_std"], improved), flush=True)
+            _warn_collapse(row["embedding_std"], model.config.projection_dim)
+    if dist.is_main:
+        print(done_line(files_out.paths.best, args.num_epochs))
     utils.cleanup_distributed(dist)
 
 
@@ -416,7 +393,8 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (after warm-up)")
     p.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay (not on biases and norms)")
     p.add_argument("--optimizer", default="adam", choices=["adam", "lars"],
-                   help="adam (AdamW) as in the spec, or LARS as in the SimCLR paper (use lr ~ 0.3 x batch/256)")
+                   help="adam (AdamW) as in the original recipe, or LARS as in the SimCLR paper "
+                        "(use lr ~ 0.3 x batch/256)")
     p.add_argument("--warmup_epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay")
     p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
     p.add_argument("--projection_dim", type=int, default=128, help="output size of the projection head")
@@ -426,18 +404,19 @@ def get_args_parser():
                    help="batch: decode once, augment whole batches on the device; pil: classic per-image "
                         "torchvision pipeline in DataLoader workers (reference)")
     p.add_argument("--crop_min_scale", type=float, default=0.8,
-                   help="smallest crop area as a fraction of the image (the spec's 0.8; the SimCLR paper uses "
-                        "0.08; smaller crops force the encoder to use local findings, not the global anatomy)")
+                   help="smallest crop area as a fraction of the image (the original recipe's 0.8; the SimCLR "
+                        "paper uses 0.08; smaller crops force the encoder to use local findings, not the global "
+                        "anatomy)")
     p.add_argument("--rotation", type=float, default=15.0,
                    help="random rotation in degrees, uniform in [-rotation, rotation], corners zero-filled as "
-                        "RandomRotation does (the spec's 15; 0: off)")
+                        "RandomRotation does (the original recipe's 15; 0: off)")
     p.add_argument("--jitter", type=float, default=0.3,
-                   help="brightness and contrast factors are drawn from [1 - jitter, 1 + jitter] (the spec's "
-                        "0.3; grayscale images have no colour to distort, so stronger intensity jitter stops "
+                   help="brightness and contrast factors are drawn from [1 - jitter, 1 + jitter] (the original "
+                        "recipe's 0.3; grayscale images have no colour to distort, so stronger intensity jitter stops "
                         "the encoder matching views by their histogram)")
     p.add_argument("--gamma", type=float, default=0.0,
                    help="random gamma: pixel ** g with g log-uniform in [1/(1+gamma), 1+gamma] (0: off, as in the "
-                        "spec); changes the shape of the histogram, which brightness and contrast cannot")
+                        "original recipe); changes the shape of the histogram, which brightness and contrast cannot")
     p.add_argument("--eval_every", type=int, default=5, help="epochs between kNN evaluations (with --label_file)")
     p.add_argument("--cuda_graphs", default="auto", choices=["auto", "on", "off"],
                    help="on: the capture-friendly step (augmentation random numbers drawn on the device, full "

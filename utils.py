@@ -1,12 +1,15 @@
 """What two or more scripts share: errors, seeding, devices and precision, checkpoints, the
-training loop, history files, schedules, feature extraction and kNN.
+training loop, history files, schedules, feature extraction and kNN, and the setup both trainers
+run (Runtime, resume_run, RunFiles).
 
 Nothing here reads `args`; every function takes explicit parameters. The CLIs import it:
 
     from utils import UserError, save_checkpoint, load_checkpoint, train_one_epoch
 """
 import argparse
+import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -104,11 +107,8 @@ def run_cli(main, parser: argparse.ArgumentParser, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        # only the trainers have --resume; for the others "continue with --resume" would send the user astray
-        resumable = any(a.dest == "resume" for a in parser._actions)
-        print("interrupted: " + ("the last completed epoch is saved; continue with --resume" if resumable else
-                                 "every file written is complete (none half-written); run the command again"),
+    except KeyboardInterrupt as e:       # a training run's TrainingInterrupted names the epoch it saved
+        print(str(e) or "interrupted: every file written is complete (none half-written); run the command again",
               file=sys.stderr)
         sys.exit(130)
 
@@ -381,6 +381,16 @@ def resolve_precision(requested: str, amp, device: torch.device):
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16, "bf16 (auto: this CPU has native bf16 instructions)"
     return None, f"fp32 (auto: no native bf16 on this {device.type})"
+
+
+def device_note(requested: str, device: torch.device, distributed: bool) -> str:
+    """The device a run uses and why, for its log and settings file (never just 'auto')."""
+    if distributed:
+        return f"{device} (torchrun: {'the GPU of LOCAL_RANK' if device.type == 'cuda' else 'gloo on the CPU'})"
+    if requested != "auto":
+        return f"{device} (asked for)"
+    return {"cuda": f"{device} (auto: a CUDA GPU is visible)", "mps": f"{device} (auto: Apple MPS, no CUDA GPU)"
+            }.get(device.type, f"{device} (auto: no CUDA GPU or Apple MPS)")
 
 
 def configure_cpu_threads(device: torch.device, num_workers: int) -> None:
@@ -1113,12 +1123,33 @@ def training_state(optimizer, scheduler, scaler, best_metric) -> dict:
 LAST_CHECKPOINT_EVERY_S = 30.0
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a training run; the message says what the resumable checkpoint holds."""
+
+
 class LastCheckpoint:
     """The resumable `last_*_checkpoint.pth` of a training run: weights plus `training_state`, written
-    after the first epoch, at most every LAST_CHECKPOINT_EVERY_S seconds, and after the last epoch."""
+    after the first epoch, at most every LAST_CHECKPOINT_EVERY_S seconds, and after the last epoch.
+    `saved_epoch`: the completed epochs the file on disk holds (a resumed run starts with its own)."""
 
-    def __init__(self, path: str):
-        self.path, self.saved_at = path, -math.inf
+    def __init__(self, path: str, saved_epoch: int = 0):
+        self.path, self.saved_at, self.saved_epoch = path, -math.inf, saved_epoch
+
+    @contextlib.contextmanager
+    def on_interrupt(self, num_epochs: int, is_main: bool = True):
+        """Turn Ctrl-C into a TrainingInterrupted that names the epoch saved (the throttled file can be
+        several epochs behind the one that was running). Other torchrun processes save nothing to name."""
+        try:
+            yield
+        except KeyboardInterrupt as e:
+            if isinstance(e, TrainingInterrupted) or not is_main:
+                raise
+            name = os.path.basename(self.path)
+            raise TrainingInterrupted(
+                f"interrupted: {name} holds epoch {self.saved_epoch} of {num_epochs}; continue from there with "
+                f"--resume" if self.saved_epoch else
+                "interrupted before the first epoch ended: nothing resumable was saved; start again without "
+                "--resume") from None
 
     def save_if_due(self, ckpt: dict, epoch: int, num_epochs: int, optimizer, scheduler, scaler, best_metric,
                     rngs=None) -> None:
@@ -1129,7 +1160,7 @@ class LastCheckpoint:
         if rngs is not None:
             state["rng_per_rank"] = rngs
         save_checkpoint({**ckpt, **state}, self.path)
-        self.saved_at = time.monotonic()
+        self.saved_at, self.saved_epoch = time.monotonic(), epoch + 1
 
 
 def restore_training_state(ckpt: dict, modules: dict, optimizer, scheduler, scaler, path: str):
@@ -1165,16 +1196,26 @@ def check_resume_compatible(ckpt: dict, args, keys: tuple, path: str) -> None:
 
 # ============ distributed (torchrun) ============
 
-def init_distributed(device_name: str = "auto") -> dict:
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (one process, rank 0, without torchrun)."""
+    distributed: bool
+    rank: int
+    world_size: int
+    is_main: bool
+    device: torch.device
+
+
+def init_distributed(device_name: str = "auto") -> Dist:
     """Join the process group when launched by torchrun (nccl on CUDA, gloo on CPU); a no-op otherwise.
 
-    Returns {'distributed', 'rank', 'world_size', 'is_main', 'device'}. Under torchrun each process
-    takes the GPU of its LOCAL_RANK, so `device_name` only chooses GPUs (auto, cuda) or the CPU (cpu).
+    Under torchrun each process takes the GPU of its LOCAL_RANK, so `device_name` only chooses GPUs
+    (auto, cuda) or the CPU (cpu).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     requested = resolve_device(device_name)
     if world_size <= 1:
-        return {"distributed": False, "rank": 0, "world_size": 1, "is_main": True, "device": requested}
+        return Dist(distributed=False, rank=0, world_size=1, is_main=True, device=requested)
     import datetime
     import torch.distributed as dist
 
@@ -1194,35 +1235,34 @@ def init_distributed(device_name: str = "auto") -> dict:
         # 30 minutes gloo allows by default rather than NCCL's 10
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     rank = dist.get_rank()
-    return {"distributed": True, "rank": rank, "world_size": dist.get_world_size(), "is_main": rank == 0,
-            "device": device}
+    return Dist(distributed=True, rank=rank, world_size=dist.get_world_size(), is_main=rank == 0, device=device)
 
 
-def cleanup_distributed(dist_info: dict) -> None:
-    if dist_info["distributed"]:
+def cleanup_distributed(dist_info: Dist) -> None:
+    if dist_info.distributed:
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
 
 
-def convert_sync_bn(model: nn.Module, sync_bn: bool, dist_info: dict) -> nn.Module:
+def convert_sync_bn(model: nn.Module, sync_bn: bool, dist_info: Dist) -> nn.Module:
     """BatchNorm -> SyncBatchNorm under torchrun when asked (a no-op on one process)."""
-    if not sync_bn or not dist_info["distributed"]:
+    if not sync_bn or not dist_info.distributed:
         return model
-    if dist_info["device"].type != "cuda":
+    if dist_info.device.type != "cuda":
         raise UserError("--sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU implementation); leave it out on CPU")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def wrap_ddp(model: nn.Module, dist_info: dict, find_unused_parameters: bool = False) -> nn.Module:
+def wrap_ddp(model: nn.Module, dist_info: Dist, find_unused_parameters: bool = False) -> nn.Module:
     """DistributedDataParallel under torchrun (its constructor broadcasts rank 0's weights); else `model`.
 
     DDP only tracks parameters that require grad when it is built: build it before freezing any, and
     pass find_unused_parameters=True when some are frozen for a while (their grads then stay None).
     """
-    if not dist_info["distributed"]:
+    if not dist_info.distributed:
         return model
-    device_ids = [dist_info["device"].index] if dist_info["device"].type == "cuda" else None
+    device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                find_unused_parameters=find_unused_parameters)
 
@@ -1260,40 +1300,153 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x.contiguous())
 
 
-def all_reduce_mean(value: float, dist_info: dict) -> float:
-    if not dist_info["distributed"]:
+def all_reduce_mean(value: float, dist_info: Dist) -> float:
+    if not dist_info.distributed:
         return value
     import torch.distributed as dist
     t = torch.tensor([value], dtype=torch.float64,
-                     device=dist_info["device"] if dist_info["device"].type == "cuda" else "cpu")
+                     device=dist_info.device if dist_info.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
-    return (t / dist_info["world_size"]).item()
+    return (t / dist_info.world_size).item()
 
 
-def gather_rng_states(dist_info: dict) -> list | None:
+def gather_rng_states(dist_info: Dist) -> list | None:
     """Every process's RNG states in rank order (for rank 0's checkpoint); None on one process."""
-    if not dist_info["distributed"]:
+    if not dist_info.distributed:
         return None
     import torch.distributed as dist
-    states = [None] * dist_info["world_size"]
+    states = [None] * dist_info.world_size
     dist.all_gather_object(states, rng_states())
     return states
 
 
-def restore_rank_rng(ckpt: dict, dist_info: dict, fallback_seed: int) -> None:
+def restore_rank_rng(ckpt: dict, dist_info: Dist, fallback_seed: int) -> None:
     """After `restore_training_state` gave every process rank 0's RNGs, give each its own stream back."""
-    if not dist_info["distributed"]:
+    if not dist_info.distributed:
         return
     per_rank = ckpt.get("rng_per_rank")
-    if per_rank is not None and len(per_rank) == dist_info["world_size"]:
-        set_rng_states(per_rank[dist_info["rank"]])
-    elif dist_info["rank"] > 0:
-        seed_everything(fallback_seed + dist_info["rank"])
+    if per_rank is not None and len(per_rank) == dist_info.world_size:
+        set_rng_states(per_rank[dist_info.rank])
+    elif dist_info.rank > 0:
+        seed_everything(fallback_seed + dist_info.rank)
 
 
-def check_resume_world_size(ckpt: dict, dist_info: dict, path: str) -> None:
+def check_resume_world_size(ckpt: dict, dist_info: Dist, path: str) -> None:
     """The global batch and the schedule depend on the number of processes: resume with the same number."""
     saved = ckpt.get("world_size", 1)
-    if saved != dist_info["world_size"]:
-        raise UserError(f"--resume {path}: was run on {saved} process(es), now {dist_info['world_size']}; resume "
+    if saved != dist_info.world_size:
+        raise UserError(f"--resume {path}: was run on {saved} process(es), now {dist_info.world_size}; resume "
                         f"with the same torchrun --nnodes x --nproc_per_node, or start a new --output_dir")
+
+
+# ============ setting up a training run (train_ssl.py and fine_tune.py) ============
+
+@dataclasses.dataclass
+class Runtime:
+    """What a training run resolved from --device, --precision and --num_workers, each with its reason:
+    the log and the settings file show what ran, never 'auto'."""
+    dist: Dist
+    autocast_dtype: torch.dtype | None
+    device_note: str
+    precision_note: str
+    workers_note: str = "0"
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def choose_workers(self, requested: int | None, streaming: bool) -> int:
+        """DataLoader workers (--num_workers, or chosen from the CPU count when None) and the torch threads
+        left beside them; in-memory data needs none."""
+        workers = default_num_workers(self.device, streaming) if requested is None else requested
+        how = "asked for" if requested is not None else \
+            f"auto: {'streaming from disk' if streaming else 'images cached in memory'}, {os.cpu_count()} CPU cores"
+        self.workers_note = f"{workers} ({how})"
+        configure_cpu_threads(self.device, workers)
+        return workers
+
+    def settings(self, flags: dict, **facts) -> dict:
+        """The resolved runtime and `facts` first, then every flag as given (the resolved ones replaced)."""
+        resolved = {"device": self.device_note, "precision": self.precision_note, "num_workers": self.workers_note,
+                    "world_size": self.dist.world_size, **facts}
+        return {**resolved, **{k: v for k, v in flags.items() if k not in resolved}}
+
+
+def setup_runtime(device_name: str, precision: str, amp, seed: int) -> Runtime:
+    """Processes, device, precision and seeds, the same way for both trainers."""
+    dist = init_distributed(device_name)          # under torchrun: the GPU of LOCAL_RANK, or the CPU
+    autocast_dtype, precision_note = resolve_precision(precision, amp, dist.device)
+    seed_everything(seed + dist.rank)             # own augmentations per process; DDP copies rank 0's init
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return Runtime(dist, autocast_dtype, device_note(device_name, dist.device, dist.distributed), precision_note)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """The files of one training run in its output folder; `run` is 'ssl', 'finetuned', 'baseline', ..."""
+    best: str
+    last: str
+    history: str
+    plot: str
+    settings: str
+
+    @classmethod
+    def of(cls, output_dir: str, run: str, best_name: str) -> "RunPaths":
+        names = (best_name, f"last_{run}_checkpoint.pth", f"{run}_history.csv", f"{run}_training.png",
+                 f"{run}_settings.json")
+        return cls(*(os.path.join(output_dir, n) for n in names))
+
+
+def resume_run(path: str | None, kind: str, args, keys: tuple, dist: Dist, modules: dict, optimizer, scheduler,
+               scaler, seed: int):
+    """--resume: restore weights and training state from `path` after checking it fits this run and has
+    epochs left to train. Returns (completed epochs, best metric so far, the checkpoint for what else the
+    trainer restores); (0, None, None) when `path` is None."""
+    if path is None:
+        return 0, None, None
+    ckpt = load_checkpoint(path, kind, "--resume")
+    check_resume_compatible(ckpt, args, keys, path)
+    check_resume_world_size(ckpt, dist, path)
+    check_epochs_left(ckpt["epoch"], args.num_epochs, path)
+    best = restore_training_state(ckpt, modules, optimizer, scheduler, scaler, path)
+    restore_rank_rng(ckpt, dist, seed + 1000 * ckpt["epoch"])
+    return ckpt["epoch"], best, ckpt
+
+
+class RunFiles:
+    """What a training run writes: its settings at the start, then after every epoch the history row, the
+    curves, the best model when it improved, and last the resumable checkpoint. Written last, a run killed
+    before it redoes the epochs since, and --resume drops the history rows after the checkpoint's epoch, so
+    no row is ever missing or doubled."""
+
+    def __init__(self, paths: RunPaths, title: str, start_epoch: int, resumed_from: str | None):
+        self.paths, self.title = paths, title
+        self.history = History(paths.history, resume=start_epoch > 0)
+        self.history.truncate(start_epoch)
+        same_file = resumed_from is not None and os.path.abspath(resumed_from) == os.path.abspath(paths.last)
+        self.last = LastCheckpoint(paths.last, saved_epoch=start_epoch if same_file else 0)
+
+    def write_settings(self, heading: str, settings: dict, dist: Dist) -> None:
+        if dist.is_main:
+            print_settings(heading, settings)
+            write_settings(self.paths.settings, settings)
+
+    def end_epoch(self, epoch: int, num_epochs: int, row: dict, ckpt: dict, improved: bool, optimizer, scheduler,
+                  scaler, best_metric, rngs=None, chance: float | None = None, resumable: dict | None = None) -> None:
+        """After epoch `epoch` (0-based), on the main process. `chance`: the curves' chance line; `resumable`:
+        what only the last checkpoint carries besides `ckpt` (e.g. the augmentation generator's state)."""
+        self.history.append(row)
+        plot_history_throttled(self.paths.history, self.paths.plot, self.title, last_epoch=epoch + 1 == num_epochs,
+                               chance=chance)
+        if improved:
+            save_checkpoint(ckpt, self.paths.best)
+        self.last.save_if_due({**ckpt, **(resumable or {})}, epoch, num_epochs, optimizer, scheduler, scaler,
+                              best_metric, rngs)
+
+
+def reduce_epoch_stats(stats: dict, dist: Dist):
+    """An epoch's loss and speed over all processes, and every process's RNG states for rank 0's checkpoint."""
+    stats["loss"] = all_reduce_mean(stats["loss"], dist)
+    stats["images_per_sec"] = all_reduce_mean(stats["images_per_sec"], dist) * dist.world_size
+    return stats, gather_rng_states(dist)

@@ -7,8 +7,8 @@ frozen features, in seconds instead of a fine-tuning run per question.
 For every seed it takes the labelled subset fine_tune.py draws (--label_fraction), encodes it with the
 frozen encoder (eval mode), trains a head full batch with AdamW (lr 1e-3, as fine-tuning does) and scores
 it on the test split:
-  - on the clean images: the spec's MLP head, the same after standardising the features, a linear head,
-    and sklearn's logistic regression (evaluate.py's linear probe);
+  - on the clean images: the classifier's MLP head (fine_tune.py's), the same after standardising the
+    features, a linear head, and sklearn's logistic regression (evaluate.py's linear probe);
   - a linear head on --copies augmented copies of each labelled image, with fine_tune.py's augmentation
     at each --rotations value (and --rotation_fill): what training the head on augmented images does to
     these features.
@@ -106,7 +106,7 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=300, help="full-batch head steps (fine_tune --head_prefit_steps)")
     p.add_argument("--copies", type=int, default=10, help="augmented copies of each labelled image")
     p.add_argument("--rotations", type=float, nargs="+", default=[10.0, 0.0],
-                   help="fine_tune.py --rotation values to try (10: the spec's)")
+                   help="fine_tune.py --rotation values to try (10: the original recipe's)")
     p.add_argument("--rotation_fill", default="zeros", choices=data_loader.ROTATION_FILLS,
                    help="fine_tune.py --rotation_fill of the augmented copies")
     return p

@@ -4,7 +4,7 @@ fractions and seeds, all scored on the same held-out test split.
     python benchmarks/label_efficiency.py                                  # synthetic data, the 5-minute CPU recipe
     python benchmarks/label_efficiency.py --device cuda --ssl_epochs 800   # the recipe that makes SSL win (GPU)
     python benchmarks/label_efficiency.py --fractions 0.05 0.1 0.25 1.0 --seeds 0 1 2
-    python benchmarks/label_efficiency.py --npz ../shared/data/breastmnist.npz --image_size 28 \\
+    python benchmarks/label_efficiency.py --npz breastmnist.npz --image_size 28 \\
         --output_dir ./runs/label_efficiency_breastmnist
     python benchmarks/label_efficiency.py --multi_label --data_dir ./data/label_efficiency_multilabel \\
         --output_dir ./runs/label_efficiency_multilabel          # several findings per image: mean ROC-AUC
@@ -307,7 +307,8 @@ def main(args):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--data_dir", default="./data/label_efficiency", help="dataset folder (created if empty)")
-    p.add_argument("--npz", default=None, help="import this MedMNIST .npz into --data_dir instead of synthetic data")
+    p.add_argument("--npz", default=None,
+                   help="import this MedMNIST .npz (e.g. breastmnist.npz: README) into --data_dir instead of synthetic data")
     p.add_argument("--multi_label", action="store_true",
                    help="synthetic data with several findings per image (data_loader.py --multi_label); the runs "
                         "are scored by mean ROC-AUC over the findings (also automatic for a multi-label --npz)")
@@ -328,7 +329,7 @@ def get_args_parser():
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
     p.add_argument("--crop_min_scale", type=float, default=0.3, help="pretraining crop: smallest area fraction")
     p.add_argument("--ssl_rotation", type=float, default=0.0,
-                   help="pretraining rotation range in degrees (the spec's 15: README, Results)")
+                   help="pretraining rotation range in degrees (15: the original recipe's; docs/results.md)")
     p.add_argument("--jitter", type=float, default=0.3, help="pretraining brightness and contrast strength")
     p.add_argument("--gamma", type=float, default=0.35,
                    help="pretraining random gamma strength (0: off; 0.35 spans the synthetic detector's 0.75-1.35)")

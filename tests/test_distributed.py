@@ -104,7 +104,7 @@ def freeze_then_unfreeze(rank, info):
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)                       # a forked child must not reuse the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    info = {"distributed": True, "rank": rank, "world_size": WORLD, "device": torch.device("cpu")}
+    info = utils.Dist(distributed=True, rank=rank, world_size=WORLD, is_main=rank == 0, device=torch.device("cpu"))
     results = {"freeze": freeze_then_unfreeze(rank, info)}
     for variant in VARIANTS:
         x1, x2, model = make_problem()

@@ -185,10 +185,10 @@ def test_the_pretraining_loader_gives_full_batches_only(data, tmp_path, images, 
     """The last partial batch is dropped (SimCLR wants full batches, and a graph has one shape); with
     fewer images than a batch, the one batch of all of them, the same every epoch."""
     args = ssl_args(data, tmp_path, "--batch_size", str(batch))
-    args.device_obj = torch.device("cpu")
     args.num_workers = 0
     files = data_loader.list_images(data)[:images]
-    _, loader = train_ssl.build_loader(args, files, {"rank": 0, "world_size": 1})
+    one_process = utils.Dist(distributed=False, rank=0, world_size=1, is_main=True, device=torch.device("cpu"))
+    _, loader = train_ssl.build_loader(args, files, utils.Runtime(one_process, None, "cpu", "fp32"))
     for epoch in range(2):
         loader.set_epoch(epoch)
         assert [len(b[0]) for b in loader] == expected

@@ -1,4 +1,5 @@
 """train_ssl.py and fine_tune.py, called through main(args) on tiny images."""
+import json
 import os
 import re
 
@@ -66,6 +67,9 @@ def test_ssl_checkpoint_describes_itself_and_leaves_out_the_test_split(pretraine
     assert len(ckpt["excluded_files"]) > 0
     settings = (pretrained / "ssl_settings.json").read_text()
     assert f'"images": {36 - len(ckpt["excluded_files"])}' in settings
+    resolved = json.loads(settings)                  # what ran and why, not the flags' 'auto'
+    assert resolved["device"] == "cpu (asked for)" and resolved["precision"].startswith(("fp32 (auto", "bf16 (auto"))
+    assert resolved["num_workers"].startswith("0 (auto: images cached in memory")
 
 
 def test_progress_bars_obey_tqdm_disable(monkeypatch, capsys):
@@ -131,8 +135,9 @@ def test_lars_resumes_from_a_state_saved_before_the_foreach_option():
     assert opt.param_groups[0]["foreach"] is None
 
 
-def run_interrupted_in_epoch(monkeypatch, epoch: int, main, args) -> None:
-    """Run main(args) with a KeyboardInterrupt at the start of epoch `epoch` (1-based), as Ctrl-C would."""
+def run_interrupted_in_epoch(monkeypatch, epoch: int, main, args) -> str:
+    """Run main(args) with a KeyboardInterrupt at the start of epoch `epoch` (1-based), as Ctrl-C would;
+    returns the message the user sees."""
     real_epoch = utils.train_one_epoch
 
     def interrupt(*a, **k):
@@ -141,9 +146,10 @@ def run_interrupted_in_epoch(monkeypatch, epoch: int, main, args) -> None:
         return real_epoch(*a, **k)
 
     monkeypatch.setattr(utils, "train_one_epoch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as interrupted:
         main(args)
     monkeypatch.setattr(utils, "train_one_epoch", real_epoch)
+    return str(interrupted.value)
 
 
 def assert_same_last_checkpoints(a_path, b_path, parts, epoch: int) -> None:
@@ -162,7 +168,8 @@ def test_pretraining_writes_the_last_checkpoint_at_most_every_30_s_and_resumes_f
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"done: best epoch {best['epoch']} of 4 by loss {best['loss']:.4f} -> {full / 'best_ssl_model.pth'}")
     monkeypatch.setattr(utils, "LAST_CHECKPOINT_EVERY_S", 1e9)      # epochs 2 and 3 fall inside the interval
-    run_interrupted_in_epoch(monkeypatch, 4, train_ssl.main, ssl_args(tiny, cut))
+    message = run_interrupted_in_epoch(monkeypatch, 4, train_ssl.main, ssl_args(tiny, cut))
+    assert message == "interrupted: last_ssl_checkpoint.pth holds epoch 1 of 4; continue from there with --resume"
     assert torch.load(cut / "last_ssl_checkpoint.pth", weights_only=True)["epoch"] == 1
     assert read_history(cut / "ssl_history.csv")["epoch"].tolist() == [1, 2, 3]
     train_ssl.main(ssl_args(tiny, cut, "--resume"))                   # redoes epochs 2 and 3
@@ -266,7 +273,8 @@ def test_fine_tune_writes_the_last_checkpoint_at_most_every_30_s_and_resumes_fro
     full, cut = tmp_path / "full", tmp_path / "cut"
     fine_tune.main(ft_args(tiny, full, "--num_epochs", "4"))
     monkeypatch.setattr(utils, "LAST_CHECKPOINT_EVERY_S", 1e9)        # epochs 2 and 3 fall inside the interval
-    run_interrupted_in_epoch(monkeypatch, 4, fine_tune.main, ft_args(tiny, cut, "--num_epochs", "4"))
+    message = run_interrupted_in_epoch(monkeypatch, 4, fine_tune.main, ft_args(tiny, cut, "--num_epochs", "4"))
+    assert "last_baseline_checkpoint.pth holds epoch 1 of 4" in message
     assert torch.load(cut / "last_baseline_checkpoint.pth", weights_only=True)["epoch"] == 1
     assert read_history(cut / "baseline_history.csv")["epoch"].tolist() == [1, 2, 3]
     fine_tune.main(ft_args(tiny, cut, "--num_epochs", "4", "--resume"))     # redoes epochs 2 and 3
@@ -333,3 +341,26 @@ def test_training_curves_show_what_matters_and_mark_the_kept_epoch(tmp_path, mon
     knn = [line for line in ssl_axes[1].get_lines() if line.get_label() == "knn accuracy"][0]
     assert list(knn.get_xdata()) == [2, 4]                        # kNN points at their epochs
     assert (tmp_path / "fine.png").stat().st_size > 5000 and (tmp_path / "ssl.png").stat().st_size > 5000
+
+
+def test_ctrl_c_names_the_epoch_the_last_checkpoint_holds_and_only_where_one_was_saved(tmp_path, capsys):
+    last = utils.LastCheckpoint(str(tmp_path / "last_ssl_checkpoint.pth"))
+    with pytest.raises(utils.TrainingInterrupted, match="nothing resumable was saved; start again without --resume"):
+        with last.on_interrupt(5):
+            raise KeyboardInterrupt
+    last.saved_epoch = 3                                           # the throttled file can lag the running epoch
+    with pytest.raises(utils.TrainingInterrupted, match="last_ssl_checkpoint.pth holds epoch 3 of 5"):
+        with last.on_interrupt(5):
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt) as other_rank:           # under torchrun only rank 0 writes
+        with last.on_interrupt(5, is_main=False):
+            raise KeyboardInterrupt
+    assert not isinstance(other_rank.value, utils.TrainingInterrupted)
+
+    def interrupted_main(args):                                    # evaluate.py, data_loader.py: nothing resumable
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_code:
+        utils.run_cli(interrupted_main, train_ssl.get_args_parser(), [])
+    assert exit_code.value.code == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: every file written is complete (none half-written); "
+                                               "run the command again")

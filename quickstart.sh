@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The README's quick start in one command: synthetic data -> SimCLR pretraining -> fine-tuning from the SSL
+# encoder and from scratch -> one evaluation of both. Run it from any folder: the data, checkpoints and report
+# are written under the current folder (./data, ./checkpoints, ./evaluation_results).
+#
+#   bash quickstart.sh                                  # the README's sizes (README: how long on a 2-core CPU)
+#   SSL_EPOCHS=800 bash quickstart.sh                   # longer pretraining (on a GPU)
+#   IMAGES=48 UNLABELED=24 SIZE=32 SSL_EPOCHS=2 FT_EPOCHS=2 bash quickstart.sh   # a smoke test (the tests' size)
+#
+# Each phase prints the command it runs; copy it to run or change that phase by hand.
+set -euo pipefail
+
+IMAGES=${IMAGES:-500}          # labelled synthetic images (split 70/15/15 by patient)
+UNLABELED=${UNLABELED:-1000}   # extra unlabelled images, used by pretraining only
+SIZE=${SIZE:-64}               # image side in pixels
+SSL_EPOCHS=${SSL_EPOCHS:-10}   # pretraining epochs (the gain needs hundreds: docs/results.md)
+FT_EPOCHS=${FT_EPOCHS:-100}    # fine-tuning epochs, the same for both runs
+PYTHON=${PYTHON:-python}
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+script() {              # a script's path as the user would type it: bare when run from the repository
+    if [ "$here" = "$(pwd)" ]; then echo "$1"; else echo "$here/$1"; fi
+}
+
+phase() {               # phase NUMBER TITLE COMMAND...: print the command, then run it
+    local number=$1 title=$2
+    shift 2
+    echo
+    echo "== phase $number/5: $title"
+    echo "\$ $(printf '%q ' "$@" | sed 's/ $//')"
+    local t0=$SECONDS
+    "$@"
+    echo "-- phase $number took $((SECONDS - t0)) s"
+}
+
+data=./data/medical_images
+labels=$data/labels.csv
+start=$SECONDS
+
+phase 1 "synthetic chest X-rays" \
+    "$PYTHON" "$(script data_loader.py)" --output_dir $data --num_images "$IMAGES" --num_unlabeled "$UNLABELED" \
+    --image_size "$SIZE"
+phase 2 "SimCLR pretraining" \
+    "$PYTHON" "$(script train_ssl.py)" --data_dir $data --label_file $labels --output_dir ./checkpoints \
+    --image_size "$SIZE" --batch_size 128 --num_epochs "$SSL_EPOCHS" --warmup_epochs 1 --lr 0.001 \
+    --temperature 0.2 --crop_min_scale 0.3 --eval_every 5
+phase 3 "fine-tuning from the SSL encoder on 10% of the labels" \
+    "$PYTHON" "$(script fine_tune.py)" --data_dir $data --label_file $labels \
+    --ssl_checkpoint ./checkpoints/best_ssl_model.pth --output_dir ./checkpoints --label_fraction 0.1 \
+    --num_epochs "$FT_EPOCHS" --encoder_lr_scale 1
+phase 4 "the same fine-tuning from scratch (the baseline)" \
+    "$PYTHON" "$(script fine_tune.py)" --data_dir $data --label_file $labels --output_dir ./checkpoints \
+    --image_size "$SIZE" --label_fraction 0.1 --num_epochs "$FT_EPOCHS"
+phase 5 "evaluation of both on the held-out test split" \
+    "$PYTHON" "$(script evaluate.py)" --checkpoint ./checkpoints/best_finetuned_model.pth \
+    --checkpoint ./checkpoints/best_baseline_model.pth --data_dir $data --label_file $labels \
+    --output_dir ./evaluation_results
+
+echo
+echo "== done in $((SECONDS - start)) s. Report: ./evaluation_results/report.md"
+grep -E '^\*\*Verdict|^- |^\|' ./evaluation_results/comparison.md | head -n 24 || true
