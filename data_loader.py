@@ -12,6 +12,7 @@ Labelled data: `read_label_table(...)` then `ImageStore(...)`, where a corrupt f
 import argparse
 import csv
 import os
+import posixpath
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor

@@ -1867,7 +1867,7 @@ def check_args(args) -> None:
     if args.names and len(args.names) != len(args.checkpoint):
         raise UserError(f"--names gives {len(args.names)} name(s) for {len(args.checkpoint)} --checkpoint(s); "
                         f"give one per checkpoint, in the same order")
-    utils.check_flags(args)
+    utils.check_flags(args, {"data_dir": None} if args.images is not None else None)   # --images reads no data_dir
     if args.images is not None and len(args.checkpoint) != 1:
         raise UserError(f"--images scores a folder with one classifier; give one --checkpoint, not "
                         f"{len(args.checkpoint)}")

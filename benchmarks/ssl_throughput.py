@@ -297,6 +297,7 @@ def build_real_step(args, store, size: int, batch: int, precision: str, graphs: 
     """train_ssl.py's model, optimizer, schedule, augmentation and step, built by its own functions."""
     import train_ssl
 
+    one_process = utils.Dist(distributed=False, rank=0, world_size=1, is_main=True, device=device)
     targs = train_ssl.get_args_parser().parse_args([
         "--image_size", str(size), "--batch_size", str(batch), "--optimizer", args.optimizer,
         "--lr", "0.3" if args.optimizer == "lars" else "1e-4", "--precision", precision, "--cuda_graphs", graphs,
@@ -306,15 +307,14 @@ def build_real_step(args, store, size: int, batch: int, precision: str, graphs: 
     model = train_ssl.build_model(targs).to(device).to(memory_format=torch.channels_last)
     optimizer, scheduler = train_ssl.build_optimizer(targs, model, steps)
     augment = data_loader.BatchAugment(train_ssl.ssl_augment_config(targs), size, channels_last=True)
-    static_step, _, _ = train_ssl.build_static_step(targs, model, augment, optimizer, device, dtype,
-                                                    {"world_size": 1, "rank": 0})
+    static_step, _, _ = train_ssl.build_static_step(targs, model, augment, optimizer, device, dtype, one_process)
     utils.lr_on_device(optimizer, device if static_step is not None else None)
     loader = data_loader.BatchLoader(TiledStore(store, batch * steps), np.arange(batch * steps), batch_size=batch,
                                      shuffle=True, drop_last=True, pin_memory=device.type == "cuda")
     collapse = []
     return dict(model=model, optimizer=optimizer, scheduler=scheduler, augment=augment, loader=loader, dtype=dtype,
                 static_step=static_step, temperature=targs.temperature, collapse=collapse,
-                loss_fn=train_ssl.make_loss_fn(augment, device, targs.temperature, collapse, {"world_size": 1, "rank": 0}),
+                loss_fn=train_ssl.make_loss_fn(augment, device, targs.temperature, collapse, one_process),
                 step_fn=None if static_step is None else lambda b: static_step(b, collapse))
 
 

@@ -392,7 +392,8 @@ def test_ctrl_c_says_what_is_kept_and_releases_the_lock(script, resumable, world
     assert code == 130 and "Traceback" not in err
     # cut in the first epoch: the trainer says nothing resumable was saved; evaluate.py says its files are whole
     expected = "nothing resumable was saved" if resumable else "every file written is complete"
-    assert expected in err and err.startswith("interrupted") and err.count("\n") == 1
+    last_line = err.strip().splitlines()[-1]                  # warnings about the data may come before it
+    assert expected in last_line and last_line.startswith("interrupted")
     assert not os.path.exists(os.path.join(out, f".{'evaluate' if script == 'evaluate' else 'ssl'}.lock"))
 
 
