@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import warnings
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -210,6 +211,29 @@ def paired_accuracy_difference(y_true, prob_a, prob_b, resamples: int, seed: int
 # ============ predictions: one `Evaluated` per scored model ============
 
 @dataclass
+class ModelInfo:
+    """Where a model's predictions came from, for the reports and metrics.json."""
+    split: str                                 # the evaluated split
+    split_source: str                          # "recorded in the checkpoint" or "label file"
+    checkpoint_kind: str                       # "classifier" or "ssl"
+    init: str | None = None                    # "ssl", "scratch", or "ssl, frozen encoder" for probes
+    label_fraction: float | None = None
+    epoch: int | None = None                   # the kept epoch
+    num_epochs: int | None = None              # of how many
+    fit_images: int | None = None              # probes and kNN: train-split images they were fitted on
+    probe: str | None = None                   # "linear probe" or "kNN"
+    probe_C: float | None = None               # the linear probe's L2 strength, chosen on val
+    task: str = "multiclass"
+    uncertain: str | None = None               # multi-label: the --uncertain policy
+    thresholds: list | None = None             # multi-label: per-finding thresholds chosen on val
+    threshold_rule: str | None = None
+    small_split: list = field(default_factory=list)   # warnings: the split is too small for tight intervals
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class Evaluated:
     """What one model predicted on the evaluated split, and where it came from."""
     name: str
@@ -220,7 +244,7 @@ class Evaluated:
     prob: np.ndarray             # (N, K) class probabilities
     features: np.ndarray         # (N, D) encoder embeddings, for t-SNE / UMAP
     class_names: list
-    info: dict                   # split, init, label fraction, epoch... for the reports
+    info: ModelInfo
     notes: list = field(default_factory=list)
     history_csv: str | None = None
     explained: object = None     # an `Explained` (network + preprocessing) for Grad-CAM; None for probes and kNN
@@ -339,9 +363,9 @@ def evaluate_classifier(path: str, name: str, ckpt: dict, args, device, autocast
     features = encode_images(model.encoder, filenames, ckpt, args, device, autocast_dtype)
     with torch.no_grad():
         prob = model.head.eval().cpu()(torch.from_numpy(features)).softmax(1).double().numpy()
-    info = {"split": args.split, "split_source": "recorded in the checkpoint" if args.split != "all" else "label file",
-            "init": ckpt.get("init"), "label_fraction": ckpt.get("label_fraction"), "epoch": ckpt.get("epoch"),
-            "num_epochs": (ckpt.get("args") or {}).get("num_epochs"), "checkpoint_kind": "classifier"}
+    info = ModelInfo(args.split, "recorded in the checkpoint" if args.split != "all" else "label file", "classifier",
+                     init=ckpt.get("init"), label_fraction=ckpt.get("label_fraction"), epoch=ckpt.get("epoch"),
+                     num_epochs=(ckpt.get("args") or {}).get("num_epochs"))
     y_true = labels_in_class_order(table, class_names, args.label_file)[rows]
     explained = Explained(model, normalizer(ckpt), cam_layer_name(model.config, ckpt["image_size"], args.cam_layer),
                           args.data_dir, ckpt["image_size"], ckpt.get("channels", 3))
@@ -455,13 +479,12 @@ def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype)
     k = table.num_classes
     probe = fit_linear_probe(fit_x, fit_y, eval_x, k, args.seed, notes, val_x, table.labels[choose_rows])
     knn = utils.knn_predict(torch.from_numpy(fit_x), torch.from_numpy(fit_y), torch.from_numpy(eval_x), k).numpy()
-    info = {"split": args.split, "split_source": "label file", "init": "ssl, frozen encoder",
-            "label_fraction": None, "epoch": ckpt.get("epoch"), "num_epochs": run_args.get("num_epochs"),
-            "checkpoint_kind": "ssl", "fit_images": int(len(fit_rows)), "probe_C": probe.C}
+    info = ModelInfo(args.split, "label file", "ssl", init="ssl, frozen encoder", epoch=ckpt.get("epoch"),
+                     num_epochs=run_args.get("num_epochs"), fit_images=int(len(fit_rows)))
     history = history_beside(ckpt, path, notes)
     chosen = [f"linear probe: L2 strength C={probe.C:g}, {probe.chosen_by}"]
     return [Evaluated(f"{name} {kind}", path, kind, filenames, y, prob.astype(np.float64), eval_x,
-                      data_loader.read_class_names(args.label_file, table.class_names), info | {"probe": kind},
+                      data_loader.read_class_names(args.label_file, table.class_names), dataclasses.replace(info, probe=kind, probe_C=probe.C if kind == "linear probe" else None),
                       list(notes) + extra, history)
             for kind, prob, extra in (("linear probe", probe.prob, chosen), ("kNN", knn, []))]
 
@@ -541,7 +564,7 @@ def plot_confusion(ev: Evaluated, path: str) -> None:
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         ax.set_title(title)
-    fig.suptitle(f"Confusion matrix: {ev.name}, {ev.info['split']} split ({len(ev.y_true)} images)")
+    fig.suptitle(f"Confusion matrix: {ev.name}, {ev.info.split} split ({len(ev.y_true)} images)")
     fig.tight_layout()
     utils.atomic_savefig(fig, path)
 
@@ -677,7 +700,7 @@ def plot_embedding(coords: np.ndarray, ev: Evaluated, method: str, path: str) ->
                        alpha=0.8, edgecolors="none", label=f"{name} (n={int(mask.sum())})")
     ax.set(xlabel=f"{method} 1", ylabel=f"{method} 2", xticks=[], yticks=[],
            title=f"{method} of encoder embeddings: {default_name(ev.checkpoint)}\n"
-                 f"{ev.info['split']} split, {len(coords)} images, coloured by true class")
+                 f"{ev.info.split} split, {len(coords)} images, coloured by true class")
     ax.legend(title="class", fontsize=8, loc="best")
     utils.atomic_savefig(fig, path)
 
@@ -1024,7 +1047,7 @@ def verdict_lines(paired) -> list:
 def headline_sentence(ev: Evaluated, metrics: dict) -> str:
     """The one-model verdict: the headline metrics in one sentence."""
     auc_key = "roc_auc" if len(ev.class_names) == 2 else "roc_auc_macro"
-    return (f"**Summary:** on {len(ev.y_true)} {ev.info['split']}-split images, {ev.name} has balanced accuracy "
+    return (f"**Summary:** on {len(ev.y_true)} {ev.info.split}-split images, {ev.name} has balanced accuracy "
             f"{with_ci(metrics['balanced_accuracy'])}, accuracy {with_ci(metrics['accuracy'])}, macro F1 "
             f"{with_ci(metrics['f1_macro'])} and ROC-AUC {with_ci(metrics[auc_key])} (95% bootstrap CI; chance "
             f"balanced accuracy {1 / len(ev.class_names):.3f}).")
@@ -1040,7 +1063,7 @@ def small_split_warnings(ev: Evaluated, metrics: dict) -> list:
     n, out = len(ev.y_true), []
     need = [images_for_half_width(h) for h in ACCURACY_HALF_WIDTHS]
     if n < need[0]:
-        out.append(f"only {n} {ev.info['split']} images: a 95% interval for accuracy is about "
+        out.append(f"only {n} {ev.info.split} images: a 95% interval for accuracy is about "
                    f"+-{1.96 * np.sqrt(0.25 / n):.2f} wide, and bootstrap intervals of so few images can be "
                    f"degenerate (e.g. [0.500, 0.500]); about {need[0]} images give +-{ACCURACY_HALF_WIDTHS[0]:.2f} "
                    f"and {need[1]} give +-{ACCURACY_HALF_WIDTHS[1]:.2f}")
@@ -1069,7 +1092,7 @@ def metrics_document(ev: Evaluated, metrics: dict, args) -> dict:
                               "ci95": [plain(metrics[key]["low"][c]), plain(metrics[key]["high"][c])]}
                        for c, name in enumerate(ev.class_names)} for key in PER_CLASS_METRICS}
     per_class["support"] = {name: int(n) for name, n in zip(ev.class_names, metrics["support"])}
-    return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info,
+    return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info.as_dict(),
             "num_images": len(ev.y_true), "class_names": ev.class_names, "label_file": os.path.abspath(args.label_file),
             "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "interval": "percentile, 95%",
                           "unit": "image"},
@@ -1082,7 +1105,7 @@ def metric_notes(ev: Evaluated, metrics: dict, resamples: int) -> list:
     predicted = np.bincount(ev.prob.argmax(1), minlength=len(ev.class_names))
     for c, name in enumerate(ev.class_names):
         if metrics["support"][c] == 0:
-            notes.append(f"class {name!r} has no images in the {ev.info['split']} split: its recall, ROC-AUC and "
+            notes.append(f"class {name!r} has no images in the {ev.info.split} split: its recall, ROC-AUC and "
                          f"PR-AUC are undefined (n/a) and the macro averages leave it out")
         elif predicted[c] == 0:
             notes.append(f"class {name!r} is never predicted: its precision is undefined (n/a)")
@@ -1109,7 +1132,7 @@ def write_classification_report(ev: Evaluated, metrics: dict, path: str) -> None
         warnings.simplefilter("ignore")
         text = classification_report(ev.y_true, ev.prob.argmax(1), labels=list(range(k)),
                                      target_names=ev.class_names, digits=3, zero_division=0)
-    lines = [f"{ev.name}: {ev.info['split']} split, {len(ev.y_true)} images", "", text, "",
+    lines = [f"{ev.name}: {ev.info.split} split, {len(ev.y_true)} images", "", text, "",
              "95% bootstrap confidence intervals (percentile, resampling images):", ""]
     lines += [f"  {label:<48} {with_ci(metrics[key])}" for key, label in headline_metrics(ev.class_names).items()]
     for c, name in enumerate(ev.class_names):
@@ -1139,7 +1162,7 @@ def write_figures(ev: Evaluated, metrics: dict, folder: str, projections: dict) 
             utils.atomic_write_text(os.path.join(folder, os.path.basename(ev.history_csv)), f.read())
         utils.plot_history(ev.history_csv, os.path.join(folder, "training_curves.png"),
                            f"Training curves: {ev.name} ({default_name(ev.checkpoint)})",
-                           best_epoch=ev.info.get("epoch"), chance=1 / len(ev.class_names))
+                           best_epoch=ev.info.epoch, chance=1 / len(ev.class_names))
         if os.path.isfile(os.path.join(folder, "training_curves.png")):
             figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
     return figures
@@ -1147,15 +1170,15 @@ def write_figures(ev: Evaluated, metrics: dict, folder: str, projections: dict) 
 
 def describe(ev: Evaluated) -> str:
     parts = [ev.kind]
-    if ev.info.get("init"):
-        parts.append(f"init {ev.info['init']}")
-    if ev.info.get("label_fraction") is not None:
-        parts.append(f"{ev.info['label_fraction']:.0%} of the train labels")
-    if ev.info.get("epoch") is not None:
-        of = f" of {ev.info['num_epochs']}" if ev.info.get("num_epochs") else ""
-        parts.append(f"{'pretraining: ' if ev.info['checkpoint_kind'] == 'ssl' else ''}best epoch {ev.info['epoch']}{of}")
-    if ev.info.get("fit_images"):
-        parts.append(f"fitted on {ev.info['fit_images']} train-split images")
+    if ev.info.init:
+        parts.append(f"init {ev.info.init}")
+    if ev.info.label_fraction is not None:
+        parts.append(f"{ev.info.label_fraction:.0%} of the train labels")
+    if ev.info.epoch is not None:
+        of = f" of {ev.info.num_epochs}" if ev.info.num_epochs else ""
+        parts.append(f"{'pretraining: ' if ev.info.checkpoint_kind == 'ssl' else ''}best epoch {ev.info.epoch}{of}")
+    if ev.info.fit_images:
+        parts.append(f"fitted on {ev.info.fit_images} train-split images")
     return ", ".join(parts)
 
 
@@ -1184,10 +1207,10 @@ def metrics_table(ev: Evaluated, metrics: dict) -> list:
 
 def write_model_report(ev: Evaluated, metrics: dict, figures: dict, args, path: str, pointing=()) -> None:
     lines = [f"# Evaluation: {ev.name}", "", headline_sentence(ev, metrics), ""]
-    for w in ev.info.get("small_split", []):
+    for w in ev.info.small_split:
         lines += [f"> **Caution:** {w}", ""]
     lines += [f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
-             f"- split: **{ev.info['split']}** ({ev.info['split_source']}), {len(ev.y_true)} images",
+             f"- split: **{ev.info.split}** ({ev.info.split_source}), {len(ev.y_true)} images",
              f"- label file: `{os.path.abspath(args.label_file)}`",
              f"- intervals: {args.bootstrap} bootstrap resamples of the images, 95% percentile, seed {args.seed}",
              "", "## Metrics", ""] + metrics_table(ev, metrics)
@@ -1206,8 +1229,8 @@ def write_model_report(ev: Evaluated, metrics: dict, figures: dict, args, path: 
 def write_model_outputs(ev: Evaluated, metrics: dict, folder: str, args, projections: dict, device=None,
                         findings=None, pointing=()) -> None:
     ev.notes.extend(metric_notes(ev, metrics, args.bootstrap))
-    ev.info["small_split"] = small_split_warnings(ev, metrics)
-    for w in ev.info["small_split"]:
+    ev.info.small_split = small_split_warnings(ev, metrics)
+    for w in ev.info.small_split:
         print(f"warning: {ev.name}: {w}")
     write_predictions(ev, os.path.join(folder, "predictions.csv"))
     write_classification_report(ev, metrics, os.path.join(folder, "classification_report.txt"))
@@ -1263,16 +1286,16 @@ def paired_comparison(a: Evaluated, b: Evaluated, resamples: int, seed: int):
     result = paired_accuracy_difference(a.y_true[ia], a.prob[ia], b.prob[ib], resamples, seed)
     result["metrics"] = paired_metric_differences(a.y_true[ia], a.prob[ia], b.prob[ib], len(a.class_names),
                                                   resamples, seed)
-    return result | {"model_a": a.name, "model_b": b.name, "init_a": a.info.get("init"),
-                     "init_b": b.info.get("init"), "split": a.info["split"]}
+    return result | {"model_a": a.name, "model_b": b.name, "init_a": a.info.init,
+                     "init_b": b.info.init, "split": a.info.split}
 
 
 def comparison_rows(evaluated: list, results: list, folders: list) -> list:
     rows = []
     for ev, m, folder in zip(evaluated, results, folders):
         row = {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind,
-               "init": ev.info.get("init") or "", "label_fraction": ev.info.get("label_fraction"),
-               "split": ev.info["split"], "num_images": len(ev.y_true), "folder": os.path.basename(folder)}
+               "init": ev.info.init or "", "label_fraction": ev.info.label_fraction,
+               "split": ev.info.split, "num_images": len(ev.y_true), "folder": os.path.basename(folder)}
         for key in COMPARISON_METRICS:
             row |= {key: plain(m[key]["value"]), f"{key}_ci_low": plain(m[key]["low"]),
                     f"{key}_ci_high": plain(m[key]["high"])}
@@ -1297,7 +1320,7 @@ def write_comparison(evaluated, results, folders, paired, args, pointing=()) -> 
         fraction = "" if r["label_fraction"] is None else f"{r['label_fraction']:.0%}"
         cells = [f"[{ev.name}]({r['folder']}/report.md)", r["init"], fraction, str(r["num_images"])]
         table.append("| " + " | ".join(cells + [with_ci(m[k]) for k in COMPARISON_METRICS]) + " |")
-    cautions = list(dict.fromkeys(w for ev in evaluated for w in ev.info.get("small_split", [])))
+    cautions = list(dict.fromkeys(w for ev in evaluated for w in ev.info.small_split))
     lines = [f"# Comparison on the {args.split} split", ""] + verdict_lines(paired) + [""]
     for w in cautions:
         lines += [f"> **Caution:** {w}", ""]
@@ -1493,11 +1516,12 @@ def evaluate_multilabel_classifier(path: str, name: str, ckpt: dict, args, devic
     features = encode_images(model.encoder, filenames, ckpt, args, device, autocast_dtype)
     with torch.no_grad():
         prob = model.head.eval().cpu()(torch.from_numpy(features)).sigmoid().double().numpy()
-    info = {"split": args.split, "split_source": "recorded in the checkpoint" if args.split != "all" else "label file",
-            "init": ckpt.get("init"), "label_fraction": ckpt.get("label_fraction"), "epoch": ckpt.get("epoch"),
-            "checkpoint_kind": "classifier", "task": "multilabel", "uncertain": ckpt.get("uncertain", "ignore"),
-            "thresholds": [float(t) for t in ckpt.get("thresholds") or [0.5] * k],
-            "threshold_rule": ckpt.get("threshold_rule") or "fixed 0.5 (none recorded)"}
+    info = ModelInfo(args.split, "recorded in the checkpoint" if args.split != "all" else "label file", "classifier",
+                     init=ckpt.get("init"), label_fraction=ckpt.get("label_fraction"), epoch=ckpt.get("epoch"),
+                     num_epochs=(ckpt.get("args") or {}).get("num_epochs"), task="multilabel",
+                     uncertain=ckpt.get("uncertain", "ignore"),
+                     thresholds=[float(t) for t in ckpt.get("thresholds") or [0.5] * k],
+                     threshold_rule=ckpt.get("threshold_rule") or "fixed 0.5 (none recorded)")
     return [Evaluated(name, path, MULTILABEL_KIND, filenames, y, prob, features, names, info, notes,
                       history_beside(ckpt, path, notes))]
 
@@ -1593,7 +1617,7 @@ def plot_roc_grid(evaluated: list, results: list, path: str, title: str) -> None
             if 0 < y.sum() < len(y):
                 fpr, tpr, _ = roc_curve(y, p)
                 ax.plot(fpr, tpr, color=colors[i], lw=1.5, label=f"{ev.name}: {with_ci(m['roc_auc'], k, 2)}")
-                pred = p >= ev.info["thresholds"][k]
+                pred = p >= ev.info.thresholds[k]
                 ax.plot(pred[y == 0].mean(), pred[y == 1].mean(), "o", color=colors[i], ms=5)
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
         positives = int((evaluated[0].y_true[:, k] == 1).sum())
@@ -1621,7 +1645,7 @@ def plot_multilabel_embedding(coords: np.ndarray, ev: Evaluated, method: str, pa
         ax.scatter(*coords[pos].T, s=size, color=colors[k], edgecolors="none", label=f"present (n={int(pos.sum())})")
         ax.set(xticks=[], yticks=[], title=ev.class_names[k])
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"{method} of encoder embeddings: {default_name(ev.checkpoint)}, {ev.info['split']} split, "
+    fig.suptitle(f"{method} of encoder embeddings: {default_name(ev.checkpoint)}, {ev.info.split} split, "
                  f"{len(coords)} images, coloured by the {len(order)} most frequent findings", fontsize=10)
     fig.tight_layout()
     utils.atomic_savefig(fig, path)
@@ -1632,7 +1656,7 @@ def write_multilabel_predictions(ev: Evaluated, path: str) -> None:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(["filename"] + [f"{kind}_{n}" for n in ev.class_names for kind in ("true", "prob", "pred")])
-    thresholds = np.asarray(ev.info["thresholds"])
+    thresholds = np.asarray(ev.info.thresholds)
     for f, y, p in zip(ev.filenames, ev.y_true, ev.prob):
         cells = [[("" if t < 0 else int(t)), f"{q:.6f}", int(q >= c)] for t, q, c in zip(y, p, thresholds)]
         w.writerow([f] + [c for triple in cells for c in triple])
@@ -1647,7 +1671,7 @@ def multilabel_table(ev: Evaluated, metrics: dict) -> list:
     for k, name in enumerate(ev.class_names):
         cells = " | ".join(with_ci(metrics[key], k) for key in FINDING_METRICS)
         lines.append(f"| {name} | {int(metrics['positives'][k])} | {int(metrics['negatives'][k])} | "
-                     f"{ev.info['thresholds'][k]:.3f} | {cells} |")
+                     f"{ev.info.thresholds[k]:.3f} | {cells} |")
     return lines
 
 
@@ -1656,11 +1680,11 @@ def multilabel_notes(ev: Evaluated, metrics: dict, resamples: int) -> list:
     for k, name in enumerate(ev.class_names):
         if metrics["positives"][k] == 0 or metrics["negatives"][k] == 0:
             notes.append(f"finding {name!r} has no {'positive' if metrics['positives'][k] == 0 else 'negative'} "
-                         f"image in the {ev.info['split']} split: its AUC, AP and one of sensitivity/specificity are "
+                         f"image in the {ev.info.split} split: its AUC, AP and one of sensitivity/specificity are "
                          f"undefined (n/a) and the mean AUC leaves it out")
         if metrics["ignored"][k]:
             notes.append(f"finding {name!r}: {int(metrics['ignored'][k])} uncertain cell(s) ignored "
-                         f"(--uncertain {ev.info['uncertain']})")
+                         f"(--uncertain {ev.info.uncertain})")
     used = int(metrics["mean_auc"]["valid"])
     if resamples and used < resamples:
         notes.append(f"the mean-AUC interval uses {used} of {resamples} resamples; the others lost a finding's "
@@ -1675,9 +1699,9 @@ def multilabel_document(ev: Evaluated, metrics: dict, args) -> dict:
 
     per_finding = {name: {key: entry(metrics[key], k) for key in FINDING_METRICS} |
                    {"positives": int(metrics["positives"][k]), "negatives": int(metrics["negatives"][k]),
-                    "ignored": int(metrics["ignored"][k]), "threshold": float(ev.info["thresholds"][k])}
+                    "ignored": int(metrics["ignored"][k]), "threshold": float(ev.info.thresholds[k])}
                    for k, name in enumerate(ev.class_names)}
-    return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info,
+    return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info.as_dict(),
             "num_images": len(ev.y_true), "findings": ev.class_names, "label_file": os.path.abspath(args.label_file),
             "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "interval": "percentile, 95%",
                           "unit": "image"},
@@ -1705,9 +1729,9 @@ def write_multilabel_outputs(ev: Evaluated, metrics: dict, folder: str, args, pr
             figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
     utils.atomic_write_json(os.path.join(folder, "metrics.json"), multilabel_document(ev, metrics, args))
     lines = [f"# Evaluation: {ev.name}", "", f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
-             f"- split: **{ev.info['split']}** ({ev.info['split_source']}), {len(ev.y_true)} images, "
-             f"{len(ev.class_names)} findings; uncertain cells: {ev.info['uncertain']}",
-             f"- thresholds: chosen per finding on val ({ev.info['threshold_rule']}), recorded in the checkpoint",
+             f"- split: **{ev.info.split}** ({ev.info.split_source}), {len(ev.y_true)} images, "
+             f"{len(ev.class_names)} findings; uncertain cells: {ev.info.uncertain}",
+             f"- thresholds: chosen per finding on val ({ev.info.threshold_rule}), recorded in the checkpoint",
              f"- label file: `{os.path.abspath(args.label_file)}`",
              f"- intervals: {args.bootstrap} bootstrap resamples of the images, 95% percentile, seed {args.seed}",
              "", "## Metrics", ""] + multilabel_table(ev, metrics)
@@ -1730,7 +1754,7 @@ def write_multilabel_comparison(evaluated, results, folders, paired, args) -> No
             src = {key: (m[key], k) for key in FINDING_METRICS} if finding != "mean" else \
                 {"roc_auc": (m["mean_auc"], None), "average_precision": (m["mean_ap"], None)}
             row = {"model": ev.name, "folder": os.path.basename(folder), "finding": finding,
-                   "init": ev.info.get("init") or "", "label_fraction": ev.info.get("label_fraction"),
+                   "init": ev.info.init or "", "label_fraction": ev.info.label_fraction,
                    "num_images": len(ev.y_true)}
             for key, (entry, idx) in src.items():
                 pick = (lambda a: a) if idx is None else (lambda a, i=idx: np.asarray(a)[i])
@@ -1783,7 +1807,7 @@ def report_multilabel(evaluated: list, args, settings: dict) -> dict:
         raise UserError("--checkpoint: multi-label checkpoints are compared only with multi-label checkpoints of the "
                         "same findings; evaluate the others separately")
     print(f"bootstrap: {args.bootstrap} resamples per model ...")
-    results = [compute_multilabel_metrics(ev.y_true, ev.prob, ev.info["thresholds"], args.bootstrap, args.seed)
+    results = [compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, args.bootstrap, args.seed)
                for ev in evaluated]
     single = len(evaluated) == 1
     folders = [args.output_dir] if single else [os.path.join(args.output_dir, f) for f in folder_names(evaluated)]
@@ -1798,7 +1822,7 @@ def report_multilabel(evaluated: list, args, settings: dict) -> dict:
     width = max(len(ev.name) for ev in evaluated) + 2
     print(f"{'model':<{width}}{'split':<7}{'images':>7}  {'mean AUC':>10}{'mean AP':>10}")
     for ev, m in zip(evaluated, results):
-        print(f"{ev.name:<{width}}{ev.info['split']:<7}{len(ev.y_true):>7}  {fmt(m['mean_auc']['value']):>10}"
+        print(f"{ev.name:<{width}}{ev.info.split:<7}{len(ev.y_true):>7}  {fmt(m['mean_auc']['value']):>10}"
               f"{fmt(m['mean_ap']['value']):>10}")
     print(f"report: {os.path.join(args.output_dir, 'report.md')}")
     return {"models": [ev.name for ev in evaluated], "folders": folders, "metrics": results, "paired": paired}
@@ -1824,7 +1848,7 @@ def print_summary(evaluated: list, results: list, report: str) -> None:
     keys = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece")
     print(f"{'model':<{width}}{'split':<7}{'images':>7}  " + "".join(f"{l:>10}" for l in labels))
     for ev, m in zip(evaluated, results):
-        print(f"{ev.name:<{width}}{ev.info['split']:<7}{len(ev.y_true):>7}  "
+        print(f"{ev.name:<{width}}{ev.info.split:<7}{len(ev.y_true):>7}  "
               + "".join(f"{fmt(m[k]['value']):>10}" for k in keys))
     print(f"report: {report}")
 

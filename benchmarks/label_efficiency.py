@@ -121,13 +121,13 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     device = utils.resolve_device(args.device)
     (ev,) = evaluate.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
     if ev.kind == evaluate.MULTILABEL_KIND:
-        scores = evaluate.compute_multilabel_metrics(ev.y_true, ev.prob, ev.info["thresholds"], 0, 0)
+        scores = evaluate.compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, 0, 0)
         metrics = MULTILABEL_METRICS
     else:
         scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
         metrics = METRICS
     row = {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
-           "best_epoch": ev.info["epoch"], "test_images": len(ev.y_true),
+           "best_epoch": ev.info.epoch, "test_images": len(ev.y_true),
            **{m: float(scores[m]["value"]) for m in metrics}}
     utils.atomic_write_text(done, json.dumps({"argv": key, "row": row}))
     return row
