@@ -141,7 +141,8 @@ class RecipeParser(argparse.ArgumentParser):
 
 
 def _recipe_text(value) -> str:
-    return getattr(value, "__doc__", None) or str(value) if callable(value) else str(value)
+    """A constant as written, a rule by its docstring (for --help)."""
+    return (value.__doc__ or value.__name__) if callable(value) else str(value)
 
 
 def apply_recipe(args, recipes: dict, given: set) -> None:
