@@ -4,6 +4,7 @@
         --ssl_checkpoint ./checkpoints/best_ssl_model.pth --freeze_encoder --unfreeze_after_epoch 25
     python fine_tune.py --data_dir ./data/medical_images --label_file ./data/medical_images/labels.csv \\
         --label_fraction 0.1                                  # baseline from scratch on 10% of the labels
+    python fine_tune.py ... --recipe tuned --ssl_checkpoint ./checkpoints/best_ssl_model.pth   # the measured recipe
     python fine_tune.py ... --resume                          # continue the interrupted run
     torchrun --standalone --nproc_per_node 2 fine_tune.py --data_dir ./data/medical_images \\
         --label_file ./data/medical_images/labels.csv --ssl_checkpoint ./checkpoints/best_ssl_model.pth
@@ -32,6 +33,19 @@ from utils import UserError
 
 RESUME_KEYS = ("label_fraction", "seed", "split_seed", "num_classes", "image_size", "batch_size", "freeze_encoder",
                "unfreeze_after_epoch", "ssl_checkpoint", "task", "uncertain", "pos_weight")
+
+TUNED_STEPS = 100     # the benchmark's 100 epochs at 10% of 500 synthetic images: 35 labels, one batch of 32 per epoch
+
+
+def tuned_steps(args, given):
+    """100 optimizer steps, unless --num_epochs is given"""
+    return utils.KEEP_DEFAULT if "num_epochs" in given else TUNED_STEPS
+
+
+# --recipe tuned: benchmarks/label_efficiency.py's measured fine-tuning (docs/results.md): the whole network at
+# the full learning rate, as the from-scratch baseline; mirrored corners in rotations; a length in steps
+TUNED = {"lr": 1e-3, "batch_size": 32, "encoder_lr_scale": 1.0, "rotation_fill": "reflection",
+         "num_steps": tuned_steps}
 
 
 # ============ data ============
@@ -328,11 +342,24 @@ def resolve_backbone(args, ssl) -> None:
     args.backbone = saved
 
 
+def resolve_num_epochs(args, steps_per_epoch: int) -> None:
+    """--num_steps N > 0: train for the epochs that hold N optimizer steps (rounded up), so a few dozen labels,
+    one step an epoch, get as many updates as a large labelled set; recorded in value_sources."""
+    if args.num_steps > 0:
+        args.num_epochs = -(-args.num_steps // max(1, steps_per_epoch))
+        sources = getattr(args, "value_sources", {})
+        sources["num_epochs"] = f"--num_steps {args.num_steps} at {steps_per_epoch} step(s) per epoch"
+        args.value_sources = sources
+
+
 def refuse_replacing_another_run(args, ssl, dist) -> None:
     """Before any work: a fresh run would replace the best model there, which may be another run's."""
     if not args.resume and dist.is_main:
+        # --num_steps sets num_epochs only once the data is read: compare the steps, not those epochs
+        compared = argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                         if not (k == "num_epochs" and args.num_steps > 0)})
         utils.refuse_replacing_another_run(os.path.join(args.output_dir, run_names(args, ssl is not None)[0]),
-                                           args, utils.sha256_file(args.label_file), args.overwrite)
+                                           compared, utils.sha256_file(args.label_file), args.overwrite)
 
 
 @utils.locks_output_dir(check_args, lambda args: run_names(args, bool(args.ssl_checkpoint))[1])
@@ -346,6 +373,7 @@ def main(args):
     resolve_backbone(args, ssl)
     refuse_replacing_another_run(args, ssl, dist)
     table, train_idx, store, train_loader, val_loader = build_data(args, ssl, runtime)
+    resolve_num_epochs(args, len(train_loader))
     model = build_model(args, ssl, table.num_classes).to(device).to(memory_format=torch.channels_last)
     model = utils.convert_sync_bn(model, args.sync_bn, dist)
     if args.freeze_encoder and ssl is None and dist.is_main:
@@ -461,9 +489,9 @@ def log_epoch(epoch, num_epochs, stats, val, frozen, improved) -> dict:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
-                                parents=[utils.common_parser(), utils.training_parser(), utils.task_parser()],
-                                formatter_class=utils.HelpFormatter)
+    p = utils.RecipeParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
+                           parents=[utils.common_parser(), utils.training_parser(), utils.task_parser()],
+                           formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
     p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's names are relative to")
     p.add_argument("--label_file", default="./data/medical_images/labels.csv",
                    help="CSV filename,label[,split][,patient_id], or a multi-label file (docs/multilabel.md)")
@@ -482,6 +510,10 @@ def get_args_parser():
     p.add_argument("--batch_size", type=int, default=32,
                    help="images per step per process; under torchrun the global batch is this x processes")
     p.add_argument("--num_epochs", type=int, default=50, help="fine-tuning epochs")
+    p.add_argument("--num_steps", type=int, default=0,
+                   help="fine-tuning length in optimizer steps (0: use --num_epochs); sets --num_epochs to the epochs "
+                        "holding this many steps, rounded up. --recipe tuned: 100 unless --num_epochs is given, the "
+                        "steps of the benchmark's 100 epochs at 10%% of 500 images (35 labels: one step an epoch)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (and of a from-scratch encoder)")
     p.add_argument("--encoder_lr_scale", type=float, default=0.1,
                    help="learning rate of a pretrained encoder relative to --lr once it trains")

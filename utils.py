@@ -99,6 +99,73 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(model) if enabled else model
 
 
+# ============ named recipes (--recipe) ============
+
+RECIPE_NAMES = ("spec", "tuned")
+_UNSET = object()           # marks a flag the command line did not give
+KEEP_DEFAULT = object()     # a recipe rule's answer when the parser's default stays (e.g. a flag it yields to was given)
+
+
+class RecipeParser(argparse.ArgumentParser):
+    """An ArgumentParser with `--recipe {spec,tuned}`: parse_args gives every flag that `recipes[name]` names
+    the recipe's value unless the command line gave the flag (in any form: --flag v, --flag=v, an
+    abbreviation), and records in `args.value_sources` where each recipe-controlled value came from
+    ('flag', 'recipe tuned' or 'default'). `spec` names no values: it is the parser's defaults.
+
+    A recipe value is a constant or a rule `f(args, given) -> value or KEEP_DEFAULT`, evaluated after the
+    constants (so it sees them), e.g. a warm-up that is a tenth of --num_epochs."""
+
+    def __init__(self, *a, recipes: dict, **kw):
+        super().__init__(*a, **kw)
+        self.recipes = {"spec": {}, **recipes}
+        assert set(self.recipes) == set(RECIPE_NAMES), self.recipes.keys()
+        shown = "; ".join(f"{k}={_recipe_text(v)}" for k, v in self.recipes["tuned"].items())
+        self.add_argument_group("recipe").add_argument(
+            "--recipe", default="spec", choices=RECIPE_NAMES,
+            help=f"spec: the seed README's table, i.e. every default below; tuned: the measured recipe of "
+                 f"benchmarks/label_efficiency.py ({shown}). Flags given explicitly win over the recipe "
+                 f"(docs/design.md, Recipes)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if namespace is None:                  # a caller's namespace: its preset values are not ours to change
+            apply_recipe(parsed, self.recipes, self._given(args))
+        return parsed, extras
+
+    def _given(self, argv) -> set:
+        """The dests the command line set: parse again with every default replaced by a sentinel (argparse
+        only fills in defaults for attributes the namespace lacks)."""
+        probe = argparse.Namespace(**{a.dest: _UNSET for a in self._actions if a.default is not argparse.SUPPRESS})
+        seen, _ = super().parse_known_args(argv, probe)
+        return {k for k, v in vars(seen).items() if v is not _UNSET}
+
+
+def _recipe_text(value) -> str:
+    """A constant as written, a rule by its docstring (for --help)."""
+    return (value.__doc__ or value.__name__) if callable(value) else str(value)
+
+
+def apply_recipe(args, recipes: dict, given: set) -> None:
+    """Set the values of recipe `args.recipe` that the command line did not give; fill `args.value_sources`."""
+    values = recipes[args.recipe]
+    sources = {}
+    controlled = list(dict.fromkeys(k for r in recipes.values() for k in r))
+    rules_last = sorted(controlled, key=lambda k: callable(values.get(k)))
+    for name in rules_last:
+        value = values.get(name, KEEP_DEFAULT)
+        if name in given:
+            sources[name] = "flag"
+            continue
+        if callable(value):
+            value = value(args, given)
+        if value is KEEP_DEFAULT:
+            sources[name] = "default" if name not in values else f"default (recipe {args.recipe} yields to a flag)"
+        else:
+            setattr(args, name, value)
+            sources[name] = f"recipe {args.recipe}"
+    args.value_sources = {k: sources[k] for k in controlled}
+
+
 def run_cli(main, parser: argparse.ArgumentParser, argv=None):
     """Parse, run main(args), and turn a UserError into one line on stderr and exit code 2."""
     args = parser.parse_args(argv)
@@ -167,7 +234,8 @@ FLAG_RULES = {
     "rotation": Bound(float, 0, 180, hint="degrees"), "jitter": Bound(float, 0, 1), "gamma": Bound(float, 0, 10),
     "eval_every": Bound(int, 1, hint="epochs between kNN evaluations"),
     "num_classes": Bound(int, 2, 10_000), "encoder_lr_scale": Bound(float, 0, 100),
-    "unfreeze_after_epoch": UINT, "head_prefit_steps": Bound(int, 0, 1_000_000),
+    "unfreeze_after_epoch": UINT, "num_steps": Bound(int, 0, 1 << 30, hint="optimizer steps; 0: use --num_epochs"),
+    "head_prefit_steps": Bound(int, 0, 1_000_000),
     "label_fraction": Bound(float, 0, 1, lo_open=True, hint="e.g. 0.1 for 10% of the labels"),
     "val_fraction": Bound(float, 0, 1, hi_open=True), "test_fraction": Bound(float, 0, 1, hi_open=True),
     "bootstrap": Bound(int, 0, 100_000, hint="resamples; 0 for no intervals"),
@@ -532,7 +600,8 @@ def load_checkpoint(path: str, kind: str | tuple | None = None, flag: str = "--c
 # settings that change where and how fast a run computes, not what it learns: a model trained with other values
 # of these is the same experiment (the label file's and the checkpoint's paths are compared by content instead)
 RUNTIME_ARGS = ("device", "precision", "amp", "num_workers", "cache_gb", "output_dir", "output_name", "resume",
-                "overwrite", "compile", "sync_bn", "device_obj", "data_dir", "label_file")
+                "overwrite", "compile", "sync_bn", "device_obj", "data_dir", "label_file",
+                "recipe", "value_sources")     # a recipe is a name for values: the values decide
 
 
 def refuse_replacing_another_run(path: str, args, label_sha256, overwrite: bool) -> None:
@@ -1188,9 +1257,11 @@ def check_epochs_left(done: int, num_epochs: int, path: str) -> None:
 def check_resume_compatible(ckpt: dict, args, keys: tuple, path: str) -> None:
     """Refuse to resume a run with settings that change the network or the data it sees."""
     saved = ckpt.get("args", {})
+    then, now = saved.get("recipe", "spec"), getattr(args, "recipe", "spec")   # runs before recipes were spec
+    recipe = f" (that run used --recipe {then}, this one --recipe {now})" if then != now else ""
     for k in keys:
         if k in saved and saved[k] != getattr(args, k):
-            raise UserError(f"--resume {path}: was run with --{k} {saved[k]}, now --{k} {getattr(args, k)}; "
+            raise UserError(f"--resume {path}: was run with --{k} {saved[k]}, now --{k} {getattr(args, k)}{recipe}; "
                             f"use the same value or start a new --output_dir")
 
 

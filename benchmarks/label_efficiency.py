@@ -2,6 +2,7 @@
 fractions and seeds, all scored on the same held-out test split.
 
     python benchmarks/label_efficiency.py                                  # synthetic data, the 5-minute CPU recipe
+    python benchmarks/label_efficiency.py --recipe spec --output_dir ./runs/label_efficiency_spec   # scripts' defaults
     python benchmarks/label_efficiency.py --device cuda --ssl_epochs 800   # the recipe that makes SSL win (GPU)
     python benchmarks/label_efficiency.py --fractions 0.05 0.1 0.25 1.0 --seeds 0 1 2
     python benchmarks/label_efficiency.py --npz breastmnist.npz --image_size 28 \\
@@ -59,6 +60,24 @@ def prepare_data(args) -> tuple:
     return data_dir, label_file
 
 
+# the benchmark's flags that override a --recipe value: (phase, the script's flag); 'ft_ssl': SSL runs only
+RECIPE_FLAGS = {"ssl_batch_size": ("ssl", "batch_size"), "ssl_optimizer": ("ssl", "optimizer"),
+                "ssl_lr": ("ssl", "lr"), "temperature": ("ssl", "temperature"),
+                "crop_min_scale": ("ssl", "crop_min_scale"), "ssl_rotation": ("ssl", "rotation"),
+                "jitter": ("ssl", "jitter"), "gamma": ("ssl", "gamma"), "ft_batch_size": ("ft", "batch_size"),
+                "ft_lr": ("ft", "lr"), "ft_rotation_fill": ("ft", "rotation_fill"),
+                "encoder_lr_scale": ("ft_ssl", "encoder_lr_scale")}
+
+
+def recipe_argv(args, phases: set) -> list:
+    """--recipe, then the recipe-controlled flags of `phases` that this benchmark was given (they win)."""
+    argv = ["--recipe", args.recipe]
+    for name, (phase, flag) in RECIPE_FLAGS.items():
+        if phase in phases and getattr(args, name) is not None:
+            argv += [f"--{flag}", str(getattr(args, name))]
+    return argv
+
+
 def read_record(path: str, force: bool) -> dict:
     """What a finished (or started) step wrote about itself; {} when absent or with --force."""
     if force or not os.path.isfile(path):
@@ -73,12 +92,8 @@ def pretrain(args, data_dir, label_file) -> str:
     out = os.path.join(args.output_dir, "ssl")
     path, record = os.path.join(out, "best_ssl_model.pth"), os.path.join(out, "pretrain.json")
     argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
-            "--image_size", str(args.image_size), "--batch_size", str(args.ssl_batch_size),
-            "--num_epochs", str(args.ssl_epochs), "--warmup_epochs", str(max(1, args.ssl_epochs // 10)),
-            "--optimizer", args.ssl_optimizer, "--lr", str(args.ssl_lr), "--temperature", str(args.temperature), "--eval_every", "5",
-            "--crop_min_scale", str(args.crop_min_scale), "--rotation", str(args.ssl_rotation),
-            "--jitter", str(args.jitter), "--gamma", str(args.gamma),
-            "--device", args.device, "--precision", args.precision, "--seed", "0"]
+            "--image_size", str(args.image_size), "--num_epochs", str(args.ssl_epochs), "--eval_every", "5",
+            "--device", args.device, "--precision", args.precision, "--seed", "0", *recipe_argv(args, {"ssl"})]
     if args.ssl_cuda_graphs != "auto":          # only then: records of runs before the flag stay reusable
         argv += ["--cuda_graphs", args.ssl_cuda_graphs]
     saved = read_record(record, args.force)
@@ -98,13 +113,11 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     out = os.path.join(args.output_dir, f"{method}_frac{fraction:g}_seed{seed}")
     argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
             "--image_size", str(args.image_size), "--label_fraction", str(fraction),
-            "--num_epochs", str(args.ft_epochs), "--batch_size", str(args.ft_batch_size),
-            "--lr", str(args.ft_lr), "--rotation_fill", args.ft_rotation_fill,
-            "--device", args.device, "--precision", args.precision, "--seed", str(seed),
-            "--output_name", "model.pth"]
+            "--num_epochs", str(args.ft_epochs), "--device", args.device, "--precision", args.precision,
+            "--seed", str(seed), "--output_name", "model.pth",
+            *recipe_argv(args, {"ft", "ft_ssl"} if method == "ssl" else {"ft"})]
     if method == "ssl":
-        argv += ["--ssl_checkpoint", ssl_path, "--head_prefit_steps", str(args.head_prefit_steps),
-                 "--encoder_lr_scale", str(args.encoder_lr_scale)]
+        argv += ["--ssl_checkpoint", ssl_path, "--head_prefit_steps", str(args.head_prefit_steps)]
         if args.freeze_epochs > 0:
             argv += ["--freeze_encoder", "--unfreeze_after_epoch", str(args.freeze_epochs)]
     done = os.path.join(out, "score.json")
@@ -126,7 +139,8 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     else:
         scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
         metrics = METRICS
-    row = {"method": method, "fraction": fraction, "seed": seed, "train_seconds": round(seconds, 1),
+    row = {"method": method, "recipe": args.recipe, "fraction": fraction, "seed": seed,
+           "train_seconds": round(seconds, 1),
            "best_epoch": ev.info.epoch, "test_images": len(ev.y_true),
            **{m: float(scores[m]["value"]) for m in metrics}}
     utils.atomic_write_text(done, json.dumps({"argv": key, "row": row}))
@@ -304,8 +318,24 @@ def main(args):
     print("\n".join(lines))
 
 
+class _RecipeHelp:
+    """Help for a flag whose default is the --recipe's value in `script`: names both recipes' values."""
+
+    def __init__(self, script):
+        self.tuned, self.parser = script.TUNED, script.get_args_parser()
+
+    def __call__(self, text: str, flag: str) -> str:
+        tuned = self.tuned.get(flag, self.parser.get_default(flag))
+        return f"{text} (default: the --recipe's, tuned {tuned}, spec {self.parser.get_default(flag)})"
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
+    p.add_argument("--recipe", default="tuned", choices=utils.RECIPE_NAMES,
+                   help="the recipe both scripts run (train_ssl.py / fine_tune.py --recipe): tuned, the measured one; "
+                        "spec, the scripts' defaults (the seed README's table). The flags below override single "
+                        "values; --ssl_epochs and --ft_epochs are always passed. Give each recipe its own "
+                        "--output_dir to keep both")
     p.add_argument("--data_dir", default="./data/label_efficiency", help="dataset folder (created if empty)")
     p.add_argument("--npz", default=None,
                    help="import this MedMNIST .npz (e.g. breastmnist.npz: README) into --data_dir instead of synthetic data")
@@ -321,33 +351,39 @@ def get_args_parser():
                    help="pretraining epochs: 24 fit in 5 minutes on 2 CPU cores and are worth nothing against a "
                         "converged baseline; 800 (2.5 minutes on an H100) are worth 15 points at 10%% labels "
                         "(README, Results)")
-    p.add_argument("--ssl_batch_size", type=int, default=64, help="pretraining batch (images)")
-    p.add_argument("--ssl_optimizer", default="lars", choices=["adam", "lars"], help="pretraining optimizer")
-    p.add_argument("--ssl_lr", type=float, default=1.2, help="pretraining learning rate")
+    ssl, ft = _RecipeHelp(train_ssl), _RecipeHelp(fine_tune)
+    p.add_argument("--ssl_batch_size", type=int, default=None, help=ssl("pretraining batch (images)", "batch_size"))
+    p.add_argument("--ssl_optimizer", default=None, choices=["adam", "lars"],
+                   help=ssl("pretraining optimizer", "optimizer"))
+    p.add_argument("--ssl_lr", type=float, default=None, help=ssl("pretraining learning rate", "lr"))
     p.add_argument("--ssl_cuda_graphs", default="auto", choices=["auto", "on", "off"],
                    help="train_ssl.py --cuda_graphs: on replays each pretraining step from a CUDA graph")
-    p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature")
-    p.add_argument("--crop_min_scale", type=float, default=0.3, help="pretraining crop: smallest area fraction")
-    p.add_argument("--ssl_rotation", type=float, default=0.0,
-                   help="pretraining rotation range in degrees (15: the original recipe's; docs/results.md)")
-    p.add_argument("--jitter", type=float, default=0.3, help="pretraining brightness and contrast strength")
-    p.add_argument("--gamma", type=float, default=0.35,
-                   help="pretraining random gamma strength (0: off; 0.35 spans the synthetic detector's 0.75-1.35)")
+    p.add_argument("--temperature", type=float, default=None, help=ssl("NT-Xent temperature", "temperature"))
+    p.add_argument("--crop_min_scale", type=float, default=None,
+                   help=ssl("pretraining crop: smallest area fraction", "crop_min_scale"))
+    p.add_argument("--ssl_rotation", type=float, default=None,
+                   help=ssl("pretraining rotation range in degrees (docs/results.md)", "rotation"))
+    p.add_argument("--jitter", type=float, default=None,
+                   help=ssl("pretraining brightness and contrast strength", "jitter"))
+    p.add_argument("--gamma", type=float, default=None,
+                   help=ssl("pretraining random gamma strength (0: off; 0.35 spans the synthetic detector's "
+                            "0.75-1.35)", "gamma"))
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1], help="labelled fractions of train")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
     p.add_argument("--ft_epochs", type=int, default=100,
                    help="fine-tuning epochs (both methods); with 35 labels an epoch is one step, and from-scratch runs "
                         "stopped at 30 were still improving (README, Results)")
-    p.add_argument("--ft_batch_size", type=int, default=32, help="fine-tuning batch")
-    p.add_argument("--ft_lr", type=float, default=1e-3, help="fine-tuning learning rate (both methods)")
-    p.add_argument("--ft_rotation_fill", default="reflection", choices=data_loader.ROTATION_FILLS,
-                   help="fine-tuning (both methods): what fills the corners a rotation brings in")
+    p.add_argument("--ft_batch_size", type=int, default=None, help=ft("fine-tuning batch", "batch_size"))
+    p.add_argument("--ft_lr", type=float, default=None, help=ft("fine-tuning learning rate (both methods)", "lr"))
+    p.add_argument("--ft_rotation_fill", default=None, choices=data_loader.ROTATION_FILLS,
+                   help=ft("fine-tuning (both methods): what fills the corners a rotation brings in", "rotation_fill"))
     p.add_argument("--head_prefit_steps", type=int, default=0,
                    help="SSL runs: full-batch head steps on the frozen features before fine-tuning (a linear probe "
                         "of a random encoder only hurts: scratch runs fell to chance with it)")
     p.add_argument("--freeze_epochs", type=int, default=0, help="SSL runs: epochs with the encoder frozen")
-    p.add_argument("--encoder_lr_scale", type=float, default=1.0,
-                   help="SSL runs: the pretrained encoder's learning rate relative to --ft_lr once it trains")
+    p.add_argument("--encoder_lr_scale", type=float, default=None,
+                   help=ft("SSL runs: the pretrained encoder's learning rate relative to --ft_lr once it trains",
+                           "encoder_lr_scale"))
     p.add_argument("--methods", nargs="+", default=["ssl", "scratch"], choices=["ssl", "scratch"],
                    help="which initialisations to fine-tune (scratch runs do not depend on the SSL recipe)")
     p.add_argument("--ssl_checkpoint", default=None, help="reuse this pretrained checkpoint instead of pretraining")

@@ -1,0 +1,113 @@
+"""--recipe {spec,tuned} on train_ssl.py, fine_tune.py and benchmarks/label_efficiency.py: the values each
+recipe resolves to, explicit flags winning in every spelling, the sources in the settings file, the recipe
+in the checkpoint, and --resume refusing a recipe that changes what RESUME_KEYS protects."""
+import argparse
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import fine_tune
+import train_ssl
+import utils
+from tiny_data import write_tiny_dataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import label_efficiency  # noqa: E402
+
+# written out here, not read from the scripts: the measured recipe of benchmarks/label_efficiency.py
+TUNED_SSL = {"optimizer": "lars", "lr": 1.2, "batch_size": 64, "temperature": 0.2, "crop_min_scale": 0.3,
+             "rotation": 0.0, "jitter": 0.3, "gamma": 0.35, "warmup_epochs": 10}
+TUNED_FT = {"lr": 1e-3, "batch_size": 32, "encoder_lr_scale": 1.0, "rotation_fill": "reflection", "num_steps": 100}
+
+
+@pytest.mark.parametrize("script", [train_ssl, fine_tune])
+def test_spec_is_the_parsers_defaults_untouched(script):
+    parser = script.get_args_parser()
+    for argv in ([], ["--recipe", "spec"]):
+        args = parser.parse_args(argv)
+        for action in parser._actions:
+            if action.default is not argparse.SUPPRESS:
+                assert getattr(args, action.dest) == action.default, action.dest
+        assert set(args.value_sources.values()) == {"default"}
+
+
+@pytest.mark.parametrize("script, tuned", [(train_ssl, TUNED_SSL), (fine_tune, TUNED_FT)])
+def test_tuned_resolves_the_benchmarks_values(script, tuned):
+    args = script.get_args_parser().parse_args(["--recipe", "tuned"])
+    assert {k: getattr(args, k) for k in tuned} == tuned
+    assert args.value_sources == {k: "recipe tuned" for k in tuned}
+    assert args.recipe == "tuned"
+
+
+@pytest.mark.parametrize("argv, flag, value", [(["--lr", "0.5"], "lr", 0.5), (["--lr=0.5"], "lr", 0.5),
+                                               (["--temp", "0.4"], "temperature", 0.4),      # an abbreviation
+                                               (["--lr", "1.2"], "lr", 1.2)])   # the recipe's value, given: a flag
+def test_an_explicit_flag_wins_over_the_recipe_in_any_spelling(argv, flag, value):
+    args = train_ssl.get_args_parser().parse_args(["--recipe=tuned", *argv, "--num_epochs", "30"])
+    assert getattr(args, flag) == value and args.value_sources[flag] == "flag"
+    assert args.optimizer == "lars" and args.value_sources["optimizer"] == "recipe tuned"
+    assert args.warmup_epochs == 3                      # the recipe's rule sees the given --num_epochs
+    spec = train_ssl.get_args_parser().parse_args(argv)
+    assert getattr(spec, flag) == value and spec.value_sources[flag] == "flag" and spec.optimizer == "adam"
+
+
+def test_tuned_counts_fine_tuning_in_steps_unless_epochs_are_given():
+    parser = fine_tune.get_args_parser()
+    given = parser.parse_args(["--recipe", "tuned", "--num_epochs", "7"])
+    assert given.num_steps == 0 and given.num_epochs == 7 and given.value_sources["num_steps"].startswith("default")
+    args = parser.parse_args(["--recipe", "tuned"])
+    fine_tune.resolve_num_epochs(args, 3)               # 100 steps at 3 a epoch: 34 epochs (rounded up)
+    assert args.num_epochs == 34 and args.value_sources["num_epochs"] == "--num_steps 100 at 3 step(s) per epoch"
+    fine_tune.resolve_num_epochs(given, 3)              # --num_steps 0: --num_epochs stands
+    assert given.num_epochs == 7
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny"), n=24, size=32)
+
+
+def test_settings_record_sources_checkpoint_the_recipe_and_resume_refuses_another(tiny, tmp_path, capsys):
+    argv = ["--data_dir", tiny, "--output_dir", str(tmp_path), "--image_size", "32", "--num_epochs", "1",
+            "--device", "cpu", "--recipe", "tuned", "--batch_size", "12"]
+    train_ssl.main(train_ssl.get_args_parser().parse_args(argv))
+    settings = json.load(open(tmp_path / "ssl_settings.json"))
+    assert settings["recipe"] == "tuned" and settings["optimizer"] == "lars"
+    assert settings["value_sources"]["batch_size"] == "flag"
+    assert settings["value_sources"]["temperature"] == "recipe tuned"
+    assert "value_sources" in capsys.readouterr().out                # the printed settings show them too
+    ckpt = torch.load(tmp_path / "last_ssl_checkpoint.pth", weights_only=True)
+    assert ckpt["args"]["recipe"] == "tuned"
+    spec = train_ssl.get_args_parser().parse_args(argv[:-4] + ["--batch_size", "12", "--num_epochs", "2", "--resume"])
+    with pytest.raises(utils.UserError, match=r"--optimizer lars, now --optimizer adam \(that run used --recipe "
+                                              r"tuned, this one --recipe spec\)"):
+        train_ssl.main(spec)
+
+
+def test_fine_tune_tuned_trains_the_steps_asked_for(tiny, tmp_path):
+    argv = ["--data_dir", tiny, "--label_file", os.path.join(tiny, "labels.csv"), "--output_dir", str(tmp_path),
+            "--image_size", "32", "--batch_size", "4", "--device", "cpu", "--recipe", "tuned", "--num_steps", "5"]
+    fine_tune.main(fine_tune.get_args_parser().parse_args(argv))    # 16 train images, 4 a batch: 4 steps an epoch
+    settings = json.load(open(tmp_path / "baseline_settings.json"))
+    assert settings["num_epochs"] == 2 and settings["value_sources"]["num_steps"] == "flag"
+    assert settings["value_sources"]["num_epochs"] == "--num_steps 5 at 4 step(s) per epoch"
+    assert settings["rotation_fill"] == "reflection" and settings["value_sources"]["rotation_fill"] == "recipe tuned"
+    again = fine_tune.get_args_parser().parse_args(argv)          # the same command again is not "another run",
+    fine_tune.refuse_replacing_another_run(again, None, utils.Dist(False, 0, 1, True, torch.device("cpu")))
+    other = fine_tune.get_args_parser().parse_args(argv[:-1] + ["6"])      # though its epochs are not known yet
+    with pytest.raises(utils.UserError, match="--num_steps 5 then, 6 now"):
+        fine_tune.refuse_replacing_another_run(other, None, utils.Dist(False, 0, 1, True, torch.device("cpu")))
+
+
+def test_benchmark_passes_its_recipe_and_only_the_values_it_was_given():
+    parse = label_efficiency.get_args_parser().parse_args
+    assert label_efficiency.recipe_argv(parse([]), {"ssl"}) == ["--recipe", "tuned"]
+    spec = parse(["--recipe", "spec", "--ssl_lr", "0.5", "--encoder_lr_scale", "0.1"])
+    assert label_efficiency.recipe_argv(spec, {"ssl"}) == ["--recipe", "spec", "--lr", "0.5"]
+    assert label_efficiency.recipe_argv(spec, {"ft"}) == ["--recipe", "spec"]                # scratch runs
+    assert label_efficiency.recipe_argv(spec, {"ft", "ft_ssl"}) == ["--recipe", "spec", "--encoder_lr_scale", "0.1"]
+    ssl = train_ssl.get_args_parser().parse_args(label_efficiency.recipe_argv(spec, {"ssl"}))
+    assert (ssl.lr, ssl.optimizer, ssl.temperature) == (0.5, "adam", 0.5)   # spec: the scripts' defaults
