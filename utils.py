@@ -1058,8 +1058,7 @@ def plot_history_throttled(csv_path: str, png_path: str, title: str, last_epoch:
 # (images/s, the encoder-frozen flag) are for the CSV: a reader of the figure needs loss, quality and lr.
 HISTORY_PANELS = (
     ("loss", ("train_loss", "val_loss", "loss"), "loss per image"),
-    ("validation", ("val_balanced_accuracy", "val_accuracy", "knn_accuracy", "val_mean_auc"),
-     "accuracy (multi-label: mean ROC-AUC)"),
+    ("validation", ("val_balanced_accuracy", "val_accuracy", "knn_accuracy", "val_mean_auc"), "accuracy"),
     ("learning rate", ("lr",), "learning rate"),
     ("embedding spread (collapse if near 0)", ("embedding_std",), "std of normalised embeddings"),
 )
@@ -1100,6 +1099,8 @@ def plot_history(csv_path: str, png_path: str, title: str, best_epoch: int | Non
     df = pd.read_csv(csv_path)
     numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
     panels = [(t, [c for c in cols if c in numeric], y) for t, cols, y in HISTORY_PANELS]
+    if "val_mean_auc" in numeric:                      # a multi-label run's validation panel holds its mean AUC
+        panels = [(t, c, "mean ROC-AUC" if t == "validation" else y) for t, c, y in panels]
     panels = [p for p in panels if p[1]]
     if not panels or "epoch" not in df:
         return
