@@ -344,6 +344,16 @@ def history_beside(ckpt: dict, path: str, notes: list):
     return csv_path
 
 
+def scored_rows(ckpt: dict, table, args, path: str, notes: list) -> tuple:
+    """(rows, filenames) of a classifier's split to score: the one its checkpoint recorded, checked against the
+    label file it was trained with and against its training images."""
+    check_label_hash(ckpt.get("label_file_sha256"), table, args.label_file, path, notes)
+    rows = recorded_split(ckpt, table, args.split, path, args.label_file, notes)
+    filenames = [table.filenames[i] for i in rows]
+    check_not_trained_on(ckpt, filenames, args.split, path, notes)
+    return rows, filenames
+
+
 def evaluate_classifier(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
     """Softmax probabilities of a fine-tuned classifier on its recorded split."""
     notes, num_classes = [], int(ckpt["num_classes"])
@@ -354,10 +364,7 @@ def evaluate_classifier(path: str, name: str, ckpt: dict, args, device, autocast
     # no class count passed down: a label file lacking a class is still scorable, mapped by name below
     table = read_table(args, None, {"seed": ckpt.get("split_seed"), "val_fraction": ckpt.get("val_fraction"),
                                     "test_fraction": ckpt.get("test_fraction")})
-    check_label_hash(ckpt.get("label_file_sha256"), table, args.label_file, path, notes)
-    rows = recorded_split(ckpt, table, args.split, path, args.label_file, notes)
-    filenames = [table.filenames[i] for i in rows]
-    check_not_trained_on(ckpt, filenames, args.split, path, notes)
+    rows, filenames = scored_rows(ckpt, table, args, path, notes)
 
     model = load_classifier(ckpt, path)
     features = encode_images(model.encoder, filenames, ckpt, args, device, autocast_dtype)
@@ -1500,10 +1507,7 @@ def evaluate_multilabel_classifier(path: str, name: str, ckpt: dict, args, devic
     table = data_loader.load_label_table(args.label_file, args.data_dir, "multilabel", ckpt.get("uncertain", "ignore"),
                                          seed=ckpt.get("split_seed", 42), val_fraction=ckpt.get("val_fraction", 0.15),
                                          test_fraction=ckpt.get("test_fraction", 0.15))
-    check_label_hash(ckpt.get("label_file_sha256"), table, args.label_file, path, notes)
-    rows = recorded_split(ckpt, table, args.split, path, args.label_file, notes)
-    filenames = [table.filenames[i] for i in rows]
-    check_not_trained_on(ckpt, filenames, args.split, path, notes)
+    rows, filenames = scored_rows(ckpt, table, args, path, notes)
     missing = [n for n in names if n not in table.class_names]
     if missing:
         raise UserError(f"--label_file {args.label_file}: has no finding {missing[0]!r} of the checkpoint's "
