@@ -354,12 +354,18 @@ def scored_rows(ckpt: dict, table, args, path: str, notes: list) -> tuple:
     return rows, filenames
 
 
+def checked_num_classes(ckpt: dict, args, path: str, what: str) -> int:
+    """The checkpoint's class (or finding) count; --num_classes, when given, must agree with it."""
+    k = int(ckpt["num_classes"])
+    if args.num_classes is not None and args.num_classes != k:
+        raise UserError(f"--num_classes {args.num_classes}: {path} was trained for {k} {what}; "
+                        f"drop the flag or pass --num_classes {k}")
+    return k
+
+
 def evaluate_classifier(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
     """Softmax probabilities of a fine-tuned classifier on its recorded split."""
-    notes, num_classes = [], int(ckpt["num_classes"])
-    if args.num_classes is not None and args.num_classes != num_classes:
-        raise UserError(f"--num_classes {args.num_classes}: {path} was trained for {num_classes} classes; "
-                        f"drop the flag or pass --num_classes {num_classes}")
+    notes, num_classes = [], checked_num_classes(ckpt, args, path, "classes")
     class_names = [str(c) for c in ckpt.get("class_names") or range(num_classes)]
     # no class count passed down: a label file lacking a class is still scorable, mapped by name below
     table = read_table(args, None, {"seed": ckpt.get("split_seed"), "val_fraction": ckpt.get("val_fraction"),
@@ -1499,10 +1505,7 @@ TOP_FINDINGS_SHOWN = 4           # t-SNE/UMAP panels: the most frequent findings
 
 def evaluate_multilabel_classifier(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
     """Sigmoid probabilities of a multi-label classifier on its recorded split, with its val thresholds."""
-    notes, k = [], int(ckpt["num_classes"])
-    if args.num_classes is not None and args.num_classes != k:
-        raise UserError(f"--num_classes {args.num_classes}: {path} was trained for {k} findings; "
-                        f"drop the flag or pass --num_classes {k}")
+    notes, k = [], checked_num_classes(ckpt, args, path, "findings")
     names = [str(c) for c in ckpt.get("class_names") or range(k)]
     table = data_loader.load_label_table(args.label_file, args.data_dir, "multilabel", ckpt.get("uncertain", "ignore"),
                                          seed=ckpt.get("split_seed", 42), val_fraction=ckpt.get("val_fraction", 0.15),

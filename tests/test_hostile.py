@@ -44,12 +44,7 @@ GEN = "--output_dir {out} --num_images 4 --num_classes 2 --image_size 32"
 
 # ============ shared fixtures ============
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 def _label_files(folder: str, data: str) -> None:
