@@ -4,8 +4,9 @@
 # are written under the current folder (./data, ./checkpoints, ./evaluation_results).
 #
 #   bash quickstart.sh                                  # the README's sizes (README: how long on a 2-core CPU)
-#   SSL_EPOCHS=800 bash quickstart.sh                   # longer pretraining (on a GPU)
-#   IMAGES=48 UNLABELED=24 SIZE=32 SSL_EPOCHS=2 FT_EPOCHS=2 bash quickstart.sh   # a smoke test (the tests' size)
+#   SSL_EPOCHS=200 bash quickstart.sh                   # longer pretraining (a GPU)
+#   FRACTION=0.1 bash quickstart.sh                     # fine-tune on 10% of the labels instead of 5%
+#   IMAGES=48 UNLABELED=24 SIZE=32 SSL_EPOCHS=2 FT_STEPS=2 bash quickstart.sh   # a smoke test (the tests' size)
 #
 # Each phase prints the command it runs; copy it to run or change that phase by hand.
 set -euo pipefail
@@ -13,8 +14,9 @@ set -euo pipefail
 IMAGES=${IMAGES:-500}          # labelled synthetic images (split 70/15/15 by patient)
 UNLABELED=${UNLABELED:-1000}   # extra unlabelled images, used by pretraining only
 SIZE=${SIZE:-64}               # image side in pixels
-SSL_EPOCHS=${SSL_EPOCHS:-10}   # pretraining epochs (the gain needs hundreds: docs/results.md)
-FT_EPOCHS=${FT_EPOCHS:-100}    # fine-tuning epochs, the same for both runs
+SSL_EPOCHS=${SSL_EPOCHS:-40}   # pretraining epochs of the tuned recipe (docs/results.md)
+FRACTION=${FRACTION:-0.05}     # labelled share of the train split for both fine-tunings (5%: 18 images)
+FT_STEPS=${FT_STEPS:-200}      # fine-tuning optimizer steps, the same for both runs
 PYTHON=${PYTHON:-python}
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -42,15 +44,14 @@ phase 1 "synthetic chest X-rays" \
     --image_size "$SIZE"
 phase 2 "SimCLR pretraining" \
     "$PYTHON" "$(script train_ssl.py)" --data_dir $data --label_file $labels --output_dir ./checkpoints \
-    --image_size "$SIZE" --batch_size 128 --num_epochs "$SSL_EPOCHS" --warmup_epochs 1 --lr 0.001 \
-    --temperature 0.2 --crop_min_scale 0.3 --eval_every 5
-phase 3 "fine-tuning from the SSL encoder on 10% of the labels" \
+    --recipe tuned --image_size "$SIZE" --num_epochs "$SSL_EPOCHS" --eval_every 5 --compile
+phase 3 "fine-tuning from the SSL encoder on $(awk "BEGIN{print $FRACTION*100}")% of the labels" \
     "$PYTHON" "$(script fine_tune.py)" --data_dir $data --label_file $labels \
-    --ssl_checkpoint ./checkpoints/best_ssl_model.pth --output_dir ./checkpoints --label_fraction 0.1 \
-    --num_epochs "$FT_EPOCHS" --encoder_lr_scale 1
+    --ssl_checkpoint ./checkpoints/best_ssl_model.pth --output_dir ./checkpoints --recipe tuned \
+    --label_fraction "$FRACTION" --num_steps "$FT_STEPS"
 phase 4 "the same fine-tuning from scratch (the baseline)" \
     "$PYTHON" "$(script fine_tune.py)" --data_dir $data --label_file $labels --output_dir ./checkpoints \
-    --image_size "$SIZE" --label_fraction 0.1 --num_epochs "$FT_EPOCHS"
+    --recipe tuned --image_size "$SIZE" --label_fraction "$FRACTION" --num_steps "$FT_STEPS"
 phase 5 "evaluation of both on the held-out test split" \
     "$PYTHON" "$(script evaluate.py)" --checkpoint ./checkpoints/best_finetuned_model.pth \
     --checkpoint ./checkpoints/best_baseline_model.pth --data_dir $data --label_file $labels \

@@ -303,7 +303,7 @@ def main(args):
     if resumed is not None:
         restore_augment_rng(resumed, augment_rng, start_epoch, args.seed)
     utils.lr_on_device(optimizer, device if static_step is not None else None)
-    train_model = utils.maybe_compile(utils.wrap_ddp(model, dist), args.compile)   # DDP broadcasts rank 0's weights
+    train_model = utils.maybe_compile(utils.wrap_ddp(model, dist), args.compile, device)   # DDP broadcasts rank 0's weights
 
     if store is not None and len(store) < 2:
         raise UserError(f"--data_dir {args.data_dir}: SimCLR needs at least 2 readable images, found {len(store)}")

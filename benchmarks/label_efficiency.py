@@ -1,9 +1,9 @@
 """Label efficiency: SSL-initialised fine-tuning vs the same recipe from scratch, at several label
 fractions and seeds, all scored on the same held-out test split.
 
-    python benchmarks/label_efficiency.py                                  # synthetic data, the 5-minute CPU recipe
+    python benchmarks/label_efficiency.py --seeds 0 1 2 3 4                # the quick start's data and recipe, CPU
     python benchmarks/label_efficiency.py --recipe spec --output_dir ./runs/label_efficiency_spec   # scripts' defaults
-    python benchmarks/label_efficiency.py --device cuda --ssl_epochs 800   # the recipe that makes SSL win (GPU)
+    python benchmarks/label_efficiency.py --device cuda --ssl_epochs 200   # longer pretraining (GPU)
     python benchmarks/label_efficiency.py --fractions 0.05 0.1 0.25 1.0 --seeds 0 1 2
     python benchmarks/label_efficiency.py --npz breastmnist.npz --image_size 28 \\
         --output_dir ./runs/label_efficiency_breastmnist
@@ -49,6 +49,10 @@ def prepare_data(args) -> tuple:
     data_dir = args.data_dir
     label_file = os.path.join(data_dir, "labels.csv")
     if os.path.isfile(label_file):
+        if not args.npz and args.num_unlabeled and not os.path.isdir(os.path.join(data_dir, "unlabeled")):
+            print(f"warning: reusing {data_dir}, which has no unlabeled/ folder: pretraining sees only its labelled "
+                  f"images, not --num_unlabeled {args.num_unlabeled} more (empty the folder to generate them)",
+                  file=sys.stderr)
         return data_dir, label_file
     if args.npz:
         data_loader.import_npz(args.npz, data_dir)
@@ -94,6 +98,8 @@ def pretrain(args, data_dir, label_file) -> str:
     argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
             "--image_size", str(args.image_size), "--num_epochs", str(args.ssl_epochs), "--eval_every", "5",
             "--device", args.device, "--precision", args.precision, "--seed", "0", *recipe_argv(args, {"ssl"})]
+    if args.ssl_compile:
+        argv += ["--compile"]
     if args.ssl_cuda_graphs != "auto":          # only then: records of runs before the flag stay reusable
         argv += ["--cuda_graphs", args.ssl_cuda_graphs]
     saved = read_record(record, args.force)
@@ -113,7 +119,8 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     out = os.path.join(args.output_dir, f"{method}_frac{fraction:g}_seed{seed}")
     argv = ["--data_dir", data_dir, "--label_file", label_file, "--output_dir", out,
             "--image_size", str(args.image_size), "--label_fraction", str(fraction),
-            "--num_epochs", str(args.ft_epochs), "--device", args.device, "--precision", args.precision,
+            *(["--num_epochs", str(args.ft_epochs)] if args.ft_epochs else ["--num_steps", str(args.ft_steps)]),
+            "--device", args.device, "--precision", args.precision,
             "--seed", str(seed), "--output_name", "model.pth",
             *recipe_argv(args, {"ft", "ft_ssl"} if method == "ssl" else {"ft"})]
     if method == "ssl":
@@ -141,7 +148,7 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
         metrics = METRICS
     row = {"method": method, "recipe": args.recipe, "fraction": fraction, "seed": seed,
            "train_seconds": round(seconds, 1),
-           "best_epoch": ev.info.epoch, "test_images": len(ev.y_true),
+           "best_epoch": ev.info.epoch, "num_epochs": ev.info.num_epochs, "test_images": len(ev.y_true),
            **{m: float(scores[m]["value"]) for m in metrics}}
     utils.atomic_write_text(done, json.dumps({"argv": key, "row": row}))
     return row
@@ -224,13 +231,30 @@ def summarise_probe(results: list, path_csv: str) -> list:
     return lines
 
 
+def run_epochs(df, num_epochs: int):
+    """Each run's epoch count: recorded per run (--ft_steps makes it depend on the fraction), else num_epochs."""
+    return df.num_epochs.fillna(num_epochs) if "num_epochs" in df else num_epochs
+
+
 def convergence_warnings(df, num_epochs: int) -> list:
     """Lines for method x fraction groups whose best-on-val epoch fell in the last 10% of the epochs: those
     runs were still improving, and a baseline stopped while still improving is a crippled baseline."""
-    late = df[fine_tune.peaked_late(df.best_epoch, num_epochs)].groupby(["fraction", "method"]).size()
+    late = df[fine_tune.peaked_late(df.best_epoch, run_epochs(df, num_epochs))].groupby(["fraction", "method"]).size()
     return [f"- warning: {n} of {len(df[(df.fraction == f) & (df.method == m)])} {m} runs at {f:g} peaked on val in "
-            f"the last 10% of the {num_epochs} epochs and may still be improving: rerun with more --ft_epochs"
+            f"the last 10% of their epochs and may still be improving: rerun with more --ft_steps"
             for (f, m), n in late.items()]
+
+
+def seeds_ahead(df, metric: str) -> str:
+    """', SSL ahead in k of n seeds (per-seed gains ...)' over the seeds with both methods; '' when none."""
+    paired = df.pivot_table(index="seed", columns="method", values=metric)
+    if not {"ssl", "scratch"} <= set(paired.columns):
+        return ""
+    diff = (paired["ssl"] - paired["scratch"]).dropna()
+    if diff.empty:
+        return ""
+    return (f", SSL ahead in {int((diff > 0).sum())} of {len(diff)} seeds (per seed: "
+            f"{', '.join(f'{100 * d:+.1f}' for d in diff)})")
 
 
 def summarise(rows: list, path_csv: str, path_md: str, extra: list = (), num_epochs: int = 0,
@@ -252,12 +276,15 @@ def summarise(rows: list, path_csv: str, path_md: str, extra: list = (), num_epo
         by = part.set_index("method")
         if {"ssl", "scratch"} <= set(by.index):
             gain = by.loc["ssl", metrics[0] + "_mean"] - by.loc["scratch", metrics[0] + "_mean"]
-            gains.append(f"- {frac:g}: SSL - scratch {metrics[0].replace('_auc', ' AUC')} = {100 * gain:+.1f} points")
+            gains.append(f"- {frac:g}: SSL - scratch {metrics[0].replace('_auc', ' AUC')} = {100 * gain:+.1f} points"
+                         f"{seeds_ahead(df[df.fraction == frac], metrics[0])}")
     chosen = []
     if "best_epoch" in df and df.best_epoch.notna().all():     # rows kept from before best_epoch was recorded lack it
-        epochs = df.groupby(["fraction", "method"]).best_epoch.median()
-        chosen = ["", "Epoch chosen on val:", *[f"- {f:g} {m}: median best epoch {e:g} of {num_epochs}"
-                                                for (f, m), e in epochs.items()], *convergence_warnings(df, num_epochs)]
+        runs = df.assign(run_epochs=run_epochs(df, num_epochs)).groupby(["fraction", "method"])
+        epochs = runs[["best_epoch", "run_epochs"]].median()
+        chosen = ["", "Epoch chosen on val:", *[f"- {f:g} {m}: median best epoch {r.best_epoch:g} of {r.run_epochs:g}"
+                                                for (f, m), r in epochs.iterrows()],
+                  *convergence_warnings(df, num_epochs)]
     out = lines + ["", f"{GAIN_NAMES[metrics[0]]} gain of SSL initialisation:", *gains, *chosen, *extra]
     utils.atomic_write_text(path_md, "\n".join(out) + "\n")
     return out
@@ -313,7 +340,7 @@ def main(args):
                                         pd.DataFrame(rows).to_csv(index=False))
     metrics = MULTILABEL_METRICS if is_multilabel(args, label_file) else METRICS
     lines = summarise(rows, os.path.join(args.output_dir, "summary.csv"), os.path.join(args.output_dir, "summary.md"),
-                      probe, args.ft_epochs, metrics)
+                      probe, args.ft_epochs or 0, metrics)
     plot(rows, os.path.join(args.output_dir, "label_efficiency.png"), metrics)
     print("\n".join(lines))
 
@@ -334,7 +361,7 @@ def get_args_parser():
     p.add_argument("--recipe", default="tuned", choices=utils.RECIPE_NAMES,
                    help="the recipe both scripts run (train_ssl.py / fine_tune.py --recipe): tuned, the measured one; "
                         "spec, the scripts' defaults (the seed README's table). The flags below override single "
-                        "values; --ssl_epochs and --ft_epochs are always passed. Give each recipe its own "
+                        "values; --ssl_epochs and --ft_steps (or --ft_epochs) are always passed. Give each recipe its own "
                         "--output_dir to keep both")
     p.add_argument("--data_dir", default="./data/label_efficiency", help="dataset folder (created if empty)")
     p.add_argument("--npz", default=None,
@@ -344,18 +371,21 @@ def get_args_parser():
                         "are scored by mean ROC-AUC over the findings (also automatic for a multi-label --npz)")
     p.add_argument("--output_dir", default="./runs/label_efficiency", help="runs, tables and the figure")
     p.add_argument("--num_images", type=int, default=500, help="labelled synthetic images")
-    p.add_argument("--num_unlabeled", type=int, default=0, help="extra unlabelled synthetic images")
+    p.add_argument("--num_unlabeled", type=int, default=1000,
+                   help="extra unlabelled synthetic images (pretraining only; the quick start's data)")
     p.add_argument("--data_seed", type=int, default=42, help="seed of the synthetic data")
     p.add_argument("--image_size", type=int, default=64, help="resolution for every phase")
-    p.add_argument("--ssl_epochs", type=int, default=24,
-                   help="pretraining epochs: 24 fit in 5 minutes on 2 CPU cores and are worth nothing against a "
-                        "converged baseline; 800 (2.5 minutes on an H100) are worth 15 points at 10%% labels "
-                        "(README, Results)")
+    p.add_argument("--ssl_epochs", type=int, default=40,
+                   help="pretraining epochs: 40 of the tuned recipe on the 1,346 non-test images take about 9 "
+                        "minutes on 2 CPU cores with --ssl_compile (docs/results.md)")
     ssl, ft = _RecipeHelp(train_ssl), _RecipeHelp(fine_tune)
     p.add_argument("--ssl_batch_size", type=int, default=None, help=ssl("pretraining batch (images)", "batch_size"))
     p.add_argument("--ssl_optimizer", default=None, choices=["adam", "lars"],
                    help=ssl("pretraining optimizer", "optimizer"))
     p.add_argument("--ssl_lr", type=float, default=None, help=ssl("pretraining learning rate", "lr"))
+    p.add_argument("--ssl_compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="train_ssl.py --compile: torch.compile the pretraining step (about 1.6x faster on a 2-core "
+                        "CPU; needs a C++ compiler there, else it trains uncompiled with a warning)")
     p.add_argument("--ssl_cuda_graphs", default="auto", choices=["auto", "on", "off"],
                    help="train_ssl.py --cuda_graphs: on replays each pretraining step from a CUDA graph")
     p.add_argument("--temperature", type=float, default=None, help=ssl("NT-Xent temperature", "temperature"))
@@ -368,11 +398,15 @@ def get_args_parser():
     p.add_argument("--gamma", type=float, default=None,
                    help=ssl("pretraining random gamma strength (0: off; 0.35 spans the synthetic detector's "
                             "0.75-1.35)", "gamma"))
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.1], help="labelled fractions of train")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1],
+                   help="labelled fractions of train (5%%: 18 synthetic images, the headline; every fraction run "
+                        "is reported)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
-    p.add_argument("--ft_epochs", type=int, default=100,
-                   help="fine-tuning epochs (both methods); with 35 labels an epoch is one step, and from-scratch runs "
-                        "stopped at 30 were still improving (README, Results)")
+    p.add_argument("--ft_steps", type=int, default=200,
+                   help="fine-tuning optimizer steps (both methods; fine_tune.py --num_steps): with 18-35 labels a "
+                        "step is an epoch, and from-scratch runs of 100 steps were still improving")
+    p.add_argument("--ft_epochs", type=int, default=None,
+                   help="fine-tuning epochs instead of --ft_steps (fine_tune.py --num_epochs)")
     p.add_argument("--ft_batch_size", type=int, default=None, help=ft("fine-tuning batch", "batch_size"))
     p.add_argument("--ft_lr", type=float, default=None, help=ft("fine-tuning learning rate (both methods)", "lr"))
     p.add_argument("--ft_rotation_fill", default=None, choices=data_loader.ROTATION_FILLS,

@@ -20,7 +20,7 @@ import label_efficiency  # noqa: E402
 # written out here, not read from the scripts: the measured recipe of benchmarks/label_efficiency.py
 TUNED_SSL = {"optimizer": "lars", "lr": 1.2, "batch_size": 64, "temperature": 0.2, "crop_min_scale": 0.3,
              "rotation": 0.0, "jitter": 0.3, "gamma": 0.35, "warmup_epochs": 10}
-TUNED_FT = {"lr": 1e-3, "batch_size": 32, "encoder_lr_scale": 1.0, "rotation_fill": "reflection", "num_steps": 100}
+TUNED_FT = {"lr": 1e-3, "batch_size": 32, "encoder_lr_scale": 0.1, "rotation_fill": "reflection", "num_steps": 200}
 
 
 @pytest.mark.parametrize("script", [train_ssl, fine_tune])
@@ -38,7 +38,8 @@ def test_spec_is_the_parsers_defaults_untouched(script):
 def test_tuned_resolves_the_benchmarks_values(script, tuned):
     args = script.get_args_parser().parse_args(["--recipe", "tuned"])
     assert {k: getattr(args, k) for k in tuned} == tuned
-    assert args.value_sources == {k: "recipe tuned" for k in tuned}
+    assert {k: args.value_sources[k] for k in tuned} == {k: "recipe tuned" for k in tuned}
+    assert set(args.value_sources) - set(tuned) <= {"frozen_steps"}     # a from-scratch run: nothing to freeze
     assert args.recipe == "tuned"
 
 
@@ -59,8 +60,8 @@ def test_tuned_counts_fine_tuning_in_steps_unless_epochs_are_given():
     given = parser.parse_args(["--recipe", "tuned", "--num_epochs", "7"])
     assert given.num_steps == 0 and given.num_epochs == 7 and given.value_sources["num_steps"].startswith("default")
     args = parser.parse_args(["--recipe", "tuned"])
-    fine_tune.resolve_num_epochs(args, 3)               # 100 steps at 3 a epoch: 34 epochs (rounded up)
-    assert args.num_epochs == 34 and args.value_sources["num_epochs"] == "--num_steps 100 at 3 step(s) per epoch"
+    fine_tune.resolve_num_epochs(args, 3)               # 200 steps at 3 a epoch: 67 epochs (rounded up)
+    assert args.num_epochs == 67 and args.value_sources["num_epochs"] == "--num_steps 200 at 3 step(s) per epoch"
     fine_tune.resolve_num_epochs(given, 3)              # --num_steps 0: --num_epochs stands
     assert given.num_epochs == 7
 
@@ -111,3 +112,19 @@ def test_benchmark_passes_its_recipe_and_only_the_values_it_was_given():
     assert label_efficiency.recipe_argv(spec, {"ft", "ft_ssl"}) == ["--recipe", "spec", "--encoder_lr_scale", "0.1"]
     ssl = train_ssl.get_args_parser().parse_args(label_efficiency.recipe_argv(spec, {"ssl"}))
     assert (ssl.lr, ssl.optimizer, ssl.temperature) == (0.5, "adam", 0.5)   # spec: the scripts' defaults
+
+
+def test_tuned_freezes_an_ssl_encoder_for_the_first_half_of_the_steps():
+    parser = fine_tune.get_args_parser()
+    args = parser.parse_args(["--recipe", "tuned", "--ssl_checkpoint", "ssl.pth"])
+    assert args.frozen_steps == 100 and args.value_sources["frozen_steps"] == "recipe tuned"
+    fine_tune.resolve_num_epochs(args, 3)               # 200 steps at 3 an epoch: 67 epochs, the first 34 frozen
+    assert (args.num_epochs, args.freeze_encoder, args.unfreeze_after_epoch) == (67, True, 34)
+    assert args.value_sources["unfreeze_after_epoch"] == "--frozen_steps 100 at 3 step(s) per epoch"
+    scratch = parser.parse_args(["--recipe", "tuned"])  # a from-scratch run has nothing to freeze
+    fine_tune.resolve_num_epochs(scratch, 3)
+    assert scratch.frozen_steps == 0 and not scratch.freeze_encoder
+    given = parser.parse_args(["--recipe", "tuned", "--ssl_checkpoint", "ssl.pth", "--freeze_encoder",
+                               "--unfreeze_after_epoch", "5"])   # freezing given by hand wins
+    fine_tune.resolve_num_epochs(given, 3)
+    assert given.frozen_steps == 0 and given.unfreeze_after_epoch == 5
