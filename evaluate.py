@@ -889,7 +889,7 @@ def pointing_sentences(rows: list) -> list:
              "| model | Grad-CAM layer | hits | pointing accuracy [95% CI] | blank maps |", "|---|---|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['layer']} | {r['hits']}/{r['images']} | {with_ci(r)} | {r['blank_maps']} |")
-    lines += ["", f"A blank map (Grad-CAM zero everywhere) points nowhere and counts as a miss.", "",
+    lines += ["", "A blank map (Grad-CAM zero everywhere) points nowhere and counts as a miss.", "",
               "![Pointing game](pointing_game.png)"]
     return lines
 
@@ -1044,7 +1044,7 @@ def verdict_lines(paired) -> list:
     primary = diffs["balanced_accuracy"]
     ssl_vs_scratch = {paired.get("init_a"), paired.get("init_b")} == {"ssl", "scratch"}
     if not primary["excludes_zero"]:
-        head = (f"SSL pretraining made **no significant difference**" if ssl_vs_scratch else
+        head = ("SSL pretraining made **no significant difference**" if ssl_vs_scratch else
                 f"**No significant difference** between {a} and {b}")
     else:
         winner = a if primary["difference"] > 0 else b
@@ -1055,6 +1055,16 @@ def verdict_lines(paired) -> list:
              f"{_signed(primary['difference'])} (paired bootstrap 95% CI [{_signed(primary['low'])}, "
              f"{_signed(primary['high'])}]).")
     return [f"**Verdict:** {head}", ""] + [f"- {metric_verdict(a, b, key, d)}" for key, d in diffs.items()]
+
+
+def provenance_lines(ev: Evaluated, args, split_detail: str = "", extra: list = ()) -> list:
+    """A report's bullets on where its numbers came from: checkpoint, split (+ split_detail), `extra`, label
+    file and bootstrap settings."""
+    return [f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
+            f"- split: **{ev.info.split}** ({ev.info.split_source}), {len(ev.y_true)} images{split_detail}",
+            *extra,
+            f"- label file: `{os.path.abspath(args.label_file)}`",
+            f"- intervals: {args.bootstrap} bootstrap resamples of the images, 95% percentile, seed {args.seed}"]
 
 
 def headline_sentence(ev: Evaluated, metrics: dict) -> str:
@@ -1222,11 +1232,7 @@ def write_model_report(ev: Evaluated, metrics: dict, figures: dict, args, path: 
     lines = [f"# Evaluation: {ev.name}", "", headline_sentence(ev, metrics), ""]
     for w in ev.info.small_split:
         lines += [f"> **Caution:** {w}", ""]
-    lines += [f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
-             f"- split: **{ev.info.split}** ({ev.info.split_source}), {len(ev.y_true)} images",
-             f"- label file: `{os.path.abspath(args.label_file)}`",
-             f"- intervals: {args.bootstrap} bootstrap resamples of the images, 95% percentile, seed {args.seed}",
-             "", "## Metrics", ""] + metrics_table(ev, metrics)
+    lines += provenance_lines(ev, args) + ["", "## Metrics", ""] + metrics_table(ev, metrics)
     if ev.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in ev.notes]
     if pointing:
@@ -1735,13 +1741,10 @@ def write_multilabel_outputs(ev: Evaluated, metrics: dict, folder: str, args, pr
         if os.path.isfile(os.path.join(folder, "training_curves.png")):
             figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
     utils.atomic_write_json(os.path.join(folder, "metrics.json"), multilabel_document(ev, metrics, args))
-    lines = [f"# Evaluation: {ev.name}", "", f"- checkpoint: `{os.path.abspath(ev.checkpoint)}` ({describe(ev)})",
-             f"- split: **{ev.info.split}** ({ev.info.split_source}), {len(ev.y_true)} images, "
-             f"{len(ev.class_names)} findings; uncertain cells: {ev.info.uncertain}",
-             f"- thresholds: chosen per finding on val ({ev.info.threshold_rule}), recorded in the checkpoint",
-             f"- label file: `{os.path.abspath(args.label_file)}`",
-             f"- intervals: {args.bootstrap} bootstrap resamples of the images, 95% percentile, seed {args.seed}",
-             "", "## Metrics", ""] + multilabel_table(ev, metrics)
+    provenance = provenance_lines(
+        ev, args, f", {len(ev.class_names)} findings; uncertain cells: {ev.info.uncertain}",
+        [f"- thresholds: chosen per finding on val ({ev.info.threshold_rule}), recorded in the checkpoint"])
+    lines = [f"# Evaluation: {ev.name}", ""] + provenance + ["", "## Metrics", ""] + multilabel_table(ev, metrics)
     if ev.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in ev.notes]
     lines += ["", "## Figures", ""]

@@ -376,16 +376,16 @@ def get_args_parser():
     p.add_argument("--data_seed", type=int, default=42, help="seed of the synthetic data")
     p.add_argument("--image_size", type=int, default=64, help="resolution for every phase")
     p.add_argument("--ssl_epochs", type=int, default=40,
-                   help="pretraining epochs: 40 of the tuned recipe on the 1,346 non-test images take about 9 "
-                        "minutes on 2 CPU cores with --ssl_compile (docs/results.md)")
+                   help="pretraining epochs: 40 of the tuned recipe on the 1,346 non-test images took 13 minutes "
+                        "on 2 bf16 CPU cores with --ssl_compile (docs/performance.md)")
     ssl, ft = _RecipeHelp(train_ssl), _RecipeHelp(fine_tune)
     p.add_argument("--ssl_batch_size", type=int, default=None, help=ssl("pretraining batch (images)", "batch_size"))
     p.add_argument("--ssl_optimizer", default=None, choices=["adam", "lars"],
                    help=ssl("pretraining optimizer", "optimizer"))
     p.add_argument("--ssl_lr", type=float, default=None, help=ssl("pretraining learning rate", "lr"))
     p.add_argument("--ssl_compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="train_ssl.py --compile: torch.compile the pretraining step (about 1.6x faster on a 2-core "
-                        "CPU; needs a C++ compiler there, else it trains uncompiled with a warning)")
+                   help="train_ssl.py --compile: torch.compile the pretraining step (1.6x faster on a 2-core bf16 "
+                        "CPU, no faster on an fp32 one; needs a C++ compiler there, else it trains uncompiled with a warning)")
     p.add_argument("--ssl_cuda_graphs", default="auto", choices=["auto", "on", "off"],
                    help="train_ssl.py --cuda_graphs: on replays each pretraining step from a CUDA graph")
     p.add_argument("--temperature", type=float, default=None, help=ssl("NT-Xent temperature", "temperature"))
