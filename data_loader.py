@@ -1544,6 +1544,22 @@ def generate_dataset(out_dir: str, num_images: int, num_classes: int, image_size
     return rows
 
 
+def write_split_column(label_file: str, data_dir: str, seed: int, val_fraction: float, test_fraction: float) -> dict:
+    """Add a `split` column to a label file without one: the stratified, patient-level split the scripts would
+    otherwise draw themselves (`load_label_table`), with these shares. Every script then uses it as written,
+    so one choice of shares holds for pretraining, fine-tuning and evaluation. Returns {split: images}."""
+    import pandas as pd
+    from utils import atomic_write_text
+
+    table = load_label_table(label_file, data_dir, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    df = pd.read_csv(label_file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    if "split" in df or len(df) != len(table.splits):
+        raise UserError(f"{label_file}: already has a split column or unreadable rows; not rewriting it")
+    df.insert(1, "split", table.splits)
+    atomic_write_text(label_file, df.to_csv(index=False, lineterminator="\n"))
+    return {s: int((table.splits == s).sum()) for s in SPLITS}
+
+
 def _warn_foreign_images(out_dir: str) -> None:
     """Old images left in the folder would join the unlabelled set of train_ssl.py: say so."""
     if not os.path.isdir(out_dir):
@@ -1709,11 +1725,22 @@ def import_multilabel_npz(arrays: dict, npz_path: str, out_dir: str, label_names
 # ============ command line ============
 
 def _check_args(args) -> None:
-    from utils import Bound, check_flags
+    from utils import Bound, check_flags, check_split_shares
     check_flags(args, {"num_classes": Bound(int, 2, MAX_SYNTHETIC_CLASSES, hint="classes the generator draws"),
                        "image_size": Bound(int, 32, 2048, hint="pixels")})
     if not args.from_npz:
         _check_generator_args(args)
+    elif args.val_fraction is not None or args.test_fraction is not None:
+        raise UserError(f"--from_npz {args.from_npz}: a MedMNIST file brings its own train/val/test split; "
+                        f"drop --val_fraction and --test_fraction")
+    if args.val_fraction is not None or args.test_fraction is not None:
+        check_split_shares(*split_shares(args))
+
+
+def split_shares(args) -> tuple:
+    """(val, test) shares for the split column: the scripts' 0.15 for the one not given."""
+    return (0.15 if args.val_fraction is None else args.val_fraction,
+            0.15 if args.test_fraction is None else args.test_fraction)
 
 
 @locks_output_dir(_check_args, "generate")
@@ -1725,14 +1752,19 @@ def main(args):
               f"to {args.output_dir}")
         return rows
     if args.multi_label:
-        return _generate_multilabel(args)
-    rows = generate_dataset(args.output_dir, args.num_images, args.num_classes, args.image_size, args.seed,
-                            args.num_unlabeled)
-    patients = len({r[2] for r in rows})
-    print(f"wrote {len(rows)} labelled images of {patients} patients, {args.num_unlabeled} unlabelled, "
-          f"labels.csv, classes.txt and preview.png to {args.output_dir}")
-    for c in range(args.num_classes):
-        print(f"  class {c}: {CLASS_DESCRIPTIONS[c]}")
+        rows = _generate_multilabel(args)
+    else:
+        rows = generate_dataset(args.output_dir, args.num_images, args.num_classes, args.image_size, args.seed,
+                                args.num_unlabeled)
+        patients = len({r[2] for r in rows})
+        print(f"wrote {len(rows)} labelled images of {patients} patients, {args.num_unlabeled} unlabelled, "
+              f"labels.csv, classes.txt and preview.png to {args.output_dir}")
+        for c in range(args.num_classes):
+            print(f"  class {c}: {CLASS_DESCRIPTIONS[c]}")
+    if args.val_fraction is not None or args.test_fraction is not None:
+        val, test = split_shares(args)
+        counts = write_split_column(os.path.join(args.output_dir, "labels.csv"), args.output_dir, args.seed, val, test)
+        print(f"  split column (by patient): {', '.join(f'{s} {n}' for s, n in counts.items())} images")
     return rows
 
 
@@ -1771,6 +1803,12 @@ def get_args_parser():
     p.add_argument("--multi_label", action="store_true",
                    help="several findings per image (consolidation, nodules, effusion, cardiomegaly at unequal, "
                         "correlated prevalences); labels.csv lists them |-separated; --num_classes is ignored")
+    p.add_argument("--val_fraction", type=float, default=None,
+                   help="write a split column into labels.csv: this share of the patients for val (0.15 when only "
+                        "--test_fraction is given); without either, each script splits 70/15/15 by patient itself")
+    p.add_argument("--test_fraction", type=float, default=None,
+                   help="write a split column into labels.csv: this share of the patients held out for testing (the "
+                        "quick start's 0.4 gives 320 test images, enough to resolve a 10-point difference)")
     p.add_argument("--label_names", nargs="+", default=None,
                    help="with --from_npz of a multi-label file (labels (N, K), e.g. ChestMNIST): the K finding "
                         "names in column order (default: finding_0 ... finding_K-1)")

@@ -330,9 +330,7 @@ def check_args(args) -> None:
     utils.check_flags(args)
     if args.resume not in (None, "auto"):
         utils.check_flags(argparse.Namespace(resume=args.resume), {"resume": utils.EXISTING_FILE})
-    if args.val_fraction + args.test_fraction >= 1:
-        raise UserError(f"--val_fraction {args.val_fraction} + --test_fraction {args.test_fraction} leave no "
-                        f"training images; keep their sum below 1 (e.g. 0.15 and 0.15)")
+    utils.check_split_shares(args.val_fraction, args.test_fraction)
     if args.pos_weight != "none" and args.task == "multiclass":
         raise UserError("--pos_weight is for multi-label files; with one label per image use --class_weights")
 

@@ -263,6 +263,13 @@ FLAG_RULES = {
 }
 
 
+def check_split_shares(val_fraction: float, test_fraction: float) -> None:
+    """--val_fraction + --test_fraction must leave images for training."""
+    if val_fraction + test_fraction >= 1:
+        raise UserError(f"--val_fraction {val_fraction} + --test_fraction {test_fraction} leave no training images; "
+                        f"keep their sum below 1 (e.g. 0.15 and 0.15)")
+
+
 def check_flags(args, overrides: dict | None = None) -> None:
     """Check every flag of `args` that FLAG_RULES (or `overrides`) names, before any work: the first bad one
     is a UserError naming the flag, its value and what is allowed. None means "not given" and passes."""

@@ -48,7 +48,7 @@ left() { local s=$((BUDGET_S - ($(date +%s) - START) - ${1:-0})); echo $((s > 5 
 say() { echo "[$(($(date +%s) - START)) s] $*"; }
 
 # the recipe of the tables in docs/results.md measured on the GPU (before the quick start's CPU recipe of 2026-12-02)
-LE="$PY benchmarks/label_efficiency.py --device $DEVICE --ft_epochs $FT_EPOCHS --encoder_lr_scale 1 --num_unlabeled 0 --no-ssl_compile"
+LE="$PY benchmarks/label_efficiency.py --device $DEVICE --ft_epochs $FT_EPOCHS --encoder_lr_scale 1 --num_images 500 --num_unlabeled 0 --test_fraction 0.15 --no-ssl_compile"
 SYN="--data_dir data/le_cpu"
 BREAST="--data_dir data/breastmnist --image_size 28 --ssl_epochs $BREAST_SSL_EPOCHS --ssl_batch_size 128"
 BREAST="$BREAST --ssl_optimizer adam --ssl_lr 1e-3 --ssl_rotation 15 --gamma 0 --ft_rotation_fill zeros --output_dir $R/breast"

@@ -53,6 +53,12 @@ def prepare_data(args) -> tuple:
             print(f"warning: reusing {data_dir}, which has no unlabeled/ folder: pretraining sees only its labelled "
                   f"images, not --num_unlabeled {args.num_unlabeled} more (empty the folder to generate them)",
                   file=sys.stderr)
+        with open(label_file, encoding="utf-8-sig") as f:
+            has_split = "split" in [c.strip().strip('"').lower() for c in f.readline().split(",")]
+        if not args.npz and not has_split:
+            print(f"warning: reusing {label_file}, which has no split column: every script splits it 70/15/15 by "
+                  f"patient, not --test_fraction {args.test_fraction} (empty the folder to generate the data again)",
+                  file=sys.stderr)
         return data_dir, label_file
     if args.npz:
         data_loader.import_npz(args.npz, data_dir)
@@ -61,6 +67,10 @@ def prepare_data(args) -> tuple:
                                                 args.num_unlabeled)
     else:
         data_loader.generate_dataset(data_dir, args.num_images, 3, args.image_size, args.data_seed, args.num_unlabeled)
+    if not args.npz:
+        counts = data_loader.write_split_column(label_file, data_dir, args.data_seed, args.val_fraction,
+                                                args.test_fraction)
+        print(f"split column (by patient): {', '.join(f'{s} {n}' for s, n in counts.items())} images")
     return data_dir, label_file
 
 
@@ -322,6 +332,7 @@ def main(args):
     import pandas as pd
 
     utils.resolve_device(args.device)          # a wrong --device fails now, not after writing the data
+    utils.check_split_shares(args.val_fraction, args.test_fraction)
     os.makedirs(args.output_dir, exist_ok=True)
     data_dir, label_file = prepare_data(args)
     ssl_path = pretrain(args, data_dir, label_file)
@@ -370,14 +381,18 @@ def get_args_parser():
                    help="synthetic data with several findings per image (data_loader.py --multi_label); the runs "
                         "are scored by mean ROC-AUC over the findings (also automatic for a multi-label --npz)")
     p.add_argument("--output_dir", default="./runs/label_efficiency", help="runs, tables and the figure")
-    p.add_argument("--num_images", type=int, default=500, help="labelled synthetic images")
-    p.add_argument("--num_unlabeled", type=int, default=1000,
+    p.add_argument("--num_images", type=int, default=800, help="labelled synthetic images (the quick start's data)")
+    p.add_argument("--num_unlabeled", type=int, default=800,
                    help="extra unlabelled synthetic images (pretraining only; the quick start's data)")
+    p.add_argument("--val_fraction", type=float, default=0.15,
+                   help="synthetic data: val share of the patients, written as labels.csv's split column")
+    p.add_argument("--test_fraction", type=float, default=0.4,
+                   help="synthetic data: test share of the patients (0.4 of 800: 318 test images, so that one seed's "
+                        "10-point difference is resolvable; 0.15 and --num_images 500: the older tables' split)")
     p.add_argument("--data_seed", type=int, default=42, help="seed of the synthetic data")
     p.add_argument("--image_size", type=int, default=64, help="resolution for every phase")
-    p.add_argument("--ssl_epochs", type=int, default=40,
-                   help="pretraining epochs: 40 of the tuned recipe on the 1,346 non-test images took 13 minutes "
-                        "on 2 bf16 CPU cores with --ssl_compile (docs/performance.md)")
+    p.add_argument("--ssl_epochs", type=int, default=32,
+                   help="pretraining epochs (the quick start's 32 on its 1,282 non-test images: docs/performance.md)")
     ssl, ft = _RecipeHelp(train_ssl), _RecipeHelp(fine_tune)
     p.add_argument("--ssl_batch_size", type=int, default=None, help=ssl("pretraining batch (images)", "batch_size"))
     p.add_argument("--ssl_optimizer", default=None, choices=["adam", "lars"],

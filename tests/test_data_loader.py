@@ -341,7 +341,35 @@ def test_class_is_not_predictable_from_global_intensity(tmp_path):
     assert accuracy < 0.32, accuracy                       # chance is 0.2 for 5 balanced classes
 
 
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_split_shares_written_as_a_column_every_script_reads(tmp_path, multi_label):
+    """--test_fraction writes the split the scripts would draw with those shares, by patient, as a column."""
+    import pandas as pd
+    out = tmp_path / "data"
+    dl.main(generator_args(out, num_images=120, image_size=32, test_fraction=0.4, multi_label=multi_label))
+    df = pd.read_csv(out / "labels.csv", dtype=str, keep_default_na=False)
+    assert list(df.columns[:2]) == ["filename", "split"]
+    table = dl.load_label_table(str(out / "labels.csv"), str(out), seed=7)        # the column wins over a seed
+    assert (table.splits == df.split.to_numpy()).all()
+    counts = {s: (table.splits == s).sum() for s in dl.SPLITS}
+    assert 0.3 * 120 < counts["test"] < 0.5 * 120 and 0.08 * 120 < counts["val"] < 0.22 * 120, counts
+    assert df.groupby("patient_id").split.nunique().max() == 1
+
+
+def test_split_column_matches_the_scripts_own_split(tmp_path):
+    """The shares 0.15/0.15 written as a column give the split the scripts draw from a file without one."""
+    out = tmp_path / "data"
+    dl.main(generator_args(out, num_images=90, image_size=32))
+    before = dl.read_label_table(str(out / "labels.csv"), str(out)).splits
+    dl.write_split_column(str(out / "labels.csv"), str(out), 42, 0.15, 0.15)
+    assert (dl.read_label_table(str(out / "labels.csv"), str(out), seed=5).splits == before).all()
+    with pytest.raises(UserError, match="already has a split column"):
+        dl.write_split_column(str(out / "labels.csv"), str(out), 42, 0.15, 0.15)
+
+
 @pytest.mark.parametrize("overrides,message", [
+    (dict(val_fraction=0.5, test_fraction=0.5), "leave no training images"),
+    (dict(from_npz=__file__, test_fraction=0.3), "brings its own train/val/test split"),
     (dict(num_classes=1), "--num_classes 1"),
     (dict(num_classes=6), "--num_classes 6"),
     (dict(num_images=2), "--num_images 2"),
