@@ -1553,8 +1553,10 @@ def write_split_column(label_file: str, data_dir: str, seed: int, val_fraction: 
 
     table = load_label_table(label_file, data_dir, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
     df = pd.read_csv(label_file, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    if "split" in df or len(df) != len(table.splits):
-        raise UserError(f"{label_file}: already has a split column or unreadable rows; not rewriting it")
+    if "split" in df:
+        raise UserError(f"{label_file}: already has a split column; not rewriting it")
+    if len(df) != len(table.splits):         # a header-less file: its first row was read as a header
+        raise UserError(f"{label_file}: {len(table.splits)} label rows but {len(df)} data rows; give it a header")
     df.insert(1, "split", table.splits)
     atomic_write_text(label_file, df.to_csv(index=False, lineterminator="\n"))
     return {s: int((table.splits == s).sum()) for s in SPLITS}
@@ -1808,7 +1810,7 @@ def get_args_parser():
                         "--test_fraction is given); without either, each script splits 70/15/15 by patient itself")
     p.add_argument("--test_fraction", type=float, default=None,
                    help="write a split column into labels.csv: this share of the patients held out for testing (the "
-                        "quick start's 0.4 gives 320 test images, enough to resolve a 10-point difference)")
+                        "quick start's 0.4 of 800 gives 318 test images, enough to resolve a 10-point difference)")
     p.add_argument("--label_names", nargs="+", default=None,
                    help="with --from_npz of a multi-label file (labels (N, K), e.g. ChestMNIST): the K finding "
                         "names in column order (default: finding_0 ... finding_K-1)")
