@@ -27,7 +27,8 @@ import utils
 from model_ssl import ModelConfig, SimCLR, nt_xent_loss, use_small_stem
 from utils import UserError
 
-RESUME_KEYS = ("backbone", "image_size", "projection_dim", "batch_size", "optimizer", "seed")
+RESUME_KEYS = ("backbone", "image_size", "projection_dim", "batch_size", "optimizer", "seed", "val_fraction",
+               "test_fraction")
 
 
 def tenth_of_epochs(args, given):
@@ -48,7 +49,8 @@ def pretraining_files(args):
     files = data_loader.list_images(args.data_dir)
     table, excluded = None, []
     if args.label_file:
-        table = data_loader.load_label_table(args.label_file, args.data_dir, args.task, seed=args.split_seed)
+        table = data_loader.load_label_table(args.label_file, args.data_dir, args.task, seed=args.split_seed,
+                                             val_fraction=args.val_fraction, test_fraction=args.test_fraction)
         if table.task != "multilabel" and len(np.unique(table.labels)) < 2:   # every kNN vote would be right
             raise UserError(f"--label_file {args.label_file}: every image has the same label; the kNN monitor needs "
                             f"at least 2 classes (leave --label_file out to pick the epoch by the loss)")
@@ -273,6 +275,7 @@ def check_args(args) -> None:
     utils.check_flags(args)
     if args.resume not in (None, "auto"):
         utils.check_flags(argparse.Namespace(resume=args.resume), {"resume": utils.EXISTING_FILE})
+    utils.check_split_shares(args.val_fraction, args.test_fraction)
 
 
 @utils.locks_output_dir(check_args, "ssl")
@@ -398,6 +401,10 @@ def get_args_parser():
     p.add_argument("--label_file", default=None,
                    help="optional labels.csv: its test split is left out of pretraining and a kNN monitor "
                         "(train -> val) picks the best epoch")
+    p.add_argument("--val_fraction", type=float, default=0.15,
+                   help="with --label_file without a split column: val share (as fine_tune.py; give both the same)")
+    p.add_argument("--test_fraction", type=float, default=0.15,
+                   help="with --label_file without a split column: test share left out (as fine_tune.py)")
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"], help="ResNet encoder")
     p.add_argument("--batch_size", type=int, default=64,
                    help="images per step per process (2x views); under torchrun the global batch is this x processes")

@@ -179,6 +179,7 @@ CASES = {
     "gen-stale-lock": Case("data_loader", GEN, 0, "was left by a run that is no longer running", setup="stale:generate",
                            exists=("{out}/labels.csv", "{out}/preview.png")),
     # ---- train_ssl.py ----
+    "ssl-fractions-sum": Case("train_ssl", SSL + " --val_fraction 0.6 --test_fraction 0.5", 2, "leave no training images"),
     "ssl-batch_size-0": Case("train_ssl", SSL + " --batch_size 0", 2, "--batch_size 0: must be an integer in [1, 65536]"),
     "ssl-eval_every-0": Case("train_ssl", SSL + " --label_file {labels}/good.csv --eval_every 0", 2,
                              "--eval_every 0: must be an integer >= 1"),

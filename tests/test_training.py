@@ -3,6 +3,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,19 @@ def test_ssl_checkpoint_describes_itself_and_leaves_out_the_test_split(pretraine
     resolved = json.loads(settings)                  # what ran and why, not the flags' 'auto'
     assert resolved["device"] == "cpu (asked for)" and resolved["precision"].startswith(("fp32 (auto", "bf16 (auto"))
     assert resolved["num_workers"].startswith("0 (auto: images cached in memory")
+
+
+def test_pretraining_leaves_out_the_test_split_of_the_shares_fine_tuning_uses(tmp_path):
+    """--test_fraction on a label file without a split column: the same test images as fine_tune.py's."""
+    import data_loader
+    data_loader.generate_dataset(str(tmp_path), 60, 3, 32, seed=1)
+    labels = str(tmp_path / "labels.csv")
+    args = train_ssl.get_args_parser().parse_args(["--data_dir", str(tmp_path), "--label_file", labels,
+                                                   "--test_fraction", "0.4"])
+    files, table, excluded = train_ssl.pretraining_files(args)
+    test = data_loader.load_label_table(labels, str(tmp_path), test_fraction=0.4)
+    assert excluded == sorted(np.asarray(test.filenames)[test.indices("test")].tolist())
+    assert 0.3 * 60 < len(excluded) < 0.5 * 60 and not set(excluded) & set(files)
 
 
 def test_progress_bars_obey_tqdm_disable(monkeypatch, capsys):
