@@ -21,6 +21,7 @@ and rank 0 alone validates and writes.
 import argparse
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import torch
@@ -63,6 +64,19 @@ def load_ssl(args):
     if not args.ssl_checkpoint:
         return None
     return utils.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
+
+
+def warn_if_pretraining_saw_test_images(ssl: dict, table, ssl_path: str) -> list:
+    """An SSL run given the label file records the test images it left out; warn (before training, as evaluate.py
+    will after it) when this run's test split holds others. Returns those test images."""
+    excluded = set(ssl.get("excluded_files") or [])
+    test = np.asarray(table.filenames)[table.indices("test")].tolist()
+    seen = [f for f in test if f not in excluded]
+    if excluded and seen:
+        print(f"warning: {len(seen)} of the {len(test)} test images were not left out of pretraining by {ssl_path} "
+              f"(first {seen[0]!r}): give train_ssl.py the same --label_file, --split_seed, --val_fraction and "
+              f"--test_fraction as this run, or the evaluation's test images will not be unseen", file=sys.stderr)
+    return seen if excluded else []
 
 
 def build_data(args, ssl, runtime):
@@ -384,6 +398,8 @@ def main(args):
     resolve_backbone(args, ssl)
     refuse_replacing_another_run(args, ssl, dist)
     table, train_idx, store, train_loader, val_loader = build_data(args, ssl, runtime)
+    if ssl is not None and dist.is_main:
+        warn_if_pretraining_saw_test_images(ssl, table, args.ssl_checkpoint)
     resolve_num_epochs(args, len(train_loader))
     model = build_model(args, ssl, table.num_classes).to(device).to(memory_format=torch.channels_last)
     model = utils.convert_sync_bn(model, args.sync_bn, dist)

@@ -86,6 +86,19 @@ def test_pretraining_leaves_out_the_test_split_of_the_shares_fine_tuning_uses(tm
     assert 0.3 * 60 < len(excluded) < 0.5 * 60 and not set(excluded) & set(files)
 
 
+def test_fine_tuning_warns_when_pretraining_did_not_leave_its_test_split_out(tmp_path, capsys):
+    import data_loader
+    data_loader.generate_dataset(str(tmp_path), 60, 3, 32, seed=1)
+    labels = str(tmp_path / "labels.csv")
+    default = data_loader.load_label_table(labels, str(tmp_path))
+    ssl = {"excluded_files": np.asarray(default.filenames)[default.indices("test")].tolist()}
+    assert fine_tune.warn_if_pretraining_saw_test_images(ssl, default, "ssl.pth") == []
+    wider = data_loader.load_label_table(labels, str(tmp_path), test_fraction=0.4)
+    seen = fine_tune.warn_if_pretraining_saw_test_images(ssl, wider, "ssl.pth")
+    assert seen and f"{len(seen)} of the {len(wider.indices('test'))} test images" in capsys.readouterr().err
+    assert fine_tune.warn_if_pretraining_saw_test_images({"excluded_files": []}, wider, "ssl.pth") == []
+
+
 def test_progress_bars_obey_tqdm_disable(monkeypatch, capsys):
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
