@@ -445,14 +445,13 @@ def fit_linear_probe(train_x, train_y, eval_x, k: int, seed: int, notes: list, v
 
 def pretraining_overlap(ckpt: dict, filenames: list, split: str, path: str, notes: list) -> None:
     """An SSL run given the label file leaves the test split out of pretraining; say so when it did not."""
-    excluded = set(ckpt.get("excluded_files") or [])
     if split != "test":
         return
-    if not excluded:
+    seen = utils.not_left_out_of_pretraining(ckpt, filenames)
+    if seen is None:
         notes.append(f"{os.path.basename(path)} records no test images left out of pretraining: the encoder may "
                      f"have seen the test images (without labels)")
         return
-    seen = [f for f in filenames if f not in excluded]
     if seen:
         warn(notes, f"{len(seen)} of the {len(filenames)} test images were not left out of pretraining "
                     f"(first {seen[0]!r}); the label file or its split differs from the pretraining run's")

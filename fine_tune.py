@@ -69,14 +69,13 @@ def load_ssl(args):
 def warn_if_pretraining_saw_test_images(ssl: dict, table, ssl_path: str) -> list:
     """An SSL run given the label file records the test images it left out; warn (before training, as evaluate.py
     will after it) when this run's test split holds others. Returns those test images."""
-    excluded = set(ssl.get("excluded_files") or [])
     test = np.asarray(table.filenames)[table.indices("test")].tolist()
-    seen = [f for f in test if f not in excluded]
-    if excluded and seen:
+    seen = utils.not_left_out_of_pretraining(ssl, test) or []
+    if seen:
         print(f"warning: {len(seen)} of the {len(test)} test images were not left out of pretraining by {ssl_path} "
               f"(first {seen[0]!r}): give train_ssl.py the same --label_file, --split_seed, --val_fraction and "
               f"--test_fraction as this run, or the evaluation's test images will not be unseen", file=sys.stderr)
-    return seen if excluded else []
+    return seen
 
 
 def build_data(args, ssl, runtime):
@@ -570,8 +569,6 @@ def get_args_parser():
     p.add_argument("--threshold_rule", default="youden", choices=["youden", "f1"],
                    help="multi-label: how each finding's probability threshold is chosen on val (Youden's J: max "
                         "sensitivity + specificity - 1; or max F1); recorded in the checkpoint")
-    p.add_argument("--val_fraction", type=float, default=0.15, help="val share when the label file has no split column")
-    p.add_argument("--test_fraction", type=float, default=0.15, help="test share when the label file has no split column")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from last_<run>_checkpoint.pth (no value: the one in --output_dir)")
     p.add_argument("--overwrite", action="store_true",

@@ -401,10 +401,6 @@ def get_args_parser():
     p.add_argument("--label_file", default=None,
                    help="optional labels.csv: its test split is left out of pretraining and a kNN monitor "
                         "(train -> val) picks the best epoch")
-    p.add_argument("--val_fraction", type=float, default=0.15,
-                   help="with --label_file without a split column: val share (as fine_tune.py; give both the same)")
-    p.add_argument("--test_fraction", type=float, default=0.15,
-                   help="with --label_file without a split column: test share left out (as fine_tune.py)")
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"], help="ResNet encoder")
     p.add_argument("--batch_size", type=int, default=64,
                    help="images per step per process (2x views); under torchrun the global batch is this x processes")

@@ -79,6 +79,10 @@ def training_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync_bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of each "
                         "process's --batch_size (SyncBatchNorm)")
+    g = p.add_argument_group("split (a label file without a split column; give both trainers the same)")
+    g.add_argument("--val_fraction", type=float, default=0.15, help="val share of the patients")
+    g.add_argument("--test_fraction", type=float, default=0.15,
+                   help="test share of the patients: left out of pretraining and fine-tuning")
     return p
 
 
@@ -261,6 +265,13 @@ FLAG_RULES = {
     "data_dir": EXISTING_DIR, "label_file": EXISTING_FILE, "ssl_checkpoint": EXISTING_FILE,
     "checkpoint": EXISTING_FILE, "from_npz": EXISTING_FILE, "images": EXISTING_DIR, "output_dir": OUTPUT_DIR, "output_name": FILE_NAME,
 }
+
+
+def not_left_out_of_pretraining(ssl_ckpt: dict, filenames: list) -> list | None:
+    """Those of `filenames` an SSL checkpoint did not leave out of pretraining (it records the test images it
+    left out when given the label file); None when it records none."""
+    excluded = set(ssl_ckpt.get("excluded_files") or [])
+    return [f for f in filenames if f not in excluded] if excluded else None
 
 
 def check_split_shares(val_fraction: float, test_fraction: float) -> None:
