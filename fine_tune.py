@@ -27,7 +27,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import augmentations
+import checkpoints
 import data_loader
+import data_splits
+import distributed
+import image_io
+import label_tables
+import optimizers
+import probes
+import recipes
+import training
+import training_run
 import utils
 from model_ssl import Classifier, ModelConfig, masked_bce_with_logits, use_small_stem
 from utils import UserError
@@ -40,13 +51,13 @@ TUNED_STEPS = 200     # from-scratch runs on 18-35 synthetic labels (one step pe
 
 def tuned_steps(args, given):
     """200 optimizer steps, unless --num_epochs is given"""
-    return utils.KEEP_DEFAULT if "num_epochs" in given else TUNED_STEPS
+    return recipes.KEEP_DEFAULT if "num_epochs" in given else TUNED_STEPS
 
 
 def tuned_frozen_steps(args, given):
     """with --ssl_checkpoint, the first half of --num_steps (linear probing, then fine-tuning)"""
     if not args.ssl_checkpoint or args.num_steps <= 0 or {"freeze_encoder", "unfreeze_after_epoch"} & given:
-        return utils.KEEP_DEFAULT           # nothing to freeze, no steps to halve, or the freezing was given
+        return recipes.KEEP_DEFAULT           # nothing to freeze, no steps to halve, or the freezing was given
     return args.num_steps // 2
 
 
@@ -63,14 +74,14 @@ def load_ssl(args):
     """The SSL checkpoint (validated) or None for a from-scratch baseline."""
     if not args.ssl_checkpoint:
         return None
-    return utils.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
+    return checkpoints.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
 
 
 def warn_if_pretraining_saw_test_images(ssl: dict, table, ssl_path: str) -> list:
     """An SSL run given the label file records the test images it left out; warn (before training, as evaluate.py
     will after it) when this run's test split holds others. Returns those test images."""
     test = np.asarray(table.filenames)[table.indices("test")].tolist()
-    seen = utils.not_left_out_of_pretraining(ssl, test) or []
+    seen = checkpoints.not_left_out_of_pretraining(ssl, test) or []
     if seen:
         print(f"warning: {len(seen)} of the {len(test)} test images were not left out of pretraining by {ssl_path} "
               f"(first {seen[0]!r}): give train_ssl.py the same --label_file, --split_seed, --val_fraction and "
@@ -80,11 +91,11 @@ def warn_if_pretraining_saw_test_images(ssl: dict, table, ssl_path: str) -> list
 
 def build_data(args, ssl, runtime):
     """Label table, the labelled train subset, val indices, and loaders (train: this process's shard)."""
-    table = data_loader.load_label_table(args.label_file, args.data_dir, args.task, args.uncertain, args.num_classes,
+    table = label_tables.load_label_table(args.label_file, args.data_dir, args.task, args.uncertain, args.num_classes,
                                          seed=args.split_seed, val_fraction=args.val_fraction,
                                          test_fraction=args.test_fraction)
     if runtime.dist.is_main:
-        print(data_loader.describe_table(table))
+        print(label_tables.describe_table(table))
     multilabel = table.task == "multilabel"
     if not multilabel and args.pos_weight != "none":
         raise UserError(f"--pos_weight is for multi-label files and {args.label_file} has one label per image; "
@@ -99,10 +110,10 @@ def build_data(args, ssl, runtime):
         raise UserError(f"--num_classes {args.num_classes or table.num_classes}, but {args.label_file} has images of "
                         f"{present} classes; fix --num_classes or the label file")
     if multilabel:      # every finding keeps a positive image in the subset (see docs/multilabel.md)
-        train_idx = data_loader.iterative_stratified_subset(table.labels, table.indices("train"), args.label_fraction,
+        train_idx = data_splits.iterative_stratified_subset(table.labels, table.indices("train"), args.label_fraction,
                                                             args.seed)
     else:
-        train_idx = data_loader.stratified_subset(table.labels, table.indices("train"), args.label_fraction, args.seed)
+        train_idx = data_splits.stratified_subset(table.labels, table.indices("train"), args.label_fraction, args.seed)
     val_idx = table.indices("val")
     for name, idx in (("train", train_idx), ("val", val_idx)):
         if len(idx) == 0:
@@ -137,7 +148,7 @@ def build_model(args, ssl, num_classes):
                         f"stem but {args.ssl_checkpoint} was pretrained with the other one at {ssl['image_size']} px; "
                         f"leave --image_size out to use {ssl['image_size']}")
     model = Classifier(config, num_classes)
-    utils.load_state_strict(model.encoder, ssl["encoder"], "encoder", args.ssl_checkpoint)
+    checkpoints.load_state_strict(model.encoder, ssl["encoder"], "encoder", args.ssl_checkpoint)
     return model
 
 
@@ -147,7 +158,7 @@ def build_optimizer(args, model, steps_per_epoch, pretrained: bool):
     groups = [{"params": model.head.parameters(), "lr": args.lr},
               {"params": model.encoder.parameters(), "lr": encoder_lr}]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = utils.warmup_cosine(optimizer, 0, args.num_epochs * steps_per_epoch)
+    scheduler = optimizers.warmup_cosine(optimizer, 0, args.num_epochs * steps_per_epoch)
     return optimizer, scheduler
 
 
@@ -158,7 +169,7 @@ def prefit_head(model, store, train_idx, table, args, device, weights) -> float:
     gradients distort the features (Kumar et al. 2022, linear probing then fine-tuning). Returns the
     final training loss. Features come from the encoder in eval mode, as a frozen encoder runs."""
     loader = data_loader.BatchLoader(store, np.arange(len(train_idx)), table.labels[train_idx], batch_size=256)
-    features, labels, _ = utils.extract_features(model.encoder, loader, data_loader.normalize, device)
+    features, labels, _ = probes.extract_features(model.encoder, loader, image_io.normalize, device)
     return fit_head(model.head, features.to(device), labels.to(device), args.head_prefit_steps, args.lr,
                     args.weight_decay, weights)
 
@@ -204,9 +215,9 @@ def class_weights(args, labels, num_classes, device):
     return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
-def supervised_augment_config(args) -> data_loader.AugmentConfig:
+def supervised_augment_config(args) -> augmentations.AugmentConfig:
     """The spec's milder supervised augmentations, with the rotation from --rotation and --rotation_fill."""
-    return dataclasses.replace(data_loader.SUPERVISED_AUGMENT, rotation=args.rotation, rotation_fill=args.rotation_fill)
+    return dataclasses.replace(augmentations.SUPERVISED_AUGMENT, rotation=args.rotation, rotation_fill=args.rotation_fill)
 
 
 def make_loss_fn(augment, device, weights):
@@ -224,7 +235,7 @@ def validate(model, loader, device, autocast_dtype, num_classes) -> dict:
     model.eval()
     losses, preds, trues = [], [], []
     for images, labels, _ in loader:
-        x = data_loader.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
+        x = image_io.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(x).float()
         losses.append(F.cross_entropy(logits, labels.to(device), reduction="sum").item())
@@ -243,7 +254,7 @@ def validate_multilabel(model, loader, device, autocast_dtype, threshold_rule: s
     model.eval()
     logits, targets = [], []
     for images, labels, _ in loader:
-        x = data_loader.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
+        x = image_io.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits.append(model(x).float().cpu())
         targets.append(labels)
@@ -312,15 +323,15 @@ def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metric
     return {
         "kind": "classifier", "model_config": model.config.to_dict(), "num_classes": table.num_classes,
         "class_names": list(table.class_names),
-        "class_display_names": data_loader.read_class_names(args.label_file, table.class_names),
+        "class_display_names": label_tables.read_class_names(args.label_file, table.class_names),
         "image_size": args.image_size, "channels": store.channels,
-        "normalization": {"mean": list(data_loader.IMAGENET_MEAN), "std": list(data_loader.IMAGENET_STD)},
+        "normalization": {"mean": list(image_io.IMAGENET_MEAN), "std": list(image_io.IMAGENET_STD)},
         "encoder": model.encoder.state_dict(), "head": model.head.state_dict(),
         "init": "ssl" if ssl else "scratch",
         "ssl_checkpoint": os.path.basename(args.ssl_checkpoint) if ssl else None,
         "label_file_sha256": table.sha256, "split_seed": args.split_seed, "val_fraction": args.val_fraction,
         "test_fraction": args.test_fraction,
-        "splits": {s: files[table.indices(s)].tolist() for s in data_loader.SPLITS},
+        "splits": {s: files[table.indices(s)].tolist() for s in data_splits.SPLITS},
         "train_files": files[train_idx].tolist(), "label_fraction": args.label_fraction,
         "val_metrics": val_metrics, "history_file": history_file, "epoch": epoch, "world_size": world_size,
         "args": dict(vars(args)), **task_entries(table, val_metrics),
@@ -382,13 +393,13 @@ def refuse_replacing_another_run(args, ssl, dist) -> None:
         # --num_steps sets num_epochs only once the data is read: compare the steps, not those epochs
         compared = argparse.Namespace(**{k: v for k, v in vars(args).items()
                                          if not (k == "num_epochs" and args.num_steps > 0)})
-        utils.refuse_replacing_another_run(os.path.join(args.output_dir, run_names(args, ssl is not None)[0]),
+        checkpoints.refuse_replacing_another_run(os.path.join(args.output_dir, run_names(args, ssl is not None)[0]),
                                            compared, utils.sha256_file(args.label_file), args.overwrite)
 
 
 @utils.locks_output_dir(check_args, lambda args: run_names(args, bool(args.ssl_checkpoint))[1])
 def main(args):
-    runtime = utils.setup_runtime(args.device, args.precision, args.amp, args.seed)
+    runtime = training_run.setup_runtime(args.device, args.precision, args.amp, args.seed)
     dist, device, autocast_dtype = runtime.dist, runtime.device, runtime.autocast_dtype
 
     # ============ preparing data and model ============
@@ -401,20 +412,20 @@ def main(args):
         warn_if_pretraining_saw_test_images(ssl, table, args.ssl_checkpoint)
     resolve_num_epochs(args, len(train_loader))
     model = build_model(args, ssl, table.num_classes).to(device).to(memory_format=torch.channels_last)
-    model = utils.convert_sync_bn(model, args.sync_bn, dist)
+    model = distributed.convert_sync_bn(model, args.sync_bn, dist)
     if args.freeze_encoder and ssl is None and dist.is_main:
         print("warning: --freeze_encoder without --ssl_checkpoint freezes a random encoder until "
               f"epoch {args.unfreeze_after_epoch}")
     optimizer, scheduler = build_optimizer(args, model, len(train_loader), pretrained=ssl is not None)
-    scaler = utils.make_grad_scaler(device, autocast_dtype)
+    scaler = training.make_grad_scaler(device, autocast_dtype)
     multilabel = table.task == "multilabel"
     weights = (positive_weights(args, table.labels[train_idx], device) if multilabel
                else class_weights(args, table.labels[train_idx], table.num_classes, device))
     name, run = run_names(args, ssl is not None)
-    paths = utils.RunPaths.of(args.output_dir, run, name)
+    paths = training_run.RunPaths.of(args.output_dir, run, name)
 
     resume = (paths.last if args.resume == "auto" else args.resume) if args.resume else None
-    start_epoch, best, _ = utils.resume_run(resume, "classifier", args, RESUME_KEYS, dist,
+    start_epoch, best, _ = training_run.resume_run(resume, "classifier", args, RESUME_KEYS, dist,
                                             {"encoder": model.encoder, "head": model.head},
                                             optimizer, scheduler, scaler, args.seed)
     if args.head_prefit_steps > 0 and start_epoch == 0:
@@ -424,10 +435,10 @@ def main(args):
                   f"loss {loss:.4f}")
     # built while every parameter requires grad: a frozen encoder then counts as unused and its grads stay None
     freezes_later = args.freeze_encoder and start_epoch < args.unfreeze_after_epoch
-    train_model = utils.maybe_compile(utils.wrap_ddp(model, dist, find_unused_parameters=freezes_later), args.compile,
+    train_model = training.maybe_compile(distributed.wrap_ddp(model, dist, find_unused_parameters=freezes_later), args.compile,
                                       device)
 
-    files_out = utils.RunFiles(paths, f"fine-tuning ({run})", start_epoch, resume)
+    files_out = training_run.RunFiles(paths, f"fine-tuning ({run})", start_epoch, resume)
     files_out.write_settings(
         f"fine-tuning ({'from ' + args.ssl_checkpoint if ssl else 'from scratch: baseline'})",
         runtime.settings(vars(args), init="ssl" if ssl else "scratch", writes=paths.best,
@@ -435,18 +446,18 @@ def main(args):
                          test_images_held_out=len(table.indices("test")), small_stem=model.config.small_stem), dist)
 
     # ============ training ============
-    augment = data_loader.BatchAugment(supervised_augment_config(args), args.image_size, channels_last=True)
+    augment = augmentations.BatchAugment(supervised_augment_config(args), args.image_size, channels_last=True)
     loss_fn = make_loss_fn(augment, device, weights)
     with files_out.last.on_interrupt(args.num_epochs, dist.is_main):
         for epoch in range(start_epoch, args.num_epochs):
             frozen = args.freeze_encoder and epoch < args.unfreeze_after_epoch
             model.freeze_encoder(frozen)
             train_loader.set_epoch(epoch)
-            stats = utils.train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
+            stats = training.train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
                                           autocast_dtype=autocast_dtype, scheduler=scheduler, epoch=epoch,
                                           num_epochs=args.num_epochs, show_progress=dist.is_main,
                                           desc="fine-tune" + (" (frozen)" if frozen else ""))
-            stats, rngs = utils.reduce_epoch_stats(stats, dist)
+            stats, rngs = distributed.reduce_epoch_stats(stats, dist)
             if not dist.is_main:                   # the others wait for rank 0 in the next epoch's first step
                 continue
             val = (validate_multilabel(model, val_loader, device, autocast_dtype, args.threshold_rule) if multilabel
@@ -460,12 +471,12 @@ def main(args):
             files_out.end_epoch(epoch, args.num_epochs, row, ckpt, improved, optimizer, scheduler, scaler, best, rngs,
                                 chance=0.5 if multilabel else 1 / table.num_classes)   # AUC's chance, or accuracy's
     if dist.is_main:
-        best_epoch = utils.load_checkpoint(paths.best, "classifier")["epoch"]
+        best_epoch = checkpoints.load_checkpoint(paths.best, "classifier")["epoch"]
         print(f"done: best epoch {best_epoch} by {selection_text(best)} -> {paths.best}")
         hint = still_improving_hint(best_epoch, args.num_epochs)
         if hint:
             print(hint)
-    utils.cleanup_distributed(dist)
+    distributed.cleanup_distributed(dist)
 
 
 def peaked_late(best_epoch, num_epochs: int):
@@ -516,8 +527,8 @@ def log_epoch(epoch, num_epochs, stats, val, frozen, improved) -> dict:
 
 
 def get_args_parser():
-    p = utils.RecipeParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
-                           parents=[utils.common_parser(), utils.training_parser(), utils.task_parser()],
+    p = recipes.RecipeParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
+                           parents=[utils.common_parser(), training.training_parser(), utils.task_parser()],
                            formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
     p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's names are relative to")
     p.add_argument("--label_file", default="./data/medical_images/labels.csv",
@@ -556,7 +567,7 @@ def get_args_parser():
                         "the labelled images (linear probing then fine-tuning; helps with a few dozen labels)")
     p.add_argument("--rotation", type=float, default=10.0,
                    help="augmentation: random rotation in degrees (the original recipe's 10; 0: off)")
-    p.add_argument("--rotation_fill", default="zeros", choices=data_loader.ROTATION_FILLS,
+    p.add_argument("--rotation_fill", default="zeros", choices=augmentations.ROTATION_FILLS,
                    help="what fills the corners a rotation brings in: black (torchvision's RandomRotation, the "
                         "original recipe) or the image mirrored at its edges (no black wedges for the model to learn)")
     p.add_argument("--label_fraction", type=float, default=1.0,

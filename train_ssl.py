@@ -22,7 +22,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import augmentations
+import checkpoints
 import data_loader
+import distributed
+import image_io
+import label_tables
+import optimizers
+import probes
+import recipes
+import training
+import training_run
 import utils
 from model_ssl import ModelConfig, SimCLR, nt_xent_loss, use_small_stem
 from utils import UserError
@@ -46,10 +56,10 @@ TUNED = {"optimizer": "lars", "lr": 1.2, "batch_size": 64, "temperature": 0.2, "
 
 def pretraining_files(args):
     """Every readable image under data_dir, minus the test split of --label_file when given."""
-    files = data_loader.list_images(args.data_dir)
+    files = image_io.list_images(args.data_dir)
     table, excluded = None, []
     if args.label_file:
-        table = data_loader.load_label_table(args.label_file, args.data_dir, args.task, seed=args.split_seed,
+        table = label_tables.load_label_table(args.label_file, args.data_dir, args.task, seed=args.split_seed,
                                              val_fraction=args.val_fraction, test_fraction=args.test_fraction)
         if table.task != "multilabel" and len(np.unique(table.labels)) < 2:   # every kNN vote would be right
             raise UserError(f"--label_file {args.label_file}: every image has the same label; the kNN monitor needs "
@@ -58,7 +68,7 @@ def pretraining_files(args):
         held_out = set(excluded)
         files = [f for f in files if f not in held_out]
         if table.task == "multilabel":      # the kNN monitor scores one class per image
-            print(f"{data_loader.describe_table(table)}\nmulti-label file: its test split is left out of "
+            print(f"{label_tables.describe_table(table)}\nmulti-label file: its test split is left out of "
                   f"pretraining; the best epoch is chosen by loss (the kNN monitor needs one class per image)")
             table = None
     if len(files) < 2:
@@ -66,11 +76,11 @@ def pretraining_files(args):
     return files, table, excluded
 
 
-def ssl_augment_config(args) -> data_loader.AugmentConfig:
+def ssl_augment_config(args) -> augmentations.AugmentConfig:
     """The spec's SSL augmentations, with the crop's minimum area from --crop_min_scale, the rotation
     range from --rotation, the brightness and contrast strength from --jitter and the random gamma
     from --gamma."""
-    return dataclasses.replace(data_loader.SSL_AUGMENT, crop_scale=(args.crop_min_scale, 1.0), rotation=args.rotation,
+    return dataclasses.replace(augmentations.SSL_AUGMENT, crop_scale=(args.crop_min_scale, 1.0), rotation=args.rotation,
                                brightness=args.jitter, contrast=args.jitter, gamma=args.gamma)
 
 
@@ -78,8 +88,8 @@ def build_loader(args, files, runtime):
     """A shuffled batch loader over decoded images (or the per-image PIL pipeline for --augment pil)."""
     dist = runtime.dist
     if args.augment == "pil":
-        transform = data_loader.build_pil_transform(ssl_augment_config(args), args.image_size)
-        dataset = data_loader.PILTwoViewDataset(args.data_dir, files, transform)
+        transform = augmentations.build_pil_transform(ssl_augment_config(args), args.image_size)
+        dataset = augmentations.PILTwoViewDataset(args.data_dir, files, transform)
         sampler = torch.utils.data.DistributedSampler(dataset, dist.world_size, dist.rank, seed=args.seed) \
             if dist.world_size > 1 else torch.utils.data.RandomSampler(dataset)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
@@ -111,7 +121,7 @@ def make_loss_fn(augment, device, temperature, collapse_log, dist):
         x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
         z1, z2 = model(x).float().chunk(2)
         if dist.world_size > 1:                   # every anchor sees the negatives of all processes
-            z1_all, z2_all = utils.all_gather_with_grad(z1), utils.all_gather_with_grad(z2)
+            z1_all, z2_all = distributed.all_gather_with_grad(z1), distributed.all_gather_with_grad(z2)
             loss = nt_xent_loss(z1, z2, temperature, z1_all, z2_all, offset=dist.rank * z1.shape[0])
         else:
             loss = nt_xent_loss(z1, z2, temperature)
@@ -123,7 +133,7 @@ def make_loss_fn(augment, device, temperature, collapse_log, dist):
 # ============ the capture-friendly step (--cuda_graphs) ============
 
 def resolve_step_mode(args, device, dist, autocast_dtype) -> tuple[str, str]:
-    """'eager' (the step of utils.train_one_epoch), 'static' (the capture-friendly step, run as it is:
+    """'eager' (the step of training.train_one_epoch), 'static' (the capture-friendly step, run as it is:
     what --cuda_graphs on does without CUDA) or 'graphed' (that step replayed from a CUDA graph); and
     a note for the settings."""
     if args.cuda_graphs != "on":
@@ -143,7 +153,7 @@ def resolve_step_mode(args, device, dist, autocast_dtype) -> tuple[str, str]:
 def make_static_step(model, augment, optimizer, generator, temperature, device, autocast_dtype, capture):
     """The pretraining step with nothing that waits for the device: the augmentation draws its random
     numbers from `generator` on the device, the loss and the embedding spread stay tensors. Returns
-    step(batch, collapse_log) -> (loss, images), the step utils.train_one_epoch takes as step_fn."""
+    step(batch, collapse_log) -> (loss, images), the step training.train_one_epoch takes as step_fn."""
     def body(images):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                             cache_enabled=False):                  # no weight cache across graph replays
@@ -155,7 +165,7 @@ def make_static_step(model, augment, optimizer, generator, temperature, device, 
         optimizer.step()
         return loss.detach(), F.normalize(z1.detach(), dim=1).std(dim=0).mean()
 
-    captured = utils.CapturedStep(body, optimizer, capture=capture, generators=[generator] if capture else [])
+    captured = training.CapturedStep(body, optimizer, capture=capture, generators=[generator] if capture else [])
 
     def step(batch, collapse_log):
         images = batch[0].to(device, non_blocking=True)
@@ -206,12 +216,12 @@ def build_model(args):
 
 
 def build_optimizer(args, model, steps_per_epoch):
-    groups = utils.split_decay_groups(model, args.weight_decay)
+    groups = optimizers.split_decay_groups(model, args.weight_decay)
     if args.optimizer == "lars":
-        optimizer = utils.LARS(groups, lr=args.lr)
+        optimizer = optimizers.LARS(groups, lr=args.lr)
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr)
-    scheduler = utils.warmup_cosine(optimizer, args.warmup_epochs * steps_per_epoch,
+    scheduler = optimizers.warmup_cosine(optimizer, args.warmup_epochs * steps_per_epoch,
                                     args.num_epochs * steps_per_epoch)
     return optimizer, scheduler
 
@@ -238,12 +248,12 @@ def build_knn_loaders(table, store, args, channels) -> dict:
 
 def knn_accuracy(model, loaders: dict, num_classes: int, device, autocast_dtype):
     """kNN (k=20) on frozen encoder features: train split -> val split."""
-    feats = {split: utils.extract_features(model.encoder, loader, data_loader.normalize, device, autocast_dtype)
+    feats = {split: probes.extract_features(model.encoder, loader, image_io.normalize, device, autocast_dtype)
              for split, loader in loaders.items()}
     (f_train, y_train, _), (f_val, y_val, _) = feats["train"], feats["val"]
     if len(y_val) == 0 or len(y_train) == 0:
         return None
-    scores = utils.knn_predict(f_train, y_train, f_val, num_classes)
+    scores = probes.knn_predict(f_train, y_train, f_val, num_classes)
     return (scores.argmax(1) == y_val).float().mean().item()
 
 
@@ -252,8 +262,8 @@ def knn_accuracy(model, loaders: dict, num_classes: int, device, autocast_dtype)
 def checkpoint_dict(model, args, epoch, loss, knn, table, excluded, channels, world_size) -> dict:
     return {
         "kind": "ssl", "model_config": model.config.to_dict(), "image_size": args.image_size,
-        "channels": channels, "normalization": {"mean": list(data_loader.IMAGENET_MEAN),
-                                                "std": list(data_loader.IMAGENET_STD)},
+        "channels": channels, "normalization": {"mean": list(image_io.IMAGENET_MEAN),
+                                                "std": list(image_io.IMAGENET_STD)},
         "encoder": model.encoder.state_dict(), "projector": model.projector.state_dict(),
         "args": dict(vars(args)), "epoch": epoch, "loss": loss,
         "knn_accuracy": knn, "label_file_sha256": table.sha256 if table else None, "excluded_files": excluded,
@@ -280,37 +290,37 @@ def check_args(args) -> None:
 
 @utils.locks_output_dir(check_args, "ssl")
 def main(args):
-    runtime = utils.setup_runtime(args.device, args.precision, args.amp, args.seed)
+    runtime = training_run.setup_runtime(args.device, args.precision, args.amp, args.seed)
     dist, device, autocast_dtype = runtime.dist, runtime.device, runtime.autocast_dtype
 
     # ============ preparing data ============
     files, table, excluded = pretraining_files(args)
     if not resume_path(args) and dist.is_main:
-        utils.refuse_replacing_another_run(os.path.join(args.output_dir, "best_ssl_model.pth"), args,
+        checkpoints.refuse_replacing_another_run(os.path.join(args.output_dir, "best_ssl_model.pth"), args,
                                            table.sha256 if table else None, args.overwrite)
     store, loader = build_loader(args, files, runtime)
     channels = store.channels if store is not None else 3
-    augment = data_loader.BatchAugment(ssl_augment_config(args), args.image_size, channels_last=True) \
+    augment = augmentations.BatchAugment(ssl_augment_config(args), args.image_size, channels_last=True) \
         if store is not None else None
 
     # ============ building model and optimizer ============
     model = build_model(args).to(device).to(memory_format=torch.channels_last)
-    model = utils.convert_sync_bn(model, args.sync_bn, dist)
+    model = distributed.convert_sync_bn(model, args.sync_bn, dist)
     optimizer, scheduler = build_optimizer(args, model, max(1, len(loader)))
-    scaler = utils.make_grad_scaler(device, autocast_dtype)
+    scaler = training.make_grad_scaler(device, autocast_dtype)
     static_step, augment_rng, step_note = build_static_step(args, model, augment, optimizer, device, autocast_dtype,
                                                             dist)
-    start_epoch, best, resumed = utils.resume_run(resume_path(args), "ssl", args, RESUME_KEYS, dist,
+    start_epoch, best, resumed = training_run.resume_run(resume_path(args), "ssl", args, RESUME_KEYS, dist,
                                                   {"encoder": model.encoder, "projector": model.projector},
                                                   optimizer, scheduler, scaler, args.seed)
     if resumed is not None:
         restore_augment_rng(resumed, augment_rng, start_epoch, args.seed)
-    utils.lr_on_device(optimizer, device if static_step is not None else None)
-    train_model = utils.maybe_compile(utils.wrap_ddp(model, dist), args.compile, device)   # DDP broadcasts rank 0's weights
+    optimizers.lr_on_device(optimizer, device if static_step is not None else None)
+    train_model = training.maybe_compile(distributed.wrap_ddp(model, dist), args.compile, device)   # DDP broadcasts rank 0's weights
 
     if store is not None and len(store) < 2:
         raise UserError(f"--data_dir {args.data_dir}: SimCLR needs at least 2 readable images, found {len(store)}")
-    files_out = utils.RunFiles(utils.RunPaths.of(args.output_dir, "ssl", "best_ssl_model.pth"), "SimCLR pretraining",
+    files_out = training_run.RunFiles(training_run.RunPaths.of(args.output_dir, "ssl", "best_ssl_model.pth"), "SimCLR pretraining",
                                start_epoch, resume_path(args))
     files_out.write_settings("SimCLR pretraining", runtime.settings(
         vars(args), images=len(store) if store else len(files), excluded_test_images=len(excluded),
@@ -324,13 +334,13 @@ def main(args):
         for epoch in range(start_epoch, args.num_epochs):
             _set_epoch(loader, epoch)
             collapse = []
-            stats = utils.train_one_epoch(train_model, loader, optimizer,
+            stats = training.train_one_epoch(train_model, loader, optimizer,
                                           make_loss_fn(augment, device, args.temperature, collapse, dist),
                                           device=device, scaler=scaler, autocast_dtype=autocast_dtype,
                                           scheduler=scheduler, epoch=epoch, num_epochs=args.num_epochs,
                                           desc="pretrain", show_progress=dist.is_main,
                                           step_fn=None if static_step is None else lambda b: static_step(b, collapse))
-            stats, rngs = utils.reduce_epoch_stats(stats, dist)
+            stats, rngs = distributed.reduce_epoch_stats(stats, dist)
             if not dist.is_main:                   # the others wait for rank 0 in the next epoch's first step
                 continue
             knn = None
@@ -352,13 +362,13 @@ def main(args):
             _warn_collapse(row["embedding_std"], model.config.projection_dim)
     if dist.is_main:
         print(done_line(files_out.paths.best, args.num_epochs))
-    utils.cleanup_distributed(dist)
+    distributed.cleanup_distributed(dist)
 
 
 def done_line(best_path: str, num_epochs: int) -> str:
     """The run's last line: which epoch was kept and why. On 423 images an 800-epoch run kept epoch 325, whose
     kNN accuracy on val (0.929) its last epoch no longer reached (0.843) (README, Results)."""
-    best = utils.load_checkpoint(best_path, "ssl")
+    best = checkpoints.load_checkpoint(best_path, "ssl")
     by = (f"kNN accuracy on val {best['knn_accuracy']:.3f}" if best.get("knn_accuracy") is not None
           else f"loss {best['loss']:.4f}")
     return f"done: best epoch {best['epoch']} of {num_epochs} by {by} -> {best_path}"
@@ -393,8 +403,8 @@ def _warn_collapse(std: float, dim: int) -> None:
 
 
 def get_args_parser():
-    p = utils.RecipeParser(description="SimCLR self-supervised pretraining.",
-                           parents=[utils.common_parser(), utils.training_parser(), utils.task_parser(uncertain=False)],
+    p = recipes.RecipeParser(description="SimCLR self-supervised pretraining.",
+                           parents=[utils.common_parser(), training.training_parser(), utils.task_parser(uncertain=False)],
                            formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
     p.add_argument("--data_dir", default="./data/medical_images", help="folder of unlabelled images (recursive)")
     p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go")
@@ -415,7 +425,7 @@ def get_args_parser():
     p.add_argument("--projection_dim", type=int, default=128, help="output size of the projection head")
     p.add_argument("--image_size", type=int, default=224,
                    help="training resolution in pixels; 32 or less uses the small-image stem")
-    p.add_argument("--augment", default="batch", choices=data_loader.AUGMENT_MODES,
+    p.add_argument("--augment", default="batch", choices=augmentations.AUGMENT_MODES,
                    help="batch: decode once, augment whole batches on the device; pil: classic per-image "
                         "torchvision pipeline in DataLoader workers (reference)")
     p.add_argument("--crop_min_scale", type=float, default=0.8,

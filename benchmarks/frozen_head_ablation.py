@@ -24,10 +24,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+import augmentations  # noqa: E402
+import checkpoints  # noqa: E402
 import data_loader  # noqa: E402
-import evaluate  # noqa: E402
+import data_splits  # noqa: E402
 import fine_tune  # noqa: E402
+import image_io  # noqa: E402
+import label_tables  # noqa: E402
 import model_ssl  # noqa: E402
+import probes  # noqa: E402
+import scoring  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -55,33 +61,33 @@ def fit_and_score(kind, x, y, test_x, test_y, num_classes, steps, seed) -> float
 
 
 def main(args):
-    ckpt = utils.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
-    encoder = evaluate.ssl_encoder(ckpt, args.ssl_checkpoint).eval()
+    ckpt = checkpoints.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
+    encoder = scoring.ssl_encoder(ckpt, args.ssl_checkpoint).eval()
     label_file = args.label_file or os.path.join(args.data_dir, "labels.csv")
-    table = data_loader.read_label_table(label_file, args.data_dir, seed=ckpt["args"].get("split_seed", 42))
+    table = label_tables.read_label_table(label_file, args.data_dir, seed=ckpt["args"].get("split_seed", 42))
     train, test = table.indices("train"), table.indices("test")
     store = data_loader.ImageStore(args.data_dir, [table.filenames[i] for i in np.r_[train, test]],
                                    ckpt["image_size"], channels=ckpt["channels"])
     images = store.images
-    features = encode(encoder, images, data_loader.normalize)
+    features = encode(encoder, images, image_io.normalize)
     train_x, test_x = features[: len(train)], features[len(train):]
     test_y = torch.as_tensor(table.labels[test])
     k = table.num_classes
     rows = {}
     for seed in args.seeds:
-        subset = data_loader.stratified_subset(table.labels, train, args.label_fraction, seed)
+        subset = data_splits.stratified_subset(table.labels, train, args.label_fraction, seed)
         pos = np.searchsorted(train, subset)
         x, y = train_x[pos], torch.as_tensor(table.labels[subset])
         for kind in ("mlp", "standardised mlp", "linear"):
             rows.setdefault(f"{kind} head, clean images", []).append(
                 fit_and_score(kind, x, y, test_x, test_y, k, args.steps, seed))
-        prob = evaluate.fit_linear_probe(x.numpy(), y.numpy(), test_x.numpy(), k, seed, []).prob   # C=1: no val here
+        prob = probes.fit_linear_probe(x.numpy(), y.numpy(), test_x.numpy(), k, seed, []).prob   # C=1: no val here
         rows.setdefault("logistic regression (evaluate.py's probe), clean images", []).append(
             float((prob.argmax(1) == test_y.numpy()).mean()))
         for rotation in args.rotations:
-            config = dataclasses.replace(data_loader.SUPERVISED_AUGMENT, rotation=rotation,
+            config = dataclasses.replace(augmentations.SUPERVISED_AUGMENT, rotation=rotation,
                                          rotation_fill=args.rotation_fill)
-            augment = data_loader.BatchAugment(config, ckpt["image_size"])
+            augment = augmentations.BatchAugment(config, ckpt["image_size"])
             generator = torch.Generator().manual_seed(seed)
             copies = torch.cat([encode(encoder, images[pos], lambda b: augment(b, generator=generator))
                                 for _ in range(args.copies)])
@@ -107,7 +113,7 @@ def get_args_parser():
     p.add_argument("--copies", type=int, default=10, help="augmented copies of each labelled image")
     p.add_argument("--rotations", type=float, nargs="+", default=[10.0, 0.0],
                    help="fine_tune.py --rotation values to try (10: the original recipe's)")
-    p.add_argument("--rotation_fill", default="zeros", choices=data_loader.ROTATION_FILLS,
+    p.add_argument("--rotation_fill", default="zeros", choices=augmentations.ROTATION_FILLS,
                    help="fine_tune.py --rotation_fill of the augmented copies")
     return p
 

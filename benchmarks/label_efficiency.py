@@ -28,11 +28,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import augmentations  # noqa: E402
+import checkpoints  # noqa: E402
 import data_loader  # noqa: E402
+import data_splits  # noqa: E402
 import evaluate  # noqa: E402
 import fine_tune  # noqa: E402
+import label_tables  # noqa: E402
+import medmnist_npz  # noqa: E402
 import train_ssl  # noqa: E402
 import utils  # noqa: E402
+from classification_metrics import compute_metrics, compute_multilabel_metrics  # noqa: E402
+import probes  # noqa: E402
+import recipes  # noqa: E402
+import scoring  # noqa: E402
+import synthetic  # noqa: E402
 
 METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro")
 MULTILABEL_METRICS = ("mean_auc", "mean_ap")      # over the findings, on the test split
@@ -41,7 +51,7 @@ GAIN_NAMES = {"accuracy": "Accuracy", "mean_auc": "Mean ROC-AUC"}
 
 def is_multilabel(args, label_file: str) -> bool:
     """--multi_label, or a label file (e.g. an imported ChestMNIST) that is multi-label."""
-    return args.multi_label or data_loader.label_file_format(label_file) != "classes"
+    return args.multi_label or label_tables.label_file_format(label_file) != "classes"
 
 
 def prepare_data(args) -> tuple:
@@ -61,12 +71,12 @@ def prepare_data(args) -> tuple:
                   file=sys.stderr)
         return data_dir, label_file
     if args.npz:
-        data_loader.import_npz(args.npz, data_dir)
+        medmnist_npz.import_npz(args.npz, data_dir)
     elif args.multi_label:
-        data_loader.generate_multilabel_dataset(data_dir, args.num_images, args.image_size, args.data_seed,
+        synthetic.generate_multilabel_dataset(data_dir, args.num_images, args.image_size, args.data_seed,
                                                 args.num_unlabeled)
     else:
-        data_loader.generate_dataset(data_dir, args.num_images, 3, args.image_size, args.data_seed, args.num_unlabeled)
+        synthetic.generate_dataset(data_dir, args.num_images, 3, args.image_size, args.data_seed, args.num_unlabeled)
     if not args.npz:
         counts = data_loader.write_split_column(label_file, data_dir, args.data_seed, args.val_fraction,
                                                 args.test_fraction)
@@ -149,12 +159,12 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
         ["--checkpoint", os.path.join(out, "model.pth"), "--data_dir", data_dir, "--label_file", label_file,
          "--device", args.device, "--bootstrap", "0"])
     device = utils.resolve_device(args.device)
-    (ev,) = evaluate.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
-    if ev.kind == evaluate.MULTILABEL_KIND:
-        scores = evaluate.compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, 0, 0)
+    (ev,) = scoring.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
+    if ev.kind == scoring.MULTILABEL_KIND:
+        scores = compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, 0, 0)
         metrics = MULTILABEL_METRICS
     else:
-        scores = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
+        scores = compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
         metrics = METRICS
     row = {"method": method, "recipe": args.recipe, "fraction": fraction, "seed": seed,
            "train_seconds": round(seconds, 1),
@@ -174,18 +184,18 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
     import numpy as np
     import torch
 
-    ckpt = utils.load_checkpoint(ssl_path, "ssl", "--ssl_checkpoint")
-    table = data_loader.load_label_table(label_file, data_dir, seed=ckpt["args"].get("split_seed", 42))
+    ckpt = checkpoints.load_checkpoint(ssl_path, "ssl", "--ssl_checkpoint")
+    table = label_tables.load_label_table(label_file, data_dir, seed=ckpt["args"].get("split_seed", 42))
     train, val, test = table.indices("train"), table.indices("val"), table.indices("test")   # all sorted
     files = [table.filenames[i] for i in np.r_[train, val, test]]
     device = utils.resolve_device(args.device)
     enc_args = Namespace(data_dir=data_dir, cache_gb=4.0, num_workers=0, batch_size=128)
     torch.manual_seed(0)
-    encoders = {"random init": evaluate.ssl_encoder(ckpt, ssl_path, pretrained=False),
-                "ssl": evaluate.ssl_encoder(ckpt, ssl_path)}
+    encoders = {"random init": scoring.ssl_encoder(ckpt, ssl_path, pretrained=False),
+                "ssl": scoring.ssl_encoder(ckpt, ssl_path)}
     results = []
     for name, encoder in encoders.items():
-        features = evaluate.encode_images(encoder.eval(), files, ckpt, enc_args, device, None)
+        features = scoring.encode_images(encoder.eval(), files, ckpt, enc_args, device, None)
         train_x, val_x, test_x = np.split(features, [len(train), len(train) + len(val)])
         for fraction in args.fractions:
             for seed in args.seeds:   # the very subset fine_tune.py draws for this fraction and seed
@@ -193,10 +203,10 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
                     results.append({"features": name, "fraction": fraction, "seed": seed,
                                     **multilabel_probe(table, train, test, train_x, test_x, fraction, seed)})
                     continue
-                subset = data_loader.stratified_subset(table.labels, train, fraction, seed)
-                probe = evaluate.fit_linear_probe(train_x[np.searchsorted(train, subset)], table.labels[subset],
+                subset = data_splits.stratified_subset(table.labels, train, fraction, seed)
+                probe = probes.fit_linear_probe(train_x[np.searchsorted(train, subset)], table.labels[subset],
                                                   test_x, table.num_classes, seed, [], val_x, table.labels[val])
-                scores = evaluate.compute_metrics(table.labels[test], probe.prob, table.num_classes, resamples=0,
+                scores = compute_metrics(table.labels[test], probe.prob, table.num_classes, resamples=0,
                                                   seed=0)
                 results.append({"features": name, "fraction": fraction, "seed": seed, "C": probe.C,
                                 **{m: float(scores[m]["value"]) for m in METRICS}})
@@ -210,7 +220,7 @@ def multilabel_probe(table, train, test, train_x, test_x, fraction: float, seed:
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    subset = data_loader.iterative_stratified_subset(table.labels, train, fraction, seed)
+    subset = data_splits.iterative_stratified_subset(table.labels, train, fraction, seed)
     fit_x, fit_y = train_x[np.searchsorted(train, subset)], table.labels[subset]
     scaler = StandardScaler().fit(fit_x)
     prob = np.full((len(test), table.num_classes), 0.5)
@@ -220,7 +230,7 @@ def multilabel_probe(table, train, test, train_x, test_x, fraction: float, seed:
             probe = LogisticRegression(max_iter=2000, random_state=seed)
             prob[:, k] = probe.fit(scaler.transform(fit_x[counted]), fit_y[counted, k]).predict_proba(
                 scaler.transform(test_x))[:, 1]
-    scores = evaluate.compute_multilabel_metrics(table.labels[test], prob, np.full(table.num_classes, 0.5), 0, 0)
+    scores = compute_multilabel_metrics(table.labels[test], prob, np.full(table.num_classes, 0.5), 0, 0)
     return {m: float(scores[m]["value"]) for m in MULTILABEL_METRICS}
 
 
@@ -369,7 +379,7 @@ class _RecipeHelp:
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    p.add_argument("--recipe", default="tuned", choices=utils.RECIPE_NAMES,
+    p.add_argument("--recipe", default="tuned", choices=recipes.RECIPE_NAMES,
                    help="the recipe both scripts run (train_ssl.py / fine_tune.py --recipe): tuned, the measured one; "
                         "spec, the scripts' defaults (the seed README's table). The flags below override single "
                         "values; --ssl_epochs and --ft_steps (or --ft_epochs) are always passed. Give each recipe its own "
@@ -424,7 +434,7 @@ def get_args_parser():
                    help="fine-tuning epochs instead of --ft_steps (fine_tune.py --num_epochs)")
     p.add_argument("--ft_batch_size", type=int, default=None, help=ft("fine-tuning batch", "batch_size"))
     p.add_argument("--ft_lr", type=float, default=None, help=ft("fine-tuning learning rate (both methods)", "lr"))
-    p.add_argument("--ft_rotation_fill", default=None, choices=data_loader.ROTATION_FILLS,
+    p.add_argument("--ft_rotation_fill", default=None, choices=augmentations.ROTATION_FILLS,
                    help=ft("fine-tuning (both methods): what fills the corners a rotation brings in", "rotation_fill"))
     p.add_argument("--head_prefit_steps", type=int, default=0,
                    help="SSL runs: full-batch head steps on the frozen features before fine-tuning (a linear probe "

@@ -20,6 +20,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data_loader  # noqa: E402
+import image_io  # noqa: E402
+import synthetic  # noqa: E402
 import utils  # noqa: E402
 from model_ssl import ModelConfig, SimCLR  # noqa: E402
 
@@ -70,7 +72,7 @@ def vm_hwm_kib(pid: int) -> int:
 def dataset(folder: str, n: int, side: int) -> str:
     if not os.path.isfile(os.path.join(folder, "labels.csv")):
         print(f"writing {n} synthetic images at {side} px to {folder} ...", flush=True)
-        data_loader.generate_dataset(folder, n, 3, side, 42, 0)
+        synthetic.generate_dataset(folder, n, 3, side, 42, 0)
     return folder
 
 
@@ -79,7 +81,7 @@ def main(args):
         raise utils.UserError("peak_memory.py reads /proc and runs on Linux only")
     big = dataset(args.data_dir, args.num_images, args.image_size)
     small = dataset(args.data_dir + f"_small{args.small_images}", args.small_images, args.image_size)
-    names = data_loader.list_images(big)
+    names = image_io.list_images(big)
     n_images = len(names)
     store_channels = data_loader.ImageStore(big, names[:16], args.image_size).channels
     cache_mib = n_images * store_channels * args.image_size ** 2 / MiB

@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data_loader  # noqa: E402
 import evaluate  # noqa: E402
 import fine_tune  # noqa: E402
 import train_ssl  # noqa: E402
 import utils  # noqa: E402
+from classification_metrics import compute_metrics  # noqa: E402
+import scoring  # noqa: E402
+import synthetic  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -58,10 +60,10 @@ def score(args, label_file: str, checkpoint: str, precision: str) -> tuple:
         ["--checkpoint", checkpoint, "--data_dir", args.data_dir, "--label_file", label_file,
          "--device", args.device, "--bootstrap", "0"])
     start = time.perf_counter()
-    (ev,) = evaluate.evaluate_checkpoint(checkpoint, precision, eval_args, utils.resolve_device(args.device),
+    (ev,) = scoring.evaluate_checkpoint(checkpoint, precision, eval_args, utils.resolve_device(args.device),
                                          DTYPES[precision])
     seconds = time.perf_counter() - start
-    metrics = evaluate.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
+    metrics = compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
     return ev, {m: float(metrics[m]["value"]) for m in ("accuracy", "roc_auc_macro")}, seconds
 
 
@@ -76,7 +78,7 @@ def main(args):
     os.makedirs(args.output_dir, exist_ok=True)
     label_file = os.path.join(args.data_dir, "labels.csv")
     if not os.path.isfile(label_file):
-        data_loader.generate_dataset(args.data_dir, args.num_images, 3, args.image_size, 42, 0)
+        synthetic.generate_dataset(args.data_dir, args.num_images, 3, args.image_size, 42, 0)
     device = utils.resolve_device(args.device)
     _, auto_why = utils.resolve_precision("auto", None, device)
     rows, evs = {}, {}

@@ -14,8 +14,8 @@ are fair on a shared or throttling machine:
         --optimizer lars --cuda_graphs off on --profile_md step_profile.md   # issue 23, on a GPU
 
 --train_step measures train_ssl.py's own step instead: its model, optimizer, schedule, BatchAugment and
-step (--cuda_graphs off: utils.train_one_epoch's; on: the capture-friendly step, replayed from a CUDA graph
-on a GPU) over full epochs of an in-memory BatchLoader, loss read every utils.HOST_SYNC_EVERY steps and at
+step (--cuda_graphs off: training.train_one_epoch's; on: the capture-friendly step, replayed from a CUDA graph
+on a GPU) over full epochs of an in-memory BatchLoader, loss read every training.HOST_SYNC_EVERY steps and at
 the end of each epoch, against (a) at the same batch (images per step), precision and optimizer; it prints
 step_over_model_<graphs>_<batch>_<precision> ratios, and with --profile_md a torch.profiler table of one
 eager step's parts (augmentation, forward, backward, optimizer, loss read) and of the captured step.
@@ -39,7 +39,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import augmentations  # noqa: E402
 import data_loader  # noqa: E402
+import distributed  # noqa: E402
+import optimizers  # noqa: E402
+import synthetic  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 from model_ssl import ModelConfig, SimCLR, nt_xent_loss, use_small_stem  # noqa: E402
 
@@ -49,7 +54,7 @@ from model_ssl import ModelConfig, SimCLR, nt_xent_loss, use_small_stem  # noqa:
 def write_pngs(folder: str, n: int, side: int, seed: int = 0) -> list[str]:
     """The toolkit's synthetic chest X-rays, or simple stand-ins where that generator is missing."""
     if hasattr(data_loader, "generate_images"):
-        return [row[0] for row in data_loader.generate_images(folder, "", n, 3, side, seed, 0)]
+        return [row[0] for row in synthetic.generate_images(folder, "", n, 3, side, seed, 0)]
     return write_simple_pngs(folder, n, side, seed)
 
 
@@ -88,7 +93,7 @@ class ModelStep:
         if optimizer == "adam":
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
         else:                                       # as train_ssl.py builds it; lars_loop: one parameter at a time
-            self.optimizer = utils.LARS(utils.split_decay_groups(self.model, 1e-6), lr=0.1,
+            self.optimizer = optimizers.LARS(optimizers.split_decay_groups(self.model, 1e-6), lr=0.1,
                                         foreach=False if optimizer == "lars_loop" else None)
         self.device, self.autocast_dtype = device, autocast_dtype
 
@@ -101,7 +106,7 @@ class ModelStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.detach()  # no host sync per step, as utils.train_one_epoch (timed() syncs at the end)
+        return loss.detach()  # no host sync per step, as training.train_one_epoch (timed() syncs at the end)
 
 
 def timed(next_views, step, warmup: int, steps: int, device) -> tuple[int, float]:
@@ -138,7 +143,7 @@ def path_batch(store, images_per_step: int, size: int, device, num_workers: int 
     loader = data_loader.BatchLoader(store, np.arange(len(store)), batch_size=images_per_step, shuffle=True,
                                      drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda")
     batches = cycle_batch_loader(loader)
-    augment = data_loader.BatchAugment(data_loader.SSL_AUGMENT, size, channels_last=True)
+    augment = augmentations.BatchAugment(augmentations.SSL_AUGMENT, size, channels_last=True)
 
     def next_views():
         images = next(batches)[0].to(device, non_blocking=True)
@@ -154,7 +159,7 @@ def path_stream(root: str, names: list, images_per_step: int, size: int, device,
 
 def path_pil(root: str, names: list, images_per_step: int, size: int, device, num_workers: int):
     """A fresh DataLoader per measurement: idle workers would otherwise keep decoding during (a) and (b)."""
-    dataset = data_loader.PILTwoViewDataset(root, names, data_loader.build_pil_transform(data_loader.SSL_AUGMENT,
+    dataset = augmentations.PILTwoViewDataset(root, names, augmentations.build_pil_transform(augmentations.SSL_AUGMENT,
                                                                                            size))
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10 ** 9)
     loader = torch.utils.data.DataLoader(dataset, batch_size=images_per_step, sampler=sampler,
@@ -297,7 +302,7 @@ def build_real_step(args, store, size: int, batch: int, precision: str, graphs: 
     """train_ssl.py's model, optimizer, schedule, augmentation and step, built by its own functions."""
     import train_ssl
 
-    one_process = utils.Dist(distributed=False, rank=0, world_size=1, is_main=True, device=device)
+    one_process = distributed.Dist(distributed=False, rank=0, world_size=1, is_main=True, device=device)
     targs = train_ssl.get_args_parser().parse_args([
         "--image_size", str(size), "--batch_size", str(batch), "--optimizer", args.optimizer,
         "--lr", "0.3" if args.optimizer == "lars" else "1e-4", "--precision", precision, "--cuda_graphs", graphs,
@@ -306,9 +311,9 @@ def build_real_step(args, store, size: int, batch: int, precision: str, graphs: 
     torch.manual_seed(0)
     model = train_ssl.build_model(targs).to(device).to(memory_format=torch.channels_last)
     optimizer, scheduler = train_ssl.build_optimizer(targs, model, steps)
-    augment = data_loader.BatchAugment(train_ssl.ssl_augment_config(targs), size, channels_last=True)
+    augment = augmentations.BatchAugment(train_ssl.ssl_augment_config(targs), size, channels_last=True)
     static_step, _, _ = train_ssl.build_static_step(targs, model, augment, optimizer, device, dtype, one_process)
-    utils.lr_on_device(optimizer, device if static_step is not None else None)
+    optimizers.lr_on_device(optimizer, device if static_step is not None else None)
     loader = data_loader.BatchLoader(TiledStore(store, batch * steps), np.arange(batch * steps), batch_size=batch,
                                      shuffle=True, drop_last=True, pin_memory=device.type == "cuda")
     collapse = []
@@ -319,13 +324,13 @@ def build_real_step(args, store, size: int, batch: int, precision: str, graphs: 
 
 
 def real_epoch(real: dict, device, epoch: int) -> tuple[int, float]:
-    """(views, seconds) of one epoch of utils.train_one_epoch, the loop train_ssl.py runs."""
+    """(views, seconds) of one epoch of training.train_one_epoch, the loop train_ssl.py runs."""
     real["loader"].set_epoch(epoch)
     real["collapse"].clear()
     sync(device)
     start = time.perf_counter()
-    stats = utils.train_one_epoch(real["model"], real["loader"], real["optimizer"], real["loss_fn"], device=device,
-                                  scaler=utils.make_grad_scaler(device, real["dtype"]), autocast_dtype=real["dtype"],
+    stats = training.train_one_epoch(real["model"], real["loader"], real["optimizer"], real["loss_fn"], device=device,
+                                  scaler=training.make_grad_scaler(device, real["dtype"]), autocast_dtype=real["dtype"],
                                   scheduler=real["scheduler"], epoch=epoch, show_progress=False,
                                   step_fn=real["step_fn"])
     sync(device)
@@ -376,7 +381,7 @@ GRAPHED = "whole step, --cuda_graphs on"
 
 def eager_parts(real: dict, images: torch.Tensor, device) -> None:
     """One step of train_ssl.py's eager path, each part in a profiler range (the loss read, done once per
-    utils.HOST_SYNC_EVERY steps in training, is shown as what one read costs)."""
+    training.HOST_SYNC_EVERY steps in training, is shown as what one read costs)."""
     from model_ssl import nt_xent_loss
     rf = torch.profiler.record_function
     with torch.autocast(device.type, dtype=real["dtype"] or torch.float32, enabled=real["dtype"] is not None):

@@ -16,9 +16,10 @@ from PIL import Image
 from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_loader import (IMAGENET_MEAN, IMAGENET_STD, SSL_AUGMENT, SUPERVISED_AUGMENT, AugmentConfig,  # noqa: E402
-                         BatchAugment, PILTwoViewDataset, blur_kernel_size, blur_sigma_range, build_pil_transform,
-                         eval_pil_transform, normalize)
+from augmentations import (SSL_AUGMENT, SUPERVISED_AUGMENT, AugmentConfig, BatchAugment,  # noqa: E402
+                           PILTwoViewDataset, blur_kernel_size, blur_sigma_range, build_pil_transform,
+                           eval_pil_transform)
+from image_io import IMAGENET_MEAN, IMAGENET_STD, normalize  # noqa: E402
 
 IDENTITY = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_p=0.0, rotation=0.0, brightness=0.0,
                          contrast=0.0, blur_p=0.0)

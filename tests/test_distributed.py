@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-import utils
+import distributed
+import training
 from model_ssl import nt_xent_loss
 from tiny_data import write_tiny_dataset
 
@@ -63,7 +64,7 @@ def distributed_loss(variant, rank):
     def loss_of(z1, z2):
         if variant == "local_negatives":
             return nt_xent_loss(z1, z2, TEMPERATURE)
-        gather = utils.all_gather_with_grad if variant == "exact" else (lambda z: gather_without_grad(z, rank))
+        gather = distributed.all_gather_with_grad if variant == "exact" else (lambda z: gather_without_grad(z, rank))
         return nt_xent_loss(z1, z2, TEMPERATURE, gather(z1), gather(z2), offset=rank * N)
     return loss_of
 
@@ -84,7 +85,7 @@ def freeze_then_unfreeze(rank, info):
     torch.manual_seed(2)
     model, x, y = TinyClassifier(), torch.randn(WORLD * N, D_IN), torch.arange(WORLD * N) % 3
     rows = slice(rank * N, (rank + 1) * N)
-    ddp = utils.wrap_ddp(model, info, find_unused_parameters=True)
+    ddp = distributed.wrap_ddp(model, info, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.encoder.requires_grad_(False)
@@ -104,16 +105,16 @@ def freeze_then_unfreeze(rank, info):
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)                       # a forked child must not reuse the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    info = utils.Dist(distributed=True, rank=rank, world_size=WORLD, is_main=rank == 0, device=torch.device("cpu"))
+    info = distributed.Dist(distributed=True, rank=rank, world_size=WORLD, is_main=rank == 0, device=torch.device("cpu"))
     results = {"freeze": freeze_then_unfreeze(rank, info)}
     for variant in VARIANTS:
         x1, x2, model = make_problem()
         if rank == 1:                              # DDP must replace this with rank 0's weights
             nn.init.zeros_(model.weight)
-        ddp = utils.wrap_ddp(model, info)
+        ddp = distributed.wrap_ddp(model, info)
         rows = slice(rank * N, (rank + 1) * N)
         r = one_step(ddp, x1[rows], x2[rows], distributed_loss(variant, rank))
-        r["global_loss"] = utils.all_reduce_mean(r["loss"], info)
+        r["global_loss"] = distributed.all_reduce_mean(r["loss"], info)
         results[variant] = r
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
@@ -138,9 +139,9 @@ def _nan_on_one_rank(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     loss_sum = torch.tensor(float("nan") if rank == 1 else 2.0)
     try:
-        utils._finite_mean_loss(loss_sum, 4, epoch=2)
+        training._finite_mean_loss(loss_sum, 4, epoch=2)
         message = "no error"
-    except utils.NonFiniteLossError as e:
+    except training.NonFiniteLossError as e:
         message = str(e)
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(message)

@@ -10,9 +10,18 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-import data_loader
+import checkpoints
+import data_splits
 import evaluate
+import image_io
+import label_tables
+import classification_metrics
+import plots
+import probes
+import reports
+import scoring
 import utils
+import verdicts
 from model_ssl import Classifier, ModelConfig, SimCLR
 
 CLASS_NAMES = ["normal", "pneumonia", "effusion"]
@@ -36,7 +45,7 @@ def random_predictions(n, k, seed, signal=1.0):
 
 def point(y, prob):
     k = prob.shape[1]
-    return {key: v[0] for key, v in evaluate.all_metrics(np.ones((1, len(y))), y, prob, k, np.ones(k, bool)).items()}
+    return {key: v[0] for key, v in classification_metrics.all_metrics(np.ones((1, len(y))), y, prob, k, np.ones(k, bool)).items()}
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
@@ -62,8 +71,8 @@ def test_metrics_match_sklearn(k):
 def test_bootstrap_weights_equal_sklearn_sample_weights():
     """A resample is a weighting of the images; each metric must agree with sklearn's sample_weight."""
     y, prob = random_predictions(150, 3, seed=7)
-    w = next(evaluate.bootstrap_weights(150, 1, seed=0, chunk=1))
-    m = {key: v[0] for key, v in evaluate.all_metrics(w, y, prob, 3, np.ones(3, bool)).items()}
+    w = next(classification_metrics.bootstrap_weights(150, 1, seed=0, chunk=1))
+    m = {key: v[0] for key, v in classification_metrics.all_metrics(w, y, prob, 3, np.ones(3, bool)).items()}
     pred, sw = prob.argmax(1), w[0]
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred, sample_weight=sw))
     assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, average="macro", sample_weight=sw))
@@ -76,7 +85,7 @@ def test_bootstrap_weights_equal_sklearn_sample_weights():
 def test_specificity_and_counts_by_hand():
     y = np.array([0, 0, 0, 1, 1, 2])
     pred = np.array([0, 1, 1, 1, 2, 2])
-    m = evaluate.count_metrics(evaluate.confusion_matrices(np.ones((1, 6)), y, pred, 3))
+    m = classification_metrics.count_metrics(classification_metrics.confusion_matrices(np.ones((1, 6)), y, pred, 3))
     # class 0: tn = images not 0 and not predicted 0 = 3, fp = 0; class 1: tn = 2, fp = 2; class 2: tn = 4, fp = 1
     np.testing.assert_allclose(m["specificity"][0], [3 / 3, 2 / 4, 4 / 5])
     np.testing.assert_allclose(m["recall"][0], [1 / 3, 1 / 2, 1 / 1])
@@ -86,7 +95,7 @@ def test_specificity_and_counts_by_hand():
 def test_absent_class_is_nan_not_a_crash():
     y, prob = random_predictions(60, 3, seed=1)
     y[y == 2] = 0                                                    # class 2 absent from the split
-    r = evaluate.compute_metrics(y, prob, 3, resamples=50, seed=0)
+    r = classification_metrics.compute_metrics(y, prob, 3, resamples=50, seed=0)
     assert r["support"][2] == 0
     assert np.isnan(r["recall"]["value"][2]) and np.isnan(r["roc_auc_per_class"]["value"][2])
     expected = np.mean([skm.roc_auc_score(y == c, prob[:, c]) for c in (0, 1)])
@@ -98,7 +107,7 @@ def test_bootstrap_interval_contains_estimate_and_narrows_with_more_images():
     widths = []
     for n in (60, 1000):
         y, prob = random_predictions(n, 3, seed=3)
-        r = evaluate.compute_metrics(y, prob, 3, resamples=300, seed=0)
+        r = classification_metrics.compute_metrics(y, prob, 3, resamples=300, seed=0)
         for key in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro", "ece"):
             assert r[key]["low"] <= r[key]["value"] <= r[key]["high"], key
         widths.append(r["accuracy"]["high"] - r["accuracy"]["low"])
@@ -107,7 +116,7 @@ def test_bootstrap_interval_contains_estimate_and_narrows_with_more_images():
 
 def test_bootstrap_is_deterministic_for_a_seed():
     y, prob = random_predictions(80, 3, seed=4)
-    a, b, c = (evaluate.compute_metrics(y, prob, 3, 100, seed=s)["roc_auc_macro"] for s in (5, 5, 6))
+    a, b, c = (classification_metrics.compute_metrics(y, prob, 3, 100, seed=s)["roc_auc_macro"] for s in (5, 5, 6))
     assert (a["low"], a["high"]) == (b["low"], b["high"])
     assert (a["low"], a["high"]) != (c["low"], c["high"])
 
@@ -116,31 +125,31 @@ def test_ece_is_zero_when_calibrated_and_the_gap_when_overconfident():
     y = np.array([0] * 3 + [1] + [1] * 4)                # first 4: confidence 0.75, 3 of 4 right
     prob = np.array([[0.75, 0.25]] * 4 + [[0.1, 0.9]] * 4)
     prob[4:] = [[0.0, 1.0]] * 4                          # last 4: confidence 1.0, all right
-    assert evaluate.expected_calibration_error(np.ones((1, 8)), y, prob)[0] == pytest.approx(0.0)
+    assert classification_metrics.expected_calibration_error(np.ones((1, 8)), y, prob)[0] == pytest.approx(0.0)
     rng = np.random.default_rng(0)
     conf = rng.uniform(0.5, 1.0, 20000)                  # sampled calibration: right with probability conf
     correct = rng.uniform(size=20000) < conf
     y = np.where(correct, 0, 1)
     prob = np.stack([conf, 1 - conf], 1)
-    assert evaluate.expected_calibration_error(np.ones((1, 20000)), y, prob)[0] < 0.02
+    assert classification_metrics.expected_calibration_error(np.ones((1, 20000)), y, prob)[0] < 0.02
     overconfident = np.tile([[0.9, 0.1]], (10, 1))       # 90% confident, 50% right -> ECE 0.4
-    assert evaluate.expected_calibration_error(np.ones((1, 10)), np.array([0, 1] * 5), overconfident)[0] == \
+    assert classification_metrics.expected_calibration_error(np.ones((1, 10)), np.array([0, 1] * 5), overconfident)[0] == \
         pytest.approx(0.4)
 
 
 def test_projection_of_too_few_images_is_skipped_with_a_reason():
-    with pytest.raises(evaluate.ProjectionSkipped, match="at least 5 images"):
-        evaluate.project_embedding(np.random.default_rng(0).normal(size=(3, 8)), "t-SNE", seed=0)
-    coords = evaluate.project_embedding(np.random.default_rng(0).normal(size=(6, 8)), "t-SNE", seed=0)
+    with pytest.raises(plots.ProjectionSkipped, match="at least 5 images"):
+        plots.project_embedding(np.random.default_rng(0).normal(size=(3, 8)), "t-SNE", seed=0)
+    coords = plots.project_embedding(np.random.default_rng(0).normal(size=(6, 8)), "t-SNE", seed=0)
     assert coords.shape == (6, 2) and np.isfinite(coords).all()
 
 
 def test_paired_difference():
     y, prob = random_predictions(300, 3, seed=5, signal=3.0)
-    same = evaluate.paired_accuracy_difference(y, prob, prob, 200, seed=0)
+    same = classification_metrics.paired_accuracy_difference(y, prob, prob, 200, seed=0)
     assert same["difference"] == 0 and same["low"] == 0 and same["high"] == 0 and not same["excludes_zero"]
     worse = np.roll(prob, 1, axis=1)                     # always wrong where the first is right
-    d = evaluate.paired_accuracy_difference(y, prob, worse, 200, seed=0)
+    d = classification_metrics.paired_accuracy_difference(y, prob, worse, 200, seed=0)
     assert d["difference"] > 0.5 and d["low"] > 0 and d["excludes_zero"]
 
 
@@ -162,7 +171,7 @@ def write_dataset(root):
 
 def common_state(model, table):
     return {"model_config": model.config.to_dict(), "image_size": 32, "channels": 1,
-            "normalization": {"mean": list(data_loader.IMAGENET_MEAN), "std": list(data_loader.IMAGENET_STD)},
+            "normalization": {"mean": list(image_io.IMAGENET_MEAN), "std": list(image_io.IMAGENET_STD)},
             "encoder": model.encoder.state_dict(), "args": {"seed": 42, "num_epochs": 5}, "epoch": 3,
             "label_file_sha256": table.sha256}
 
@@ -170,9 +179,9 @@ def common_state(model, table):
 def save_classifier(path, table, seed, init):
     torch.manual_seed(seed)
     model = Classifier(ModelConfig(small_stem=True), 3)
-    splits = {s: [f for f, sp in zip(table.filenames, table.splits) if sp == s] for s in data_loader.SPLITS}
+    splits = {s: [f for f, sp in zip(table.filenames, table.splits) if sp == s] for s in data_splits.SPLITS}
     history = "finetuned_history.csv" if init == "ssl" else "baseline_history.csv"
-    utils.save_checkpoint(common_state(model, table) | {
+    checkpoints.save_checkpoint(common_state(model, table) | {
         "kind": "classifier", "head": model.head.state_dict(), "num_classes": 3, "class_names": table.class_names,
         "init": init, "ssl_checkpoint": None, "split_seed": 42, "val_fraction": 0.15, "test_fraction": 0.15,
         "splits": splits, "train_files": splits["train"][::2], "label_fraction": 0.5,
@@ -185,7 +194,7 @@ def save_ssl(path, table):
     torch.manual_seed(1)
     model = SimCLR(ModelConfig(small_stem=True))
     test = [f for f, sp in zip(table.filenames, table.splits) if sp == "test"]
-    utils.save_checkpoint(common_state(model, table) | {
+    checkpoints.save_checkpoint(common_state(model, table) | {
         "kind": "ssl", "projector": model.projector.state_dict(), "loss": 5.0, "knn_accuracy": None,
         "excluded_files": test}, str(path))
     (path.parent / "ssl_history.csv").write_text("epoch,loss,lr,knn_accuracy\n1,5.1,0.0003,0.4\n2,4.8,0.0002,0.5\n")
@@ -197,7 +206,7 @@ def world(tmp_path_factory):
     data = root / "images"
     data.mkdir()
     write_dataset(data)
-    table = data_loader.read_label_table(str(data / "labels.csv"), str(data))
+    table = label_tables.read_label_table(str(data / "labels.csv"), str(data))
     (root / "ssl_run").mkdir()
     (root / "scratch_run").mkdir()
     save_classifier(root / "best_finetuned_model.pth", table, seed=0, init="ssl")
@@ -256,7 +265,7 @@ def test_classifier_run_writes_every_file(single_run):
 
 
 def test_predictions_are_the_recorded_test_split_and_never_trained_on(world, single_run):
-    ckpt = utils.load_checkpoint(str(world["finetuned"]))
+    ckpt = checkpoints.load_checkpoint(str(world["finetuned"]))
     rows = read_predictions(single_run / "predictions.csv")
     files = [r["filename"] for r in rows]
     assert sorted(files) == sorted(ckpt["splits"]["test"])
@@ -269,9 +278,9 @@ def test_predictions_are_the_recorded_test_split_and_never_trained_on(world, sin
 
 def skip_figures(monkeypatch):
     """For tests about which images are scored: the figures are checked elsewhere and cost seconds."""
-    monkeypatch.setattr(evaluate, "write_figures", lambda *a, **k: {})
-    monkeypatch.setattr(evaluate, "write_gradcam_figure", lambda *a, **k: None)
-    monkeypatch.setattr(evaluate, "embedding_projections",
+    monkeypatch.setattr(reports, "write_figures", lambda *a, **k: {})
+    monkeypatch.setattr(reports, "write_gradcam_figure", lambda *a, **k: None)
+    monkeypatch.setattr(reports, "embedding_projections",
                         lambda evaluated, seed: {e.checkpoint: {} for e in evaluated})
 
 
@@ -302,14 +311,14 @@ def test_comparison_mode(world, single_run, monkeypatch):
 
 def test_ssl_checkpoint_is_scored_by_linear_probe_and_knn(world, monkeypatch):
     out = world["root"] / "out_ssl"
-    project = evaluate.project_embedding
+    project = plots.project_embedding
 
     def no_umap(features, method, seed):        # a projection that cannot be made is skipped and explained
         if method == "UMAP":
-            raise evaluate.ProjectionSkipped("UMAP skipped by the test")
+            raise plots.ProjectionSkipped("UMAP skipped by the test")
         return project(features, method, seed)
 
-    monkeypatch.setattr(evaluate, "project_embedding", no_umap)
+    monkeypatch.setattr(reports, "project_embedding", no_umap)
     result = run_evaluate(world, out, world["ssl"])
     assert result["models"] == ["SSL encoder linear probe", "SSL encoder kNN"]
     for folder in result["folders"]:
@@ -321,7 +330,7 @@ def test_ssl_checkpoint_is_scored_by_linear_probe_and_knn(world, monkeypatch):
         doc = json.loads((folder / "metrics.json").read_text())
         assert doc["num_images"] == 12 and doc["fit_images"] == 24 and doc["checkpoint_kind"] == "ssl"
         if "linear" in folder.name:                                  # the probe says which C it chose, and where
-            assert doc["probe_C"] in evaluate.PROBE_C_GRID and "chosen on" in (folder / "report.md").read_text()
+            assert doc["probe_C"] in probes.PROBE_C_GRID and "chosen on" in (folder / "report.md").read_text()
         assert 0 <= doc["metrics"]["accuracy"]["value"] <= 1
     assert (out / "comparison.csv").is_file() and (out / "roc_comparison.png").is_file()
 
@@ -355,10 +364,10 @@ def test_label_file_without_the_recorded_test_images_is_an_error(world, tmp_path
 
 
 def test_test_image_in_train_files_is_refused(world, tmp_path):
-    ckpt = utils.load_checkpoint(str(world["finetuned"]))
+    ckpt = checkpoints.load_checkpoint(str(world["finetuned"]))
     ckpt["train_files"] = ckpt["train_files"] + ckpt["splits"]["test"][:1]
     leaky = tmp_path / "leaky.pth"
-    utils.save_checkpoint(ckpt, str(leaky))
+    checkpoints.save_checkpoint(ckpt, str(leaky))
     with pytest.raises(utils.UserError, match="among its training images"):
         run_evaluate(world, tmp_path, leaky)
 
@@ -429,13 +438,13 @@ def test_images_with_an_ssl_checkpoint_is_a_one_line_error(world, scans, tmp_pat
 def test_class_names_come_from_classes_txt_beside_integer_labels(tmp_path):
     label_file = tmp_path / "labels.csv"
     label_file.write_text("filename,label\n")
-    assert data_loader.read_class_names(str(label_file), ["0", "1"]) == ["0", "1"]          # no classes.txt
+    assert label_tables.read_class_names(str(label_file), ["0", "1"]) == ["0", "1"]          # no classes.txt
     (tmp_path / "classes.txt").write_text("0\tnormal: clear lungs\n1\tpleural effusion: fluid\n")
-    assert data_loader.read_class_names(str(label_file), ["0", "1"]) == ["normal", "pleural effusion"]
-    assert data_loader.read_class_names(str(label_file), ["cat", "dog"]) == ["cat", "dog"]  # names stay
+    assert label_tables.read_class_names(str(label_file), ["0", "1"]) == ["normal", "pleural effusion"]
+    assert label_tables.read_class_names(str(label_file), ["cat", "dog"]) == ["cat", "dog"]  # names stay
     ckpt = {"class_names": ["0", "1"], "num_classes": 2, "args": {"label_file": str(label_file)}}
-    assert evaluate.classifier_class_names(ckpt, None) == ["normal", "pleural effusion"]
-    assert evaluate.classifier_class_names(ckpt | {"class_display_names": ["a", "b"]}, None) == ["a", "b"]
+    assert scoring.classifier_class_names(ckpt, None) == ["normal", "pleural effusion"]
+    assert scoring.classifier_class_names(ckpt | {"class_display_names": ["a", "b"]}, None) == ["a", "b"]
 
 
 def test_models_are_named_by_their_init():
@@ -451,18 +460,18 @@ def test_verdict_in_words():
     y, good = random_predictions(400, 3, seed=8, signal=3.0)
     bad = np.roll(good, 1, axis=1)
     base = {"num_images": 400, "split": "test", "init_a": "ssl", "init_b": "scratch"}
-    helped = evaluate.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics":
-                                            evaluate.paired_metric_differences(y, good, bad, 3, 200, seed=0)})
+    helped = verdicts.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics":
+                                            classification_metrics.paired_metric_differences(y, good, bad, 3, 200, seed=0)})
     assert helped[0].startswith("**Verdict:** SSL pretraining **helped** in balanced accuracy on the 400 test")
     assert "- balanced accuracy: **SSL init** is better" in "\n".join(helped)
-    same = evaluate.paired_metric_differences(y, good, good, 3, 200, seed=0)
+    same = classification_metrics.paired_metric_differences(y, good, good, 3, 200, seed=0)
     assert all(d["difference"] == 0 and not d["excludes_zero"] for d in same.values())
-    lines = evaluate.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics": same})
+    lines = verdicts.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics": same})
     assert "**no significant difference**" in lines[0] and "no significant difference (SSL init minus" in lines[2]
-    hurt = evaluate.paired_metric_differences(y, bad, good, 3, 200, seed=0)
-    lines = evaluate.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics": hurt})
+    hurt = classification_metrics.paired_metric_differences(y, bad, good, 3, 200, seed=0)
+    lines = verdicts.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics": hurt})
     assert "SSL pretraining **hurt**" in lines[0]
     # the accuracy difference agrees with the accuracy-only helper, interval included
-    acc = evaluate.paired_accuracy_difference(y, good, bad, 200, seed=0)
-    d = evaluate.paired_metric_differences(y, good, bad, 3, 200, seed=0)["accuracy"]
+    acc = classification_metrics.paired_accuracy_difference(y, good, bad, 200, seed=0)
+    d = classification_metrics.paired_metric_differences(y, good, bad, 3, 200, seed=0)["accuracy"]
     assert d["difference"] == pytest.approx(acc["difference"]) and d["low"] == pytest.approx(acc["low"])

@@ -12,10 +12,16 @@ import pytest
 import torch
 from scipy import stats
 
-import data_loader
+import augmentations
+import distributed
+import image_io
+import optimizers
 import train_ssl
+import training
+import training_history
+import training_run
 import utils
-from data_loader import SSL_AUGMENT, AugmentConfig, BatchAugment
+from augmentations import SSL_AUGMENT, AugmentConfig, BatchAugment
 from model_ssl import ModelConfig, SimCLR
 from tiny_data import write_tiny_dataset
 
@@ -26,7 +32,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA GPU; t
 @pytest.fixture
 def no_plots(monkeypatch):
     """The curves cost a second a run on a small CPU and are tested elsewhere."""
-    monkeypatch.setattr(utils, "plot_history", lambda *a, **k: None)
+    monkeypatch.setattr(training_history, "plot_history", lambda *a, **k: None)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +77,7 @@ def test_parameters_drawn_on_a_generator_stay_on_its_device_and_the_apply_reads_
     params = augment.sample_params(5, 16, 16, torch.Generator().manual_seed(0))
     assert all(v.device.type == "cpu" and v.shape == (5,) for v in params.values())
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda *a: pytest.fail("parameters were copied"))
-    assert data_loader._to_device(params, torch.device("cpu")) is params
+    assert augmentations._to_device(params, torch.device("cpu")) is params
 
 
 @needs_cuda
@@ -118,8 +124,8 @@ def test_the_static_step_reads_nothing_on_the_host(monkeypatch):
     monkeypatch.setattr(BatchAugment, "_blur_subset", BatchAugment._blur_masked)      # the GPU's blur
     torch.manual_seed(0)
     model = SimCLR(ModelConfig(small_stem=True, projection_dim=16)).to(memory_format=torch.channels_last)
-    optimizer = utils.LARS(utils.split_decay_groups(model, 1e-6), lr=0.1)
-    utils.lr_on_device(optimizer, torch.device("cpu"))
+    optimizer = optimizers.LARS(optimizers.split_decay_groups(model, 1e-6), lr=0.1)
+    optimizers.lr_on_device(optimizer, torch.device("cpu"))
     augment = BatchAugment(AugmentConfig(gamma=0.3, blur_p=0.9), 16, channels_last=True)
     step = train_ssl.make_static_step(model, augment, optimizer, torch.Generator().manual_seed(0), 0.5,
                                       torch.device("cpu"), None, capture=False)
@@ -139,12 +145,12 @@ def test_lars_with_a_tensor_learning_rate_follows_the_float_one():
     b = [p.clone() for p in a]
     groups = lambda ps: [{"params": ps[:1], "lars_exclude": False}, {"params": ps[1:], "lars_exclude": True}]  # noqa
     for foreach in (False, True):
-        opt_f = utils.LARS(groups(a), lr=0.5, foreach=foreach)
-        opt_t = utils.LARS(groups(b), lr=0.5, foreach=foreach)
-        sched = utils.warmup_cosine(opt_t, 2, 6)
-        utils.lr_on_device(opt_t, torch.device("cpu"))
+        opt_f = optimizers.LARS(groups(a), lr=0.5, foreach=foreach)
+        opt_t = optimizers.LARS(groups(b), lr=0.5, foreach=foreach)
+        sched = optimizers.warmup_cosine(opt_t, 2, 6)
+        optimizers.lr_on_device(opt_t, torch.device("cpu"))
         lr_tensor = opt_t.param_groups[0]["lr"]
-        sched_f = utils.warmup_cosine(opt_f, 2, 6)
+        sched_f = optimizers.warmup_cosine(opt_f, 2, 6)
         for _ in range(4):
             for p, q in zip(a, b):
                 p.grad = torch.randn_like(p)
@@ -171,9 +177,9 @@ def test_the_deferred_loss_read_gives_the_loss_read_after_every_step(monkeypatch
         loss = (m(batch) - 1).pow(2).mean()
         read.append((loss.item(), len(batch)))
         return loss, len(batch)
-    monkeypatch.setattr(utils, "HOST_SYNC_EVERY", 3)
-    stats_ = utils.train_one_epoch(model, batches, optimizer, loss_fn, device=torch.device("cpu"),
-                                   scaler=utils.make_grad_scaler(torch.device("cpu"), None))
+    monkeypatch.setattr(training, "HOST_SYNC_EVERY", 3)
+    stats_ = training.train_one_epoch(model, batches, optimizer, loss_fn, device=torch.device("cpu"),
+                                   scaler=training.make_grad_scaler(torch.device("cpu"), None))
     every_step = sum(v * n for v, n in read) / sum(n for _, n in read)
     assert stats_["loss"] == pytest.approx(every_step, rel=1e-6) and isinstance(stats_["lr"], float)
 
@@ -186,9 +192,9 @@ def test_the_pretraining_loader_gives_full_batches_only(data, tmp_path, images, 
     fewer images than a batch, the one batch of all of them, the same every epoch."""
     args = ssl_args(data, tmp_path, "--batch_size", str(batch))
     args.num_workers = 0
-    files = data_loader.list_images(data)[:images]
-    one_process = utils.Dist(distributed=False, rank=0, world_size=1, is_main=True, device=torch.device("cpu"))
-    _, loader = train_ssl.build_loader(args, files, utils.Runtime(one_process, None, "cpu", "fp32"))
+    files = image_io.list_images(data)[:images]
+    one_process = distributed.Dist(distributed=False, rank=0, world_size=1, is_main=True, device=torch.device("cpu"))
+    _, loader = train_ssl.build_loader(args, files, training_run.Runtime(one_process, None, "cpu", "fp32"))
     for epoch in range(2):
         loader.set_epoch(epoch)
         assert [len(b[0]) for b in loader] == expected
@@ -209,7 +215,7 @@ def test_the_static_step_pretrains_as_the_eager_step_does(data, tmp_path, no_plo
 def test_resume_restores_the_augmentation_generator_bit_identically(data, tmp_path, monkeypatch, no_plots):
     full, cut = tmp_path / "full", tmp_path / "cut"
     train_ssl.main(ssl_args(data, full, "--cuda_graphs", "on"))
-    real_epoch = utils.train_one_epoch
+    real_epoch = training.train_one_epoch
     seen = {}
 
     def stop_in_epoch_2(*a, **k):
@@ -217,10 +223,10 @@ def test_resume_restores_the_augmentation_generator_bit_identically(data, tmp_pa
             seen["generator"] = k["step_fn"] is not None
             raise KeyboardInterrupt
         return real_epoch(*a, **k)
-    monkeypatch.setattr(utils, "train_one_epoch", stop_in_epoch_2)
+    monkeypatch.setattr(training, "train_one_epoch", stop_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         train_ssl.main(ssl_args(data, cut, "--cuda_graphs", "on"))
-    monkeypatch.setattr(utils, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
     saved = torch.load(cut / "last_ssl_checkpoint.pth", weights_only=True)
     assert saved["epoch"] == 1 and saved["augment_rng"].dtype == torch.uint8 and seen["generator"]
 
@@ -253,9 +259,9 @@ def graphed_and_static(steps: int, dtype):
     for capture in (False, True):
         torch.manual_seed(0)
         model = SimCLR(ModelConfig(small_stem=True)).cuda().to(memory_format=torch.channels_last)
-        optimizer = utils.LARS(utils.split_decay_groups(model, 1e-6), lr=0.3)
-        scheduler = utils.warmup_cosine(optimizer, 2, steps)
-        utils.lr_on_device(optimizer, torch.device("cuda"))
+        optimizer = optimizers.LARS(optimizers.split_decay_groups(model, 1e-6), lr=0.3)
+        scheduler = optimizers.warmup_cosine(optimizer, 2, steps)
+        optimizers.lr_on_device(optimizer, torch.device("cuda"))
         step = train_ssl.make_static_step(model, BatchAugment(SSL_AUGMENT, 32, channels_last=True), optimizer,
                                           torch.Generator("cuda").manual_seed(5), 0.5, torch.device("cuda"),
                                           dtype, capture=capture)
@@ -280,7 +286,7 @@ def test_the_captured_step_trains_as_the_uncaptured_one(dtype):
 
 @needs_cuda
 def test_the_captured_step_refuses_a_batch_of_another_shape():
-    step = utils.CapturedStep(lambda x: (x.float().sum(),), torch.optim.SGD([torch.zeros(1, device="cuda")], lr=0.1),
+    step = training.CapturedStep(lambda x: (x.float().sum(),), torch.optim.SGD([torch.zeros(1, device="cuda")], lr=0.1),
                               capture=True, warmup=1)
     for _ in range(3):
         step(torch.ones(4, device="cuda"))

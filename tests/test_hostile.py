@@ -25,9 +25,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import data_loader  # noqa: E402
+import data_splits  # noqa: E402
 import evaluate  # noqa: E402
 import fine_tune  # noqa: E402
+import label_tables  # noqa: E402
+import scoring  # noqa: E402
 import train_ssl  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 from tiny_data import write_tiny_dataset  # noqa: E402
 
@@ -372,7 +376,7 @@ def test_the_checkpoint_decides_the_backbone_and_everything_written_says_so(worl
 
 
 def test_an_r_quoted_header_is_a_header_not_a_class(world):
-    table = data_loader.read_label_table(os.path.join(world["labels"], "r_quoted.csv"), world["data"])
+    table = label_tables.read_label_table(os.path.join(world["labels"], "r_quoted.csv"), world["data"])
     assert table.class_names == ["0", "1"] and len(table.filenames) == 24
 
 
@@ -382,10 +386,10 @@ def test_ctrl_c_says_what_is_kept_and_releases_the_lock(script, resumable, world
         raise KeyboardInterrupt
     out = str(tmp_path / "o")
     if script == "evaluate":
-        monkeypatch.setattr(evaluate, "evaluate_checkpoint", interrupted)
+        monkeypatch.setattr(scoring, "evaluate_checkpoint", interrupted)
         case = Case("evaluate", EV_FT, 130, "")
     else:
-        monkeypatch.setattr(utils, "train_one_epoch", interrupted)
+        monkeypatch.setattr(training, "train_one_epoch", interrupted)
         case = Case("train_ssl", SSL, 130, "")
     code, _, err = run_case(case, {**world, "out": out}, capsys)
     assert code == 130 and "Traceback" not in err
@@ -438,6 +442,6 @@ def test_the_lock_refuses_a_second_holder_and_is_gone_after_release(tmp_path):
 
 def test_a_tiny_label_fraction_still_trains_on_every_class(world):
     """--label_fraction 0.01 of ~16 train images rounds to 0 images per class: each class keeps one instead."""
-    table = data_loader.read_label_table(os.path.join(world["labels"], "good.csv"), world["data"], seed=0)
-    chosen = data_loader.stratified_subset(table.labels, table.indices("train"), 0.01, seed=0)
+    table = label_tables.read_label_table(os.path.join(world["labels"], "good.csv"), world["data"], seed=0)
+    chosen = data_splits.stratified_subset(table.labels, table.indices("train"), 0.01, seed=0)
     assert sorted(table.labels[chosen].tolist()) == [0, 1]

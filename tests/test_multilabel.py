@@ -15,8 +15,14 @@ from PIL import Image
 from sklearn import metrics as skm
 
 import data_loader as dl
+import checkpoints
+import data_splits
 import evaluate
 import fine_tune
+import label_tables
+import medmnist_npz
+import plots
+import synthetic
 import train_ssl
 import utils
 from model_ssl import masked_bce_with_logits
@@ -49,16 +55,16 @@ def test_chestxray14_style_file_loads_as_multilabel_grouped_by_patient(tmp_path)
     findings = ["Effusion|Cardiomegaly", "No Finding", "Nodule", "Effusion", "Cardiomegaly|Effusion|Nodule"]
     rows = [f"{i:05d}_{j}.png,{findings[(i + j) % 5]},{j},{i}" for i in range(30) for j in range(2)]
     csv = chestxray14_csv(tmp_path, rows)
-    assert dl.label_file_format(csv) == "pipe"
-    table = dl.load_label_table(csv, str(tmp_path), seed=0)
+    assert label_tables.label_file_format(csv) == "pipe"
+    table = label_tables.load_label_table(csv, str(tmp_path), seed=0)
     assert table.task == "multilabel" and table.class_names == ["Cardiomegaly", "Effusion", "Nodule"]
     assert table.labels.dtype == np.float32 and table.labels.shape == (60, 3)
     assert table.labels[0].tolist() == [1, 1, 0] and table.labels[1].tolist() == [0, 0, 0]   # rows 0 and 1
     for split in ("val", "test"):                       # whole patients, every finding in every split
         assert not set(table.patient_ids[table.indices(split)]) & set(table.patient_ids[table.indices("train")])
         assert (table.labels[table.indices(split)] == 1).any(0).all()
-    assert "ChestX-ray14 style" in dl.describe_table(table)
-    again = dl.load_label_table(csv, str(tmp_path), seed=0)
+    assert "ChestX-ray14 style" in label_tables.describe_table(table)
+    again = label_tables.load_label_table(csv, str(tmp_path), seed=0)
     assert (again.splits == table.splits).all()
 
 
@@ -67,7 +73,7 @@ def test_chestxray14_style_file_loads_as_multilabel_grouped_by_patient(tmp_path)
 def test_a_bad_finding_list_names_its_row_and_column(tmp_path, cell, message):
     csv = chestxray14_csv(tmp_path, ["a.png,Effusion,0,1", f"b.png,{cell},0,2"])
     with pytest.raises(UserError, match=f"row 3, column 'Finding Labels'.*{message}"):
-        dl.load_label_table(csv, str(tmp_path))
+        label_tables.load_label_table(csv, str(tmp_path))
 
 
 CHEXPERT_HEADER = "Path,Sex,Age,Frontal/Lateral,AP/PA,No Finding,Cardiomegaly,Edema,Pleural Effusion"
@@ -89,19 +95,19 @@ def chexpert_csv(tmp_path, n=40):
 
 def test_chexpert_style_file_with_uncertain_cells_loads_under_each_policy(tmp_path):
     csv = chexpert_csv(tmp_path)
-    assert dl.label_file_format(csv) == "columns"
-    tables = {p: dl.load_label_table(csv, str(tmp_path), uncertain=p, seed=1) for p in dl.UNCERTAIN_POLICIES}
+    assert label_tables.label_file_format(csv) == "columns"
+    tables = {p: label_tables.load_label_table(csv, str(tmp_path), uncertain=p, seed=1) for p in label_tables.UNCERTAIN_POLICIES}
     ignore = tables["ignore"]
     assert ignore.class_names == ["No Finding", "Cardiomegaly", "Edema", "Pleural Effusion"]   # metadata skipped
     raw = pd.read_csv(csv, dtype=str, keep_default_na=False)[ignore.class_names].to_numpy()
     uncertain, blank = np.isin(raw, ["-1.0", "-1"]), raw == ""
     assert uncertain.any() and blank.any()
-    assert (ignore.labels[uncertain] == dl.IGNORED).all() and (ignore.labels[blank] == 0).all()
+    assert (ignore.labels[uncertain] == label_tables.IGNORED).all() and (ignore.labels[blank] == 0).all()
     assert (tables["zero"].labels[uncertain] == 0).all() and (tables["one"].labels[uncertain] == 1).all()
     assert (tables["zero"].labels[~uncertain] == ignore.labels[~uncertain]).all()
     assert all((t.splits == ignore.splits).all() for t in tables.values())      # the policy moves no image
     assert ignore.patient_ids[0] == ignore.patient_ids[1] == "patient00000"
-    assert f"--uncertain ignore: {int(uncertain.sum())} cells ignored" in dl.describe_table(ignore)
+    assert f"--uncertain ignore: {int(uncertain.sum())} cells ignored" in label_tables.describe_table(ignore)
 
 
 def test_chexpert_bad_cell_and_forced_task_errors(tmp_path):
@@ -110,15 +116,15 @@ def test_chexpert_bad_cell_and_forced_task_errors(tmp_path):
     lines[4] = lines[4].rsplit(",", 1)[0] + ",yes"
     bad = write_csv(tmp_path / "bad.csv", lines)
     with pytest.raises(UserError, match=r"row 5, column 'Pleural Effusion' holds 'yes'"):
-        dl.load_label_table(bad, str(tmp_path))
+        label_tables.load_label_table(bad, str(tmp_path))
     with pytest.raises(UserError, match="multi-label file.*--task is multiclass"):
-        dl.load_label_table(csv, str(tmp_path), task="multiclass")
+        label_tables.load_label_table(csv, str(tmp_path), task="multiclass")
     # a `label` column of |-separated names is multi-label only when forced
     write_images(tmp_path, ["a.png", "b.png", "c.png"])
     forced = write_csv(tmp_path / "forced.csv", ["filename,label,split", "a.png,X|Y,train", "b.png,Y,val",
                                                 "c.png,No Finding,test"])
-    assert dl.load_label_table(forced, str(tmp_path)).task == "multiclass"
-    assert dl.load_label_table(forced, str(tmp_path), task="multilabel").labels.tolist() == [[1, 1], [0, 1], [0, 0]]
+    assert label_tables.load_label_table(forced, str(tmp_path)).task == "multiclass"
+    assert label_tables.load_label_table(forced, str(tmp_path), task="multilabel").labels.tolist() == [[1, 1], [0, 1], [0, 0]]
 
 
 # ============ loss and subsets ============
@@ -147,7 +153,7 @@ def test_val_threshold_is_the_best_cut_off_by_its_rule(rule):
     rng = np.random.default_rng(1)
     y = (rng.random(300) < 0.2).astype(np.float32)
     prob = np.round(np.clip(rng.normal(0.3 + 0.3 * y, 0.2), 0, 1), 2)   # ties, as real probabilities have
-    y[:20] = dl.IGNORED                                                   # ignored cells play no part
+    y[:20] = label_tables.IGNORED                                                   # ignored cells play no part
 
     def score(t, y, p):
         pred = p >= t
@@ -165,32 +171,32 @@ def test_iterative_stratification_keeps_every_finding_and_the_prevalences():
     rng = np.random.default_rng(0)
     prevalence = np.array([0.004, 0.01, 0.05, 0.2, 0.4])
     targets = (rng.random((3000, 5)) < prevalence).astype(np.float32)
-    targets[rng.random((3000, 5)) < 0.05] = dl.IGNORED                 # uncertain cells are not positives
+    targets[rng.random((3000, 5)) < 0.05] = label_tables.IGNORED                 # uncertain cells are not positives
     pool = np.arange(0, 3000, 2)
     for fraction in (0.01, 0.1, 0.5):
-        subset = dl.iterative_stratified_subset(targets, pool, fraction, seed=3)
+        subset = data_splits.iterative_stratified_subset(targets, pool, fraction, seed=3)
         assert set(subset) <= set(pool) and len(subset) == len(np.unique(subset))
         assert abs(len(subset) - fraction * len(pool)) <= 5             # + at most one image per lost finding
         assert (targets[subset] == 1).any(0).all()                      # every finding kept
         if fraction >= 0.1:                                             # prevalences within 1.5 points
             np.testing.assert_allclose((targets[subset] == 1).mean(0), (targets[pool] == 1).mean(0), atol=0.015)
-        assert (subset == dl.iterative_stratified_subset(targets, pool[::-1], fraction, seed=3)).all()
-    assert (dl.iterative_stratified_subset(targets, pool, 1.0) == pool).all()
+        assert (subset == data_splits.iterative_stratified_subset(targets, pool[::-1], fraction, seed=3)).all()
+    assert (data_splits.iterative_stratified_subset(targets, pool, 1.0) == pool).all()
     with pytest.raises(UserError, match="outside"):
-        dl.iterative_stratified_subset(targets, pool, 0.0)
+        data_splits.iterative_stratified_subset(targets, pool, 0.0)
 
 
 # ============ synthetic cohort and MedMNIST import ============
 
 def test_synthetic_findings_co_occur_at_unequal_prevalences():
-    plan = dl.plan_multilabel_patients(6000, seed=0)
-    has = np.array([[c in f for c in dl.SYNTHETIC_FINDINGS] for _, f, _ in plan])   # (patients, 4)
+    plan = synthetic.plan_multilabel_patients(6000, seed=0)
+    has = np.array([[c in f for c in synthetic.SYNTHETIC_FINDINGS] for _, f, _ in plan])   # (patients, 4)
     consolidation, nodules, effusion, cardiomegaly = has.T
     assert 0.04 < nodules.mean() < 0.1 < consolidation.mean() < effusion.mean() < cardiomegaly.mean() < 0.3
     assert effusion[cardiomegaly].mean() > 2.5 * effusion[~cardiomegaly].mean()      # more often than chance
     assert consolidation[effusion].mean() > 2 * consolidation[~effusion].mean()
     assert 0.45 < (~has.any(1)).mean() < 0.65                                          # No Finding
-    assert [n for _, _, n in plan] == [n for _, _, n in dl.plan_patients(6000, 1, 0)]   # same patient structure
+    assert [n for _, _, n in plan] == [n for _, _, n in synthetic.plan_patients(6000, 1, 0)]   # same patient structure
 
 
 def test_multilabel_medmnist_npz_imports_with_given_or_numbered_names(tmp_path):
@@ -201,15 +207,15 @@ def test_multilabel_medmnist_npz_imports_with_given_or_numbered_names(tmp_path):
         arrays[f"{split}_labels"] = (rng.random((n, 3)) < 0.5).astype(np.uint8)
         arrays[f"{split}_labels"][0] = 1
     np.savez(tmp_path / "chest.npz", **arrays)
-    dl.import_npz(str(tmp_path / "chest.npz"), str(tmp_path / "out"), ["atelectasis", "effusion", "hernia"])
-    table = dl.load_label_table(str(tmp_path / "out" / "labels.csv"), str(tmp_path / "out"))
+    medmnist_npz.import_npz(str(tmp_path / "chest.npz"), str(tmp_path / "out"), ["atelectasis", "effusion", "hernia"])
+    table = label_tables.load_label_table(str(tmp_path / "out" / "labels.csv"), str(tmp_path / "out"))
     assert table.task == "multilabel" and table.class_names == ["atelectasis", "effusion", "hernia"]
     np.testing.assert_array_equal(table.labels[table.indices("val")], arrays["val_labels"])
-    dl.import_npz(str(tmp_path / "chest.npz"), str(tmp_path / "numbered"))
+    medmnist_npz.import_npz(str(tmp_path / "chest.npz"), str(tmp_path / "numbered"))
     assert open(tmp_path / "numbered" / "labels.csv").readline().strip() == \
         "filename,split,finding_0,finding_1,finding_2"
     with pytest.raises(UserError, match="2 name.*3 label columns"):
-        dl.import_npz(str(tmp_path / "chest.npz"), str(tmp_path / "bad"), ["a", "b"])
+        medmnist_npz.import_npz(str(tmp_path / "chest.npz"), str(tmp_path / "bad"), ["a", "b"])
 
 
 # ============ end to end on the synthetic multi-label cohort ============
@@ -229,9 +235,9 @@ def pipeline(tmp_path_factory):
                                                                          "balanced", "--label_fraction", "0.5"])
     utils.run_cli(fine_tune.main, fine_tune.get_args_parser(),
                   common + ["--image_size", "32", "--label_fraction", "0.5"])
-    project = evaluate.project_embedding
+    project = plots.project_embedding
     with pytest.MonkeyPatch.context() as mp:     # UMAP's numba compilation alone takes 15-50 s; the figure is tested
-        mp.setattr(evaluate, "project_embedding", lambda x, method, seed: project(x, "t-SNE", seed))
+        mp.setattr(plots, "project_embedding", lambda x, method, seed: project(x, "t-SNE", seed))
         result = utils.run_cli(evaluate.main, evaluate.get_args_parser(), [
             "--checkpoint", os.path.join(ckpts, "best_finetuned_model.pth"), "--checkpoint",
             os.path.join(ckpts, "best_baseline_model.pth"), "--names", "SSL", "scratch", "--data_dir", data,
@@ -240,12 +246,12 @@ def pipeline(tmp_path_factory):
 
 
 def test_multilabel_pipeline_records_the_task_and_leaves_the_test_split_out(pipeline):
-    table = dl.load_label_table(os.path.join(pipeline["data"], "labels.csv"), pipeline["data"])
-    ssl = utils.load_checkpoint(pipeline["ssl"], "ssl")
+    table = label_tables.load_label_table(os.path.join(pipeline["data"], "labels.csv"), pipeline["data"])
+    ssl = checkpoints.load_checkpoint(pipeline["ssl"], "ssl")
     test = sorted(np.asarray(table.filenames)[table.indices("test")])
     assert ssl["excluded_files"] == test and len(test) > 0
-    ckpt = utils.load_checkpoint(os.path.join(pipeline["ckpts"], "best_finetuned_model.pth"), "classifier")
-    assert ckpt["task"] == "multilabel" and ckpt["class_names"] == sorted(dl.SYNTHETIC_FINDINGS.values())
+    ckpt = checkpoints.load_checkpoint(os.path.join(pipeline["ckpts"], "best_finetuned_model.pth"), "classifier")
+    assert ckpt["task"] == "multilabel" and ckpt["class_names"] == sorted(synthetic.SYNTHETIC_FINDINGS.values())
     assert len(ckpt["thresholds"]) == 4 and all(0 <= t <= 1 for t in ckpt["thresholds"])
     assert ckpt["threshold_rule"] == "youden" and ckpt["uncertain"] == "ignore"
     train = np.searchsorted(table.filenames, ckpt["train_files"])
@@ -256,7 +262,7 @@ def test_multilabel_pipeline_records_the_task_and_leaves_the_test_split_out(pipe
 
 def test_multilabel_comparison_report_has_per_finding_aucs_with_intervals(pipeline):
     out, result = pipeline["report"], pipeline["result"]
-    findings = sorted(dl.SYNTHETIC_FINDINGS.values())
+    findings = sorted(synthetic.SYNTHETIC_FINDINGS.values())
     comparison = open(os.path.join(out, "comparison.md")).read()
     for name in findings:
         row = next(line for line in comparison.splitlines() if line.startswith(f"| {name} |"))

@@ -9,6 +9,8 @@ from PIL import Image
 
 import evaluate
 import fine_tune
+import gradcam
+import reports
 
 SIZE, SQUARE = 64, 16               # a 16 px square in a 64 px image: 24 px a side with the 4 px tolerance
 
@@ -48,8 +50,8 @@ def pointing(tmp_path_factory):
         "--checkpoint", str(root / "best_baseline_model.pth"), "--data_dir", str(data), "--output_dir", str(out),
         "--bootstrap", "200", "--device", "cpu", "--precision", "fp32"])
     with pytest.MonkeyPatch.context() as mp:       # the other figures are tested elsewhere and cost seconds
-        mp.setattr(evaluate, "embedding_projections", lambda evaluated, seed: {e.checkpoint: {} for e in evaluated})
-        mp.setattr(evaluate, "write_figures", lambda *a, **k: {})
+        mp.setattr(reports, "embedding_projections", lambda evaluated, seed: {e.checkpoint: {} for e in evaluated})
+        mp.setattr(reports, "write_figures", lambda *a, **k: {})
         return evaluate.main(args), out
 
 
@@ -76,14 +78,14 @@ def test_pointing_hits_by_hand():
     cams[0, 1, 1] = 1.0                                       # peak in the top-left cell
     cams[1, 6, 6] = 1.0                                       # peak bottom right
     boxes = [[(0, 0, 4, 4)], [(0, 0, 4, 4), (10, 10, 16, 16)], [(0, 0, 16, 16)]]
-    hits, chance, blank = evaluate.pointing_hits(cams, boxes, [(16, 16)] * 3, tolerance=0)
+    hits, chance, blank = gradcam.pointing_hits(cams, boxes, [(16, 16)] * 3, tolerance=0)
     # image 1's peak cell (6, 6) covers pixels 12-13 of 16: inside the second box; image 2's map is blank
     assert hits.tolist() == [True, True, False] and blank.tolist() == [False, False, True]
     np.testing.assert_allclose(chance, [16 / 256, 52 / 256, 1.0])
     cams[0] = 0
     cams[0, 2, 2] = 1.0                                       # the cell's centre, pixel 5: outside the 0-3 box
-    assert not evaluate.pointing_hits(cams[:1], boxes[:1], [(16, 16)], tolerance=0)[0][0]
-    hits, chance, _ = evaluate.pointing_hits(cams[:1], boxes[:1], [(16, 16)], tolerance=2 / 16)   # 2 px wider
+    assert not gradcam.pointing_hits(cams[:1], boxes[:1], [(16, 16)], tolerance=0)[0][0]
+    hits, chance, _ = gradcam.pointing_hits(cams[:1], boxes[:1], [(16, 16)], tolerance=2 / 16)   # 2 px wider
     assert hits[0] and chance[0] == pytest.approx(36 / 256)
 
 
@@ -91,4 +93,4 @@ def test_pointing_hits_by_hand():
                                               (128, False, "layer3")])
 def test_cam_layer_is_the_deepest_with_a_usable_map(size, small, layer):
     from model_ssl import ModelConfig
-    assert evaluate.cam_layer_name(ModelConfig(small_stem=small), size) == layer
+    assert gradcam.cam_layer_name(ModelConfig(small_stem=small), size) == layer

@@ -6,7 +6,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-import evaluate
+import probes
 
 
 def few_labels_many_dims(seed=0, n_train=12, n_val=60, n_test=200, dims=256):
@@ -23,13 +23,13 @@ def few_labels_many_dims(seed=0, n_train=12, n_val=60, n_test=200, dims=256):
 
 def test_probe_picks_the_c_with_the_best_val_auc_and_records_it():
     (tx, ty), (vx, vy), (ex, ey) = few_labels_many_dims()
-    probe = evaluate.fit_linear_probe(tx, ty, ex, 2, 0, [], vx, vy)
+    probe = probes.fit_linear_probe(tx, ty, ex, 2, 0, [], vx, vy)
     scaler = StandardScaler().fit(tx)
     val_auc = {c: roc_auc_score(vy, LogisticRegression(C=c, max_iter=2000, random_state=0)
                                 .fit(scaler.transform(tx), ty).predict_proba(scaler.transform(vx))[:, 1])
-               for c in evaluate.PROBE_C_GRID}
+               for c in probes.PROBE_C_GRID}
     best = max(val_auc.values())
-    assert probe.C in evaluate.PROBE_C_GRID and val_auc[probe.C] == pytest.approx(best)
+    assert probe.C in probes.PROBE_C_GRID and val_auc[probe.C] == pytest.approx(best)
     assert probe.C == min(c for c, a in val_auc.items() if a == pytest.approx(best))   # ties: stronger L2
     assert "val" in probe.chosen_by and probe.prob.shape == (len(ey), 2)
     assert np.allclose(probe.prob.sum(1), 1)
@@ -37,7 +37,7 @@ def test_probe_picks_the_c_with_the_best_val_auc_and_records_it():
 
 def test_probe_without_val_keeps_c_1():
     (tx, ty), _, (ex, ey) = few_labels_many_dims(seed=1)
-    probe = evaluate.fit_linear_probe(tx, ty, ex, 3, 0, [])
+    probe = probes.fit_linear_probe(tx, ty, ex, 3, 0, [])
     assert probe.C == 1.0 and "no val" in probe.chosen_by
     assert probe.prob.shape == (len(ey), 3) and np.all(probe.prob[:, 2] == 0)   # a class unseen in train gets 0
 
@@ -47,6 +47,6 @@ def test_choosing_c_on_val_does_not_lose_to_the_fixed_c_over_seeds():
     chosen, fixed = [], []
     for seed in range(6):
         (tx, ty), (vx, vy), (ex, ey) = few_labels_many_dims(seed=seed)
-        chosen.append(roc_auc_score(ey, evaluate.fit_linear_probe(tx, ty, ex, 2, 0, [], vx, vy).prob[:, 1]))
-        fixed.append(roc_auc_score(ey, evaluate.fit_linear_probe(tx, ty, ex, 2, 0, []).prob[:, 1]))
+        chosen.append(roc_auc_score(ey, probes.fit_linear_probe(tx, ty, ex, 2, 0, [], vx, vy).prob[:, 1]))
+        fixed.append(roc_auc_score(ey, probes.fit_linear_probe(tx, ty, ex, 2, 0, []).prob[:, 1]))
     assert np.mean(chosen) >= np.mean(fixed) - 0.005

@@ -15,6 +15,7 @@ import utils
 from tiny_data import write_tiny_dataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import distributed  # noqa: E402
 import label_efficiency  # noqa: E402
 
 # written out here, not read from the scripts: the measured recipe of benchmarks/label_efficiency.py
@@ -97,10 +98,10 @@ def test_fine_tune_tuned_trains_the_steps_asked_for(tiny, tmp_path):
     assert settings["value_sources"]["num_epochs"] == "--num_steps 5 at 4 step(s) per epoch"
     assert settings["rotation_fill"] == "reflection" and settings["value_sources"]["rotation_fill"] == "recipe tuned"
     again = fine_tune.get_args_parser().parse_args(argv)          # the same command again is not "another run",
-    fine_tune.refuse_replacing_another_run(again, None, utils.Dist(False, 0, 1, True, torch.device("cpu")))
+    fine_tune.refuse_replacing_another_run(again, None, distributed.Dist(False, 0, 1, True, torch.device("cpu")))
     other = fine_tune.get_args_parser().parse_args(argv[:-1] + ["6"])      # though its epochs are not known yet
     with pytest.raises(utils.UserError, match="--num_steps 5 then, 6 now"):
-        fine_tune.refuse_replacing_another_run(other, None, utils.Dist(False, 0, 1, True, torch.device("cpu")))
+        fine_tune.refuse_replacing_another_run(other, None, distributed.Dist(False, 0, 1, True, torch.device("cpu")))
 
 
 def test_benchmark_passes_its_recipe_and_only_the_values_it_was_given():

@@ -28,10 +28,15 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import checkpoints  # noqa: E402
 import data_loader  # noqa: E402
+import data_splits  # noqa: E402
 import evaluate  # noqa: E402
 import fine_tune  # noqa: E402
+import image_io  # noqa: E402
+import label_tables  # noqa: E402
 import train_ssl  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 from model_ssl import ModelConfig, SimCLR  # noqa: E402
 from tiny_data import write_tiny_dataset  # noqa: E402
@@ -110,7 +115,7 @@ def assert_outputs_readable(folder):
         if entry.startswith("."):
             assert utils.TEMPORARY_NAME.fullmatch(entry) or utils.LOCK_NAME.fullmatch(entry), entry
         elif entry.endswith(".pth"):
-            utils.load_checkpoint(path)                             # weights_only=True, then validated
+            checkpoints.load_checkpoint(path)                             # weights_only=True, then validated
         elif entry.endswith(".csv"):
             epochs = pd.read_csv(path)["epoch"].tolist()
             assert epochs == list(range(1, len(epochs) + 1)), (entry, epochs)
@@ -125,7 +130,7 @@ def assert_outputs_readable(folder):
 
 
 def epoch_of(path):
-    return utils.load_checkpoint(str(path))["epoch"]
+    return checkpoints.load_checkpoint(str(path))["epoch"]
 
 
 def assert_same_weights(a_path, b_path, parts):
@@ -248,7 +253,7 @@ def test_a_checkpoint_whose_unpickling_runs_code_is_refused_in_every_format(how,
     expected = (r"not a readable PyTorch checkpoint \(not a file written by torch.save: Unsupported operand \d+\)"
                 if how in ("pickle0", "pickle5") else REFUSED)
     with pytest.raises(utils.UserError, match=expected):
-        utils.load_checkpoint(path, "ssl", "--ssl_checkpoint")
+        checkpoints.load_checkpoint(path, "ssl", "--ssl_checkpoint")
     assert not marker.exists()
     assert capfd.readouterr().err == ""                          # no torch warning around the one line
 
@@ -333,18 +338,18 @@ def test_fine_tune_refuses_a_checkpoint_that_does_not_fit_saying_what_was_expect
 @pytest.mark.parametrize("cut", ["half", "empty"])
 def test_a_truncated_or_empty_checkpoint_is_named_as_such(cut, ssl_state, tmp_path):
     whole = tmp_path / "whole.pth"
-    utils.save_checkpoint(ssl_state, str(whole))
+    checkpoints.save_checkpoint(ssl_state, str(whole))
     data = whole.read_bytes()
     broken = tmp_path / "broken.pth"
     broken.write_bytes(data[: len(data) // 2] if cut == "half" else b"")
     expected = "damaged or truncated, e.g. an interrupted copy" if cut == "half" else "the file is empty"
     with pytest.raises(utils.UserError, match=f"not a readable PyTorch checkpoint \\({expected}"):
-        utils.load_checkpoint(str(broken), "ssl", "--ssl_checkpoint")
+        checkpoints.load_checkpoint(str(broken), "ssl", "--ssl_checkpoint")
 
 
 def test_resuming_from_a_best_model_without_training_state_is_refused(ssl_state, data8, tmp_path):
     best = tmp_path / "best_ssl_model.pth"
-    utils.save_checkpoint(ssl_state, str(best))
+    checkpoints.save_checkpoint(ssl_state, str(best))
     with pytest.raises(utils.UserError, match=r"has no training state \(optimizer, scheduler, scaler, rng\); "
                                               r"resume from a last_\*_checkpoint.pth"):
         train_ssl.main(train_ssl.get_args_parser().parse_args(ssl_argv(data8, tmp_path / "o", 2, "--resume", str(best))))
@@ -385,9 +390,9 @@ def test_nan_weights_behind_a_finite_loss_are_never_saved(data8, tmp_path, monke
         return loss + torch.where(s > float("inf"), torch.sqrt(-s.abs() - 1), torch.zeros_like(s))
 
     monkeypatch.setattr(train_ssl, "nt_xent_loss", nan_gradient_in_epoch_2)
-    with pytest.raises(utils.NonFiniteLossError, match=r"the weights became NaN or inf in epoch 2 \(.*\); lower --lr"):
+    with pytest.raises(training.NonFiniteLossError, match=r"the weights became NaN or inf in epoch 2 \(.*\); lower --lr"):
         train_ssl.main(train_ssl.get_args_parser().parse_args(ssl_argv(data8, tmp_path, 2)))
-    ckpt = utils.load_checkpoint(str(tmp_path / "last_ssl_checkpoint.pth"))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "last_ssl_checkpoint.pth"))
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["encoder"].values() if v.is_floating_point())
 
@@ -429,7 +434,7 @@ class FullDisk:
 
 
 WRITERS = {
-    "checkpoint": lambda p, v: utils.save_checkpoint({"kind": "ssl", "w": torch.full((50_000,), float(v))}, p),
+    "checkpoint": lambda p, v: checkpoints.save_checkpoint({"kind": "ssl", "w": torch.full((50_000,), float(v))}, p),
     "history_csv": lambda p, v: utils.atomic_write_text(p, "epoch,loss\n" + f"1,{v}\n" * 5000),
     "settings_json": lambda p, v: utils.atomic_write_json(p, {"lr": v, "pad": "x" * 50_000}),
 }
@@ -496,14 +501,14 @@ def test_any_label_file_gives_a_consistent_table_or_a_user_error(content, label_
     with open(path, "wb") as f:
         f.write(content)
     try:
-        t = data_loader.read_label_table(path, label_dir, seed=0)
+        t = label_tables.read_label_table(path, label_dir, seed=0)
     except utils.UserError as e:
         assert str(e) and "\n" not in str(e)
         return
     n = len(t.filenames)
     assert n > 0 and len(t.labels) == len(t.splits) == len(t.patient_ids) == n
     assert t.labels.dtype == np.int64 and t.labels.min() >= 0 and t.labels.max() < t.num_classes
-    assert set(t.splits) <= set(data_loader.SPLITS) and "train" in set(t.splits)
+    assert set(t.splits) <= set(data_splits.SPLITS) and "train" in set(t.splits)
     assert len(set(t.filenames)) == n                             # also after './a.png' -> 'a.png'
     for f in t.filenames:
         assert f == posixpath.normpath(f) and os.path.isfile(os.path.join(label_dir, f)), f
@@ -513,21 +518,21 @@ def test_the_same_image_named_two_ways_is_a_duplicate(label_dir, tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text("filename,label\na.png,0\n./a.png,1\nb.png,1\n")
     with pytest.raises(utils.UserError, match=r"rows 2 \('a.png'\) and 3 \('./a.png'\) name the same image"):
-        data_loader.read_label_table(str(path), label_dir)
+        label_tables.read_label_table(str(path), label_dir)
 
 
 def test_a_label_file_that_is_not_utf8_text_is_named_as_such(label_dir, tmp_path):
     path = tmp_path / "labels.csv"
     path.write_bytes("filename,label\na.png,0\n".encode("utf-16"))
     with pytest.raises(utils.UserError, match=r"not UTF-8 text \(UTF-16\); save it as UTF-8"):
-        data_loader.read_label_table(str(path), label_dir)
+        label_tables.read_label_table(str(path), label_dir)
 
 
 def test_a_label_implying_millions_of_classes_is_an_error_not_a_hang(label_dir, tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text("filename,label\na.png,0\nb.png,100000000\n")
     with pytest.raises(utils.UserError, match=r"label 100000000 makes 100000001 classes"):
-        data_loader.read_label_table(str(path), label_dir)
+        label_tables.read_label_table(str(path), label_dir)
 
 
 # ============ fuzzing image bytes ============
@@ -588,7 +593,7 @@ def test_any_image_bytes_decode_to_uint8_or_a_user_error(sample, tmp_path_factor
     with open(path, "wb") as f:
         f.write(data)
     try:
-        arr = data_loader.load_image(path)
+        arr = image_io.load_image(path)
     except utils.UserError as e:
         assert path in str(e) and "\n" not in str(e)
         return
@@ -599,14 +604,14 @@ def test_any_image_bytes_decode_to_uint8_or_a_user_error(sample, tmp_path_factor
 def test_a_float_image_with_nan_and_inf_keeps_its_finite_pixels_in_range(tmp_path):
     path = tmp_path / "f.tif"
     Image.fromarray(np.array([[np.nan, 0.25], [np.inf, -np.inf], [0.0, 1.0]], np.float32)).save(path)
-    arr = data_loader.load_image(str(path))
+    arr = image_io.load_image(str(path))
     assert arr.tolist() == [[0, 64], [255, 0], [0, 255]]
 
 
 def test_a_png_named_jpg_is_read_by_its_content(tmp_path):
     Image.fromarray(np.full((5, 6), 77, np.uint8)).save(tmp_path / "x.png")
     os.rename(tmp_path / "x.png", tmp_path / "x.jpg")
-    assert data_loader.load_image(str(tmp_path / "x.jpg")).tolist() == np.full((5, 6), 77).tolist()
+    assert image_io.load_image(str(tmp_path / "x.jpg")).tolist() == np.full((5, 6), 77).tolist()
 
 
 def test_image_store_skips_unreadable_files_with_one_warning(tmp_path, capsys):
@@ -614,7 +619,7 @@ def test_image_store_skips_unreadable_files_with_one_warning(tmp_path, capsys):
     (tmp_path / "noise.png").write_bytes(os.urandom(300))
     (tmp_path / "half.png").write_bytes((tmp_path / "img000.png").read_bytes()[:60])
     (tmp_path / "junk.dcm").write_bytes(b"DICM" * 40)
-    files = data_loader.list_images(str(tmp_path))
+    files = image_io.list_images(str(tmp_path))
     store = data_loader.ImageStore(str(tmp_path), files, 32, skip_unreadable=True)
     assert sorted(store.filenames) == ["img000.png", "img001.png", "img002.png"]
     assert tuple(store.images.shape) == (3, 1, 32, 32) and store.images.dtype == torch.uint8

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
+import augmentations
+import checkpoints
 import fine_tune
+import label_tables
+import optimizers
+import synthetic
 import train_ssl
+import training
+import training_history
+import training_run
 import utils
 from model_ssl import Classifier, ModelConfig
 from tiny_data import write_tiny_dataset
@@ -75,25 +83,23 @@ def test_ssl_checkpoint_describes_itself_and_leaves_out_the_test_split(pretraine
 
 def test_pretraining_leaves_out_the_test_split_of_the_shares_fine_tuning_uses(tmp_path):
     """--test_fraction on a label file without a split column: the same test images as fine_tune.py's."""
-    import data_loader
-    data_loader.generate_dataset(str(tmp_path), 60, 3, 32, seed=1)
+    synthetic.generate_dataset(str(tmp_path), 60, 3, 32, seed=1)
     labels = str(tmp_path / "labels.csv")
     args = train_ssl.get_args_parser().parse_args(["--data_dir", str(tmp_path), "--label_file", labels,
                                                    "--test_fraction", "0.4"])
     files, table, excluded = train_ssl.pretraining_files(args)
-    test = data_loader.load_label_table(labels, str(tmp_path), test_fraction=0.4)
+    test = label_tables.load_label_table(labels, str(tmp_path), test_fraction=0.4)
     assert excluded == sorted(np.asarray(test.filenames)[test.indices("test")].tolist())
     assert 0.3 * 60 < len(excluded) < 0.5 * 60 and not set(excluded) & set(files)
 
 
 def test_fine_tuning_warns_when_pretraining_did_not_leave_its_test_split_out(tmp_path, capsys):
-    import data_loader
-    data_loader.generate_dataset(str(tmp_path), 60, 3, 32, seed=1)
+    synthetic.generate_dataset(str(tmp_path), 60, 3, 32, seed=1)
     labels = str(tmp_path / "labels.csv")
-    default = data_loader.load_label_table(labels, str(tmp_path))
+    default = label_tables.load_label_table(labels, str(tmp_path))
     ssl = {"excluded_files": np.asarray(default.filenames)[default.indices("test")].tolist()}
     assert fine_tune.warn_if_pretraining_saw_test_images(ssl, default, "ssl.pth") == []
-    wider = data_loader.load_label_table(labels, str(tmp_path), test_fraction=0.4)
+    wider = label_tables.load_label_table(labels, str(tmp_path), test_fraction=0.4)
     seen = fine_tune.warn_if_pretraining_saw_test_images(ssl, wider, "ssl.pth")
     assert seen and f"{len(seen)} of the {len(wider.indices('test'))} test images" in capsys.readouterr().err
     assert fine_tune.warn_if_pretraining_saw_test_images({"excluded_files": []}, wider, "ssl.pth") == []
@@ -107,8 +113,8 @@ def test_progress_bars_obey_tqdm_disable(monkeypatch, capsys):
     for env, expect_bar in ((None, True), ("1", False)):
         if env:
             monkeypatch.setenv("TQDM_DISABLE", env)
-        utils.train_one_epoch(model, batches, optimizer, loss_fn, device=torch.device("cpu"),
-                              scaler=utils.make_grad_scaler(torch.device("cpu"), None), desc="bar-check")
+        training.train_one_epoch(model, batches, optimizer, loss_fn, device=torch.device("cpu"),
+                              scaler=training.make_grad_scaler(torch.device("cpu"), None), desc="bar-check")
         assert ("bar-check" in capsys.readouterr().err) == expect_bar, env
 
 
@@ -136,7 +142,7 @@ def test_lars_matches_the_per_parameter_algorithm_bit_for_bit(foreach):
     ours = [torch.randn(8, 4), torch.randn(5, 3, 3), torch.zeros(6, 2), torch.randn(4), torch.randn(3)]
     ref, start = [p.clone() for p in ours], [p.clone() for p in ours]
     exclude = [False, False, False, True, True]                 # a zero weight: trust ratio 1
-    opt = utils.LARS([{"params": ours[:3], "weight_decay": 1e-4, "lars_exclude": False},
+    opt = optimizers.LARS([{"params": ours[:3], "weight_decay": 1e-4, "lars_exclude": False},
                       {"params": ours[3:], "weight_decay": 0.0, "lars_exclude": True}], lr=0.5, foreach=foreach)
     state = {}
     for step in range(4):
@@ -153,10 +159,10 @@ def test_lars_matches_the_per_parameter_algorithm_bit_for_bit(foreach):
 def test_lars_resumes_from_a_state_saved_before_the_foreach_option():
     p = torch.nn.Parameter(torch.randn(3, 2))
     p.grad = torch.randn(3, 2)
-    saved = utils.LARS([p], lr=0.1).state_dict()
+    saved = optimizers.LARS([p], lr=0.1).state_dict()
     for g in saved["param_groups"]:
         del g["foreach"]
-    opt = utils.LARS([p], lr=0.1)
+    opt = optimizers.LARS([p], lr=0.1)
     opt.load_state_dict(saved)
     opt.step()
     assert opt.param_groups[0]["foreach"] is None
@@ -165,17 +171,17 @@ def test_lars_resumes_from_a_state_saved_before_the_foreach_option():
 def run_interrupted_in_epoch(monkeypatch, epoch: int, main, args) -> str:
     """Run main(args) with a KeyboardInterrupt at the start of epoch `epoch` (1-based), as Ctrl-C would;
     returns the message the user sees."""
-    real_epoch = utils.train_one_epoch
+    real_epoch = training.train_one_epoch
 
     def interrupt(*a, **k):
         if k["epoch"] == epoch - 1:
             raise KeyboardInterrupt
         return real_epoch(*a, **k)
 
-    monkeypatch.setattr(utils, "train_one_epoch", interrupt)
+    monkeypatch.setattr(training, "train_one_epoch", interrupt)
     with pytest.raises(KeyboardInterrupt) as interrupted:
         main(args)
-    monkeypatch.setattr(utils, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(training, "train_one_epoch", real_epoch)
     return str(interrupted.value)
 
 
@@ -194,7 +200,7 @@ def test_pretraining_writes_the_last_checkpoint_at_most_every_30_s_and_resumes_f
     best = torch.load(full / "best_ssl_model.pth", weights_only=True)
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"done: best epoch {best['epoch']} of 4 by loss {best['loss']:.4f} -> {full / 'best_ssl_model.pth'}")
-    monkeypatch.setattr(utils, "LAST_CHECKPOINT_EVERY_S", 1e9)      # epochs 2 and 3 fall inside the interval
+    monkeypatch.setattr(training_run, "LAST_CHECKPOINT_EVERY_S", 1e9)      # epochs 2 and 3 fall inside the interval
     message = run_interrupted_in_epoch(monkeypatch, 4, train_ssl.main, ssl_args(tiny, cut))
     assert message == "interrupted: last_ssl_checkpoint.pth holds epoch 1 of 4; continue from there with --resume"
     assert torch.load(cut / "last_ssl_checkpoint.pth", weights_only=True)["epoch"] == 1
@@ -254,7 +260,7 @@ def test_wrong_inputs_are_refused_with_one_clear_message(pretrained, tiny, tmp_p
     with pytest.raises(utils.UserError, match="is a 'ssl' checkpoint, expected 'classifier'"):
         fine_tune.main(ft_args(tiny, tmp_path, "--resume", str(pretrained / "best_ssl_model.pth")))
     clf = tmp_path / "clf.pth"
-    utils.save_checkpoint({"kind": "classifier", "model_config": ModelConfig().to_dict(),
+    checkpoints.save_checkpoint({"kind": "classifier", "model_config": ModelConfig().to_dict(),
                            "encoder": Classifier(ModelConfig(), 3).encoder.state_dict()}, str(clf))
     with pytest.raises(utils.UserError, match="expected 'ssl'"):
         fine_tune.main(ft_args(tiny, tmp_path, "--ssl_checkpoint", str(clf)))
@@ -281,17 +287,16 @@ def test_crop_rotation_and_jitter_flags_reach_both_augmentation_pipelines(tiny, 
                                                             "--rotation_fill", "reflection"))
     assert supervised.rotation == 3 and supervised.rotation_fill == "reflection"
     assert fine_tune.supervised_augment_config(ft_args(tiny, tmp_path)).rotation_fill == "zeros"
-    import data_loader
-    jitter = [t for t in data_loader.build_pil_transform(config, 32).transforms if "ColorJitter" in repr(t)]
+    jitter = [t for t in augmentations.build_pil_transform(config, 32).transforms if "ColorJitter" in repr(t)]
     assert jitter and jitter[0].brightness == pytest.approx((0.2, 1.8))
 
 
 def test_training_curves_are_redrawn_at_most_every_30_s_and_after_the_last_epoch(monkeypatch):
     drawn, clock = [], iter([0.0, 0.1, 5.0, 31.0, 31.1, 40.0, 40.1])
-    monkeypatch.setattr(utils, "plot_history", lambda csv, png, title: drawn.append(png))
+    monkeypatch.setattr(training_history, "plot_history", lambda csv, png, title: drawn.append(png))
     monkeypatch.setattr(utils.time, "monotonic", lambda: next(clock))
     for last in (False, False, False, True):           # epochs at t = 0, 5, 31, 40
-        utils.plot_history_throttled("h.csv", "curves.png", "t", last_epoch=last)
+        training_history.plot_history_throttled("h.csv", "curves.png", "t", last_epoch=last)
     assert len(drawn) == 3                              # t = 0 (first), 31 (30 s later), 40 (last epoch)
 
 
@@ -299,7 +304,7 @@ def test_fine_tune_writes_the_last_checkpoint_at_most_every_30_s_and_resumes_fro
         tiny, tmp_path, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
     fine_tune.main(ft_args(tiny, full, "--num_epochs", "4"))
-    monkeypatch.setattr(utils, "LAST_CHECKPOINT_EVERY_S", 1e9)        # epochs 2 and 3 fall inside the interval
+    monkeypatch.setattr(training_run, "LAST_CHECKPOINT_EVERY_S", 1e9)        # epochs 2 and 3 fall inside the interval
     message = run_interrupted_in_epoch(monkeypatch, 4, fine_tune.main, ft_args(tiny, cut, "--num_epochs", "4"))
     assert "last_baseline_checkpoint.pth holds epoch 1 of 4" in message
     assert torch.load(cut / "last_baseline_checkpoint.pth", weights_only=True)["epoch"] == 1
@@ -347,8 +352,8 @@ def test_training_curves_show_what_matters_and_mark_the_kept_epoch(tmp_path, mon
     ssl.write_text("epoch,loss,lr,images_per_sec,knn_accuracy,embedding_std\n1,5.1,3e-4,90,,0.05\n"
                    "2,4.9,2e-4,90,0.5,0.06\n3,4.8,1e-4,90,,0.06\n4,4.7,0,90,0.5,0.07\n")
     # the trainers' own rules: ties in val balanced accuracy go to the lower val loss; kNN ties to the later epoch
-    assert utils.best_history_epoch(pd.read_csv(fine)) == 3
-    assert utils.best_history_epoch(pd.read_csv(ssl)) == 4
+    assert training_history.best_history_epoch(pd.read_csv(fine)) == 3
+    assert training_history.best_history_epoch(pd.read_csv(ssl)) == 4
     drawn = []
     real_subplots = __import__("matplotlib.pyplot").pyplot.subplots
 
@@ -358,8 +363,8 @@ def test_training_curves_show_what_matters_and_mark_the_kept_epoch(tmp_path, mon
         return fig, axes
 
     monkeypatch.setattr("matplotlib.pyplot.subplots", spy)
-    utils.plot_history(str(fine), str(tmp_path / "fine.png"), "fine-tuning", chance=1 / 3)
-    utils.plot_history(str(ssl), str(tmp_path / "ssl.png"), "SimCLR", best_epoch=2)
+    training_history.plot_history(str(fine), str(tmp_path / "fine.png"), "fine-tuning", chance=1 / 3)
+    training_history.plot_history(str(ssl), str(tmp_path / "ssl.png"), "SimCLR", best_epoch=2)
     fine_axes, ssl_axes = ([a for a in axes.flat if a.axison] for axes in drawn)
     assert [a.get_title() for a in fine_axes] == ["loss", "validation", "learning rate"]    # no images/s, no flag
     labels = [line.get_label() for line in fine_axes[1].get_lines()]
@@ -371,18 +376,18 @@ def test_training_curves_show_what_matters_and_mark_the_kept_epoch(tmp_path, mon
 
 
 def test_ctrl_c_names_the_epoch_the_last_checkpoint_holds_and_only_where_one_was_saved(tmp_path, capsys):
-    last = utils.LastCheckpoint(str(tmp_path / "last_ssl_checkpoint.pth"))
-    with pytest.raises(utils.TrainingInterrupted, match="nothing resumable was saved; start again without --resume"):
+    last = training_run.LastCheckpoint(str(tmp_path / "last_ssl_checkpoint.pth"))
+    with pytest.raises(training_run.TrainingInterrupted, match="nothing resumable was saved; start again without --resume"):
         with last.on_interrupt(5):
             raise KeyboardInterrupt
     last.saved_epoch = 3                                           # the throttled file can lag the running epoch
-    with pytest.raises(utils.TrainingInterrupted, match="last_ssl_checkpoint.pth holds epoch 3 of 5"):
+    with pytest.raises(training_run.TrainingInterrupted, match="last_ssl_checkpoint.pth holds epoch 3 of 5"):
         with last.on_interrupt(5):
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt) as other_rank:           # under torchrun only rank 0 writes
         with last.on_interrupt(5, is_main=False):
             raise KeyboardInterrupt
-    assert not isinstance(other_rank.value, utils.TrainingInterrupted)
+    assert not isinstance(other_rank.value, training_run.TrainingInterrupted)
 
     def interrupted_main(args):                                    # evaluate.py, data_loader.py: nothing resumable
         raise KeyboardInterrupt

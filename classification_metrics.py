@@ -1,0 +1,289 @@
+"""Classification metrics with bootstrap confidence intervals, vectorised over resamples: every metric
+takes `weights` (B, N), how often each of N images is drawn in each of B resamples (a row of ones is
+the point estimate). One-label metrics, multi-label per-finding metrics, paired differences, and
+the formatting of a value with its interval.
+"""
+import warnings
+
+import numpy as np
+
+ECE_BINS = 15
+
+CI_PERCENTILES = (2.5, 97.5)
+
+MIN_VALID_RESAMPLES = 10          # fewer usable resamples than this: no interval is reported
+
+SCALAR_METRICS = {                # key -> label in tables
+    "accuracy": "accuracy",
+    "balanced_accuracy": "balanced accuracy",
+    "f1_macro": "macro F1",
+    "f1_weighted": "weighted F1",
+    "roc_auc": "ROC-AUC",
+    "roc_auc_macro": "ROC-AUC (macro, one-vs-rest)",
+    "pr_auc": "PR-AUC (average precision)",
+    "pr_auc_macro": "PR-AUC (macro)",
+    "ece": f"expected calibration error ({ECE_BINS} bins)",
+}
+
+PER_CLASS_METRICS = {
+    "precision": "precision", "recall": "recall (sensitivity)", "specificity": "specificity", "f1": "F1",
+    "roc_auc_per_class": "ROC-AUC", "pr_auc_per_class": "PR-AUC",
+}
+
+COMPARISON_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro", "ece")
+
+# Every metric takes `weights` (B, N): how many times each of the N images is drawn in each of B
+# resamples. A row of ones is the point estimate, so one code path gives both.
+
+
+def _one_hot(codes: np.ndarray, width: int) -> np.ndarray:
+    out = np.zeros((len(codes), width))
+    out[np.arange(len(codes)), codes] = 1.0
+    return out
+
+
+def _ratio(num, den):
+    """num / den, NaN where den == 0 (an undefined metric, never a silent 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def _nanmean(x, axis):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN rows stay NaN
+        return np.nanmean(x, axis=axis)
+
+
+def confusion_matrices(weights, y_true, y_pred, k: int) -> np.ndarray:
+    """(B, N) weights -> (B, K, K) weighted confusion matrices, rows true class, columns predicted."""
+    return (weights @ _one_hot(y_true * k + y_pred, k * k)).reshape(-1, k, k)
+
+
+def count_metrics(cm: np.ndarray) -> dict:
+    """Threshold metrics from (B, K, K) confusion matrices; per-class arrays are (B, K)."""
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    support, predicted, total = cm.sum(2), cm.sum(1), cm.sum((1, 2))
+    fp, fn = predicted - tp, support - tp
+    tn = total[:, None] - tp - fp - fn
+    recall, f1 = _ratio(tp, support), _ratio(2 * tp, 2 * tp + fp + fn)   # f1 NaN: class neither true nor predicted
+    return {
+        "accuracy": tp.sum(1) / total,
+        "balanced_accuracy": _nanmean(recall, 1),                          # over classes present, as sklearn
+        "f1_macro": _nanmean(f1, 1),                                       # over classes true or predicted, as sklearn
+        "f1_weighted": np.nansum(f1 * support, 1) / total,
+        "precision": _ratio(tp, predicted), "recall": recall, "specificity": _ratio(tn, tn + fp), "f1": f1,
+    }
+
+
+def class_ranking(weights, is_positive: np.ndarray, score: np.ndarray):
+    """ROC-AUC and average precision of one class's scores: two (B,) arrays, NaN where undefined.
+
+    Images are sorted once by score; tied scores form one threshold (as sklearn), and each resample
+    only changes how much weight every tied group carries.
+    """
+    order = np.argsort(-score, kind="stable")
+    s = score[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])               # first image of each tied group
+    w = weights[:, order]
+    pos = np.add.reduceat(w * is_positive[order], starts, axis=1)        # (B, U) positive weight per group
+    neg = np.add.reduceat(w * ~is_positive[order], starts, axis=1)
+    tp, fp = pos.cumsum(1), neg.cumsum(1)                                # at each threshold, descending
+    n_pos, n_neg = tp[:, -1], fp[:, -1]
+    below = n_neg[:, None] - fp                                          # negatives scored strictly lower
+    auc = _ratio((pos * (below + 0.5 * neg)).sum(1), n_pos * n_neg)      # Mann-Whitney U / (P * N)
+    ap = _ratio(np.nansum(pos * _ratio(tp, tp + fp), 1), n_pos)            # sum of recall steps x precision
+    return auc, ap
+
+
+def ranking_metrics(weights, y_true, prob, k: int):
+    """One-vs-rest ROC-AUC and average precision per class: two (B, K) arrays."""
+    per_class = [class_ranking(weights, y_true == c, prob[:, c]) for c in range(k)]
+    return np.stack([a for a, _ in per_class], 1), np.stack([p for _, p in per_class], 1)
+
+
+def confidence_bins(prob: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """Bin of each image's top-label confidence; bin b holds (b/bins, (b+1)/bins]."""
+    return np.clip(np.ceil(prob.max(1) * bins).astype(int) - 1, 0, bins - 1)
+
+
+def expected_calibration_error(weights, y_true, prob, bins: int = ECE_BINS) -> np.ndarray:
+    """Top-label ECE: sum over bins of |accuracy - mean confidence| weighted by the bin's share. (B,)"""
+    gap = (prob.argmax(1) == y_true) - prob.max(1)                       # (N,) correct - confidence
+    per_bin = weights @ (_one_hot(confidence_bins(prob, bins), bins) * gap[:, None])   # (B, bins)
+    return np.abs(per_bin).sum(1) / weights.sum(1)
+
+
+def all_metrics(weights, y_true, prob, k: int, scorable: np.ndarray) -> dict:
+    """Every metric for each row of `weights`; `scorable` = classes with positives and negatives in the split."""
+    out = count_metrics(confusion_matrices(weights, y_true, prob.argmax(1), k))
+    auc, ap = ranking_metrics(weights, y_true, prob, k)
+    out["roc_auc_per_class"], out["pr_auc_per_class"] = auc, ap
+    nan = np.full(len(weights), np.nan)
+    # a resample that lost one of the split's classes has no macro AUC: it is skipped, not averaged around
+    out["roc_auc_macro"] = auc[:, scorable].mean(1) if scorable.any() else nan
+    out["pr_auc_macro"] = ap[:, scorable].mean(1) if scorable.any() else nan
+    out["roc_auc"] = auc[:, 1] if k == 2 else out["roc_auc_macro"]     # binary: class 1 is the positive class
+    out["pr_auc"] = ap[:, 1] if k == 2 else out["pr_auc_macro"]
+    out["ece"] = expected_calibration_error(weights, y_true, prob)
+    return out
+
+
+def bootstrap_weights(n: int, resamples: int, seed: int, chunk: int):
+    """Yield (b, n) draw counts of `resamples` bootstrap resamples of n images, `chunk` at a time."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, chunk):
+        b = min(chunk, resamples - start)
+        idx = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
+        yield np.bincount(idx.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def percentile_interval(samples: np.ndarray) -> tuple:
+    """Percentile 95% interval over resamples (axis 0), ignoring NaN resamples; NaN when too few.
+
+    Returns (low, high, number of usable resamples), each shaped like one resample."""
+    shape = samples.shape[1:]
+    flat = samples.reshape(samples.shape[0], int(np.prod(shape)))
+    low, high = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
+    for j in range(flat.shape[1]):
+        valid = flat[:, j][np.isfinite(flat[:, j])]
+        if len(valid) >= MIN_VALID_RESAMPLES:
+            low[j], high[j] = np.percentile(valid, CI_PERCENTILES)
+    return low.reshape(shape), high.reshape(shape), np.isfinite(flat).sum(0).reshape(shape)
+
+
+def _chunk(n: int, width: int = 1) -> int:
+    """Resamples per batch, so that a batch's (resamples, n, width) arrays stay near 16 MB."""
+    return max(1, 2_000_000 // max(1, n * width))
+
+
+def compute_metrics(y_true, prob, k: int, resamples: int, seed: int) -> dict:
+    """{metric: {'value', 'low', 'high', 'valid'}} with percentile bootstrap intervals over images,
+    plus 'support': images per class."""
+    y_true, prob = np.asarray(y_true), np.asarray(prob, dtype=np.float64)
+    n, counts = len(y_true), np.bincount(y_true, minlength=k)
+    scorable = (counts > 0) & (counts < n)
+    point = all_metrics(np.ones((1, n)), y_true, prob, k, scorable)
+    draws = [all_metrics(w, y_true, prob, k, scorable) for w in bootstrap_weights(n, resamples, seed, _chunk(n, k))]
+    out = {"support": counts}
+    for key, value in point.items():
+        samples = np.concatenate([d[key] for d in draws]) if draws else value[:0]
+        low, high, valid = percentile_interval(samples)
+        out[key] = {"value": value[0], "low": low, "high": high, "valid": valid}
+    return out
+
+
+def paired_accuracy_difference(y_true, prob_a, prob_b, resamples: int, seed: int) -> dict:
+    """Accuracy of A minus B on the same images, with a paired bootstrap (same resampled images for both)."""
+    n = len(y_true)
+    correct = np.stack([prob_a.argmax(1) == y_true, prob_b.argmax(1) == y_true], 1).astype(float)   # (N, 2)
+    accuracies = [(w @ correct) / w.sum(1, keepdims=True) for w in bootstrap_weights(n, resamples, seed, _chunk(n))]
+    accuracies = np.concatenate(accuracies) if accuracies else np.zeros((0, 2))                     # (B, 2)
+    low, high, _ = percentile_interval(accuracies[:, 0] - accuracies[:, 1])
+    return {"difference": float(correct[:, 0].mean() - correct[:, 1].mean()), "low": float(low),
+            "high": float(high), "num_images": n, "excludes_zero": bool(np.isfinite(low) and (low > 0 or high < 0))}
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def with_ci(m: dict, index=None, digits: int = 3) -> str:
+    """'0.812 [0.750, 0.870]' for a metric entry (a per-class one when `index` is given)."""
+    pick = (lambda a: a) if index is None else (lambda a: np.asarray(a)[index])
+    value, low, high = pick(m["value"]), pick(m["low"]), pick(m["high"])
+    if not np.isfinite(value):
+        return "n/a"
+    ci = f" [{fmt(low, digits)}, {fmt(high, digits)}]" if np.isfinite(low) else ""
+    return fmt(value, digits) + ci
+
+
+def proportion_with_ci(hits: np.ndarray, resamples: int, seed: int) -> dict:
+    """Mean of 0/1 outcomes with a percentile bootstrap 95% interval over images."""
+    n = len(hits)
+    draws = [w @ hits.astype(float) / n for w in bootstrap_weights(n, resamples, seed, _chunk(n))]
+    low, high, _ = percentile_interval(np.concatenate(draws) if draws else np.zeros(0))
+    return {"value": float(hits.mean()) if n else float("nan"), "low": float(low), "high": float(high)}
+
+
+VERDICT_METRICS = {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "f1_macro": "macro F1",
+                   "roc_auc_macro": "ROC-AUC", "ece": "calibration error (ECE)"}
+
+LOWER_IS_BETTER = {"ece"}
+
+
+def paired_metric_differences(y_true, prob_a, prob_b, k: int, resamples: int, seed: int) -> dict:
+    """{metric: difference A - B, 95% paired-bootstrap interval}: both models scored on the same resampled
+    images, so what the images have in common cancels out."""
+    y_true = np.asarray(y_true)
+    n, counts = len(y_true), np.bincount(y_true, minlength=k)
+    scorable = (counts > 0) & (counts < n)
+    keys = list(VERDICT_METRICS)
+    a, b = (all_metrics(np.ones((1, n)), y_true, p, k, scorable) for p in (prob_a, prob_b))
+    draws = []
+    for w in bootstrap_weights(n, resamples, seed, _chunk(n, k)):
+        da, db = all_metrics(w, y_true, prob_a, k, scorable), all_metrics(w, y_true, prob_b, k, scorable)
+        draws.append(np.stack([da[key] - db[key] for key in keys], 1))
+    samples = np.concatenate(draws) if draws else np.zeros((0, len(keys)))
+    low, high, _ = percentile_interval(samples)
+    out = {}
+    for j, key in enumerate(keys):
+        diff = float(a[key][0] - b[key][0])
+        excludes = bool(np.isfinite(low[j]) and (low[j] > 0 or high[j] < 0))
+        out[key] = {"difference": diff, "low": float(low[j]), "high": float(high[j]), "excludes_zero": excludes}
+    return out
+
+
+def _signed(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:+.3f}"
+
+
+def plain(x):
+    """A float for JSON; NaN (an undefined metric) becomes null."""
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+FINDING_METRICS = {"roc_auc": "ROC-AUC", "average_precision": "average precision",
+                   "sensitivity": "sensitivity", "specificity": "specificity"}
+
+
+def finding_metrics(weights, y, prob, thresholds) -> dict:
+    """Per-finding metrics for each row of `weights` (B, N): four (B, K) arrays, NaN where undefined."""
+    counted, pos, neg = y >= 0, y == 1, y == 0
+    ranked = [class_ranking(weights * counted[:, k], pos[:, k], prob[:, k]) for k in range(y.shape[1])]
+    pred = prob >= np.asarray(thresholds)[None, :]
+    tp, fn = weights @ (pos & pred), weights @ (pos & ~pred)
+    tn, fp = weights @ (neg & ~pred), weights @ (neg & pred)
+    return {"roc_auc": np.stack([a for a, _ in ranked], 1), "average_precision": np.stack([p for _, p in ranked], 1),
+            "sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp)}
+
+
+def scorable_findings(y: np.ndarray) -> np.ndarray:
+    """(K,) bool: findings with counted positives and negatives in the split (their AUC is defined)."""
+    return (y == 1).any(0) & (y == 0).any(0)
+
+
+def multilabel_draws(weights, y, prob, thresholds, scorable) -> dict:
+    """finding_metrics plus the mean AUC and mean AP over the scorable findings (NaN for a resample that
+    lost one of them: skipped, as the single-label macro averages are)."""
+    out = finding_metrics(weights, y, prob, thresholds)
+    nan = np.full(len(weights), np.nan)
+    out["mean_auc"] = out["roc_auc"][:, scorable].mean(1) if scorable.any() else nan
+    out["mean_ap"] = out["average_precision"][:, scorable].mean(1) if scorable.any() else nan
+    return out
+
+
+def compute_multilabel_metrics(y, prob, thresholds, resamples: int, seed: int) -> dict:
+    """{metric: {'value', 'low', 'high', 'valid'}} (per-finding metrics are (K,) arrays) with percentile
+    bootstrap intervals over images, plus 'positives' and 'negatives' counted per finding."""
+    y, prob = np.asarray(y), np.asarray(prob, dtype=np.float64)
+    n, scorable = len(y), scorable_findings(y)
+    point = multilabel_draws(np.ones((1, n)), y, prob, thresholds, scorable)
+    draws = [multilabel_draws(w, y, prob, thresholds, scorable)
+             for w in bootstrap_weights(n, resamples, seed, _chunk(n, 4 * y.shape[1]))]
+    out = {"positives": (y == 1).sum(0), "negatives": (y == 0).sum(0), "ignored": (y < 0).sum(0)}
+    for key, value in point.items():
+        samples = np.concatenate([d[key] for d in draws]) if draws else value[:0]
+        low, high, valid = percentile_interval(samples)
+        out[key] = {"value": value[0], "low": low, "high": high, "valid": valid}
+    return out

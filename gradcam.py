@@ -1,0 +1,262 @@
+"""Grad-CAM heat maps (the `grad-cam` package) and the pointing game, which scores a map's peak against
+the boxes where the synthetic generator drew each finding.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import image_io
+import model_ssl
+import utils
+from classification_metrics import proportion_with_ci, with_ci
+from evaluated_model import Evaluated
+from plots import class_colors, pyplot
+
+# Heat maps come from the maintained `grad-cam` package (pytorch_grad_cam). Its GradCAM upsamples the
+# map of one layer to the input size and scales each image's map to [0, 1].
+
+CAM_LAYERS = ("layer4", "layer3", "layer2")
+
+CAM_MIN_SIDE = 7           # deepest ResNet stage whose map is at least this many cells a side (7 at 224 px)
+
+RANDOM_INIT_NAME = "random init"
+
+
+def cam_layer_name(config: model_ssl.ModelConfig, image_size: int, choice: str = "auto") -> str:
+    """The ResNet stage Grad-CAM reads. 'auto': the deepest with a map of at least CAM_MIN_SIDE cells: layer4
+    at 224 px, but at 64 px layer4 is 2x2 cells, too coarse to say where a finding is, so layer2 (8x8)."""
+    if choice != "auto":
+        return choice
+    side = image_size // (1 if config.small_stem else 4)        # after the stem: stride 1, or 2 plus a max-pool
+    for name, stride in zip(CAM_LAYERS, (8, 4, 2)):
+        if side // stride >= CAM_MIN_SIDE:
+            return name
+    return CAM_LAYERS[-1]
+
+
+def random_init_classifier(config: model_ssl.ModelConfig, num_classes: int, seed: int) -> model_ssl.Classifier:
+    """The same network untrained: the reference a heat map must beat to say anything (Adebayo et al. 2018)."""
+    torch.manual_seed(seed)
+    return model_ssl.Classifier(config, num_classes).eval()
+
+
+def grad_cams(model, images: torch.Tensor, targets, layer: str, prepare, device, batch_size: int) -> np.ndarray:
+    """Grad-CAM maps (N, S, S) in [0, 1] of `images` uint8 (N, C, S, S) for the class indices `targets`."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = model.to(device).eval()
+    maps = []
+    with GradCAM(model=model, target_layers=[getattr(model.encoder, layer)[-1]]) as cam:
+        for start in range(0, len(images), batch_size):
+            x = prepare(images[start:start + batch_size].to(device))
+            batch_targets = [ClassifierOutputTarget(int(t)) for t in targets[start:start + batch_size]]
+            maps.append(cam(input_tensor=x, targets=batch_targets))
+    model.cpu()
+    return np.concatenate(maps) if maps else np.zeros((0,) + tuple(images.shape[2:]))
+
+
+def cam_peaks(cams: np.ndarray):
+    """(row, col) of each map's maximum, and whether the map is blank (all zero: it points nowhere)."""
+    flat = cams.reshape(len(cams), -1)
+    rows, cols = np.unravel_index(flat.argmax(1), cams.shape[1:])
+    return np.stack([rows, cols], 1), flat.max(1) <= 0
+
+
+# A peak this close to the finding still counts (Zhang et al. 2018, "Top-down neural attention by excitation
+# backprop": 15 px at 224 px). A ResNet stage's map is coarse (8x8 cells at 64 px) and its peak often sits
+# on the finding's edge, a pixel outside; chance is computed with the same widened boxes.
+POINTING_TOLERANCE = 15 / 224      # of the image's longer side
+
+
+def box_mask(boxes: list, width: int, height: int, margin: int = 0) -> np.ndarray:
+    """The pixels inside any of the boxes, each widened by `margin` pixels on every side."""
+    mask = np.zeros((height, width), bool)
+    for x0, y0, x1, y1 in boxes:
+        mask[max(0, y0 - margin):max(0, y1 + margin), max(0, x0 - margin):max(0, x1 + margin)] = True
+    return mask
+
+
+def pointing_hits(cams: np.ndarray, boxes: list, sizes: list, tolerance: float = POINTING_TOLERANCE):
+    """Per image: whether the map's peak lies in one of its finding boxes, widened by `tolerance` x the image
+    side (boxes in the file's own pixels, `sizes` its (width, height)); the share of the image the widened
+    boxes cover (a random peak's hit rate); and which maps are blank."""
+    peaks, blank = cam_peaks(cams)
+    side_y, side_x = cams.shape[1:]
+    hits, chance = np.zeros(len(cams), bool), np.zeros(len(cams))
+    for i, ((row, col), image_boxes, (w, h)) in enumerate(zip(peaks, boxes, sizes)):
+        mask = box_mask(image_boxes, w, h, int(round(tolerance * max(w, h))))
+        y, x = min(h - 1, int((row + 0.5) * h / side_y)), min(w - 1, int((col + 0.5) * w / side_x))
+        hits[i] = mask[y, x] and not blank[i]
+        chance[i] = mask.mean()
+    return hits, chance, blank
+
+
+@dataclass
+class Explained:
+    """Grad-CAM inputs of one scored classifier: the network, its preprocessing and the images it scored."""
+    model: torch.nn.Module
+    prepare: object
+    layer: str
+    root: str
+    image_size: int
+    channels: int
+
+
+def decode_images(root: str, filenames: list, ex: Explained) -> torch.Tensor:
+    return torch.stack([image_io.decode_to_tensor(os.path.join(root, f), ex.image_size, ex.channels)
+                        for f in filenames]) if filenames else torch.zeros(0, ex.channels, ex.image_size, ex.image_size,
+                                                                           dtype=torch.uint8)
+
+
+def image_sizes(root: str, filenames: list) -> list:
+    from PIL import Image
+
+    sizes = []
+    for f in filenames:
+        with Image.open(os.path.join(root, f)) as im:
+            sizes.append(im.size)
+    return sizes
+
+
+def pointing_game(evaluated: list, findings: dict, args, device) -> list:
+    """Pointing-game rows for every classifier scored (Grad-CAM of the true class on each split image with a
+    finding) and for the same network at random init; [] when no scored image has a finding box."""
+    models = [(ev.name, ev) for ev in evaluated if ev.explained is not None]
+    if not models or findings is None:
+        return []
+    first = models[0][1]
+    ex0 = first.explained
+    keep = [i for i, f in enumerate(first.filenames) if findings.get(f)]
+    if not keep:
+        return []
+    files = [first.filenames[i] for i in keep]
+    images, sizes = decode_images(ex0.root, files, ex0), image_sizes(ex0.root, files)
+    boxes, targets = [findings[f] for f in files], first.y_true[keep]
+    config, k = ex0.model.config, len(first.class_names)
+    random_model = Explained(random_init_classifier(config, k, args.seed), ex0.prepare, ex0.layer, ex0.root,
+                             ex0.image_size, ex0.channels)
+    rows = []
+    for name, ex in [(n, ev.explained) for n, ev in models] + [(RANDOM_INIT_NAME, random_model)]:
+        if (ex.image_size, ex.channels) != (ex0.image_size, ex0.channels):
+            continue                                         # another resolution: not the same images
+        print(f"pointing game: Grad-CAM ({ex.layer}) of {name} on {len(files)} images with a finding ...")
+        cams = grad_cams(ex.model, images, targets, ex.layer, ex.prepare, device, args.batch_size)
+        hits, chance, blank = pointing_hits(cams, boxes, sizes)
+        rows.append({"model": name, "images": len(files), "hits": int(hits.sum()), "layer": ex.layer,
+                     "blank_maps": int(blank.sum()), "chance": float(chance.mean()),
+                     **proportion_with_ci(hits, args.bootstrap, args.seed)})
+    return rows
+
+
+def pointing_sentences(rows: list) -> list:
+    if not rows:
+        return []
+    n, chance = rows[0]["images"], rows[0]["chance"]
+    lines = [f"Pointing game: the share of the {n} split images with a drawn finding (findings.csv) whose "
+             f"Grad-CAM peak, for the true class, falls inside the finding's box (widened by "
+             f"{POINTING_TOLERANCE:.1%} of the image side, 15 px at 224 px, as Zhang et al. 2018). Chance (a "
+             f"random peak) is {chance:.3f}, the share of the image the widened boxes cover. 95% bootstrap "
+             f"intervals over images.", "",
+             "| model | Grad-CAM layer | hits | pointing accuracy [95% CI] | blank maps |", "|---|---|---:|---|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['layer']} | {r['hits']}/{r['images']} | {with_ci(r)} | {r['blank_maps']} |")
+    lines += ["", "A blank map (Grad-CAM zero everywhere) points nowhere and counts as a miss.", "",
+              "![Pointing game](pointing_game.png)"]
+    return lines
+
+
+def plot_pointing_game(rows: list, path: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2.5, 4))
+    values = np.array([r["value"] for r in rows])
+    errors = np.array([[r["value"] - r["low"], r["high"] - r["value"]] for r in rows]).T
+    colors = ["tab:grey" if r["model"] == RANDOM_INIT_NAME else c for r, c in zip(rows, class_colors(len(rows)))]
+    ax.bar(range(len(rows)), values, color=colors, yerr=np.nan_to_num(errors), capsize=6, edgecolor="black")
+    ax.axhline(rows[0]["chance"], color="black", ls=":", label=f"chance ({rows[0]['chance']:.2f}: box area share)")
+    ax.set_xticks(range(len(rows)), [r["model"] for r in rows])
+    ax.set(ylim=(0, 1.02), ylabel="Grad-CAM peak inside the finding",
+           title=f"Pointing game on {rows[0]['images']} images with a finding\n(95% bootstrap CI)")
+    ax.legend(fontsize=8, loc="upper right")
+    utils.atomic_savefig(fig, path)
+
+
+def gradcam_examples(ev: Evaluated) -> list:
+    """Split indices, two per true class (row): the most confident correct and the most confident wrong
+    prediction, None where the split has no such image."""
+    pred, conf = ev.prob.argmax(1), ev.prob.max(1)
+    picks = []
+    for c in range(len(ev.class_names)):
+        for correct in (True, False):
+            idx = np.flatnonzero((ev.y_true == c) & ((pred == c) == correct))
+            picks.append(int(idx[np.argmax(conf[idx])]) if len(idx) else None)
+    return picks
+
+
+def overlay(image: torch.Tensor, cam: np.ndarray) -> np.ndarray:
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = image.float().div(255).expand(3, -1, -1).permute(1, 2, 0).numpy()
+    return show_cam_on_image(rgb, cam, use_rgb=True, image_weight=0.55)
+
+
+def plot_cam_grid(panels: list, path: str, title: str, ncols: int = 4) -> None:
+    """panels: (overlay RGB or None for an empty cell, panel title, finding boxes in input pixels) -> a grid."""
+    from matplotlib.patches import Rectangle
+
+    plt = pyplot()
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols + 1.0, 3.3 * nrows + 0.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (rgb, text, boxes) in zip(axes.flat, panels):
+        if rgb is None:
+            ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, color="0.4", transform=ax.transAxes)
+            continue
+        ax.imshow(rgb)
+        for x0, y0, x1, y1 in boxes:
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="white", lw=1.2, ls="--"))
+        ax.set_title(text, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    utils.atomic_savefig(fig, path)
+
+
+def scaled_boxes(boxes: list, size: tuple, side: int) -> list:
+    """Finding boxes in the file's pixels -> in the model input's pixels."""
+    w, h = size
+    return [(x0 * side / w, y0 * side / h, x1 * side / w, y1 * side / h) for x0, y0, x1, y1 in boxes]
+
+
+def write_gradcam_figure(ev: Evaluated, findings, folder: str, device, batch_size: int) -> str | None:
+    """gradcam.png: for each class the most confident correct and wrong images with the heat map of the
+    predicted class; returns why it was skipped, or None."""
+    ex = ev.explained
+    slots = gradcam_examples(ev)
+    picks = [i for i in slots if i is not None]
+    if ex is None or not picks:
+        return None
+    files = [ev.filenames[i] for i in picks]
+    images = decode_images(ex.root, files, ex)
+    pred = ev.prob[picks].argmax(1)
+    cams = dict(zip(picks, grad_cams(ex.model, images, pred, ex.layer, ex.prepare, device, batch_size)))
+    images, files = dict(zip(picks, images)), dict(zip(picks, files))
+    panels = []
+    for slot, i in enumerate(slots):
+        name = ev.class_names[slot // 2]
+        if i is None:
+            panels.append((None, f"true {name}:\nno {'correct' if slot % 2 == 0 else 'wrong'} prediction", []))
+            continue
+        p = ev.class_names[int(ev.prob[i].argmax())]
+        boxes = findings.get(files[i], []) if findings else []
+        boxes = scaled_boxes(boxes, image_sizes(ex.root, [files[i]])[0], ex.image_size) if boxes else []
+        panels.append((overlay(images[i], cams[i]), f"{'correct' if slot % 2 == 0 else 'WRONG'}: true {name}\n"
+                                                    f"pred {p} (p={ev.prob[i].max():.2f})", boxes))
+    plot_cam_grid(panels, os.path.join(folder, "gradcam.png"),
+                  f"Grad-CAM ({ex.layer}) of the predicted class: {ev.name}\nper true class, the most confident "
+                  f"correct and wrong prediction" + ("; dashed: where the finding was drawn" if findings else ""),
+                  ncols=2)
+    return "gradcam.png"
