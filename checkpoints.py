@@ -1,29 +1,30 @@
-"""The checkpoint files, the one hand-off between the phases: saving (atomic), loading (weights_only,
-checked), and the guard against replacing another run's model.
+"""The checkpoint files, the one hand-off between the phases (docs/checkpoints.md). The file is a dict of
+plain types and tensors, written atomically and read with weights_only=True, then checked; the phases read
+it as a typed class per kind (SSLCheckpoint, ClassifierCheckpoint, and TrainingState for --resume), whose
+reader also opens files written before a field existed. Also here: the guard against replacing another
+run's model, and the RNG states a resumable checkpoint carries.
 
-    from checkpoints import save_checkpoint, load_checkpoint
-    ckpt = load_checkpoint("checkpoints/best_ssl_model.pth", kind="ssl", flag="--ssl_checkpoint")
+    ssl = SSLCheckpoint.load("checkpoints/best_ssl_model.pth", flag="--ssl_checkpoint")
+    ssl.image_size, ssl.model_config, ssl.excluded_files
+    ckpt = read_checkpoint(path, ("classifier", "ssl"))          # whichever kind the file is
 """
 import io
 import os
 import random
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from image_io import IMAGENET_MEAN, IMAGENET_STD
+from model_ssl import FEATURE_DIMS, Classifier, ModelConfig
 from utils import UserError, _atomic_write, _is_folder_of_checkpoints
 
 CHECKPOINT_FORMAT = 1
 
 CHECKPOINT_KINDS = ("ssl", "classifier")
 
-
-def not_left_out_of_pretraining(ssl_ckpt: dict, filenames: list) -> list | None:
-    """Those of `filenames` an SSL checkpoint did not leave out of pretraining (it records the test images it
-    left out when given the label file); None when it records none."""
-    excluded = set(ssl_ckpt.get("excluded_files") or [])
-    return [f for f in filenames if f not in excluded] if excluded else None
 
 
 def save_checkpoint(state: dict, path: str) -> None:
@@ -121,10 +122,6 @@ def _load_weights_only(path: str, flag: str):
 
 def _check_contents(ckpt: dict, where: str) -> None:
     """What a later phase rebuilds the network from: model_config, image_size, channels, state dicts."""
-    from dataclasses import fields
-
-    from model_ssl import FEATURE_DIMS, ModelConfig
-
     config, known = ckpt["model_config"], [f.name for f in fields(ModelConfig)]
     if not isinstance(config, dict) or not set(config) <= set(known):
         raise UserError(f"{where}: model_config is {str(config)[:80]}; expected a dict with keys {known}")
@@ -141,7 +138,7 @@ def _check_contents(ckpt: dict, where: str) -> None:
     if ckpt["kind"] == "classifier" and not _positive_int(ckpt.get("num_classes")):
         raise UserError(f"{where}: num_classes {ckpt.get('num_classes')!r}; expected a positive int")
     conv1, small = ckpt["encoder"].get("conv1.weight"), config.get("small_stem", False)
-    k = 3 if small else 7
+    k = ModelConfig(**config).stem_kernel_size
     if conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] != k:
         raise UserError(f"{where}: model_config says small_stem={small} (a {k}x{k} first convolution) but the "
                         f"encoder's conv1.weight is {tuple(conv1.shape)}; the file was edited or mixed from two runs")
@@ -213,3 +210,203 @@ def _plain_to_python_state(d):
 
 def default_name(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
+
+
+# ============ the typed checkpoints the phases read ============
+# The file stays a dict of plain types and tensors (docs/checkpoints.md); these classes are its one reader and
+# writer. `from_dict` also reads files written before a field existed: such a value is then taken from the
+# run's recorded settings (`args`), as those versions of the trainers recorded it there.
+
+def _run_setting(d: dict, key: str, default=None):
+    """A value a checkpoint carries at the top level, or (files written before it did) in its run's settings."""
+    if key in d:
+        return d[key]
+    return (d.get("args") or {}).get(key, default)
+
+
+@dataclass
+class TrainingState:
+    """What --resume needs beyond the weights: optimizer, schedule, scaler, RNGs, the best metric so far, and
+    (torchrun, --cuda_graphs on) every process's RNGs and the augmentation generator."""
+    optimizer: dict
+    scheduler: dict
+    scaler: dict
+    rng: dict
+    best_metric: object = None
+    rng_per_rank: list | None = None
+    augment_rng: torch.Tensor | None = None
+
+    KEYS = ("optimizer", "scheduler", "scaler", "rng")
+
+    @classmethod
+    def capture(cls, optimizer, scheduler, scaler, best_metric) -> "TrainingState":
+        return cls(optimizer.state_dict(), scheduler.state_dict(), scaler.state_dict(), rng_states(), best_metric)
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str) -> "TrainingState":
+        missing = [k for k in cls.KEYS if k not in d]
+        if missing:
+            raise UserError(f"--resume {path}: has no training state ({', '.join(missing)}); resume from a "
+                            f"last_*_checkpoint.pth, not a best_* model")
+        return cls(*(d[k] for k in cls.KEYS), d.get("best_metric"), d.get("rng_per_rank"), d.get("augment_rng"))
+
+    def to_dict(self) -> dict:
+        out = {"optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler, "rng": self.rng,
+               "best_metric": self.best_metric}
+        if self.rng_per_rank is not None:
+            out["rng_per_rank"] = self.rng_per_rank
+        if self.augment_rng is not None:
+            out["augment_rng"] = self.augment_rng
+        return out
+
+
+@dataclass
+class Checkpoint:
+    """What every checkpoint holds: the network's config, input format and encoder weights, and its run."""
+    model_config: ModelConfig
+    image_size: int                  # side in pixels the network was trained at
+    channels: int                    # of the decoded images (1 or 3); the network always sees 3
+    normalization: dict              # {"mean": [...], "std": [...]} after scaling to [0, 1]
+    encoder: dict                    # state dict of the ResNet trunk
+    epoch: int                       # completed epochs of the saved model
+    num_epochs: int | None           # epochs the run was asked for
+    args: dict                       # the run's settings, vars(args): what --resume and the replacement guard compare
+    label_file: str | None = None    # the label file the run read (None: none)
+    label_file_sha256: str | None = None
+    history_file: str | None = None  # the per-epoch CSV beside the checkpoint
+    world_size: int = 1
+    path: str = ""                   # where it was read from (not saved)
+
+    kind = ""
+
+    @classmethod
+    def load(cls, path: str, flag: str = "--checkpoint"):
+        """Read and check `path`; a checkpoint of another kind is refused with one line naming both."""
+        return cls.from_dict(load_checkpoint(path, cls.kind, flag), path)
+
+    def save(self, path: str, state: TrainingState | None = None) -> None:
+        """Atomically; with `state`, the resumable form (last_*_checkpoint.pth)."""
+        save_checkpoint({**self.to_dict(), **(state.to_dict() if state else {})}, path)
+
+    @staticmethod
+    def _common(d: dict, path: str) -> dict:
+        return dict(model_config=ModelConfig(**(d.get("model_config") or {})), image_size=d.get("image_size", 224),
+                    channels=d.get("channels", 3), normalization=d.get("normalization") or {
+                        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                    encoder=d.get("encoder"), epoch=d.get("epoch", 0), num_epochs=_run_setting(d, "num_epochs"),
+                    args=d.get("args") or {}, label_file=_run_setting(d, "label_file"),
+                    label_file_sha256=d.get("label_file_sha256"), history_file=d.get("history_file"),
+                    world_size=d.get("world_size", 1), path=path)
+
+    def _common_dict(self) -> dict:
+        return {"kind": self.kind, "model_config": self.model_config.to_dict(), "image_size": self.image_size,
+                "channels": self.channels, "normalization": self.normalization, "encoder": self.encoder,
+                "args": self.args, "epoch": self.epoch, "num_epochs": self.num_epochs, "label_file": self.label_file,
+                "label_file_sha256": self.label_file_sha256, "history_file": self.history_file,
+                "world_size": self.world_size}
+
+
+@dataclass
+class SSLCheckpoint(Checkpoint):
+    """train_ssl.py's best_ssl_model.pth / last_ssl_checkpoint.pth."""
+    projector: dict | None = None
+    loss: float | None = None                 # mean NT-Xent loss of the saved epoch
+    knn_accuracy: float | None = None         # on val at the saved epoch; None when not monitored
+    excluded_files: list = field(default_factory=list)   # test images left out of pretraining
+    split_seed: int = 42                      # how the label file's splits were drawn (no split column)
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+    kind = "ssl"
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str = "") -> "SSLCheckpoint":
+        run = d.get("args") or {}
+        return cls(**cls._common(d, path), projector=d.get("projector"), loss=d.get("loss"),
+                   knn_accuracy=d.get("knn_accuracy"), excluded_files=list(d.get("excluded_files") or []),
+                   # files written before train_ssl.py had --split_seed drew the split with --seed
+                   split_seed=d.get("split_seed", run.get("split_seed", run.get("seed", 42))),
+                   val_fraction=_run_setting(d, "val_fraction", 0.15),
+                   test_fraction=_run_setting(d, "test_fraction", 0.15))
+
+    def to_dict(self) -> dict:
+        return {**self._common_dict(), "projector": self.projector, "loss": self.loss,
+                "knn_accuracy": self.knn_accuracy, "excluded_files": self.excluded_files,
+                "split_seed": self.split_seed, "val_fraction": self.val_fraction, "test_fraction": self.test_fraction}
+
+    def not_left_out_of(self, filenames: list) -> list | None:
+        """Those of `filenames` pretraining did not leave out (it records the test images it left out when given
+        the label file); None when it records none."""
+        excluded = set(self.excluded_files)
+        return [f for f in filenames if f not in excluded] if excluded else None
+
+
+@dataclass
+class ClassifierCheckpoint(Checkpoint):
+    """fine_tune.py's best_finetuned_model.pth / best_baseline_model.pth / last_<run>_checkpoint.pth."""
+    head: dict | None = None
+    num_classes: int = 0
+    class_names: list = field(default_factory=list)        # the label space (finding names for multi-label)
+    class_display_names: list | None = None                # readable names (classes.txt); None in older files
+    init: str | None = None                                # "ssl" or "scratch"
+    ssl_checkpoint: str | None = None                      # file name of the SSL checkpoint it started from
+    split_seed: int = 42
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    splits: dict | None = None                             # {"train": [...], "val": [...], "test": [...]}
+    train_files: list = field(default_factory=list)        # the images actually trained on
+    label_fraction: float | None = None
+    val_metrics: dict | None = None                        # of the saved epoch on the val split
+    task: str = "multiclass"                               # "multiclass" or "multilabel"
+    uncertain: str = "ignore"                              # multi-label: what an uncertain (-1) cell meant
+    label_format: str | None = None                        # multi-label: "pipe" or "columns"
+    thresholds: list | None = None                         # multi-label: per finding, chosen on val
+    threshold_rule: str | None = None
+
+    kind = "classifier"
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str = "") -> "ClassifierCheckpoint":
+        num_classes = int(d.get("num_classes") or len(d.get("class_names") or ()))
+        return cls(**cls._common(d, path), head=d.get("head"), num_classes=num_classes,
+                   class_names=[str(c) for c in d.get("class_names") or range(num_classes)],
+                   class_display_names=d.get("class_display_names"), init=d.get("init"),
+                   ssl_checkpoint=d.get("ssl_checkpoint"), split_seed=d.get("split_seed", 42),
+                   val_fraction=d.get("val_fraction", 0.15), test_fraction=d.get("test_fraction", 0.15),
+                   splits=d.get("splits"), train_files=list(d.get("train_files") or []),
+                   label_fraction=d.get("label_fraction"), val_metrics=d.get("val_metrics"),
+                   task=d.get("task", "multiclass"), uncertain=d.get("uncertain", "ignore"),
+                   label_format=d.get("label_format"), thresholds=d.get("thresholds"),
+                   threshold_rule=d.get("threshold_rule"))
+
+    def to_dict(self) -> dict:
+        out = {**self._common_dict(), "head": self.head, "num_classes": self.num_classes,
+               "class_names": self.class_names, "class_display_names": self.class_display_names, "init": self.init,
+               "ssl_checkpoint": self.ssl_checkpoint, "split_seed": self.split_seed,
+               "val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "splits": self.splits,
+               "train_files": self.train_files, "label_fraction": self.label_fraction,
+               "val_metrics": self.val_metrics, "task": self.task}
+        if self.task == "multilabel":
+            out |= {"uncertain": self.uncertain, "label_format": self.label_format, "thresholds": self.thresholds,
+                    "threshold_rule": self.threshold_rule}
+        return out
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    def build_model(self) -> Classifier:
+        """The classifier with its weights, in eval mode."""
+        model = Classifier(self.model_config, self.num_classes)
+        load_state_strict(model.encoder, self.encoder, "encoder", self.path)
+        load_state_strict(model.head, self.head, "classification head", self.path)
+        return model.eval()
+
+
+CHECKPOINT_CLASSES = {"ssl": SSLCheckpoint, "classifier": ClassifierCheckpoint}
+
+
+def read_checkpoint(path: str, kinds=CHECKPOINT_KINDS, flag: str = "--checkpoint") -> SSLCheckpoint | ClassifierCheckpoint:
+    """A checkpoint of one of `kinds`, as the class of its kind."""
+    d = load_checkpoint(path, kinds, flag)
+    return CHECKPOINT_CLASSES[d["kind"]].from_dict(d, path)

@@ -136,11 +136,11 @@ def gather_rng_states(dist_info: Dist) -> list | None:
     return states
 
 
-def restore_rank_rng(ckpt: dict, dist_info: Dist, fallback_seed: int) -> None:
-    """After `restore_training_state` gave every process rank 0's RNGs, give each its own stream back."""
+def restore_rank_rng(per_rank: list | None, dist_info: Dist, fallback_seed: int) -> None:
+    """After every process was given rank 0's RNGs on resume, give each its own stream back (`per_rank`: the
+    saved states of every process, or None)."""
     if not dist_info.distributed:
         return
-    per_rank = ckpt.get("rng_per_rank")
     if per_rank is not None and len(per_rank) == dist_info.world_size:
         set_rng_states(per_rank[dist_info.rank])
     elif dist_info.rank > 0:

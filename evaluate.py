@@ -22,27 +22,12 @@ import argparse
 import os
 
 import checkpoints
-import classification_metrics
 import folder_predictions
 import gradcam
-import label_tables
-import multilabel_reports
 import reports
 import scoring
+import tasks
 import utils
-import verdicts
-
-
-def print_summary(evaluated: list, results: list, report: str) -> None:
-    width = max(len(ev.name) for ev in evaluated) + 2
-    labels = ("accuracy", "bal. acc", "macro F1", "ROC-AUC", "ECE")
-    keys = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece")
-    print(f"{'model':<{width}}{'split':<7}{'images':>7}  " + "".join(f"{l:>10}" for l in labels))
-    for ev, m in zip(evaluated, results):
-        print(f"{ev.name:<{width}}{ev.info.split:<7}{len(ev.y_true):>7}  "
-              + "".join(f"{classification_metrics.fmt(m[k]['value']):>10}" for k in keys))
-    print(f"report: {report}")
-
 
 INIT_NAMES = {"ssl": "SSL init", "scratch": "from scratch"}
 
@@ -52,7 +37,8 @@ def display_names(args, ckpts: list) -> list:
     a pretrained encoder; the file name is added where two models would share a name."""
     if args.names:
         return list(args.names)
-    kinds = [INIT_NAMES.get(c.get("init"), "SSL encoder" if c["kind"] == "ssl" else checkpoints.default_name(p))
+    kinds = [INIT_NAMES.get(c.init if c.kind == "classifier" else None,
+                            "SSL encoder" if c.kind == "ssl" else checkpoints.default_name(p))
              for p, c in zip(args.checkpoint, ckpts)]
     stems = [checkpoints.default_name(p) for p in args.checkpoint]
     stems = [f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}/{s}" if stems.count(s) > 1 else s
@@ -81,7 +67,7 @@ def main(args):
             "checkpoint": args.checkpoint[0], "images": args.images, "output_dir": args.output_dir,
             "batch_size": args.batch_size, "device": str(device), "precision": precision})
         return folder_predictions.predict_folder(args, device, autocast_dtype)
-    ckpts = [checkpoints.load_checkpoint(p, kind=("classifier", "ssl")) for p in args.checkpoint]
+    ckpts = [checkpoints.read_checkpoint(p, ("classifier", "ssl")) for p in args.checkpoint]
     names = display_names(args, ckpts)
     settings = {"checkpoints": args.checkpoint, "names": names, "data_dir": args.data_dir,
                 "label_file": args.label_file, "output_dir": args.output_dir, "split": args.split,
@@ -95,43 +81,9 @@ def main(args):
     for path, ckpt, name in zip(args.checkpoint, ckpts, names):
         evaluated += scoring.evaluate_checkpoint(path, name, args, device, autocast_dtype, ckpt)
     del ckpts
-    if any(ev.kind == scoring.MULTILABEL_KIND for ev in evaluated):       # several findings per image: its own report
-        return multilabel_reports.report_multilabel(evaluated, args, settings)
 
-    # ============ metrics with bootstrap intervals, the pointing game ============
-    print(f"bootstrap: {args.bootstrap} resamples per model ...")
-    results = [classification_metrics.compute_metrics(ev.y_true, ev.prob, len(ev.class_names), args.bootstrap, args.seed)
-               for ev in evaluated]
-    findings = label_tables.read_findings(args.data_dir)
-    pointing = gradcam.pointing_game(evaluated, findings, args, device) if args.gradcam else []
-
-    # ============ files and figures ============
-    single = len(evaluated) == 1
-    folders = [args.output_dir] if single else [os.path.join(args.output_dir, f) for f in reports.folder_names(evaluated)]
-    projections = reports.embedding_projections(evaluated, args.seed)
-    for ev, metrics, folder in zip(evaluated, results, folders):
-        reports.write_model_outputs(ev, metrics, folder, args, projections[ev.checkpoint], device, findings,
-                            pointing if single else ())
-    paired = None
-    if not single:
-        paired = reports.paired_comparison(evaluated[0], evaluated[1], args.bootstrap, args.seed)
-        reports.write_comparison(evaluated, results, folders, paired, args, pointing)
-    if pointing:
-        utils.atomic_write_json(os.path.join(args.output_dir, "pointing_game.json"), pointing)
-    utils.write_settings(os.path.join(args.output_dir, "evaluation_settings.json"), settings)
-    print_summary(evaluated, results, os.path.join(args.output_dir, "report.md"))
-    print_verdict(evaluated, results, paired, pointing)
-    return {"models": [ev.name for ev in evaluated], "folders": folders, "metrics": results, "paired": paired,
-            "pointing": pointing}
-
-
-def print_verdict(evaluated, results, paired, pointing) -> None:
-    lines = verdicts.verdict_lines(paired) if paired is not None else [verdicts.headline_sentence(evaluated[0], results[0])]
-    for line in lines:
-        if line:
-            print(line.replace("**", ""))
-    for r in pointing:
-        print(f"pointing game, {r['model']}: {classification_metrics.with_ci(r)} ({r['hits']}/{r['images']}; chance {r['chance']:.3f})")
+    # ============ metrics with bootstrap intervals, files and figures ============
+    return reports.report(evaluated, tasks.of_models(evaluated), args, device, settings)
 
 
 def get_args_parser():

@@ -25,7 +25,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import augmentations
 import checkpoints
@@ -37,10 +36,12 @@ import label_tables
 import optimizers
 import probes
 import recipes
+import tasks
 import training
 import training_run
 import utils
-from model_ssl import Classifier, ModelConfig, masked_bce_with_logits, use_small_stem
+from checkpoints import ClassifierCheckpoint, SSLCheckpoint
+from model_ssl import Classifier, ModelConfig, use_small_stem
 from utils import UserError
 
 RESUME_KEYS = ("label_fraction", "seed", "split_seed", "num_classes", "image_size", "batch_size", "freeze_encoder",
@@ -74,14 +75,14 @@ def load_ssl(args):
     """The SSL checkpoint (validated) or None for a from-scratch baseline."""
     if not args.ssl_checkpoint:
         return None
-    return checkpoints.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
+    return SSLCheckpoint.load(args.ssl_checkpoint, "--ssl_checkpoint")
 
 
-def warn_if_pretraining_saw_test_images(ssl: dict, table, ssl_path: str) -> list:
+def warn_if_pretraining_saw_test_images(ssl: SSLCheckpoint, table, ssl_path: str) -> list:
     """An SSL run given the label file records the test images it left out; warn (before training, as evaluate.py
     will after it) when this run's test split holds others. Returns those test images."""
     test = np.asarray(table.filenames)[table.indices("test")].tolist()
-    seen = checkpoints.not_left_out_of_pretraining(ssl, test) or []
+    seen = ssl.not_left_out_of(test) or []
     if seen:
         print(f"warning: {len(seen)} of the {len(test)} test images were not left out of pretraining by {ssl_path} "
               f"(first {seen[0]!r}): give train_ssl.py the same --label_file, --split_seed, --val_fraction and "
@@ -96,24 +97,9 @@ def build_data(args, ssl, runtime):
                                          test_fraction=args.test_fraction)
     if runtime.dist.is_main:
         print(label_tables.describe_table(table))
-    multilabel = table.task == "multilabel"
-    if not multilabel and args.pos_weight != "none":
-        raise UserError(f"--pos_weight is for multi-label files and {args.label_file} has one label per image; "
-                        f"use --class_weights balanced")
-    present = table.num_classes if multilabel else len(np.unique(table.labels))
-    if not multilabel and present < 2:
-        only = table.class_names[table.labels[0]]
-        raise UserError(f"--label_file {args.label_file}: every image has the label {only!r}; a classifier needs "
-                        f"images of at least 2 classes")
-    if args.num_classes is not None and args.num_classes not in (table.num_classes, present) or \
-            present != table.num_classes:
-        raise UserError(f"--num_classes {args.num_classes or table.num_classes}, but {args.label_file} has images of "
-                        f"{present} classes; fix --num_classes or the label file")
-    if multilabel:      # every finding keeps a positive image in the subset (see docs/multilabel.md)
-        train_idx = data_splits.iterative_stratified_subset(table.labels, table.indices("train"), args.label_fraction,
-                                                            args.seed)
-    else:
-        train_idx = data_splits.stratified_subset(table.labels, table.indices("train"), args.label_fraction, args.seed)
+    task = tasks.of(table.task)
+    task.check_table(table, args)
+    train_idx = task.train_subset(table, table.indices("train"), args.label_fraction, args.seed)
     val_idx = table.indices("val")
     for name, idx in (("train", train_idx), ("val", val_idx)):
         if len(idx) == 0:
@@ -121,7 +107,7 @@ def build_data(args, ssl, runtime):
     used = np.concatenate([train_idx, val_idx])            # the test images are never decoded here
     files = [table.filenames[i] for i in used]
     store = data_loader.ImageStore(args.data_dir, files, args.image_size, cache_gb=args.cache_gb,
-                                   channels=ssl["channels"] if ssl else None)
+                                   channels=ssl.channels if ssl else None)
     labels = table.labels[used]
     local_train, local_val = np.arange(len(train_idx)), np.arange(len(train_idx), len(used))
     pin, dist = runtime.device.type == "cuda", runtime.dist
@@ -142,13 +128,13 @@ def build_model(args, ssl, num_classes):
     if ssl is None:
         config = ModelConfig(backbone=args.backbone, small_stem=use_small_stem(args.image_size))
         return Classifier(config, num_classes)
-    config = ModelConfig(**ssl["model_config"])
+    config = ssl.model_config
     if config.small_stem != use_small_stem(args.image_size):
         raise UserError(f"--image_size {args.image_size} needs the {'small' if use_small_stem(args.image_size) else 'standard'} "
-                        f"stem but {args.ssl_checkpoint} was pretrained with the other one at {ssl['image_size']} px; "
-                        f"leave --image_size out to use {ssl['image_size']}")
+                        f"stem but {args.ssl_checkpoint} was pretrained with the other one at {ssl.image_size} px; "
+                        f"leave --image_size out to use {ssl.image_size}")
     model = Classifier(config, num_classes)
-    checkpoints.load_state_strict(model.encoder, ssl["encoder"], "encoder", args.ssl_checkpoint)
+    checkpoints.load_state_strict(model.encoder, ssl.encoder, "encoder", args.ssl_checkpoint)
     return model
 
 
@@ -162,7 +148,7 @@ def build_optimizer(args, model, steps_per_epoch, pretrained: bool):
     return optimizer, scheduler
 
 
-def prefit_head(model, store, train_idx, table, args, device, weights) -> float:
+def prefit_head(model, store, train_idx, table, args, device, weights, task) -> float:
     """Train the head alone, full batch, for --head_prefit_steps on the encoder's frozen features of the
     labelled train images (no augmentation), before epoch 1. With a few dozen labels an epoch is one or
     two steps, so a freshly initialised head is still near chance when the encoder unfreezes and its
@@ -171,48 +157,20 @@ def prefit_head(model, store, train_idx, table, args, device, weights) -> float:
     loader = data_loader.BatchLoader(store, np.arange(len(train_idx)), table.labels[train_idx], batch_size=256)
     features, labels, _ = probes.extract_features(model.encoder, loader, image_io.normalize, device)
     return fit_head(model.head, features.to(device), labels.to(device), args.head_prefit_steps, args.lr,
-                    args.weight_decay, weights)
+                    args.weight_decay, weights, task)
 
 
-def fit_head(head, features, labels, steps: int, lr: float, weight_decay: float, weights=None) -> float:
-    """`steps` full-batch AdamW steps of cross entropy on (features, labels) (masked BCE for multi-label
-    float targets); returns the last loss."""
+def fit_head(head, features, labels, steps: int, lr: float, weight_decay: float, weights=None,
+             task=tasks.SINGLE_LABEL) -> float:
+    """`steps` full-batch AdamW steps of the task's loss on (features, labels); returns the last loss."""
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     head.train()
     for _ in range(steps):
-        loss = supervised_loss(head(features), labels, weights)
+        loss = task.loss(head(features), labels, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return loss.item()
-
-
-def supervised_loss(logits, labels, weights):
-    """Cross entropy of class indices, or for multi-label float targets (N, K) the masked BCE-with-logits
-    (weights: per-class weights, or per-finding positive weights)."""
-    if labels.is_floating_point():
-        return masked_bce_with_logits(logits, labels, pos_weight=weights)
-    return F.cross_entropy(logits, labels, weight=weights)
-
-
-def positive_weights(args, targets, device):
-    """--pos_weight balanced: each finding's positive term weighted by its negatives / positives among the
-    counted (not ignored) train cells, so a rare finding weighs as much as a common one in the loss."""
-    if args.class_weights != "none":
-        raise UserError("--class_weights is for one label per image; for multi-label files use --pos_weight balanced")
-    if args.pos_weight == "none":
-        return None
-    positives, negatives = (targets == 1).sum(0), (targets == 0).sum(0)
-    weights = negatives / np.maximum(positives, 1)
-    return torch.tensor(weights, dtype=torch.float32, device=device)
-
-
-def class_weights(args, labels, num_classes, device):
-    if args.class_weights == "none":
-        return None
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = len(labels) / (num_classes * np.maximum(counts, 1))
-    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def supervised_augment_config(args) -> augmentations.AugmentConfig:
@@ -220,90 +178,13 @@ def supervised_augment_config(args) -> augmentations.AugmentConfig:
     return dataclasses.replace(augmentations.SUPERVISED_AUGMENT, rotation=args.rotation, rotation_fill=args.rotation_fill)
 
 
-def make_loss_fn(augment, device, weights):
+def make_loss_fn(augment, device, weights, task):
     def loss_fn(model, batch):
         images, labels, _ = batch
         x = augment(images.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         logits = model(x)
-        return supervised_loss(logits.float(), labels.to(device), weights), len(labels)
+        return task.loss(logits.float(), labels.to(device), weights), len(labels)
     return loss_fn
-
-
-@torch.no_grad()
-def validate(model, loader, device, autocast_dtype, num_classes) -> dict:
-    """Loss, accuracy and balanced accuracy on the val split."""
-    model.eval()
-    losses, preds, trues = [], [], []
-    for images, labels, _ in loader:
-        x = image_io.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = model(x).float()
-        losses.append(F.cross_entropy(logits, labels.to(device), reduction="sum").item())
-        preds.append(logits.argmax(1).cpu())
-        trues.append(labels)
-    pred, true = torch.cat(preds).numpy(), torch.cat(trues).numpy()
-    recalls = [np.mean(pred[true == c] == c) for c in range(num_classes) if np.any(true == c)]
-    return {"loss": sum(losses) / len(true), "accuracy": float(np.mean(pred == true)),
-            "balanced_accuracy": float(np.mean(recalls))}
-
-
-@torch.no_grad()
-def validate_multilabel(model, loader, device, autocast_dtype, threshold_rule: str) -> dict:
-    """Masked BCE, per-finding ROC-AUC and their mean on the val split, and each finding's threshold on
-    its sigmoid probability chosen there by `threshold_rule` (recorded in the checkpoint for evaluate.py)."""
-    model.eval()
-    logits, targets = [], []
-    for images, labels, _ in loader:
-        x = image_io.normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits.append(model(x).float().cpu())
-        targets.append(labels)
-    logits, targets = torch.cat(logits), torch.cat(targets)
-    loss = masked_bce_with_logits(logits, targets).item()
-    prob, y = logits.sigmoid().double().numpy(), targets.numpy()
-    aucs = [finding_auc(y[:, k], prob[:, k]) for k in range(y.shape[1])]
-    defined = [a for a in aucs if a is not None]
-    return {"loss": loss, "mean_auc": float(np.mean(defined)) if defined else None, "auc": aucs,
-            "thresholds": [choose_threshold(y[:, k], prob[:, k], threshold_rule) for k in range(y.shape[1])],
-            "threshold_rule": threshold_rule}
-
-
-def finding_auc(y, prob):
-    """ROC-AUC of one finding over its counted cells (y 1 or 0), or None without both."""
-    from sklearn.metrics import roc_auc_score
-
-    counted = y >= 0
-    if len(np.unique(y[counted])) < 2:
-        return None
-    return float(roc_auc_score(y[counted], prob[counted]))
-
-
-def choose_threshold(y, prob, rule: str) -> float:
-    """The probability cut-off of one finding on val: Youden's J (max sensitivity + specificity - 1) or
-    max F1; 0.5 when val lacks positives or negatives of the finding."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
-    counted = y >= 0
-    y, prob = y[counted], prob[counted]
-    if len(np.unique(y)) < 2:
-        return 0.5
-    if rule == "f1":
-        precision, recall, cuts = precision_recall_curve(y, prob)
-        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-        return float(cuts[int(np.argmax(f1))])
-    fpr, tpr, cuts = roc_curve(y, prob)
-    best = int(np.argmax(tpr[1:] - fpr[1:])) + 1          # cuts[0] is +inf: nothing predicted positive
-    return float(min(cuts[best], 1.0))
-
-
-def is_better(metrics: dict, best) -> bool:
-    """Higher balanced accuracy (multi-label: mean val ROC-AUC) wins; ties go to the lower val loss."""
-    if best is None:
-        return True
-    if "mean_auc" in metrics:
-        score = lambda m: -1.0 if m.get("mean_auc") is None else m["mean_auc"]   # noqa: E731
-        return (score(metrics), -metrics["loss"]) > (score(best), -best["loss"])
-    return (metrics["balanced_accuracy"], -metrics["loss"]) > (best["balanced_accuracy"], -best["loss"])
 
 
 # ============ checkpoints ============
@@ -317,34 +198,21 @@ def run_names(args, pretrained: bool):
     return name, run
 
 
-def checkpoint_dict(model, args, ssl, table, train_idx, store, epoch, val_metrics, history_file,
-                    world_size) -> dict:
+def build_checkpoint(model, args, ssl, table, train_idx, store, epoch, val_metrics, history_file,
+                     world_size) -> ClassifierCheckpoint:
     files = np.asarray(table.filenames)
-    return {
-        "kind": "classifier", "model_config": model.config.to_dict(), "num_classes": table.num_classes,
-        "class_names": list(table.class_names),
-        "class_display_names": label_tables.read_class_names(args.label_file, table.class_names),
-        "image_size": args.image_size, "channels": store.channels,
-        "normalization": {"mean": list(image_io.IMAGENET_MEAN), "std": list(image_io.IMAGENET_STD)},
-        "encoder": model.encoder.state_dict(), "head": model.head.state_dict(),
-        "init": "ssl" if ssl else "scratch",
-        "ssl_checkpoint": os.path.basename(args.ssl_checkpoint) if ssl else None,
-        "label_file_sha256": table.sha256, "split_seed": args.split_seed, "val_fraction": args.val_fraction,
-        "test_fraction": args.test_fraction,
-        "splits": {s: files[table.indices(s)].tolist() for s in data_splits.SPLITS},
-        "train_files": files[train_idx].tolist(), "label_fraction": args.label_fraction,
-        "val_metrics": val_metrics, "history_file": history_file, "epoch": epoch, "world_size": world_size,
-        "args": dict(vars(args)), **task_entries(table, val_metrics),
-    }
-
-
-def task_entries(table, val_metrics: dict) -> dict:
-    """The task, and for multi-label checkpoints what evaluate.py needs to score them the same way: the
-    finding names (class_names), the uncertain-cell policy and each finding's val-chosen threshold."""
-    if table.task != "multilabel":
-        return {"task": "multiclass"}
-    return {"task": "multilabel", "uncertain": table.uncertain, "label_format": table.label_format,
-            "thresholds": list(val_metrics["thresholds"]), "threshold_rule": val_metrics["threshold_rule"]}
+    return ClassifierCheckpoint(
+        model_config=model.config, num_classes=table.num_classes, class_names=list(table.class_names),
+        class_display_names=label_tables.read_class_names(args.label_file, table.class_names),
+        image_size=args.image_size, channels=store.channels,
+        normalization={"mean": list(image_io.IMAGENET_MEAN), "std": list(image_io.IMAGENET_STD)},
+        encoder=model.encoder.state_dict(), head=model.head.state_dict(), init="ssl" if ssl else "scratch",
+        ssl_checkpoint=os.path.basename(args.ssl_checkpoint) if ssl else None, label_file=args.label_file,
+        label_file_sha256=table.sha256, split_seed=args.split_seed, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, splits={s: files[table.indices(s)].tolist() for s in data_splits.SPLITS},
+        train_files=files[train_idx].tolist(), label_fraction=args.label_fraction, val_metrics=val_metrics,
+        history_file=history_file, epoch=epoch, num_epochs=args.num_epochs, world_size=world_size,
+        args=dict(vars(args)), **tasks.of(table.task).checkpoint_entries(table, val_metrics))
 
 
 # ============ main ============
@@ -365,7 +233,7 @@ def resolve_backbone(args, ssl) -> None:
     if ssl is None:
         args.backbone = args.backbone or "resnet18"
         return
-    saved = ssl["model_config"].get("backbone", ModelConfig.backbone)
+    saved = ssl.model_config.backbone
     if args.backbone not in (None, saved):
         print(f"note: --backbone {args.backbone} ignored: {args.ssl_checkpoint} holds a {saved} encoder, which is "
               f"what is fine-tuned (the checkpoint decides the architecture)")
@@ -404,7 +272,7 @@ def main(args):
 
     # ============ preparing data and model ============
     ssl = load_ssl(args)
-    args.image_size = args.image_size or (ssl["image_size"] if ssl else 224)
+    args.image_size = args.image_size or (ssl.image_size if ssl else 224)
     resolve_backbone(args, ssl)
     refuse_replacing_another_run(args, ssl, dist)
     table, train_idx, store, train_loader, val_loader = build_data(args, ssl, runtime)
@@ -418,9 +286,8 @@ def main(args):
               f"epoch {args.unfreeze_after_epoch}")
     optimizer, scheduler = build_optimizer(args, model, len(train_loader), pretrained=ssl is not None)
     scaler = training.make_grad_scaler(device, autocast_dtype)
-    multilabel = table.task == "multilabel"
-    weights = (positive_weights(args, table.labels[train_idx], device) if multilabel
-               else class_weights(args, table.labels[train_idx], table.num_classes, device))
+    task = tasks.of(table.task)
+    weights = task.loss_weights(args, table.labels[train_idx], table.num_classes, device)
     name, run = run_names(args, ssl is not None)
     paths = training_run.RunPaths.of(args.output_dir, run, name)
 
@@ -429,7 +296,7 @@ def main(args):
                                             {"encoder": model.encoder, "head": model.head},
                                             optimizer, scheduler, scaler, args.seed)
     if args.head_prefit_steps > 0 and start_epoch == 0:
-        loss = prefit_head(model, store, train_idx, table, args, device, weights)
+        loss = prefit_head(model, store, train_idx, table, args, device, weights, task)
         if dist.is_main:
             print(f"head pre-fitted on frozen features of {len(train_idx)} images: {args.head_prefit_steps} steps, "
                   f"loss {loss:.4f}")
@@ -447,7 +314,7 @@ def main(args):
 
     # ============ training ============
     augment = augmentations.BatchAugment(supervised_augment_config(args), args.image_size, channels_last=True)
-    loss_fn = make_loss_fn(augment, device, weights)
+    loss_fn = make_loss_fn(augment, device, weights, task)
     with files_out.last.on_interrupt(args.num_epochs, dist.is_main):
         for epoch in range(start_epoch, args.num_epochs):
             frozen = args.freeze_encoder and epoch < args.unfreeze_after_epoch
@@ -460,19 +327,18 @@ def main(args):
             stats, rngs = distributed.reduce_epoch_stats(stats, dist)
             if not dist.is_main:                   # the others wait for rank 0 in the next epoch's first step
                 continue
-            val = (validate_multilabel(model, val_loader, device, autocast_dtype, args.threshold_rule) if multilabel
-                   else validate(model, val_loader, device, autocast_dtype, table.num_classes))
-            improved = is_better(val, best)
+            val = task.validate(model, val_loader, device, autocast_dtype, table.num_classes, args.threshold_rule)
+            improved = task.is_better(val, best)
             if improved:
                 best = val
-            ckpt = checkpoint_dict(model, args, ssl, table, train_idx, store, epoch + 1, val,
+            ckpt = build_checkpoint(model, args, ssl, table, train_idx, store, epoch + 1, val,
                                    os.path.basename(paths.history), dist.world_size)
-            row = log_epoch(epoch, args.num_epochs, stats, val, frozen, improved)
+            row = tasks.epoch_row(task, epoch, args.num_epochs, stats, val, frozen, improved)
             files_out.end_epoch(epoch, args.num_epochs, row, ckpt, improved, optimizer, scheduler, scaler, best, rngs,
-                                chance=0.5 if multilabel else 1 / table.num_classes)   # AUC's chance, or accuracy's
+                                chance=task.chance(table.num_classes))
     if dist.is_main:
-        best_epoch = checkpoints.load_checkpoint(paths.best, "classifier")["epoch"]
-        print(f"done: best epoch {best_epoch} by {selection_text(best)} -> {paths.best}")
+        best_epoch = ClassifierCheckpoint.load(paths.best).epoch
+        print(f"done: best epoch {best_epoch} by {task.selection_text(best)} -> {paths.best}")
         hint = still_improving_hint(best_epoch, args.num_epochs)
         if hint:
             print(hint)
@@ -493,37 +359,6 @@ def still_improving_hint(best_epoch: int, num_epochs: int):
         return (f"note: the best val epoch was {best_epoch} of {num_epochs}, so the model was probably still "
                 f"improving; train longer (--num_epochs), above all with few labels, where an epoch is a step or two")
     return None
-
-
-def selection_text(best: dict) -> str:
-    if "mean_auc" not in best:
-        return f"val balanced accuracy {best['balanced_accuracy']:.3f}"
-    auc = "n/a (no finding had positives and negatives in val)" if best["mean_auc"] is None \
-        else f"{best['mean_auc']:.3f}"
-    return f"val mean ROC-AUC {auc}, thresholds by {best['threshold_rule']} on val"
-
-
-def log_epoch_multilabel(epoch, num_epochs, stats, val, frozen, improved) -> dict:
-    """One line on stdout; returns the epoch's history row (mean val AUC over the findings)."""
-    auc = "n/a" if val["mean_auc"] is None else f"{val['mean_auc']:.3f}"
-    print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
-          f"val_mean_auc {auc}{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}",
-          flush=True)
-    return {"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
-            "val_mean_auc": "" if val["mean_auc"] is None else val["mean_auc"],
-            "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]}
-
-
-def log_epoch(epoch, num_epochs, stats, val, frozen, improved) -> dict:
-    """One line on stdout; returns the epoch's history row."""
-    if "mean_auc" in val:
-        return log_epoch_multilabel(epoch, num_epochs, stats, val, frozen, improved)
-    print(f"epoch {epoch + 1}/{num_epochs}  train_loss {stats['loss']:.4f}  val_loss {val['loss']:.4f}  "
-          f"val_acc {val['accuracy']:.3f}  val_bal_acc {val['balanced_accuracy']:.3f}"
-          f"{'  (encoder frozen)' if frozen else ''}{'  *saved best*' if improved else ''}", flush=True)
-    return {"epoch": epoch + 1, "train_loss": stats["loss"], "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-            "lr": stats["lr"], "encoder_frozen": int(frozen), "images_per_sec": stats["images_per_sec"]}
 
 
 def get_args_parser():

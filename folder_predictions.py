@@ -11,20 +11,22 @@ import torch
 import checkpoints
 import data_loader
 import image_io
+import tasks
 import utils
+from checkpoints import Checkpoint, ClassifierCheckpoint
 from gradcam import Explained, cam_layer_name, decode_images, grad_cams, overlay, plot_cam_grid
-from scoring import classifier_class_names, load_classifier, normalizer
+from scoring import classifier_class_names, normalizer
 from utils import UserError
 
 
-def check_predict_checkpoint(ckpt: dict, path: str) -> None:
-    if ckpt["kind"] == "ssl":
+def check_predict_checkpoint(ckpt: Checkpoint, path: str) -> None:
+    if ckpt.kind == "ssl":
         raise UserError(f"--checkpoint {path}: is an SSL encoder, which predicts no class; pass the classifier "
                         f"fine_tune.py wrote (best_finetuned_model.pth or best_baseline_model.pth) with --images")
 
 
 @torch.no_grad()
-def predict_store(model, store, prepare, device, autocast_dtype, batch_size: int, multilabel: bool = False):
+def predict_store(model, store, prepare, device, autocast_dtype, batch_size: int, task=tasks.SINGLE_LABEL):
     """Probabilities (N, K) of every image in `store`, batched, with a progress bar: softmax over the
     classes, or one sigmoid per finding for a multi-label classifier."""
     from tqdm import tqdm
@@ -35,7 +37,7 @@ def predict_store(model, store, prepare, device, autocast_dtype, batch_size: int
     for images, _, _ in tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(prepare(images.to(device)))
-        probs.append((logits.float().sigmoid() if multilabel else logits.float().softmax(1)).cpu())
+        probs.append(task.probabilities(logits.float()).cpu())
     model.cpu()
     return torch.cat(probs).double().numpy()
 
@@ -81,7 +83,7 @@ def write_folder_summary(args, ckpt, names, filenames, skipped, prob, has_cam: b
         lines.append(f"| {name} | {int(chosen.sum())} | {mean} |")
     unsure = int((conf < 0.5).sum())
     lines += ["", f"- {unsure} image(s) have a top probability below 0.5: look at them yourself.",
-              f"- preprocessing: resized to {ckpt['image_size']} px, {ckpt.get('channels', 3)} channel(s), the "
+              f"- preprocessing: resized to {ckpt.image_size} px, {ckpt.channels or 3} channel(s), the "
               f"checkpoint's normalisation; probabilities are the model's, not calibrated risks.",
               "- all predictions: [predictions.csv](predictions.csv)"]
     if skipped:
@@ -92,32 +94,32 @@ def write_folder_summary(args, ckpt, names, filenames, skipped, prob, has_cam: b
     return lines[2]
 
 
-def describe_checkpoint(ckpt: dict) -> str:
-    init = {"ssl": "SSL init", "scratch": "from scratch"}.get(ckpt.get("init"), ckpt.get("init") or "classifier")
-    epochs = (ckpt.get("args") or {}).get("num_epochs")
-    return init + (f", best epoch {ckpt['epoch']} of {epochs}" if ckpt.get("epoch") and epochs else "")
+def describe_checkpoint(ckpt: ClassifierCheckpoint) -> str:
+    init = {"ssl": "SSL init", "scratch": "from scratch"}.get(ckpt.init, ckpt.init or "classifier")
+    epochs = ckpt.num_epochs
+    return init + (f", best epoch {ckpt.epoch} of {epochs}" if ckpt.epoch and epochs else "")
 
 
 def predict_folder(args, device, autocast_dtype) -> dict:
     """--images: class probabilities for every readable image under the folder; no labels needed."""
     path = args.checkpoint[0]
-    ckpt = checkpoints.load_checkpoint(path, kind=("classifier", "ssl"))
+    ckpt = checkpoints.read_checkpoint(path, ("classifier", "ssl"))
     check_predict_checkpoint(ckpt, path)
     names = classifier_class_names(ckpt, args.label_file)
     all_files = image_io.list_images(args.images)
-    store = data_loader.ImageStore(args.images, all_files, ckpt["image_size"], args.cache_gb, ckpt.get("channels"),
+    store = data_loader.ImageStore(args.images, all_files, ckpt.image_size, args.cache_gb, ckpt.channels,
                                    skip_unreadable=True)
     kept = set(store.filenames)
     skipped = [f for f in all_files if f not in kept]
-    model, prepare = load_classifier(ckpt, path), normalizer(ckpt)
-    print(f"predicting {len(store)} image(s) at {ckpt['image_size']} px on {device} ...")
-    multilabel = ckpt.get("task") == "multilabel"
-    prob = predict_store(model, store, prepare, device, autocast_dtype, args.batch_size, multilabel)
-    thresholds = ckpt.get("thresholds") or [0.5] * len(names) if multilabel else None
+    model, prepare = ckpt.build_model(), normalizer(ckpt)
+    print(f"predicting {len(store)} image(s) at {ckpt.image_size} px on {device} ...")
+    task = tasks.of(ckpt.task)
+    prob = predict_store(model, store, prepare, device, autocast_dtype, args.batch_size, task)
+    thresholds = task.decision_thresholds(ckpt)
     write_folder_predictions(store.filenames, prob, names, os.path.join(args.output_dir, "predictions.csv"),
                              thresholds)
-    ex = Explained(model, prepare, cam_layer_name(model.config, ckpt["image_size"], args.cam_layer), args.images,
-                   ckpt["image_size"], store.channels)
+    ex = Explained(model, prepare, cam_layer_name(model.config, ckpt.image_size, args.cam_layer), args.images,
+                   ckpt.image_size, store.channels)
     if args.gradcam:
         write_folder_gradcam(store.filenames, prob, names, ex, args, device)
     summary = write_folder_summary(args, ckpt, names, store.filenames, skipped, prob, args.gradcam)

@@ -29,9 +29,8 @@ def cam_layer_name(config: model_ssl.ModelConfig, image_size: int, choice: str =
     at 224 px, but at 64 px layer4 is 2x2 cells, too coarse to say where a finding is, so layer2 (8x8)."""
     if choice != "auto":
         return choice
-    side = image_size // (1 if config.small_stem else 4)        # after the stem: stride 1, or 2 plus a max-pool
-    for name, stride in zip(CAM_LAYERS, (8, 4, 2)):
-        if side // stride >= CAM_MIN_SIDE:
+    for name in CAM_LAYERS:
+        if config.feature_map_side(image_size, name) >= CAM_MIN_SIDE:
             return name
     return CAM_LAYERS[-1]
 

@@ -17,6 +17,8 @@ import torchvision
 
 FEATURE_DIMS = {"resnet18": 512, "resnet50": 2048}
 SMALL_STEM_MAX_SIZE = 32  # inputs this small lose too much to a stride-2 7x7 conv and a max-pool
+SMALL_STEM_KERNEL = 3
+STAGE_STRIDES = {"layer1": 1, "layer2": 2, "layer3": 4, "layer4": 8}   # each ResNet stage's stride after the stem
 
 
 @dataclass
@@ -28,6 +30,20 @@ class ModelConfig:
     @property
     def feature_dim(self) -> int:
         return FEATURE_DIMS[self.backbone]
+
+    @property
+    def stem_kernel_size(self) -> int:
+        """The first convolution's kernel: 3x3 in the small stem, torchvision's 7x7 otherwise."""
+        return SMALL_STEM_KERNEL if self.small_stem else 7
+
+    @property
+    def stem_stride(self) -> int:
+        """How much the stem shrinks the image: 1, or a stride-2 convolution and a stride-2 max-pool."""
+        return 1 if self.small_stem else 4
+
+    def feature_map_side(self, image_size: int, stage: str) -> int:
+        """Cells a side of a ResNet stage's feature map ('layer1' .. 'layer4') for a square input."""
+        return image_size // self.stem_stride // STAGE_STRIDES[stage]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,7 +59,7 @@ def build_encoder(backbone: str, small_stem: bool) -> nn.Module:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(FEATURE_DIMS)}")
     net = getattr(torchvision.models, backbone)(weights=None)
     if small_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=SMALL_STEM_KERNEL, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net

@@ -1,5 +1,10 @@
-"""The files of an evaluation of multi-label models: per model predictions.csv, metrics.json, the ROC grid,
-embedding panels and report.md; for several models comparison.csv/.md and report.md.
+"""What an evaluation reports of models with several findings per image: per-finding bootstrap metrics at
+the thresholds chosen on val and their means, predictions.csv, the ROC grid and embedding panels by finding,
+metrics.json and the report's finding table; for two or more models the paired ROC-AUC differences,
+comparison.csv/.md and report.md. The methods of tasks.MultiLabel that reports.py calls.
+
+Targets y (N, K) hold 1, 0 or -1 (a cell ignored under --uncertain ignore); probabilities are sigmoids. An
+ignored cell gets weight 0 for its finding, so it counts in no metric of that finding.
 """
 import csv
 import io
@@ -14,191 +19,180 @@ from classification_metrics import (FINDING_METRICS, _chunk, bootstrap_weights, 
                                     finding_metrics, fmt, percentile_interval, plain, scorable_findings, with_ci)
 from evaluated_model import Evaluated
 from plots import plot_multilabel_embedding, plot_roc_grid
-from reports import embedding_projections, folder_names
-from scoring import MULTILABEL_KIND
 from utils import UserError
 from verdicts import paired_auc_lines, provenance_lines
 
 
-def paired_auc_difference(a: Evaluated, b: Evaluated, resamples: int, seed: int):
-    """Per-finding and mean ROC-AUC of A minus B on the images both scored, paired bootstrap (the same
-    resampled images for both); None without common images."""
-    rows_b = {f: i for i, f in enumerate(b.filenames)}
-    common = [(i, rows_b[f]) for i, f in enumerate(a.filenames) if f in rows_b]
-    if not common:
-        return None
-    ia, ib = np.array(common).T
-    y, pa, pb = a.y_true[ia], a.prob[ia], b.prob[ib]
-    scorable = scorable_findings(y)
+class MultiLabelReports:
+    """Report methods of the multi-label task."""
 
-    def difference(w):
-        auc_a = finding_metrics(w, y, pa, np.full(y.shape[1], 0.5))["roc_auc"]
-        auc_b = finding_metrics(w, y, pb, np.full(y.shape[1], 0.5))["roc_auc"]
-        diff = auc_a - auc_b                                                      # (B, K)
-        mean = diff[:, scorable].mean(1, keepdims=True) if scorable.any() else np.full((len(w), 1), np.nan)
-        return np.concatenate([diff, mean], 1)                                    # (B, K + 1)
+    def check_comparable(self, evaluated: list) -> None:
+        """Multi-label models are compared only with each other, on the same findings."""
+        if any(ev.info.task != "multilabel" for ev in evaluated) or \
+                any(ev.class_names != evaluated[0].class_names for ev in evaluated):
+            raise UserError("--checkpoint: multi-label checkpoints are compared only with multi-label checkpoints of "
+                            "the same findings; evaluate the others separately")
 
-    point = difference(np.ones((1, len(y))))[0]
-    draws = [difference(w) for w in bootstrap_weights(len(y), resamples, seed, _chunk(len(y), 8 * y.shape[1]))]
-    low, high, _ = percentile_interval(np.concatenate(draws) if draws else point[None, :0])
-    if not draws:
-        low = high = np.full(len(point), np.nan)
-    return {"model_a": a.name, "model_b": b.name, "num_images": len(y), "findings": list(a.class_names),
-            "difference": point, "low": low, "high": high}
+    def compute_metrics(self, ev: Evaluated, resamples: int, seed: int) -> dict:
+        return compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, resamples, seed)
 
+    def small_split_warnings(self, ev: Evaluated, metrics: dict) -> list:
+        return []
 
-def write_multilabel_predictions(ev: Evaluated, path: str) -> None:
-    """One row per image: for each finding the label (1, 0, empty if ignored), probability, thresholded call."""
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(["filename"] + [f"{kind}_{n}" for n in ev.class_names for kind in ("true", "prob", "pred")])
-    thresholds = np.asarray(ev.info.thresholds)
-    for f, y, p in zip(ev.filenames, ev.y_true, ev.prob):
-        cells = [[("" if t < 0 else int(t)), f"{q:.6f}", int(q >= c)] for t, q, c in zip(y, p, thresholds)]
-        w.writerow([f] + [c for triple in cells for c in triple])
-    utils.atomic_write_text(path, out.getvalue())
+    def write_model_files(self, ev: Evaluated, metrics: dict, folder: str) -> None:
+        """Nothing beyond predictions.csv, metrics.json and report.md."""
 
+    def write_figures(self, ev: Evaluated, metrics: dict, folder: str, projections: dict) -> dict:
+        """roc_grid.png, the t-SNE/UMAP panels by finding and the training curves: {file name: caption}."""
+        plot_roc_grid([ev], [metrics], os.path.join(folder, "roc_grid.png"), f"ROC per finding: {ev.name}")
+        figures = {"roc_grid.png": "ROC curve per finding"}
+        for method, file in (("t-SNE", "tsne.png"), ("UMAP", "umap.png")):
+            if isinstance(projections[method], str):
+                ev.notes.append(f"no {file}: {projections[method]}")
+                continue
+            plot_multilabel_embedding(projections[method], ev, method, os.path.join(folder, file))
+            figures[file] = f"{method} of the encoder's embeddings, by the most frequent findings"
+        if ev.history_csv:
+            training_history.plot_history(ev.history_csv, os.path.join(folder, "training_curves.png"),
+                                          f"Training curves: {default_name(ev.checkpoint)}")
+            if os.path.isfile(os.path.join(folder, "training_curves.png")):
+                figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
+        return figures
 
-def multilabel_table(ev: Evaluated, metrics: dict) -> list:
-    lines = [f"- mean ROC-AUC over the findings with positives and negatives: **{with_ci(metrics['mean_auc'])}**",
-             f"- mean average precision: {with_ci(metrics['mean_ap'])}", "",
-             "| finding | positives | negatives | threshold | " + " | ".join(FINDING_METRICS.values()) + " |",
-             "|---|---:|---:|---:|" + "---|" * len(FINDING_METRICS)]
-    for k, name in enumerate(ev.class_names):
-        cells = " | ".join(with_ci(metrics[key], k) for key in FINDING_METRICS)
-        lines.append(f"| {name} | {int(metrics['positives'][k])} | {int(metrics['negatives'][k])} | "
-                     f"{ev.info.thresholds[k]:.3f} | {cells} |")
-    return lines
+    def report_head(self, ev: Evaluated, metrics: dict, args) -> list:
+        """Where the numbers came from, with the findings, the uncertain-cell policy and the thresholds."""
+        return provenance_lines(
+            ev, args, f", {len(ev.class_names)} findings; uncertain cells: {ev.info.uncertain}",
+            [f"- thresholds: chosen per finding on val ({ev.info.threshold_rule}), recorded in the checkpoint"])
 
+    report_files = "Files: [metrics.json](metrics.json), [predictions.csv](predictions.csv)"
 
-def multilabel_notes(ev: Evaluated, metrics: dict, resamples: int) -> list:
-    notes = []
-    for k, name in enumerate(ev.class_names):
-        if metrics["positives"][k] == 0 or metrics["negatives"][k] == 0:
-            notes.append(f"finding {name!r} has no {'positive' if metrics['positives'][k] == 0 else 'negative'} "
-                         f"image in the {ev.info.split} split: its AUC, AP and one of sensitivity/specificity are "
-                         f"undefined (n/a) and the mean AUC leaves it out")
-        if metrics["ignored"][k]:
-            notes.append(f"finding {name!r}: {int(metrics['ignored'][k])} uncertain cell(s) ignored "
-                         f"(--uncertain {ev.info.uncertain})")
-    used = int(metrics["mean_auc"]["valid"])
-    if resamples and used < resamples:
-        notes.append(f"the mean-AUC interval uses {used} of {resamples} resamples; the others lost a finding's "
-                     f"positives or negatives")
-    return notes
+    def paired(self, a: Evaluated, b: Evaluated, resamples: int, seed: int):
+        """Per-finding and mean ROC-AUC of A minus B on the images both scored, paired bootstrap (the same
+        resampled images for both); None without common images."""
+        rows_b = {f: i for i, f in enumerate(b.filenames)}
+        common = [(i, rows_b[f]) for i, f in enumerate(a.filenames) if f in rows_b]
+        if not common:
+            return None
+        ia, ib = np.array(common).T
+        y, pa, pb = a.y_true[ia], a.prob[ia], b.prob[ib]
+        scorable = scorable_findings(y)
 
+        def difference(w):
+            auc_a = finding_metrics(w, y, pa, np.full(y.shape[1], 0.5))["roc_auc"]
+            auc_b = finding_metrics(w, y, pb, np.full(y.shape[1], 0.5))["roc_auc"]
+            diff = auc_a - auc_b                                                      # (B, K)
+            mean = diff[:, scorable].mean(1, keepdims=True) if scorable.any() else np.full((len(w), 1), np.nan)
+            return np.concatenate([diff, mean], 1)                                    # (B, K + 1)
 
-def multilabel_document(ev: Evaluated, metrics: dict, args) -> dict:
-    def entry(m, k=None):
-        pick = (lambda a: a) if k is None else (lambda a: np.asarray(a)[k])
-        return {"value": plain(pick(m["value"])), "ci95": [plain(pick(m["low"])), plain(pick(m["high"]))]}
+        point = difference(np.ones((1, len(y))))[0]
+        draws = [difference(w) for w in bootstrap_weights(len(y), resamples, seed, _chunk(len(y), 8 * y.shape[1]))]
+        low, high, _ = percentile_interval(np.concatenate(draws) if draws else point[None, :0])
+        if not draws:
+            low = high = np.full(len(point), np.nan)
+        return {"model_a": a.name, "model_b": b.name, "num_images": len(y), "findings": list(a.class_names),
+                "difference": point, "low": low, "high": high}
 
-    per_finding = {name: {key: entry(metrics[key], k) for key in FINDING_METRICS} |
-                   {"positives": int(metrics["positives"][k]), "negatives": int(metrics["negatives"][k]),
-                    "ignored": int(metrics["ignored"][k]), "threshold": float(ev.info.thresholds[k])}
-                   for k, name in enumerate(ev.class_names)}
-    return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info.as_dict(),
-            "num_images": len(ev.y_true), "findings": ev.class_names, "label_file": os.path.abspath(args.label_file),
-            "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "interval": "percentile, 95%",
-                          "unit": "image"},
-            "metrics": {"mean_auc": entry(metrics["mean_auc"]) | {"resamples_used": int(metrics["mean_auc"]["valid"])},
-                        "mean_ap": entry(metrics["mean_ap"])},
-            "per_finding": per_finding, "notes": ev.notes}
+    def write_predictions(self, ev: Evaluated, path: str) -> None:
+        """One row per image: for each finding the label (1, 0, empty if ignored), probability, thresholded call."""
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["filename"] + [f"{kind}_{n}" for n in ev.class_names for kind in ("true", "prob", "pred")])
+        thresholds = np.asarray(ev.info.thresholds)
+        for f, y, p in zip(ev.filenames, ev.y_true, ev.prob):
+            cells = [[("" if t < 0 else int(t)), f"{q:.6f}", int(q >= c)] for t, q, c in zip(y, p, thresholds)]
+            w.writerow([f] + [c for triple in cells for c in triple])
+        utils.atomic_write_text(path, out.getvalue())
 
+    def metrics_table(self, ev: Evaluated, metrics: dict) -> list:
+        lines = [f"- mean ROC-AUC over the findings with positives and negatives: **{with_ci(metrics['mean_auc'])}**",
+                 f"- mean average precision: {with_ci(metrics['mean_ap'])}", "",
+                 "| finding | positives | negatives | threshold | " + " | ".join(FINDING_METRICS.values()) + " |",
+                 "|---|---:|---:|---:|" + "---|" * len(FINDING_METRICS)]
+        for k, name in enumerate(ev.class_names):
+            cells = " | ".join(with_ci(metrics[key], k) for key in FINDING_METRICS)
+            lines.append(f"| {name} | {int(metrics['positives'][k])} | {int(metrics['negatives'][k])} | "
+                         f"{ev.info.thresholds[k]:.3f} | {cells} |")
+        return lines
 
-def write_multilabel_outputs(ev: Evaluated, metrics: dict, folder: str, args, projections: dict) -> None:
-    """predictions.csv, metrics.json, roc_grid.png, t-SNE/UMAP panels, training curves and report.md."""
-    ev.notes.extend(multilabel_notes(ev, metrics, args.bootstrap))
-    write_multilabel_predictions(ev, os.path.join(folder, "predictions.csv"))
-    plot_roc_grid([ev], [metrics], os.path.join(folder, "roc_grid.png"), f"ROC per finding: {ev.name}")
-    figures = {"roc_grid.png": "ROC curve per finding"}
-    for method, file in (("t-SNE", "tsne.png"), ("UMAP", "umap.png")):
-        if isinstance(projections[method], str):
-            ev.notes.append(f"no {file}: {projections[method]}")
-            continue
-        plot_multilabel_embedding(projections[method], ev, method, os.path.join(folder, file))
-        figures[file] = f"{method} of the encoder's embeddings, by the most frequent findings"
-    if ev.history_csv:
-        training_history.plot_history(ev.history_csv, os.path.join(folder, "training_curves.png"),
-                           f"Training curves: {default_name(ev.checkpoint)}")
-        if os.path.isfile(os.path.join(folder, "training_curves.png")):
-            figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
-    utils.atomic_write_json(os.path.join(folder, "metrics.json"), multilabel_document(ev, metrics, args))
-    provenance = provenance_lines(
-        ev, args, f", {len(ev.class_names)} findings; uncertain cells: {ev.info.uncertain}",
-        [f"- thresholds: chosen per finding on val ({ev.info.threshold_rule}), recorded in the checkpoint"])
-    lines = [f"# Evaluation: {ev.name}", ""] + provenance + ["", "## Metrics", ""] + multilabel_table(ev, metrics)
-    if ev.notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in ev.notes]
-    lines += ["", "## Figures", ""]
-    for file, caption in figures.items():
-        lines += [f"### {caption}", "", f"![{caption}]({file})", ""]
-    lines += ["Files: [metrics.json](metrics.json), [predictions.csv](predictions.csv)"]
-    utils.atomic_write_text(os.path.join(folder, "report.md"), "\n".join(lines) + "\n")
+    def metric_notes(self, ev: Evaluated, metrics: dict, resamples: int) -> list:
+        notes = []
+        for k, name in enumerate(ev.class_names):
+            if metrics["positives"][k] == 0 or metrics["negatives"][k] == 0:
+                notes.append(f"finding {name!r} has no {'positive' if metrics['positives'][k] == 0 else 'negative'} "
+                             f"image in the {ev.info.split} split: its AUC, AP and one of sensitivity/specificity are "
+                             f"undefined (n/a) and the mean AUC leaves it out")
+            if metrics["ignored"][k]:
+                notes.append(f"finding {name!r}: {int(metrics['ignored'][k])} uncertain cell(s) ignored "
+                             f"(--uncertain {ev.info.uncertain})")
+        used = int(metrics["mean_auc"]["valid"])
+        if resamples and used < resamples:
+            notes.append(f"the mean-AUC interval uses {used} of {resamples} resamples; the others lost a finding's "
+                         f"positives or negatives")
+        return notes
 
+    def metrics_document(self, ev: Evaluated, metrics: dict, args) -> dict:
+        def entry(m, k=None):
+            pick = (lambda a: a) if k is None else (lambda a: np.asarray(a)[k])
+            return {"value": plain(pick(m["value"])), "ci95": [plain(pick(m["low"])), plain(pick(m["high"]))]}
 
-def write_multilabel_comparison(evaluated, results, folders, paired, args) -> None:
-    """comparison.csv (a row per model and finding), comparison.md and report.md with the paired AUC
-    differences of the first two models, and roc_grid_comparison.png."""
-    names = evaluated[0].class_names
-    rows = []
-    for ev, m, folder in zip(evaluated, results, folders):
-        for k, finding in enumerate(names + ["mean"]):
-            src = {key: (m[key], k) for key in FINDING_METRICS} if finding != "mean" else \
-                {"roc_auc": (m["mean_auc"], None), "average_precision": (m["mean_ap"], None)}
-            row = {"model": ev.name, "folder": os.path.basename(folder), "finding": finding,
-                   "init": ev.info.init or "", "label_fraction": ev.info.label_fraction,
-                   "num_images": len(ev.y_true)}
-            for key, (entry, idx) in src.items():
-                pick = (lambda a: a) if idx is None else (lambda a, i=idx: np.asarray(a)[i])
-                row |= {key: plain(pick(entry["value"])), f"{key}_ci_low": plain(pick(entry["low"])),
-                        f"{key}_ci_high": plain(pick(entry["high"]))}
-            rows.append(row)
-    import pandas as pd
-    utils.atomic_write_text(os.path.join(args.output_dir, "comparison.csv"), pd.DataFrame(rows).to_csv(index=False))
-    plot_roc_grid(evaluated, results, os.path.join(args.output_dir, "roc_grid_comparison.png"),
-                  f"ROC per finding, {args.split} split")
-    header = ["finding", "positives"] + [f"{ev.name} AUC" for ev in evaluated]
-    lines = [f"# Comparison on the {args.split} split ({len(names)} findings)", "",
-             f"ROC-AUC per finding with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed "
-             f"{args.seed}); the mean is over the findings with positives and negatives in the split.", "",
-             "| " + " | ".join(header) + " |", "|---|---:|" + "---|" * len(evaluated)]
-    for k, finding in enumerate(names):
-        cells = [with_ci(m["roc_auc"], k) for m in results]
-        lines.append(f"| {finding} | {int(results[0]['positives'][k])} | " + " | ".join(cells) + " |")
-    lines.append("| **mean** | | " + " | ".join(f"**{with_ci(m['mean_auc'])}**" for m in results) + " |")
-    lines += ["", "## Paired ROC-AUC difference", ""] + paired_auc_lines(paired)
-    utils.atomic_write_text(os.path.join(args.output_dir, "comparison.md"), "\n".join(lines) + "\n")
-    report = lines + ["", "## ROC curves per finding", "", "![ROC per finding](roc_grid_comparison.png)", "",
-                      "## Per-model reports", ""] + [f"- [{ev.name}]({os.path.basename(f)}/report.md)"
-                                                     for ev, f in zip(evaluated, folders)]
-    report[0] = f"# Evaluation report: {len(evaluated)} multi-label models on the {args.split} split"
-    utils.atomic_write_text(os.path.join(args.output_dir, "report.md"), "\n".join(report) + "\n")
+        per_finding = {name: {key: entry(metrics[key], k) for key in FINDING_METRICS} |
+                       {"positives": int(metrics["positives"][k]), "negatives": int(metrics["negatives"][k]),
+                        "ignored": int(metrics["ignored"][k]), "threshold": float(ev.info.thresholds[k])}
+                       for k, name in enumerate(ev.class_names)}
+        return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info.as_dict(),
+                "num_images": len(ev.y_true), "findings": ev.class_names, "label_file": os.path.abspath(args.label_file),
+                "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "interval": "percentile, 95%",
+                              "unit": "image"},
+                "metrics": {"mean_auc": entry(metrics["mean_auc"]) | {"resamples_used": int(metrics["mean_auc"]["valid"])},
+                            "mean_ap": entry(metrics["mean_ap"])},
+                "per_finding": per_finding, "notes": ev.notes}
 
+    def write_comparison(self, evaluated, results, folders, paired, args, pointing=()) -> None:
+        """comparison.csv (a row per model and finding), comparison.md and report.md with the paired AUC
+        differences of the first two models, and roc_grid_comparison.png."""
+        names = evaluated[0].class_names
+        rows = []
+        for ev, m, folder in zip(evaluated, results, folders):
+            for k, finding in enumerate(names + ["mean"]):
+                src = {key: (m[key], k) for key in FINDING_METRICS} if finding != "mean" else \
+                    {"roc_auc": (m["mean_auc"], None), "average_precision": (m["mean_ap"], None)}
+                row = {"model": ev.name, "folder": os.path.basename(folder), "finding": finding,
+                       "init": ev.info.init or "", "label_fraction": ev.info.label_fraction,
+                       "num_images": len(ev.y_true)}
+                for key, (entry, idx) in src.items():
+                    pick = (lambda a: a) if idx is None else (lambda a, i=idx: np.asarray(a)[i])
+                    row |= {key: plain(pick(entry["value"])), f"{key}_ci_low": plain(pick(entry["low"])),
+                            f"{key}_ci_high": plain(pick(entry["high"]))}
+                rows.append(row)
+        import pandas as pd
+        utils.atomic_write_text(os.path.join(args.output_dir, "comparison.csv"), pd.DataFrame(rows).to_csv(index=False))
+        plot_roc_grid(evaluated, results, os.path.join(args.output_dir, "roc_grid_comparison.png"),
+                      f"ROC per finding, {args.split} split")
+        header = ["finding", "positives"] + [f"{ev.name} AUC" for ev in evaluated]
+        lines = [f"# Comparison on the {args.split} split ({len(names)} findings)", "",
+                 f"ROC-AUC per finding with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed "
+                 f"{args.seed}); the mean is over the findings with positives and negatives in the split.", "",
+                 "| " + " | ".join(header) + " |", "|---|---:|" + "---|" * len(evaluated)]
+        for k, finding in enumerate(names):
+            cells = [with_ci(m["roc_auc"], k) for m in results]
+            lines.append(f"| {finding} | {int(results[0]['positives'][k])} | " + " | ".join(cells) + " |")
+        lines.append("| **mean** | | " + " | ".join(f"**{with_ci(m['mean_auc'])}**" for m in results) + " |")
+        lines += ["", "## Paired ROC-AUC difference", ""] + paired_auc_lines(paired)
+        utils.atomic_write_text(os.path.join(args.output_dir, "comparison.md"), "\n".join(lines) + "\n")
+        report = lines + ["", "## ROC curves per finding", "", "![ROC per finding](roc_grid_comparison.png)", "",
+                          "## Per-model reports", ""] + [f"- [{ev.name}]({os.path.basename(f)}/report.md)"
+                                                         for ev, f in zip(evaluated, folders)]
+        report[0] = f"# Evaluation report: {len(evaluated)} multi-label models on the {args.split} split"
+        utils.atomic_write_text(os.path.join(args.output_dir, "report.md"), "\n".join(report) + "\n")
 
-def report_multilabel(evaluated: list, args, settings: dict) -> dict:
-    """Metrics, files and figures when the checkpoints are multi-label (main's second half for them)."""
-    if any(ev.kind != MULTILABEL_KIND for ev in evaluated) or \
-            any(ev.class_names != evaluated[0].class_names for ev in evaluated):
-        raise UserError("--checkpoint: multi-label checkpoints are compared only with multi-label checkpoints of the "
-                        "same findings; evaluate the others separately")
-    print(f"bootstrap: {args.bootstrap} resamples per model ...")
-    results = [compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, args.bootstrap, args.seed)
-               for ev in evaluated]
-    single = len(evaluated) == 1
-    folders = [args.output_dir] if single else [os.path.join(args.output_dir, f) for f in folder_names(evaluated)]
-    projections = embedding_projections(evaluated, args.seed)
-    for ev, metrics, folder in zip(evaluated, results, folders):
-        write_multilabel_outputs(ev, metrics, folder, args, projections[ev.checkpoint])
-    paired = None
-    if not single:
-        paired = paired_auc_difference(evaluated[0], evaluated[1], args.bootstrap, args.seed)
-        write_multilabel_comparison(evaluated, results, folders, paired, args)
-    utils.write_settings(os.path.join(args.output_dir, "evaluation_settings.json"), settings)
-    width = max(len(ev.name) for ev in evaluated) + 2
-    print(f"{'model':<{width}}{'split':<7}{'images':>7}  {'mean AUC':>10}{'mean AP':>10}")
-    for ev, m in zip(evaluated, results):
-        print(f"{ev.name:<{width}}{ev.info.split:<7}{len(ev.y_true):>7}  {fmt(m['mean_auc']['value']):>10}"
-              f"{fmt(m['mean_ap']['value']):>10}")
-    print(f"report: {os.path.join(args.output_dir, 'report.md')}")
-    return {"models": [ev.name for ev in evaluated], "folders": folders, "metrics": results, "paired": paired}
+    def print_summary(self, evaluated: list, results: list, report: str) -> None:
+        width = max(len(ev.name) for ev in evaluated) + 2
+        print(f"{'model':<{width}}{'split':<7}{'images':>7}  {'mean AUC':>10}{'mean AP':>10}")
+        for ev, m in zip(evaluated, results):
+            print(f"{ev.name:<{width}}{ev.info.split:<7}{len(ev.y_true):>7}  {fmt(m['mean_auc']['value']):>10}"
+                  f"{fmt(m['mean_ap']['value']):>10}")
+        print(f"report: {report}")
+
+    def print_verdict(self, evaluated: list, results: list, paired, pointing) -> None:
+        """The paired AUC differences are in the report; nothing more is printed."""

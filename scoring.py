@@ -15,7 +15,9 @@ import image_io
 import label_tables
 import model_ssl
 import probes
+import tasks
 import utils
+from checkpoints import Checkpoint, ClassifierCheckpoint, SSLCheckpoint
 from evaluated_model import Evaluated, ModelInfo
 from gradcam import Explained, cam_layer_name
 from probes import fit_linear_probe
@@ -41,27 +43,11 @@ def check_label_hash(recorded, table, label_file: str, path: str, notes: list) -
                     f"{table.sha256[:12]}... vs {recorded[:12]}...); scoring with the labels it gives now")
 
 
-def labels_in_class_order(table, class_names: list, label_file: str) -> np.ndarray:
-    """Labels as indices into the checkpoint's `class_names` (a label file with names may order them differently,
-    or lack a class)."""
-    if all(name.lstrip("-").isdigit() for name in table.class_names):
-        if table.labels.max() >= len(class_names):
-            raise UserError(f"--label_file {label_file}: label {int(table.labels.max())} is outside the "
-                            f"checkpoint's {len(class_names)} classes [0, {len(class_names)}); use the label file "
-                            f"it was trained with")
-        return table.labels
-    unknown = sorted(set(table.class_names) - set(class_names))
-    if unknown:
-        raise UserError(f"--label_file {label_file}: class {unknown[0]!r} is not one the checkpoint knows "
-                        f"({', '.join(class_names)}); use the label file it was trained with")
-    return np.array([class_names.index(table.class_names[i]) for i in table.labels], dtype=np.int64)
-
-
-def recorded_split(ckpt: dict, table, split: str, path: str, label_file: str, notes: list) -> np.ndarray:
+def recorded_split(ckpt: ClassifierCheckpoint, table, split: str, path: str, label_file: str, notes: list) -> np.ndarray:
     """Rows of `table` in the checkpoint's recorded split (every row for 'all'), in label-file order."""
     if split == "all":
         return table.indices("all")
-    recorded = (ckpt.get("splits") or {}).get(split)
+    recorded = (ckpt.splits or {}).get(split)
     if recorded is None:
         raise UserError(f"--checkpoint {path}: has no recorded {split!r} split (ckpt['splits'], written by "
                         f"fine_tune.py); it cannot be scored without risking training images in the test set")
@@ -76,9 +62,9 @@ def recorded_split(ckpt: dict, table, split: str, path: str, label_file: str, no
     return rows
 
 
-def check_not_trained_on(ckpt: dict, filenames: list, split: str, path: str, notes: list) -> None:
+def check_not_trained_on(ckpt: ClassifierCheckpoint, filenames: list, split: str, path: str, notes: list) -> None:
     """A val or test image the classifier was trained on would inflate every number: refuse."""
-    trained = set(ckpt.get("train_files") or [])
+    trained = set(ckpt.train_files)
     if split in ("train", "all"):
         warn(notes, f"--split {split} includes images {os.path.basename(path)} was trained on: its scores are "
                     f"optimistic and say nothing about new patients")
@@ -89,81 +75,81 @@ def check_not_trained_on(ckpt: dict, filenames: list, split: str, path: str, not
                         f"(first {leaked[0]!r}); its recorded splits are inconsistent, retrain it")
 
 
-def encode_images(encoder, filenames: list, ckpt: dict, args, device, autocast_dtype) -> np.ndarray:
+def encode_images(encoder, filenames: list, ckpt: Checkpoint, args, device, autocast_dtype) -> np.ndarray:
     """Frozen encoder features (N, D) of `filenames`, decoded the way the checkpoint was trained."""
-    store = data_loader.ImageStore(args.data_dir, filenames, ckpt["image_size"], args.cache_gb, ckpt.get("channels"))
+    store = data_loader.ImageStore(args.data_dir, filenames, ckpt.image_size, args.cache_gb, ckpt.channels)
     workers = args.num_workers
     if workers is None:
         workers = utils.default_num_workers(device, streaming=not store.in_memory)
     loader = data_loader.BatchLoader(store, np.arange(len(filenames)), batch_size=args.batch_size,
                                      num_workers=workers)
-    print(f"encoding {len(filenames)} images at {ckpt['image_size']} px ...")
+    print(f"encoding {len(filenames)} images at {ckpt.image_size} px ...")
     features, _, indices = probes.extract_features(encoder.to(device), loader, image_io.normalize, device,
                                                   autocast_dtype)
     return features[torch.argsort(indices)].numpy()
 
 
-def history_beside(ckpt: dict, path: str, notes: list):
+def history_beside(ckpt: Checkpoint, path: str, notes: list):
     """The per-epoch CSV the checkpoint names (train_ssl.py writes ssl_history.csv beside its checkpoints)."""
-    name = ckpt.get("history_file") or ("ssl_history.csv" if ckpt["kind"] == "ssl" else None)
+    name = ckpt.history_file or ("ssl_history.csv" if ckpt.kind == "ssl" else None)
     if not name:
         return None
     csv_path = os.path.join(os.path.dirname(os.path.abspath(path)), name)
     if not os.path.isfile(csv_path):
-        if ckpt.get("history_file"):
+        if ckpt.history_file:
             notes.append(f"no training curves: the history file {name} is not beside the checkpoint")
         return None
     return csv_path
 
 
-def scored_rows(ckpt: dict, table, args, path: str, notes: list) -> tuple:
+def scored_rows(ckpt: ClassifierCheckpoint, table, args, path: str, notes: list) -> tuple:
     """(rows, filenames) of a classifier's split to score: the one its checkpoint recorded, checked against the
     label file it was trained with and against its training images."""
-    check_label_hash(ckpt.get("label_file_sha256"), table, args.label_file, path, notes)
+    check_label_hash(ckpt.label_file_sha256, table, args.label_file, path, notes)
     rows = recorded_split(ckpt, table, args.split, path, args.label_file, notes)
     filenames = [table.filenames[i] for i in rows]
     check_not_trained_on(ckpt, filenames, args.split, path, notes)
     return rows, filenames
 
 
-def checked_num_classes(ckpt: dict, args, path: str, what: str) -> int:
+def checked_num_classes(ckpt: ClassifierCheckpoint, args, path: str, what: str) -> int:
     """The checkpoint's class (or finding) count; --num_classes, when given, must agree with it."""
-    k = int(ckpt["num_classes"])
+    k = ckpt.num_classes
     if args.num_classes is not None and args.num_classes != k:
         raise UserError(f"--num_classes {args.num_classes}: {path} was trained for {k} {what}; "
                         f"drop the flag or pass --num_classes {k}")
     return k
 
 
-def evaluate_classifier(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
-    """Softmax probabilities of a fine-tuned classifier on its recorded split."""
-    notes, num_classes = [], checked_num_classes(ckpt, args, path, "classes")
-    class_names = [str(c) for c in ckpt.get("class_names") or range(num_classes)]
-    # no class count passed down: a label file lacking a class is still scorable, mapped by name below
-    table = read_table(args, None, {"seed": ckpt.get("split_seed"), "val_fraction": ckpt.get("val_fraction"),
-                                    "test_fraction": ckpt.get("test_fraction")})
+def evaluate_classifier(path: str, name: str, ckpt: ClassifierCheckpoint, args, device, autocast_dtype) -> list:
+    """The probabilities of a fine-tuned classifier (softmax over its classes, or one sigmoid per finding) on
+    the split its checkpoint recorded."""
+    task = tasks.of(ckpt.task)
+    notes = []
+    checked_num_classes(ckpt, args, path, task.unit)
+    table = task.scoring_table(args, ckpt)
     rows, filenames = scored_rows(ckpt, table, args, path, notes)
+    y_true = task.targets(table, rows, ckpt.class_names, args.label_file)
 
-    model = load_classifier(ckpt, path)
+    model = ckpt.build_model()
     features = encode_images(model.encoder, filenames, ckpt, args, device, autocast_dtype)
     with torch.no_grad():
-        prob = model.head.eval().cpu()(torch.from_numpy(features)).softmax(1).double().numpy()
+        prob = task.probabilities(model.head.eval().cpu()(torch.from_numpy(features))).double().numpy()
     info = ModelInfo(args.split, "recorded in the checkpoint" if args.split != "all" else "label file", "classifier",
-                     init=ckpt.get("init"), label_fraction=ckpt.get("label_fraction"), epoch=ckpt.get("epoch"),
-                     num_epochs=(ckpt.get("args") or {}).get("num_epochs"))
-    y_true = labels_in_class_order(table, class_names, args.label_file)[rows]
-    explained = Explained(model, normalizer(ckpt), cam_layer_name(model.config, ckpt["image_size"], args.cam_layer),
-                          args.data_dir, ckpt["image_size"], ckpt.get("channels", 3))
-    return [Evaluated(name, path, "classifier", filenames, y_true, prob, features,
-                      classifier_class_names(ckpt, args.label_file), info, notes, history_beside(ckpt, path, notes),
-                      explained)]
+                     init=ckpt.init, label_fraction=ckpt.label_fraction, epoch=ckpt.epoch,
+                     num_epochs=ckpt.num_epochs, **task.model_info(ckpt))
+    names = classifier_class_names(ckpt, args.label_file) if task.explains else ckpt.class_names
+    explained = Explained(model, normalizer(ckpt), cam_layer_name(model.config, ckpt.image_size, args.cam_layer),
+                          args.data_dir, ckpt.image_size, ckpt.channels or 3) if task.explains else None
+    return [Evaluated(name, path, task.evaluated_kind, filenames, y_true, prob, features, names, info, notes,
+                      history_beside(ckpt, path, notes), explained)]
 
 
-def pretraining_overlap(ckpt: dict, filenames: list, split: str, path: str, notes: list) -> None:
+def pretraining_overlap(ckpt: SSLCheckpoint, filenames: list, split: str, path: str, notes: list) -> None:
     """An SSL run given the label file leaves the test split out of pretraining; say so when it did not."""
     if split != "test":
         return
-    seen = checkpoints.not_left_out_of_pretraining(ckpt, filenames)
+    seen = ckpt.not_left_out_of(filenames)
     if seen is None:
         notes.append(f"{os.path.basename(path)} records no test images left out of pretraining: the encoder may "
                      f"have seen the test images (without labels)")
@@ -173,21 +159,20 @@ def pretraining_overlap(ckpt: dict, filenames: list, split: str, path: str, note
                     f"(first {seen[0]!r}); the label file or its split differs from the pretraining run's")
 
 
-def ssl_encoder(ckpt: dict, path: str, pretrained: bool = True) -> torch.nn.Module:
+def ssl_encoder(ckpt: SSLCheckpoint, path: str, pretrained: bool = True) -> torch.nn.Module:
     """The encoder of an SSL checkpoint, with its weights (or, pretrained=False, at random init)."""
-    config = model_ssl.ModelConfig(**ckpt["model_config"])
+    config = ckpt.model_config
     encoder = model_ssl.build_encoder(config.backbone, config.small_stem)
     if pretrained:
-        checkpoints.load_state_strict(encoder, ckpt["encoder"], "encoder", path)
+        checkpoints.load_state_strict(encoder, ckpt.encoder, "encoder", path)
     return encoder
 
 
-def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
+def evaluate_ssl(path: str, name: str, ckpt: SSLCheckpoint, args, device, autocast_dtype) -> list:
     """A pretrained encoder as a representation: a linear probe and a kNN on frozen train-split features."""
     notes = []
-    run_args = ckpt.get("args") or {}
-    table = read_table(args, args.num_classes, {"seed": run_args.get("split_seed", run_args.get("seed"))})
-    check_label_hash(ckpt.get("label_file_sha256"), table, args.label_file, path, notes)
+    table = read_table(args, args.num_classes, {"seed": ckpt.split_seed})
+    check_label_hash(ckpt.label_file_sha256, table, args.label_file, path, notes)
     rows = table.indices(args.split)
     fit_rows = np.setdiff1d(table.indices("train"), rows)            # never fit on an image that is scored
     if len(rows) == 0:
@@ -207,8 +192,8 @@ def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype)
     k = table.num_classes
     probe = fit_linear_probe(fit_x, fit_y, eval_x, k, args.seed, notes, val_x, table.labels[choose_rows])
     knn = probes.knn_predict(torch.from_numpy(fit_x), torch.from_numpy(fit_y), torch.from_numpy(eval_x), k).numpy()
-    info = ModelInfo(args.split, "label file", "ssl", init="ssl, frozen encoder", epoch=ckpt.get("epoch"),
-                     num_epochs=run_args.get("num_epochs"), fit_images=int(len(fit_rows)))
+    info = ModelInfo(args.split, "label file", "ssl", init="ssl, frozen encoder", epoch=ckpt.epoch,
+                     num_epochs=ckpt.num_epochs, fit_images=int(len(fit_rows)))
     history = history_beside(ckpt, path, notes)
     chosen = [f"linear probe: L2 strength C={probe.C:g}, {probe.chosen_by}"]
     return [Evaluated(f"{name} {kind}", path, kind, filenames, y, prob.astype(np.float64), eval_x,
@@ -217,84 +202,36 @@ def evaluate_ssl(path: str, name: str, ckpt: dict, args, device, autocast_dtype)
             for kind, prob, extra in (("linear probe", probe.prob, chosen), ("kNN", knn, []))]
 
 
-def evaluate_checkpoint(path: str, name: str, args, device, autocast_dtype, ckpt: dict | None = None) -> list:
+def evaluate_checkpoint(path: str, name: str, args, device, autocast_dtype, ckpt: Checkpoint | None = None) -> list:
     """Predictions of one checkpoint (loaded from `path` unless given) on the split `args` asks for."""
     if ckpt is None:
-        ckpt = checkpoints.load_checkpoint(path, kind=("classifier", "ssl"))
-    for key in ("image_size", "encoder"):
-        if key not in ckpt:
-            raise UserError(f"--checkpoint {path}: has no {key!r} entry (see docs/checkpoints.md)")
-    if ckpt["kind"] == "classifier" and ckpt.get("task") == "multilabel":
-        return evaluate_multilabel_classifier(path, name, ckpt, args, device, autocast_dtype)
-    if ckpt["kind"] == "ssl" and label_tables.label_file_format(args.label_file) != "classes":
+        ckpt = checkpoints.read_checkpoint(path, ("classifier", "ssl"))
+    if ckpt.kind == "ssl" and label_tables.label_file_format(args.label_file) != "classes":
         raise UserError(f"--checkpoint {path}: an SSL checkpoint is probed with one class per image, and "
                         f"{args.label_file} is multi-label; fine-tune it (fine_tune.py --ssl_checkpoint) and evaluate "
                         f"that checkpoint")
-    run = evaluate_classifier if ckpt["kind"] == "classifier" else evaluate_ssl
+    run = evaluate_classifier if ckpt.kind == "classifier" else evaluate_ssl
     return run(path, name, ckpt, args, device, autocast_dtype)
 
 
-def load_classifier(ckpt: dict, path: str) -> model_ssl.Classifier:
-    model = model_ssl.Classifier(model_ssl.ModelConfig(**ckpt["model_config"]), int(ckpt["num_classes"]))
-    checkpoints.load_state_strict(model.encoder, ckpt["encoder"], "encoder", path)
-    checkpoints.load_state_strict(model.head, ckpt["head"], "classification head", path)
-    return model.eval()
-
-
-def normalizer(ckpt: dict):
+def normalizer(ckpt: Checkpoint):
     """uint8 (B, C, S, S) -> the float input the checkpoint was trained on (its recorded mean and std)."""
-    norm = ckpt.get("normalization") or {}
+    norm = ckpt.normalization
     mean = torch.tensor(norm.get("mean", image_io.IMAGENET_MEAN)).view(1, 3, 1, 1)
     std = torch.tensor(norm.get("std", image_io.IMAGENET_STD)).view(1, 3, 1, 1)
     return lambda images: (images.float() / 255.0 - mean.to(images.device)) / std.to(images.device)
 
 
-def classifier_class_names(ckpt: dict, label_file: str | None) -> list:
+def classifier_class_names(ckpt: ClassifierCheckpoint, label_file: str | None) -> list:
     """Readable class names of a classifier: recorded in the checkpoint, else classes.txt beside the label file
     (the one given, or the one it was trained with), else the raw labels."""
-    raw = [str(c) for c in ckpt.get("class_names") or range(int(ckpt["num_classes"]))]
-    recorded = ckpt.get("class_display_names")
+    raw = ckpt.class_names
+    recorded = ckpt.class_display_names
     if recorded and len(recorded) == len(raw):
         return [str(c) for c in recorded]
-    for candidate in (label_file, (ckpt.get("args") or {}).get("label_file")):
+    for candidate in (label_file, ckpt.label_file):
         if candidate:
             names = label_tables.read_class_names(candidate, raw)
             if names != raw:
                 return names
     return raw
-
-# Targets y (N, K) hold 1, 0 or -1 (a cell ignored under --uncertain ignore); probabilities are sigmoids.
-# An ignored cell gets weight 0 for its finding, so it counts in no metric of that finding.
-
-
-MULTILABEL_KIND = "multi-label classifier"
-
-
-def evaluate_multilabel_classifier(path: str, name: str, ckpt: dict, args, device, autocast_dtype) -> list:
-    """Sigmoid probabilities of a multi-label classifier on its recorded split, with its val thresholds."""
-    notes, k = [], checked_num_classes(ckpt, args, path, "findings")
-    names = [str(c) for c in ckpt.get("class_names") or range(k)]
-    table = label_tables.load_label_table(args.label_file, args.data_dir, "multilabel", ckpt.get("uncertain", "ignore"),
-                                         seed=ckpt.get("split_seed", 42), val_fraction=ckpt.get("val_fraction", 0.15),
-                                         test_fraction=ckpt.get("test_fraction", 0.15))
-    rows, filenames = scored_rows(ckpt, table, args, path, notes)
-    missing = [n for n in names if n not in table.class_names]
-    if missing:
-        raise UserError(f"--label_file {args.label_file}: has no finding {missing[0]!r} of the checkpoint's "
-                        f"{', '.join(names)}; use the label file it was trained with")
-    y = table.labels[rows][:, [table.class_names.index(n) for n in names]]
-
-    model = model_ssl.Classifier(model_ssl.ModelConfig(**ckpt["model_config"]), k)
-    checkpoints.load_state_strict(model.encoder, ckpt["encoder"], "encoder", path)
-    checkpoints.load_state_strict(model.head, ckpt["head"], "classification head", path)
-    features = encode_images(model.encoder, filenames, ckpt, args, device, autocast_dtype)
-    with torch.no_grad():
-        prob = model.head.eval().cpu()(torch.from_numpy(features)).sigmoid().double().numpy()
-    info = ModelInfo(args.split, "recorded in the checkpoint" if args.split != "all" else "label file", "classifier",
-                     init=ckpt.get("init"), label_fraction=ckpt.get("label_fraction"), epoch=ckpt.get("epoch"),
-                     num_epochs=(ckpt.get("args") or {}).get("num_epochs"), task="multilabel",
-                     uncertain=ckpt.get("uncertain", "ignore"),
-                     thresholds=[float(t) for t in ckpt.get("thresholds") or [0.5] * k],
-                     threshold_rule=ckpt.get("threshold_rule") or "fixed 0.5 (none recorded)")
-    return [Evaluated(name, path, MULTILABEL_KIND, filenames, y, prob, features, names, info, notes,
-                      history_beside(ckpt, path, notes))]

@@ -34,6 +34,7 @@ import recipes
 import training
 import training_run
 import utils
+from checkpoints import SSLCheckpoint
 from model_ssl import ModelConfig, SimCLR, nt_xent_loss, use_small_stem
 from utils import UserError
 
@@ -194,13 +195,12 @@ def seed_augment_rng(generator: torch.Generator, seed: int) -> torch.Generator:
     return generator.manual_seed(seed)
 
 
-def restore_augment_rng(ckpt: dict, generator, start_epoch: int, seed: int) -> None:
-    """The augmentation generator where the checkpoint left it. A checkpoint of a run without
-    --cuda_graphs on (or from another device) has none that fits: the generator is seeded again, with
-    a seed of its own for this epoch."""
+def restore_augment_rng(state, generator, start_epoch: int, seed: int) -> None:
+    """The augmentation generator where the checkpoint left it (`state`: its saved state, or None). A
+    checkpoint of a run without --cuda_graphs on (or from another device) has none that fits: the generator
+    is seeded again, with a seed of its own for this epoch."""
     if generator is None:
         return
-    state = ckpt.get("augment_rng")
     if state is not None and state.numel() == generator.get_state().numel():
         generator.set_state(state)
     else:
@@ -259,17 +259,15 @@ def knn_accuracy(model, loaders: dict, num_classes: int, device, autocast_dtype)
 
 # ============ checkpoints ============
 
-def checkpoint_dict(model, args, epoch, loss, knn, table, excluded, channels, world_size) -> dict:
-    return {
-        "kind": "ssl", "model_config": model.config.to_dict(), "image_size": args.image_size,
-        "channels": channels, "normalization": {"mean": list(image_io.IMAGENET_MEAN),
-                                                "std": list(image_io.IMAGENET_STD)},
-        "encoder": model.encoder.state_dict(), "projector": model.projector.state_dict(),
-        "args": dict(vars(args)), "epoch": epoch, "loss": loss,
-        "knn_accuracy": knn, "label_file_sha256": table.sha256 if table else None, "excluded_files": excluded,
-        "history_file": "ssl_history.csv",
-        "world_size": world_size,
-    }
+def build_checkpoint(model, args, epoch, loss, knn, table, excluded, channels, world_size) -> SSLCheckpoint:
+    return SSLCheckpoint(
+        model_config=model.config, image_size=args.image_size, channels=channels,
+        normalization={"mean": list(image_io.IMAGENET_MEAN), "std": list(image_io.IMAGENET_STD)},
+        encoder=model.encoder.state_dict(), projector=model.projector.state_dict(), epoch=epoch,
+        num_epochs=args.num_epochs, args=dict(vars(args)), loss=loss, knn_accuracy=knn,
+        label_file=args.label_file, label_file_sha256=table.sha256 if table else None, excluded_files=excluded,
+        split_seed=args.split_seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        history_file="ssl_history.csv", world_size=world_size)
 
 
 def resume_path(args) -> str | None:
@@ -310,11 +308,11 @@ def main(args):
     scaler = training.make_grad_scaler(device, autocast_dtype)
     static_step, augment_rng, step_note = build_static_step(args, model, augment, optimizer, device, autocast_dtype,
                                                             dist)
-    start_epoch, best, resumed = training_run.resume_run(resume_path(args), "ssl", args, RESUME_KEYS, dist,
+    start_epoch, best, state = training_run.resume_run(resume_path(args), "ssl", args, RESUME_KEYS, dist,
                                                   {"encoder": model.encoder, "projector": model.projector},
                                                   optimizer, scheduler, scaler, args.seed)
-    if resumed is not None:
-        restore_augment_rng(resumed, augment_rng, start_epoch, args.seed)
+    if state is not None:
+        restore_augment_rng(state.augment_rng, augment_rng, start_epoch, args.seed)
     optimizers.lr_on_device(optimizer, device if static_step is not None else None)
     train_model = training.maybe_compile(distributed.wrap_ddp(model, dist), args.compile, device)   # DDP broadcasts rank 0's weights
 
@@ -353,11 +351,11 @@ def main(args):
             improved = _improved(best, stats["loss"], knn, table is not None)
             if improved:
                 best = knn if table is not None else stats["loss"]
-            ckpt = checkpoint_dict(model, args, epoch + 1, stats["loss"], knn, table, excluded, channels,
+            ckpt = build_checkpoint(model, args, epoch + 1, stats["loss"], knn, table, excluded, channels,
                                    dist.world_size)
             files_out.end_epoch(epoch, args.num_epochs, row, ckpt, improved, optimizer, scheduler, scaler, best, rngs,
                                 chance=1 / table.num_classes if table is not None else None,
-                                resumable={"augment_rng": augment_rng.get_state()} if augment_rng is not None else None)
+                                augment_rng=augment_rng.get_state() if augment_rng is not None else None)
             print(_epoch_line(epoch, args.num_epochs, stats, knn, row["embedding_std"], improved), flush=True)
             _warn_collapse(row["embedding_std"], model.config.projection_dim)
     if dist.is_main:
@@ -368,10 +366,9 @@ def main(args):
 def done_line(best_path: str, num_epochs: int) -> str:
     """The run's last line: which epoch was kept and why. On 423 images an 800-epoch run kept epoch 325, whose
     kNN accuracy on val (0.929) its last epoch no longer reached (0.843) (README, Results)."""
-    best = checkpoints.load_checkpoint(best_path, "ssl")
-    by = (f"kNN accuracy on val {best['knn_accuracy']:.3f}" if best.get("knn_accuracy") is not None
-          else f"loss {best['loss']:.4f}")
-    return f"done: best epoch {best['epoch']} of {num_epochs} by {by} -> {best_path}"
+    best = SSLCheckpoint.load(best_path)
+    by = f"kNN accuracy on val {best.knn_accuracy:.3f}" if best.knn_accuracy is not None else f"loss {best.loss:.4f}"
+    return f"done: best epoch {best.epoch} of {num_epochs} by {by} -> {best_path}"
 
 
 def _set_epoch(loader, epoch: int) -> None:

@@ -10,18 +10,12 @@ import time
 
 import torch
 
-from checkpoints import load_checkpoint, load_state_strict, rng_states, save_checkpoint, set_rng_states
+from checkpoints import (CHECKPOINT_CLASSES, Checkpoint, TrainingState, load_checkpoint, load_state_strict,
+                         set_rng_states)
 from distributed import Dist, init_distributed, restore_rank_rng
 from training_history import History, plot_history_throttled
 from utils import (UserError, configure_cpu_threads, default_num_workers, device_note, print_settings,
                    resolve_precision, seed_everything, write_settings)
-
-
-def training_state(optimizer, scheduler, scaler, best_metric) -> dict:
-    """What `--resume` needs beyond the weights: optimizer, schedule, scaler, RNGs, best so far."""
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng_states(), "best_metric": best_metric}
-
 
 # With a few dozen labels a fine-tuning epoch is one step of a fraction of a second, and writing the
 # resumable checkpoint (weights and optimizer state, fsynced) every epoch took 40% of a 30-epoch run. A
@@ -37,7 +31,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class LastCheckpoint:
-    """The resumable `last_*_checkpoint.pth` of a training run: weights plus `training_state`, written
+    """The resumable `last_*_checkpoint.pth` of a training run: weights plus a TrainingState, written
     after the first epoch, at most every LAST_CHECKPOINT_EVERY_S seconds, and after the last epoch.
     `saved_epoch`: the completed epochs the file on disk holds (a resumed run starts with its own)."""
 
@@ -60,31 +54,27 @@ class LastCheckpoint:
                 "interrupted before the first epoch ended: nothing resumable was saved; start again without "
                 "--resume") from None
 
-    def save_if_due(self, ckpt: dict, epoch: int, num_epochs: int, optimizer, scheduler, scaler, best_metric,
-                    rngs=None) -> None:
-        """After epoch `epoch` (0-based); `rngs`: every process's RNG states under torchrun, or None."""
+    def save_if_due(self, ckpt: Checkpoint, epoch: int, num_epochs: int, optimizer, scheduler, scaler, best_metric,
+                    rngs=None, augment_rng=None) -> None:
+        """After epoch `epoch` (0-based); `rngs`: every process's RNG states under torchrun, or None;
+        `augment_rng`: the state of the augmentation's own generator (--cuda_graphs on), or None."""
         if epoch + 1 < num_epochs and time.monotonic() - self.saved_at < LAST_CHECKPOINT_EVERY_S:
             return
-        state = training_state(optimizer, scheduler, scaler, best_metric)
-        if rngs is not None:
-            state["rng_per_rank"] = rngs
-        save_checkpoint({**ckpt, **state}, self.path)
+        state = TrainingState.capture(optimizer, scheduler, scaler, best_metric)
+        state.rng_per_rank, state.augment_rng = rngs, augment_rng
+        ckpt.save(self.path, state)
         self.saved_at, self.saved_epoch = time.monotonic(), epoch + 1
 
 
-def restore_training_state(ckpt: dict, modules: dict, optimizer, scheduler, scaler, path: str):
-    """Load weights (strictly) and the full training state saved by `training_state`; returns best_metric."""
-    missing = [k for k in ("optimizer", "scheduler", "scaler", "rng") if k not in ckpt]
-    if missing:
-        raise UserError(f"--resume {path}: has no training state ({', '.join(missing)}); resume from a "
-                        f"last_*_checkpoint.pth, not a best_* model")
+def restore_training_state(raw: dict, state: TrainingState, modules: dict, optimizer, scheduler, scaler,
+                           path: str) -> None:
+    """Load the weights of `modules` ({checkpoint key: module}, strictly) and the full training state."""
     for key, module in modules.items():
-        load_state_strict(module, ckpt.get(key), key, path)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_states(ckpt["rng"])
-    return ckpt["best_metric"]
+        load_state_strict(module, raw.get(key), key, path)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    scaler.load_state_dict(state.scaler)
+    set_rng_states(state.rng)
 
 
 def check_epochs_left(done: int, num_epochs: int, path: str) -> None:
@@ -94,9 +84,9 @@ def check_epochs_left(done: int, num_epochs: int, path: str) -> None:
                         f"{num_epochs}; nothing to train (its models are unchanged). Raise --num_epochs to train longer")
 
 
-def check_resume_compatible(ckpt: dict, args, keys: tuple, path: str) -> None:
+def check_resume_compatible(ckpt: Checkpoint, args, keys: tuple, path: str) -> None:
     """Refuse to resume a run with settings that change the network or the data it sees."""
-    saved = ckpt.get("args", {})
+    saved = ckpt.args
     then, now = saved.get("recipe", "spec"), getattr(args, "recipe", "spec")   # runs before recipes were spec
     recipe = f" (that run used --recipe {then}, this one --recipe {now})" if then != now else ""
     for k in keys:
@@ -105,9 +95,9 @@ def check_resume_compatible(ckpt: dict, args, keys: tuple, path: str) -> None:
                             f"use the same value or start a new --output_dir")
 
 
-def check_resume_world_size(ckpt: dict, dist_info: Dist, path: str) -> None:
+def check_resume_world_size(ckpt: Checkpoint, dist_info: Dist, path: str) -> None:
     """The global batch and the schedule depend on the number of processes: resume with the same number."""
-    saved = ckpt.get("world_size", 1)
+    saved = ckpt.world_size
     if saved != dist_info.world_size:
         raise UserError(f"--resume {path}: was run on {saved} process(es), now {dist_info.world_size}; resume "
                         f"with the same torchrun --nnodes x --nproc_per_node, or start a new --output_dir")
@@ -173,17 +163,19 @@ class RunPaths:
 def resume_run(path: str | None, kind: str, args, keys: tuple, dist: Dist, modules: dict, optimizer, scheduler,
                scaler, seed: int):
     """--resume: restore weights and training state from `path` after checking it fits this run and has
-    epochs left to train. Returns (completed epochs, best metric so far, the checkpoint for what else the
+    epochs left to train. Returns (completed epochs, best metric so far, the TrainingState for what else the
     trainer restores); (0, None, None) when `path` is None."""
     if path is None:
         return 0, None, None
-    ckpt = load_checkpoint(path, kind, "--resume")
+    raw = load_checkpoint(path, kind, "--resume")
+    ckpt = CHECKPOINT_CLASSES[kind].from_dict(raw, path)
     check_resume_compatible(ckpt, args, keys, path)
     check_resume_world_size(ckpt, dist, path)
-    check_epochs_left(ckpt["epoch"], args.num_epochs, path)
-    best = restore_training_state(ckpt, modules, optimizer, scheduler, scaler, path)
-    restore_rank_rng(ckpt, dist, seed + 1000 * ckpt["epoch"])
-    return ckpt["epoch"], best, ckpt
+    check_epochs_left(ckpt.epoch, args.num_epochs, path)
+    state = TrainingState.from_dict(raw, path)
+    restore_training_state(raw, state, modules, optimizer, scheduler, scaler, path)
+    restore_rank_rng(state.rng_per_rank, dist, seed + 1000 * ckpt.epoch)
+    return ckpt.epoch, state.best_metric, state
 
 
 class RunFiles:
@@ -204,14 +196,13 @@ class RunFiles:
             print_settings(heading, settings)
             write_settings(self.paths.settings, settings)
 
-    def end_epoch(self, epoch: int, num_epochs: int, row: dict, ckpt: dict, improved: bool, optimizer, scheduler,
-                  scaler, best_metric, rngs=None, chance: float | None = None, resumable: dict | None = None) -> None:
-        """After epoch `epoch` (0-based), on the main process. `chance`: the curves' chance line; `resumable`:
-        what only the last checkpoint carries besides `ckpt` (e.g. the augmentation generator's state)."""
+    def end_epoch(self, epoch: int, num_epochs: int, row: dict, ckpt: Checkpoint, improved: bool, optimizer,
+                  scheduler, scaler, best_metric, rngs=None, chance: float | None = None, augment_rng=None) -> None:
+        """After epoch `epoch` (0-based), on the main process. `chance`: the curves' chance line; `augment_rng`:
+        the augmentation generator's state, which only the last checkpoint carries."""
         self.history.append(row)
         plot_history_throttled(self.paths.history, self.paths.plot, self.title, last_epoch=epoch + 1 == num_epochs,
                                chance=chance)
         if improved:
-            save_checkpoint(ckpt, self.paths.best)
-        self.last.save_if_due({**ckpt, **(resumable or {})}, epoch, num_epochs, optimizer, scheduler, scaler,
-                              best_metric, rngs)
+            ckpt.save(self.paths.best)
+        self.last.save_if_due(ckpt, epoch, num_epochs, optimizer, scheduler, scaler, best_metric, rngs, augment_rng)

@@ -160,7 +160,7 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
          "--device", args.device, "--bootstrap", "0"])
     device = utils.resolve_device(args.device)
     (ev,) = scoring.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
-    if ev.kind == scoring.MULTILABEL_KIND:
+    if ev.info.task == "multilabel":
         scores = compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, 0, 0)
         metrics = MULTILABEL_METRICS
     else:

@@ -19,6 +19,7 @@ import classification_metrics
 import plots
 import probes
 import reports
+import single_label_reports
 import scoring
 import utils
 import verdicts
@@ -278,7 +279,7 @@ def test_predictions_are_the_recorded_test_split_and_never_trained_on(world, sin
 
 def skip_figures(monkeypatch):
     """For tests about which images are scored: the figures are checked elsewhere and cost seconds."""
-    monkeypatch.setattr(reports, "write_figures", lambda *a, **k: {})
+    monkeypatch.setattr(single_label_reports.SingleLabelReports, "write_figures", lambda *a, **k: {})
     monkeypatch.setattr(reports, "write_gradcam_figure", lambda *a, **k: None)
     monkeypatch.setattr(reports, "embedding_projections",
                         lambda evaluated, seed: {e.checkpoint: {} for e in evaluated})

@@ -23,6 +23,7 @@ import label_tables
 import medmnist_npz
 import plots
 import synthetic
+import tasks
 import train_ssl
 import utils
 from model_ssl import masked_bce_with_logits
@@ -161,10 +162,10 @@ def test_val_threshold_is_the_best_cut_off_by_its_rule(rule):
             (~pred & (y == 0)).sum()
         return tp / (tp + fn) + tn / (tn + fp) - 1 if rule == "youden" else 2 * tp / (2 * tp + fp + fn)
 
-    chosen = fine_tune.choose_threshold(y, prob, rule)
+    chosen = tasks.choose_threshold(y, prob, rule)
     best = max(score(t, y[20:], prob[20:]) for t in np.unique(prob[20:]))
     assert score(chosen, y[20:], prob[20:]) == pytest.approx(best)
-    assert fine_tune.choose_threshold(np.zeros(5), np.linspace(0, 1, 5), rule) == 0.5    # no positives
+    assert tasks.choose_threshold(np.zeros(5), np.linspace(0, 1, 5), rule) == 0.5    # no positives
 
 
 def test_iterative_stratification_keeps_every_finding_and_the_prevalences():

@@ -11,6 +11,7 @@ import evaluate
 import fine_tune
 import gradcam
 import reports
+import single_label_reports
 
 SIZE, SQUARE = 64, 16               # a 16 px square in a 64 px image: 24 px a side with the 4 px tolerance
 
@@ -51,7 +52,7 @@ def pointing(tmp_path_factory):
         "--bootstrap", "200", "--device", "cpu", "--precision", "fp32"])
     with pytest.MonkeyPatch.context() as mp:       # the other figures are tested elsewhere and cost seconds
         mp.setattr(reports, "embedding_projections", lambda evaluated, seed: {e.checkpoint: {} for e in evaluated})
-        mp.setattr(reports, "write_figures", lambda *a, **k: {})
+        mp.setattr(single_label_reports.SingleLabelReports, "write_figures", lambda *a, **k: {})
         return evaluate.main(args), out
 
 
