@@ -41,7 +41,7 @@ import training
 import training_run
 import utils
 from model_ssl import Classifier, ModelConfig, masked_bce_with_logits, use_small_stem
-from utils import UserError
+from utils import Bound, UserError, bounded
 
 RESUME_KEYS = ("label_fraction", "seed", "split_seed", "num_classes", "image_size", "batch_size", "freeze_encoder",
                "unfreeze_after_epoch", "frozen_steps", "ssl_checkpoint", "task", "uncertain", "pos_weight")
@@ -350,10 +350,11 @@ def task_entries(table, val_metrics: dict) -> dict:
 # ============ main ============
 
 def check_args(args) -> None:
-    """Every flag checked before any work (utils.FLAG_RULES): one line naming the flag, value and range."""
-    utils.check_flags(args)
+    """Every flag checked before any work (each flag's rule, utils.bounded): one line naming the flag, value and
+    range."""
+    utils.check_flags(args, get_args_parser())
     if args.resume not in (None, "auto"):
-        utils.check_flags(argparse.Namespace(resume=args.resume), {"resume": utils.EXISTING_FILE})
+        utils.check_flag("resume", args.resume, utils.EXISTING_FILE)
     utils.check_split_shares(args.val_fraction, args.test_fraction)
     if args.pos_weight != "none" and args.task == "multiclass":
         raise UserError("--pos_weight is for multi-label files; with one label per image use --class_weights")
@@ -530,48 +531,64 @@ def get_args_parser():
     p = recipes.RecipeParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
                            parents=[utils.common_parser(), training.training_parser(), utils.task_parser()],
                            formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
-    p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's names are relative to")
-    p.add_argument("--label_file", default="./data/medical_images/labels.csv",
-                   help="CSV filename,label[,split][,patient_id], or a multi-label file (docs/multilabel.md)")
-    p.add_argument("--ssl_checkpoint", default=None,
-                   help="best_ssl_model.pth from train_ssl.py; leave out to train from scratch (the baseline)")
-    p.add_argument("--output_dir", default="./checkpoints", help="where the model, history and plots go")
-    p.add_argument("--output_name", default=None,
-                   help="checkpoint file name (default: best_finetuned_model.pth with --ssl_checkpoint, "
-                        "best_baseline_model.pth without)")
-    p.add_argument("--num_classes", type=int, default=None, help="number of classes (default: from the label file)")
+    bounded(p.add_argument("--data_dir", default="./data/medical_images",
+                           help="folder the label file's names are relative to"), utils.EXISTING_DIR)
+    bounded(p.add_argument("--label_file", default="./data/medical_images/labels.csv",
+                           help="CSV filename,label[,split][,patient_id], or a multi-label file (docs/multilabel.md)"),
+            utils.EXISTING_FILE)
+    bounded(p.add_argument("--ssl_checkpoint", default=None,
+                           help="best_ssl_model.pth from train_ssl.py; leave out to train from scratch (the baseline)"),
+            utils.EXISTING_FILE)
+    bounded(p.add_argument("--output_dir", default="./checkpoints", help="where the model, history and plots go"),
+            utils.OUTPUT_DIR)
+    bounded(p.add_argument("--output_name", default=None,
+                           help="checkpoint file name (default: best_finetuned_model.pth with --ssl_checkpoint, "
+                                "best_baseline_model.pth without)"), utils.FILE_NAME)
+    bounded(p.add_argument("--num_classes", type=int, default=None,
+                           help="number of classes (default: from the label file)"), Bound(int, 2, 10_000))
     p.add_argument("--backbone", default=None, choices=["resnet18", "resnet50"],
                    help="encoder for a from-scratch run (default resnet18); with --ssl_checkpoint the "
                         "checkpoint's encoder is used and a different value is ignored with a note")
-    p.add_argument("--image_size", type=int, default=None,
-                   help="training resolution (default: the SSL checkpoint's, else 224)")
-    p.add_argument("--batch_size", type=int, default=32,
-                   help="images per step per process; under torchrun the global batch is this x processes")
-    p.add_argument("--num_epochs", type=int, default=50, help="fine-tuning epochs")
-    p.add_argument("--num_steps", type=int, default=0,
-                   help="fine-tuning length in optimizer steps (0: use --num_epochs); sets --num_epochs to the epochs "
-                        "holding this many steps, rounded up (18-35 labels: one step an epoch)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (and of a from-scratch encoder)")
-    p.add_argument("--encoder_lr_scale", type=float, default=0.1,
-                   help="learning rate of a pretrained encoder relative to --lr once it trains")
-    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    bounded(p.add_argument("--image_size", type=int, default=None,
+                           help="training resolution (default: the SSL checkpoint's, else 224)"),
+            Bound(int, 8, 4096, hint="pixels; 32 or less uses the small-image stem"))
+    bounded(p.add_argument("--batch_size", type=int, default=32,
+                           help="images per step per process; under torchrun the global batch is this x processes"),
+            Bound(int, 1, 1 << 16))
+    bounded(p.add_argument("--num_epochs", type=int, default=50, help="fine-tuning epochs"), Bound(int, 1, 1 << 20))
+    bounded(p.add_argument("--num_steps", type=int, default=0,
+                           help="fine-tuning length in optimizer steps (0: use --num_epochs); sets --num_epochs to the "
+                                "epochs holding this many steps, rounded up (18-35 labels: one step an epoch)"),
+            Bound(int, 0, 1 << 30, hint="optimizer steps; 0: use --num_epochs"))
+    bounded(p.add_argument("--lr", type=float, default=1e-3,
+                           help="learning rate of the head (and of a from-scratch encoder)"),
+            Bound(float, 0, 100, lo_open=True, hint="e.g. 3e-4"))
+    bounded(p.add_argument("--encoder_lr_scale", type=float, default=0.1,
+                           help="learning rate of a pretrained encoder relative to --lr once it trains"),
+            Bound(float, 0, 100))
+    bounded(p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay"), Bound(float, 0, 10))
     p.add_argument("--freeze_encoder", action="store_true",
                    help="train only the head (encoder weights and BatchNorm statistics fixed) until --unfreeze_after_epoch")
-    p.add_argument("--unfreeze_after_epoch", type=int, default=25, help="epoch after which the whole network trains")
-    p.add_argument("--frozen_steps", type=int, default=0,
-                   help="with --ssl_checkpoint: train only the head for this many optimizer steps, then the whole "
-                        "network (linear probing, then fine-tuning); sets --freeze_encoder and "
-                        "--unfreeze_after_epoch to the epochs holding these steps. 0: off")
-    p.add_argument("--head_prefit_steps", type=int, default=0,
-                   help="before epoch 1, train the head alone for this many full-batch steps on frozen features of "
-                        "the labelled images (linear probing then fine-tuning; helps with a few dozen labels)")
-    p.add_argument("--rotation", type=float, default=10.0,
-                   help="augmentation: random rotation in degrees (the original recipe's 10; 0: off)")
+    bounded(p.add_argument("--unfreeze_after_epoch", type=int, default=25,
+                           help="epoch after which the whole network trains"), utils.UINT)
+    bounded(p.add_argument("--frozen_steps", type=int, default=0,
+                           help="with --ssl_checkpoint: train only the head for this many optimizer steps, then the "
+                                "whole network (linear probing, then fine-tuning); sets --freeze_encoder and "
+                                "--unfreeze_after_epoch to the epochs holding these steps. 0: off"),
+            Bound(int, 0, 1 << 30, hint="optimizer steps with the encoder frozen; 0: off"))
+    bounded(p.add_argument("--head_prefit_steps", type=int, default=0,
+                           help="before epoch 1, train the head alone for this many full-batch steps on frozen "
+                                "features of the labelled images (linear probing then fine-tuning; helps with a few "
+                                "dozen labels)"), Bound(int, 0, 1_000_000))
+    bounded(p.add_argument("--rotation", type=float, default=10.0,
+                           help="augmentation: random rotation in degrees (the original recipe's 10; 0: off)"),
+            Bound(float, 0, 180, hint="degrees"))
     p.add_argument("--rotation_fill", default="zeros", choices=augmentations.ROTATION_FILLS,
                    help="what fills the corners a rotation brings in: black (torchvision's RandomRotation, the "
                         "original recipe) or the image mirrored at its edges (no black wedges for the model to learn)")
-    p.add_argument("--label_fraction", type=float, default=1.0,
-                   help="stratified fraction of the train split to train on (val and test untouched)")
+    bounded(p.add_argument("--label_fraction", type=float, default=1.0,
+                           help="stratified fraction of the train split to train on (val and test untouched)"),
+            Bound(float, 0, 1, lo_open=True, hint="e.g. 0.1 for 10% of the labels"))
     p.add_argument("--class_weights", default="none", choices=["none", "balanced"],
                    help="balanced: weight the loss by inverse class frequency (rare diseases)")
     p.add_argument("--pos_weight", default="none", choices=["none", "balanced"],

@@ -13,7 +13,6 @@ and after the last epoch), ssl_history.csv, ssl_training.png, ssl_settings.json 
 device, precision and workers with the reason for each, and in value_sources where each value that --recipe
 controls came from: flag, recipe tuned or default).
 """
-import argparse
 import dataclasses
 import os
 import sys
@@ -35,7 +34,7 @@ import training
 import training_run
 import utils
 from model_ssl import ModelConfig, SimCLR, nt_xent_loss, use_small_stem
-from utils import UserError
+from utils import Bound, UserError, bounded
 
 RESUME_KEYS = ("backbone", "image_size", "projection_dim", "batch_size", "optimizer", "seed", "val_fraction",
                "test_fraction")
@@ -281,10 +280,11 @@ def resume_path(args) -> str | None:
 # ============ main ============
 
 def check_args(args) -> None:
-    """Every flag checked before any work (utils.FLAG_RULES): one line naming the flag, value and range."""
-    utils.check_flags(args)
+    """Every flag checked before any work (each flag's rule, utils.bounded): one line naming the flag, value and
+    range."""
+    utils.check_flags(args, get_args_parser())
     if args.resume not in (None, "auto"):
-        utils.check_flags(argparse.Namespace(resume=args.resume), {"resume": utils.EXISTING_FILE})
+        utils.check_flag("resume", args.resume, utils.EXISTING_FILE)
     utils.check_split_shares(args.val_fraction, args.test_fraction)
 
 
@@ -406,43 +406,57 @@ def get_args_parser():
     p = recipes.RecipeParser(description="SimCLR self-supervised pretraining.",
                            parents=[utils.common_parser(), training.training_parser(), utils.task_parser(uncertain=False)],
                            formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
-    p.add_argument("--data_dir", default="./data/medical_images", help="folder of unlabelled images (recursive)")
-    p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go")
-    p.add_argument("--label_file", default=None,
-                   help="optional labels.csv: its test split is left out of pretraining and a kNN monitor "
-                        "(train -> val) picks the best epoch")
+    bounded(p.add_argument("--data_dir", default="./data/medical_images",
+                           help="folder of unlabelled images (recursive)"), utils.EXISTING_DIR)
+    bounded(p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go"),
+            utils.OUTPUT_DIR)
+    bounded(p.add_argument("--label_file", default=None,
+                           help="optional labels.csv: its test split is left out of pretraining and a kNN monitor "
+                                "(train -> val) picks the best epoch"), utils.EXISTING_FILE)
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"], help="ResNet encoder")
-    p.add_argument("--batch_size", type=int, default=64,
-                   help="images per step per process (2x views); under torchrun the global batch is this x processes")
-    p.add_argument("--num_epochs", type=int, default=100, help="pretraining epochs")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (after warm-up)")
-    p.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay (not on biases and norms)")
+    bounded(p.add_argument("--batch_size", type=int, default=64,
+                           help="images per step per process (2x views); under torchrun the global batch is this x "
+                                "processes"), Bound(int, 1, 1 << 16))
+    bounded(p.add_argument("--num_epochs", type=int, default=100, help="pretraining epochs"), Bound(int, 1, 1 << 20))
+    bounded(p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (after warm-up)"),
+            Bound(float, 0, 100, lo_open=True, hint="e.g. 3e-4"))
+    bounded(p.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay (not on biases and norms)"),
+            Bound(float, 0, 10))
     p.add_argument("--optimizer", default="adam", choices=["adam", "lars"],
                    help="adam (AdamW) as in the original recipe, or LARS as in the SimCLR paper "
                         "(use lr ~ 0.3 x batch/256)")
-    p.add_argument("--warmup_epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay")
-    p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
-    p.add_argument("--projection_dim", type=int, default=128, help="output size of the projection head")
-    p.add_argument("--image_size", type=int, default=224,
-                   help="training resolution in pixels; 32 or less uses the small-image stem")
+    bounded(p.add_argument("--warmup_epochs", type=int, default=10,
+                           help="linear warm-up epochs before the cosine decay"), utils.UINT)
+    bounded(p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature"),
+            Bound(float, 1e-3, 100, hint="NT-Xent temperature, e.g. 0.5"))
+    bounded(p.add_argument("--projection_dim", type=int, default=128, help="output size of the projection head"),
+            Bound(int, 1, 1 << 16))
+    bounded(p.add_argument("--image_size", type=int, default=224,
+                           help="training resolution in pixels; 32 or less uses the small-image stem"),
+            Bound(int, 8, 4096, hint="pixels; 32 or less uses the small-image stem"))
     p.add_argument("--augment", default="batch", choices=augmentations.AUGMENT_MODES,
                    help="batch: decode once, augment whole batches on the device; pil: classic per-image "
                         "torchvision pipeline in DataLoader workers (reference)")
-    p.add_argument("--crop_min_scale", type=float, default=0.8,
-                   help="smallest crop area as a fraction of the image (the original recipe's 0.8; the SimCLR "
-                        "paper uses 0.08; smaller crops force the encoder to use local findings, not the global "
-                        "anatomy)")
-    p.add_argument("--rotation", type=float, default=15.0,
-                   help="random rotation in degrees, uniform in [-rotation, rotation], corners zero-filled as "
-                        "RandomRotation does (the original recipe's 15; 0: off)")
-    p.add_argument("--jitter", type=float, default=0.3,
-                   help="brightness and contrast factors are drawn from [1 - jitter, 1 + jitter] (the original "
-                        "recipe's 0.3; grayscale images have no colour to distort, so stronger intensity jitter stops "
-                        "the encoder matching views by their histogram)")
-    p.add_argument("--gamma", type=float, default=0.0,
-                   help="random gamma: pixel ** g with g log-uniform in [1/(1+gamma), 1+gamma] (0: off, as in the "
-                        "original recipe); changes the shape of the histogram, which brightness and contrast cannot")
-    p.add_argument("--eval_every", type=int, default=5, help="epochs between kNN evaluations (with --label_file)")
+    bounded(p.add_argument("--crop_min_scale", type=float, default=0.8,
+                           help="smallest crop area as a fraction of the image (the original recipe's 0.8; the "
+                                "SimCLR paper uses 0.08; smaller crops force the encoder to use local findings, not "
+                                "the global anatomy)"), utils.FRACTION)
+    bounded(p.add_argument("--rotation", type=float, default=15.0,
+                           help="random rotation in degrees, uniform in [-rotation, rotation], corners zero-filled "
+                                "as RandomRotation does (the original recipe's 15; 0: off)"),
+            Bound(float, 0, 180, hint="degrees"))
+    bounded(p.add_argument("--jitter", type=float, default=0.3,
+                           help="brightness and contrast factors are drawn from [1 - jitter, 1 + jitter] (the "
+                                "original recipe's 0.3; grayscale images have no colour to distort, so stronger "
+                                "intensity jitter stops the encoder matching views by their histogram)"),
+            Bound(float, 0, 1))
+    bounded(p.add_argument("--gamma", type=float, default=0.0,
+                           help="random gamma: pixel ** g with g log-uniform in [1/(1+gamma), 1+gamma] (0: off, as "
+                                "in the original recipe); changes the shape of the histogram, which brightness and "
+                                "contrast cannot"), Bound(float, 0, 10))
+    bounded(p.add_argument("--eval_every", type=int, default=5,
+                           help="epochs between kNN evaluations (with --label_file)"),
+            Bound(int, 1, hint="epochs between kNN evaluations"))
     p.add_argument("--cuda_graphs", default="auto", choices=["auto", "on", "off"],
                    help="on: the capture-friendly step (augmentation random numbers drawn on the device, full "
                         "batches, no host read inside a step) replayed from one CUDA graph per step; on a CPU it "

@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn as nn
 
-from utils import UserError
+from utils import Bound, UserError, bounded
 
 
 def training_parser() -> argparse.ArgumentParser:
@@ -27,9 +27,10 @@ def training_parser() -> argparse.ArgumentParser:
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of each "
                         "process's --batch_size (SyncBatchNorm)")
     g = p.add_argument_group("split (a label file without a split column; give both trainers the same)")
-    g.add_argument("--val_fraction", type=float, default=0.15, help="val share of the patients")
-    g.add_argument("--test_fraction", type=float, default=0.15,
-                   help="test share of the patients: left out of pretraining and fine-tuning")
+    share = Bound(float, 0, 1, hi_open=True)
+    bounded(g.add_argument("--val_fraction", type=float, default=0.15, help="val share of the patients"), share)
+    bounded(g.add_argument("--test_fraction", type=float, default=0.15,
+                           help="test share of the patients: left out of pretraining and fine-tuning"), share)
     return p
 
 
