@@ -352,10 +352,7 @@ def task_entries(table, val_metrics: dict) -> dict:
 def check_args(args) -> None:
     """Every flag checked before any work (each flag's rule, utils.bounded): one line naming the flag, value and
     range."""
-    utils.check_flags(args, get_args_parser())
-    if args.resume not in (None, "auto"):
-        utils.check_flag("resume", args.resume, utils.EXISTING_FILE)
-    utils.check_split_shares(args.val_fraction, args.test_fraction)
+    training.check_training_flags(args, get_args_parser())
     if args.pos_weight != "none" and args.task == "multiclass":
         raise UserError("--pos_weight is for multi-label files; with one label per image use --class_weights")
 
@@ -597,10 +594,6 @@ def get_args_parser():
     p.add_argument("--threshold_rule", default="youden", choices=["youden", "f1"],
                    help="multi-label: how each finding's probability threshold is chosen on val (Youden's J: max "
                         "sensitivity + specificity - 1; or max F1); recorded in the checkpoint")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from last_<run>_checkpoint.pth (no value: the one in --output_dir)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a best model in --output_dir that another run (other label file or settings) wrote")
     return p
 
 

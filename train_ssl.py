@@ -282,10 +282,7 @@ def resume_path(args) -> str | None:
 def check_args(args) -> None:
     """Every flag checked before any work (each flag's rule, utils.bounded): one line naming the flag, value and
     range."""
-    utils.check_flags(args, get_args_parser())
-    if args.resume not in (None, "auto"):
-        utils.check_flag("resume", args.resume, utils.EXISTING_FILE)
-    utils.check_split_shares(args.val_fraction, args.test_fraction)
+    training.check_training_flags(args, get_args_parser())
 
 
 @utils.locks_output_dir(check_args, "ssl")
@@ -462,10 +459,6 @@ def get_args_parser():
                         "batches, no host read inside a step) replayed from one CUDA graph per step; on a CPU it "
                         "runs without a graph. auto = off everywhere until graphs are measured to win on a GPU "
                         "(issue 23: not measured yet); off: the step as before")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a best_ssl_model.pth in --output_dir that another run (other data or settings) wrote")
     return p
 
 

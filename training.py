@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn as nn
 
-from utils import Bound, UserError, bounded
+from utils import EXISTING_FILE, Bound, UserError, bounded, check_flag, check_flags, check_split_shares
 
 
 def training_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,22 @@ def training_parser() -> argparse.ArgumentParser:
     bounded(g.add_argument("--val_fraction", type=float, default=0.15, help="val share of the patients"), share)
     bounded(g.add_argument("--test_fraction", type=float, default=0.15,
                            help="test share of the patients: left out of pretraining and fine-tuning"), share)
+    g = p.add_argument_group("resuming and replacing")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a last_*_checkpoint.pth (no value: this run's one in --output_dir)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a best model in --output_dir that another run (other data, label file or settings) "
+                        "wrote")
     return p
+
+
+def check_training_flags(args, parser: argparse.ArgumentParser) -> None:
+    """What both trainers check before any work: every flag's rule, the --resume file when one is named, and
+    that the split shares leave training images."""
+    check_flags(args, parser)
+    if args.resume not in (None, "auto"):
+        check_flag("resume", args.resume, EXISTING_FILE)
+    check_split_shares(args.val_fraction, args.test_fraction)
 
 
 def cpu_compiler() -> str | None:
