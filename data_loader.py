@@ -155,8 +155,8 @@ class BatchLoader:
             return
         if self._streaming is None:
             # persistent workers: starting them every epoch cost more than the epoch on small data and many
-            # workers (the benchmark's streaming path ran at a quarter of PIL's with 12 on a GPU machine).
-            # The batch sampler is read again each epoch, so set_epoch still reshuffles.
+            # workers (docs/performance.md, Throughput of the data path). The batch sampler is read again each
+            # epoch, so set_epoch still reshuffles.
             self._streaming = torch.utils.data.DataLoader(
                 self.store, batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
                 pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)

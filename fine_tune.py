@@ -46,7 +46,7 @@ from utils import Bound, UserError, bounded
 RESUME_KEYS = ("label_fraction", "seed", "split_seed", "num_classes", "image_size", "batch_size", "freeze_encoder",
                "unfreeze_after_epoch", "frozen_steps", "ssl_checkpoint", "task", "uncertain", "pos_weight")
 
-TUNED_STEPS = 200     # from-scratch runs on 18-35 synthetic labels (one step per epoch) still improved after 100
+TUNED_STEPS = 200     # from-scratch runs with one step per epoch were still improving after 100 (docs/design.md)
 
 
 def tuned_steps(args, given):
@@ -484,9 +484,9 @@ def peaked_late(best_epoch, num_epochs: int):
 
 
 def still_improving_hint(best_epoch: int, num_epochs: int):
-    """A hint when the best val epoch was among the last 10% of 10 or more. With 35 labels an epoch is one
-    step; our from-scratch baselines stopped at 30 epochs were 9 points short of their converged accuracy
-    (README, Results)."""
+    """A hint when the best val epoch was among the last 10% of 10 or more. With a few dozen labels an epoch
+    is one step, and from-scratch baselines stopped at 30 epochs were well short of their converged accuracy
+    (CHANGELOG.md)."""
     if num_epochs >= 10 and peaked_late(best_epoch, num_epochs):
         return (f"note: the best val epoch was {best_epoch} of {num_epochs}, so the model was probably still "
                 f"improving; train longer (--num_epochs), above all with few labels, where an epoch is a step or two")

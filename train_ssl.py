@@ -136,7 +136,7 @@ def resolve_step_mode(args, device, dist, autocast_dtype) -> tuple[str, str]:
     what --cuda_graphs on does without CUDA) or 'graphed' (that step replayed from a CUDA graph); and
     a note for the settings."""
     if args.cuda_graphs != "on":
-        return "eager", f"off ({args.cuda_graphs}: off until graphs are measured to win on a GPU, issue 23)"
+        return "eager", f"off ({args.cuda_graphs}: off until graphs are measured to win on a GPU)"
     refused = {"--augment pil (the views come from the workers)": args.augment == "pil",
                "torchrun (one process only)": dist.world_size > 1,
                "--precision fp16 (its GradScaler reads the GPU every step)": autocast_dtype == torch.float16,
@@ -363,8 +363,8 @@ def main(args):
 
 
 def done_line(best_path: str, num_epochs: int) -> str:
-    """The run's last line: which epoch was kept and why. On 423 images an 800-epoch run kept epoch 325, whose
-    kNN accuracy on val (0.929) its last epoch no longer reached (0.843) (README, Results)."""
+    """The run's last line: which epoch was kept and why. On small data the kept epoch can be long before the
+    last, whose features may have got worse on val (docs/results.md, Pretraining length on the GPU)."""
     best = checkpoints.load_checkpoint(best_path, "ssl")
     by = (f"kNN accuracy on val {best['knn_accuracy']:.3f}" if best.get("knn_accuracy") is not None
           else f"loss {best['loss']:.4f}")
@@ -379,8 +379,8 @@ def _set_epoch(loader, epoch: int) -> None:
 
 
 def _improved(best, loss, knn, monitored_by_knn) -> bool:
-    """Ties go to the later epoch: on a small val split the kNN accuracy moves in steps of one image, and
-    a 24-epoch run once kept its epoch-5 encoder (kNN 0.543 at epochs 5 and 24), barely better than random."""
+    """Ties go to the later epoch: on a small val split the kNN accuracy moves in steps of one image, so an
+    early, barely trained encoder would otherwise be kept over a later one that scores the same."""
     if monitored_by_knn:
         return knn is not None and (best is None or knn >= best)
     return best is None or loss < best
@@ -458,7 +458,7 @@ def get_args_parser():
                    help="on: the capture-friendly step (augmentation random numbers drawn on the device, full "
                         "batches, no host read inside a step) replayed from one CUDA graph per step; on a CPU it "
                         "runs without a graph. auto = off everywhere until graphs are measured to win on a GPU "
-                        "(issue 23: not measured yet); off: the step as before")
+                        "(not measured yet: docs/performance.md); off: the step as before")
     return p
 
 

@@ -21,8 +21,8 @@ def training_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("training runtime")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training model: faster steps after a slow first epoch (pretraining on a 2-core CPU: "
-                        "about 1.6x; a CPU needs a C++ compiler, else a warning and no compile)")
+                   help="torch.compile the training model: faster steps after a slow first epoch (docs/performance.md; "
+                        "a CPU needs a C++ compiler, else a warning and no compile)")
     g.add_argument("--sync_bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of each "
                         "process's --batch_size (SyncBatchNorm)")
@@ -64,7 +64,7 @@ def maybe_compile(model: nn.Module, enabled: bool, device: torch.device | None =
         return model
     if device is not None and device.type == "cpu" and cpu_compiler() is None:
         print("warning: --compile needs a C++ compiler (g++ or clang++, or $CXX) for CPU kernels and none is on "
-              "PATH; training uncompiled (about 1.6x slower on a CPU)", file=sys.stderr)
+              "PATH; training uncompiled (slower)", file=sys.stderr)
         return model
     return torch.compile(model)
 

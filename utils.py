@@ -1,10 +1,10 @@
-"""What two or more scripts share: errors, seeding, devices and precision, checkpoints, the
-training loop, history files, schedules, feature extraction and kNN, and the setup both trainers
-run (Runtime, resume_run, RunFiles).
+"""What every script shares: the user error and the CLI runner, the shared flags and each flag's allowed
+values (`bounded`, `check_flags`), the output-folder lock, seeding, devices and precision, atomic files.
 
-Nothing here reads `args`; every function takes explicit parameters. The CLIs import it:
+Apart from the flag checks, nothing here reads `args`; every function takes explicit parameters. The CLIs
+import it:
 
-    from utils import UserError, save_checkpoint, load_checkpoint, train_one_epoch
+    from utils import UserError, atomic_write_json, resolve_device
 """
 import argparse
 import hashlib
