@@ -525,7 +525,7 @@ def log_epoch(epoch, num_epochs, stats, val, frozen, improved) -> dict:
 
 
 def get_args_parser():
-    p = recipes.RecipeParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
+    p = recipes.RecipeParser(description=__doc__,
                            parents=[utils.common_parser(), training.training_parser(), utils.task_parser()],
                            formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
     bounded(p.add_argument("--data_dir", default="./data/medical_images",

@@ -400,7 +400,7 @@ def _warn_collapse(std: float, dim: int) -> None:
 
 
 def get_args_parser():
-    p = recipes.RecipeParser(description="SimCLR self-supervised pretraining.",
+    p = recipes.RecipeParser(description=__doc__,
                            parents=[utils.common_parser(), training.training_parser(), utils.task_parser(uncertain=False)],
                            formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
     bounded(p.add_argument("--data_dir", default="./data/medical_images",
