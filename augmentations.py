@@ -97,14 +97,14 @@ class BatchAugment(nn.Module):
             u_gamma = torch.rand(b, generator=generator, dtype=dtype, device=device)
             extra["gamma"] = torch.exp(_lerp(u_gamma, -np.log1p(c.gamma), np.log1p(c.gamma))).float()
         return dict(**extra,
-            crop_w=crop_w.float(), crop_h=crop_h.float(), crop_cx=crop_cx.float(), crop_cy=crop_cy.float(),
-            flip=flip < c.hflip_p,
-            angle=_lerp(angle, -c.rotation, c.rotation).float(),                # degrees, counter-clockwise
-            brightness=_lerp(bright, max(0.0, 1 - c.brightness), 1 + c.brightness).float(),
-            contrast=_lerp(contrast, max(0.0, 1 - c.contrast), 1 + c.contrast).float(),
-            contrast_first=order < 0.5,
-            blur=blur < c.blur_p,
-            sigma=_lerp(sigma, *self.sigma_range).float(),                      # output pixels
+                    crop_w=crop_w.float(), crop_h=crop_h.float(), crop_cx=crop_cx.float(), crop_cy=crop_cy.float(),
+                    flip=flip < c.hflip_p,
+                    angle=_lerp(angle, -c.rotation, c.rotation).float(),                # degrees, counter-clockwise
+                    brightness=_lerp(bright, max(0.0, 1 - c.brightness), 1 + c.brightness).float(),
+                    contrast=_lerp(contrast, max(0.0, 1 - c.contrast), 1 + c.contrast).float(),
+                    contrast_first=order < 0.5,
+                    blur=blur < c.blur_p,
+                    sigma=_lerp(sigma, *self.sigma_range).float(),                      # output pixels
         )
 
     def _crop(self, u_scale, u_ratio, u_x, u_y, height, width):
@@ -164,7 +164,7 @@ class BatchAugment(nn.Module):
         if self.config.rotation_fill == "reflection":                     # the image mirrored at its edges
             return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         if self.config.rotation > 0:
-            outside = q.abs().amax(dim=-1, keepdim=True) > 1   # (linalg.vector_norm(inf) is 30x slower on CPU)
+            outside = q.abs().amax(dim=-1, keepdim=True) > 1   # vector_norm(inf): much slower (docs/performance.md)
             grid.masked_fill_(outside, -2.0)                                # -2 is off the image: zero
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 

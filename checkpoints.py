@@ -26,7 +26,6 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_KINDS = ("ssl", "classifier")
 
 
-
 def save_checkpoint(state: dict, path: str) -> None:
     """Atomically save a dict of plain types and tensors (loadable with weights_only=True).
 

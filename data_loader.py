@@ -23,7 +23,8 @@ from label_tables import load_label_table
 from medmnist_npz import import_npz
 from synthetic import (CLASS_DESCRIPTIONS, MAX_SYNTHETIC_CLASSES, SYNTHETIC_FINDINGS, generate_dataset,
                        generate_multilabel_dataset)
-from utils import HelpFormatter, UserError, locks_output_dir
+from utils import (EXISTING_FILE, OUTPUT_DIR, UINT, Bound, HelpFormatter, UserError, bounded,
+                   locks_output_dir)
 
 
 class ImageStore(torch.utils.data.Dataset):
@@ -154,8 +155,8 @@ class BatchLoader:
             return
         if self._streaming is None:
             # persistent workers: starting them every epoch cost more than the epoch on small data and many
-            # workers (the benchmark's streaming path ran at a quarter of PIL's with 12 on a GPU machine).
-            # The batch sampler is read again each epoch, so set_epoch still reshuffles.
+            # workers (docs/performance.md, Throughput of the data path). The batch sampler is read again each
+            # epoch, so set_epoch still reshuffles.
             self._streaming = torch.utils.data.DataLoader(
                 self.store, batch_sampler=_EpochBatches(self), num_workers=self.num_workers,
                 pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
@@ -196,9 +197,8 @@ def write_split_column(label_file: str, data_dir: str, seed: int, val_fraction: 
 
 
 def _check_args(args) -> None:
-    from utils import Bound, check_flags, check_split_shares
-    check_flags(args, {"num_classes": Bound(int, 2, MAX_SYNTHETIC_CLASSES, hint="classes the generator draws"),
-                       "image_size": Bound(int, 32, 2048, hint="pixels")})
+    from utils import check_flags, check_split_shares
+    check_flags(args, get_args_parser())
     if not args.from_npz:
         _check_generator_args(args)
     elif args.val_fraction is not None or args.test_fraction is not None:
@@ -255,7 +255,7 @@ def _generate_multilabel(args) -> list:
 
 
 def _check_generator_args(args) -> None:
-    """What the shared range table (utils.FLAG_RULES) cannot say: flags that depend on each other."""
+    """What a flag's own range cannot say: flags that depend on each other."""
     if args.num_images < args.num_classes:
         raise UserError(f"--num_images {args.num_images}: need at least one image per class "
                         f"({args.num_classes}); raise --num_images")
@@ -263,23 +263,33 @@ def _check_generator_args(args) -> None:
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--output_dir", default="./data/medical_images", help="folder for the images and labels.csv")
-    p.add_argument("--num_images", type=int, default=500, help="labelled synthetic images")
-    p.add_argument("--num_unlabeled", type=int, default=0, help="extra synthetic images with no label row")
-    p.add_argument("--num_classes", type=int, default=3, help="number of findings (classes)")
-    p.add_argument("--image_size", type=int, default=224, help="side of the square images in pixels")
-    p.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives identical files")
-    p.add_argument("--from_npz", default=None,
-                   help="import a MedMNIST .npz (e.g. breastmnist.npz: README, Using your own data) instead of generating")
+    bounded(p.add_argument("--output_dir", default="./data/medical_images",
+                           help="folder for the images and labels.csv"), OUTPUT_DIR)
+    bounded(p.add_argument("--num_images", type=int, default=500, help="labelled synthetic images"),
+            Bound(int, 1, 10_000_000))
+    bounded(p.add_argument("--num_unlabeled", type=int, default=0, help="extra synthetic images with no label row"),
+            Bound(int, 0, 10_000_000))
+    bounded(p.add_argument("--num_classes", type=int, default=3, help="number of findings (classes)"),
+            Bound(int, 2, MAX_SYNTHETIC_CLASSES, hint="classes the generator draws"))
+    bounded(p.add_argument("--image_size", type=int, default=224, help="side of the square images in pixels"),
+            Bound(int, 32, 2048, hint="pixels"))
+    bounded(p.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives identical files"),
+            UINT)
+    bounded(p.add_argument("--from_npz", default=None,
+                           help="import a MedMNIST .npz (e.g. breastmnist.npz: README, Using your own data) instead "
+                                "of generating"), EXISTING_FILE)
     p.add_argument("--multi_label", action="store_true",
                    help="several findings per image (consolidation, nodules, effusion, cardiomegaly at unequal, "
                         "correlated prevalences); labels.csv lists them |-separated; --num_classes is ignored")
-    p.add_argument("--val_fraction", type=float, default=None,
-                   help="write a split column into labels.csv: this share of the patients for val (0.15 when only "
-                        "--test_fraction is given); without either, each script splits 70/15/15 by patient itself")
-    p.add_argument("--test_fraction", type=float, default=None,
-                   help="write a split column into labels.csv: this share of the patients held out for testing (the "
-                        "quick start's 0.4 of 800 gives 318 test images, enough to resolve a 10-point difference)")
+    share = Bound(float, 0, 1, hi_open=True)
+    bounded(p.add_argument("--val_fraction", type=float, default=None,
+                           help="write a split column into labels.csv: this share of the patients for val (0.15 when "
+                                "only --test_fraction is given); without either, each script splits 70/15/15 by "
+                                "patient itself"), share)
+    bounded(p.add_argument("--test_fraction", type=float, default=None,
+                           help="write a split column into labels.csv: this share of the patients held out for "
+                                "testing (the quick start's 0.4 of 800 gives 318 test images, enough to resolve a "
+                                "10-point difference)"), share)
     p.add_argument("--label_names", nargs="+", default=None,
                    help="with --from_npz of a multi-label file (labels (N, K), e.g. ChestMNIST): the K finding "
                         "names in column order (default: finding_0 ... finding_K-1)")

@@ -51,11 +51,12 @@ def check_args(args) -> None:
         args.label_file = os.path.join(args.data_dir, "labels.csv")
     if args.names and len(args.names) != len(args.checkpoint):
         raise utils.UserError(f"--names gives {len(args.names)} name(s) for {len(args.checkpoint)} --checkpoint(s); "
-                        f"give one per checkpoint, in the same order")
-    utils.check_flags(args, {"data_dir": None} if args.images is not None else None)   # --images reads no data_dir
+                              f"give one per checkpoint, in the same order")
+    # --images reads no data_dir
+    utils.check_flags(args, get_args_parser(), skip=("data_dir",) if args.images is not None else ())
     if args.images is not None and len(args.checkpoint) != 1:
         raise utils.UserError(f"--images scores a folder with one classifier; give one --checkpoint, not "
-                        f"{len(args.checkpoint)}")
+                              f"{len(args.checkpoint)}")
 
 
 @utils.locks_output_dir(check_args, "evaluate")
@@ -88,26 +89,34 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter, parents=[utils.common_parser()])
-    p.add_argument("--checkpoint", action="append", required=True,
-                   help="a classifier (best_finetuned_model.pth, best_baseline_model.pth) or SSL checkpoint "
-                        "(best_ssl_model.pth); repeat the flag to compare several side by side")
-    p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's paths are relative to")
-    p.add_argument("--label_file", default=None,
-                   help="CSV filename,label[,split][,patient_id]; None means <data_dir>/labels.csv")
-    p.add_argument("--output_dir", default="./evaluation_results", help="folder for metrics, figures and report.md")
-    p.add_argument("--num_classes", type=int, default=None,
-                   help="expected number of classes; an error if a classifier checkpoint has another count")
+    utils.bounded(p.add_argument("--checkpoint", action="append", required=True,
+                                 help="a classifier (best_finetuned_model.pth, best_baseline_model.pth) or SSL "
+                                      "checkpoint (best_ssl_model.pth); repeat the flag to compare several side by "
+                                      "side"), utils.EXISTING_FILE)
+    utils.bounded(p.add_argument("--data_dir", default="./data/medical_images",
+                                 help="folder the label file's paths are relative to"), utils.EXISTING_DIR)
+    utils.bounded(p.add_argument("--label_file", default=None,
+                                 help="CSV filename,label[,split][,patient_id]; None means <data_dir>/labels.csv"),
+                  utils.EXISTING_FILE)
+    utils.bounded(p.add_argument("--output_dir", default="./evaluation_results",
+                                 help="folder for metrics, figures and report.md"), utils.OUTPUT_DIR)
+    utils.bounded(p.add_argument("--num_classes", type=int, default=None,
+                                 help="expected number of classes; an error if a classifier checkpoint has another "
+                                      "count"), utils.Bound(int, 2, 10_000))
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
                    help="images to score; for a classifier, the split recorded in its checkpoint")
-    p.add_argument("--bootstrap", type=int, default=1000,
-                   help="bootstrap resamples of the images for the 95%% confidence intervals (0: none)")
-    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
+    utils.bounded(p.add_argument("--bootstrap", type=int, default=1000,
+                                 help="bootstrap resamples of the images for the 95%% confidence intervals (0: none)"),
+                  utils.Bound(int, 0, 100_000, hint="resamples; 0 for no intervals"))
+    utils.bounded(p.add_argument("--batch_size", type=int, default=64, help="images per forward pass"),
+                  utils.Bound(int, 1, 1 << 16))
     p.add_argument("--names", nargs="+", default=None,
                    help="display names, one per --checkpoint in order (default: what each model is, from the "
                         "checkpoint: 'SSL init', 'from scratch', 'SSL encoder')")
-    p.add_argument("--images", default=None,
-                   help="score every readable image under this folder (PNG, JPEG, BMP, TIFF, DICOM; no label file) "
-                        "with one classifier: predictions.csv, summary.md and gradcam.png in --output_dir")
+    utils.bounded(p.add_argument("--images", default=None,
+                                 help="score every readable image under this folder (PNG, JPEG, BMP, TIFF, DICOM; no "
+                                      "label file) with one classifier: predictions.csv, summary.md and gradcam.png "
+                                      "in --output_dir"), utils.EXISTING_DIR)
     p.add_argument("--gradcam", action=argparse.BooleanOptionalAction, default=True,
                    help="Grad-CAM heat maps (gradcam.png) and, when the data folder has findings.csv, the "
                         "pointing game")

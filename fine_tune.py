@@ -42,12 +42,12 @@ import training_run
 import utils
 from checkpoints import ClassifierCheckpoint, SSLCheckpoint
 from model_ssl import Classifier, ModelConfig, use_small_stem
-from utils import UserError
+from utils import Bound, UserError, bounded
 
 RESUME_KEYS = ("label_fraction", "seed", "split_seed", "num_classes", "image_size", "batch_size", "freeze_encoder",
                "unfreeze_after_epoch", "frozen_steps", "ssl_checkpoint", "task", "uncertain", "pos_weight")
 
-TUNED_STEPS = 200     # from-scratch runs on 18-35 synthetic labels (one step per epoch) still improved after 100
+TUNED_STEPS = 200     # from-scratch runs with one step per epoch were still improving after 100 (docs/design.md)
 
 
 def tuned_steps(args, given):
@@ -93,8 +93,8 @@ def warn_if_pretraining_saw_test_images(ssl: SSLCheckpoint, table, ssl_path: str
 def build_data(args, ssl, runtime):
     """Label table, the labelled train subset, val indices, and loaders (train: this process's shard)."""
     table = label_tables.load_label_table(args.label_file, args.data_dir, args.task, args.uncertain, args.num_classes,
-                                         seed=args.split_seed, val_fraction=args.val_fraction,
-                                         test_fraction=args.test_fraction)
+                                          seed=args.split_seed, val_fraction=args.val_fraction,
+                                          test_fraction=args.test_fraction)
     if runtime.dist.is_main:
         print(label_tables.describe_table(table))
     task = tasks.of(table.task)
@@ -218,11 +218,9 @@ def build_checkpoint(model, args, ssl, table, train_idx, store, epoch, val_metri
 # ============ main ============
 
 def check_args(args) -> None:
-    """Every flag checked before any work (utils.FLAG_RULES): one line naming the flag, value and range."""
-    utils.check_flags(args)
-    if args.resume not in (None, "auto"):
-        utils.check_flags(argparse.Namespace(resume=args.resume), {"resume": utils.EXISTING_FILE})
-    utils.check_split_shares(args.val_fraction, args.test_fraction)
+    """Every flag checked before any work (each flag's rule, utils.bounded): one line naming the flag, value and
+    range."""
+    training.check_training_flags(args, get_args_parser())
     if args.pos_weight != "none" and args.task == "multiclass":
         raise UserError("--pos_weight is for multi-label files; with one label per image use --class_weights")
 
@@ -262,7 +260,7 @@ def refuse_replacing_another_run(args, ssl, dist) -> None:
         compared = argparse.Namespace(**{k: v for k, v in vars(args).items()
                                          if not (k == "num_epochs" and args.num_steps > 0)})
         checkpoints.refuse_replacing_another_run(os.path.join(args.output_dir, run_names(args, ssl is not None)[0]),
-                                           compared, utils.sha256_file(args.label_file), args.overwrite)
+                                                 compared, utils.sha256_file(args.label_file), args.overwrite)
 
 
 @utils.locks_output_dir(check_args, lambda args: run_names(args, bool(args.ssl_checkpoint))[1])
@@ -293,8 +291,8 @@ def main(args):
 
     resume = (paths.last if args.resume == "auto" else args.resume) if args.resume else None
     start_epoch, best, _ = training_run.resume_run(resume, "classifier", args, RESUME_KEYS, dist,
-                                            {"encoder": model.encoder, "head": model.head},
-                                            optimizer, scheduler, scaler, args.seed)
+                                                   {"encoder": model.encoder, "head": model.head},
+                                                   optimizer, scheduler, scaler, args.seed)
     if args.head_prefit_steps > 0 and start_epoch == 0:
         loss = prefit_head(model, store, train_idx, table, args, device, weights, task)
         if dist.is_main:
@@ -303,7 +301,7 @@ def main(args):
     # built while every parameter requires grad: a frozen encoder then counts as unused and its grads stay None
     freezes_later = args.freeze_encoder and start_epoch < args.unfreeze_after_epoch
     train_model = training.maybe_compile(distributed.wrap_ddp(model, dist, find_unused_parameters=freezes_later), args.compile,
-                                      device)
+                                         device)
 
     files_out = training_run.RunFiles(paths, f"fine-tuning ({run})", start_epoch, resume)
     files_out.write_settings(
@@ -321,9 +319,9 @@ def main(args):
             model.freeze_encoder(frozen)
             train_loader.set_epoch(epoch)
             stats = training.train_one_epoch(train_model, train_loader, optimizer, loss_fn, device=device, scaler=scaler,
-                                          autocast_dtype=autocast_dtype, scheduler=scheduler, epoch=epoch,
-                                          num_epochs=args.num_epochs, show_progress=dist.is_main,
-                                          desc="fine-tune" + (" (frozen)" if frozen else ""))
+                                             autocast_dtype=autocast_dtype, scheduler=scheduler, epoch=epoch,
+                                             num_epochs=args.num_epochs, show_progress=dist.is_main,
+                                             desc="fine-tune" + (" (frozen)" if frozen else ""))
             stats, rngs = distributed.reduce_epoch_stats(stats, dist)
             if not dist.is_main:                   # the others wait for rank 0 in the next epoch's first step
                 continue
@@ -332,7 +330,7 @@ def main(args):
             if improved:
                 best = val
             ckpt = build_checkpoint(model, args, ssl, table, train_idx, store, epoch + 1, val,
-                                   os.path.basename(paths.history), dist.world_size)
+                                    os.path.basename(paths.history), dist.world_size)
             row = tasks.epoch_row(task, epoch, args.num_epochs, stats, val, frozen, improved)
             files_out.end_epoch(epoch, args.num_epochs, row, ckpt, improved, optimizer, scheduler, scaler, best, rngs,
                                 chance=task.chance(table.num_classes))
@@ -352,9 +350,9 @@ def peaked_late(best_epoch, num_epochs: int):
 
 
 def still_improving_hint(best_epoch: int, num_epochs: int):
-    """A hint when the best val epoch was among the last 10% of 10 or more. With 35 labels an epoch is one
-    step; our from-scratch baselines stopped at 30 epochs were 9 points short of their converged accuracy
-    (README, Results)."""
+    """A hint when the best val epoch was among the last 10% of 10 or more. With a few dozen labels an epoch
+    is one step, and from-scratch baselines stopped at 30 epochs were well short of their converged accuracy
+    (CHANGELOG.md)."""
     if num_epochs >= 10 and peaked_late(best_epoch, num_epochs):
         return (f"note: the best val epoch was {best_epoch} of {num_epochs}, so the model was probably still "
                 f"improving; train longer (--num_epochs), above all with few labels, where an epoch is a step or two")
@@ -362,51 +360,67 @@ def still_improving_hint(best_epoch: int, num_epochs: int):
 
 
 def get_args_parser():
-    p = recipes.RecipeParser(description="Fine-tune an SSL encoder (or train from scratch) on labelled images.",
-                           parents=[utils.common_parser(), training.training_parser(), utils.task_parser()],
-                           formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
-    p.add_argument("--data_dir", default="./data/medical_images", help="folder the label file's names are relative to")
-    p.add_argument("--label_file", default="./data/medical_images/labels.csv",
-                   help="CSV filename,label[,split][,patient_id], or a multi-label file (docs/multilabel.md)")
-    p.add_argument("--ssl_checkpoint", default=None,
-                   help="best_ssl_model.pth from train_ssl.py; leave out to train from scratch (the baseline)")
-    p.add_argument("--output_dir", default="./checkpoints", help="where the model, history and plots go")
-    p.add_argument("--output_name", default=None,
-                   help="checkpoint file name (default: best_finetuned_model.pth with --ssl_checkpoint, "
-                        "best_baseline_model.pth without)")
-    p.add_argument("--num_classes", type=int, default=None, help="number of classes (default: from the label file)")
+    p = recipes.RecipeParser(description=__doc__,
+                             parents=[utils.common_parser(), training.training_parser(), utils.task_parser()],
+                             formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
+    bounded(p.add_argument("--data_dir", default="./data/medical_images",
+                           help="folder the label file's names are relative to"), utils.EXISTING_DIR)
+    bounded(p.add_argument("--label_file", default="./data/medical_images/labels.csv",
+                           help="CSV filename,label[,split][,patient_id], or a multi-label file (docs/multilabel.md)"),
+            utils.EXISTING_FILE)
+    bounded(p.add_argument("--ssl_checkpoint", default=None,
+                           help="best_ssl_model.pth from train_ssl.py; leave out to train from scratch (the baseline)"),
+            utils.EXISTING_FILE)
+    bounded(p.add_argument("--output_dir", default="./checkpoints", help="where the model, history and plots go"),
+            utils.OUTPUT_DIR)
+    bounded(p.add_argument("--output_name", default=None,
+                           help="checkpoint file name (default: best_finetuned_model.pth with --ssl_checkpoint, "
+                                "best_baseline_model.pth without)"), utils.FILE_NAME)
+    bounded(p.add_argument("--num_classes", type=int, default=None,
+                           help="number of classes (default: from the label file)"), Bound(int, 2, 10_000))
     p.add_argument("--backbone", default=None, choices=["resnet18", "resnet50"],
                    help="encoder for a from-scratch run (default resnet18); with --ssl_checkpoint the "
                         "checkpoint's encoder is used and a different value is ignored with a note")
-    p.add_argument("--image_size", type=int, default=None,
-                   help="training resolution (default: the SSL checkpoint's, else 224)")
-    p.add_argument("--batch_size", type=int, default=32,
-                   help="images per step per process; under torchrun the global batch is this x processes")
-    p.add_argument("--num_epochs", type=int, default=50, help="fine-tuning epochs")
-    p.add_argument("--num_steps", type=int, default=0,
-                   help="fine-tuning length in optimizer steps (0: use --num_epochs); sets --num_epochs to the epochs "
-                        "holding this many steps, rounded up (18-35 labels: one step an epoch)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (and of a from-scratch encoder)")
-    p.add_argument("--encoder_lr_scale", type=float, default=0.1,
-                   help="learning rate of a pretrained encoder relative to --lr once it trains")
-    p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay")
+    bounded(p.add_argument("--image_size", type=int, default=None,
+                           help="training resolution (default: the SSL checkpoint's, else 224)"),
+            Bound(int, 8, 4096, hint="pixels; 32 or less uses the small-image stem"))
+    bounded(p.add_argument("--batch_size", type=int, default=32,
+                           help="images per step per process; under torchrun the global batch is this x processes"),
+            Bound(int, 1, 1 << 16))
+    bounded(p.add_argument("--num_epochs", type=int, default=50, help="fine-tuning epochs"), Bound(int, 1, 1 << 20))
+    bounded(p.add_argument("--num_steps", type=int, default=0,
+                           help="fine-tuning length in optimizer steps (0: use --num_epochs); sets --num_epochs to the "
+                                "epochs holding this many steps, rounded up (18-35 labels: one step an epoch)"),
+            Bound(int, 0, 1 << 30, hint="optimizer steps; 0: use --num_epochs"))
+    bounded(p.add_argument("--lr", type=float, default=1e-3,
+                           help="learning rate of the head (and of a from-scratch encoder)"),
+            Bound(float, 0, 100, lo_open=True, hint="e.g. 3e-4"))
+    bounded(p.add_argument("--encoder_lr_scale", type=float, default=0.1,
+                           help="learning rate of a pretrained encoder relative to --lr once it trains"),
+            Bound(float, 0, 100))
+    bounded(p.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay"), Bound(float, 0, 10))
     p.add_argument("--freeze_encoder", action="store_true",
                    help="train only the head (encoder weights and BatchNorm statistics fixed) until --unfreeze_after_epoch")
-    p.add_argument("--unfreeze_after_epoch", type=int, default=25, help="epoch after which the whole network trains")
-    p.add_argument("--frozen_steps", type=int, default=0,
-                   help="with --ssl_checkpoint: train only the head for this many optimizer steps, then the whole "
-                        "network (linear probing, then fine-tuning); sets --freeze_encoder and "
-                        "--unfreeze_after_epoch to the epochs holding these steps. 0: off")
-    p.add_argument("--head_prefit_steps", type=int, default=0,
-                   help="before epoch 1, train the head alone for this many full-batch steps on frozen features of "
-                        "the labelled images (linear probing then fine-tuning; helps with a few dozen labels)")
-    p.add_argument("--rotation", type=float, default=10.0,
-                   help="augmentation: random rotation in degrees (the original recipe's 10; 0: off)")
+    bounded(p.add_argument("--unfreeze_after_epoch", type=int, default=25,
+                           help="epoch after which the whole network trains"), utils.UINT)
+    bounded(p.add_argument("--frozen_steps", type=int, default=0,
+                           help="with --ssl_checkpoint: train only the head for this many optimizer steps, then the "
+                                "whole network (linear probing, then fine-tuning); sets --freeze_encoder and "
+                                "--unfreeze_after_epoch to the epochs holding these steps. 0: off"),
+            Bound(int, 0, 1 << 30, hint="optimizer steps with the encoder frozen; 0: off"))
+    bounded(p.add_argument("--head_prefit_steps", type=int, default=0,
+                           help="before epoch 1, train the head alone for this many full-batch steps on frozen "
+                                "features of the labelled images (linear probing then fine-tuning; helps with a few "
+                                "dozen labels)"), Bound(int, 0, 1_000_000))
+    bounded(p.add_argument("--rotation", type=float, default=10.0,
+                           help="augmentation: random rotation in degrees (the original recipe's 10; 0: off)"),
+            Bound(float, 0, 180, hint="degrees"))
     p.add_argument("--rotation_fill", default="zeros", choices=augmentations.ROTATION_FILLS,
                    help="what fills the corners a rotation brings in: black (torchvision's RandomRotation, the "
                         "original recipe) or the image mirrored at its edges (no black wedges for the model to learn)")
-    p.add_argument("--label_fraction", type=float, default=1.0,
-                   help="stratified fraction of the train split to train on (val and test untouched)")
+    bounded(p.add_argument("--label_fraction", type=float, default=1.0,
+                           help="stratified fraction of the train split to train on (val and test untouched)"),
+            Bound(float, 0, 1, lo_open=True, hint="e.g. 0.1 for 10% of the labels"))
     p.add_argument("--class_weights", default="none", choices=["none", "balanced"],
                    help="balanced: weight the loss by inverse class frequency (rare diseases)")
     p.add_argument("--pos_weight", default="none", choices=["none", "balanced"],
@@ -415,10 +429,6 @@ def get_args_parser():
     p.add_argument("--threshold_rule", default="youden", choices=["youden", "f1"],
                    help="multi-label: how each finding's probability threshold is chosen on val (Youden's J: max "
                         "sensitivity + specificity - 1; or max F1); recorded in the checkpoint")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from last_<run>_checkpoint.pth (no value: the one in --output_dir)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a best model in --output_dir that another run (other label file or settings) wrote")
     return p
 
 

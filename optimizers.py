@@ -22,10 +22,10 @@ class LARS(torch.optim.Optimizer):
     `lars_exclude=True` (biases and BatchNorm) get neither the trust ratio nor weight decay.
 
     On a GPU each group is updated with multi-tensor (`torch._foreach_*`) operations: the per-parameter
-    loop makes 440 operator calls a step for ResNet-18 + projector, each a kernel launch, more than the
-    model's forward and backward (about 250), and steps of a few dozen small images are launch-bound.
+    loop makes more operator calls a step for ResNet-18 + projector than the model's forward and backward,
+    each a kernel launch, and steps of a few dozen small images are launch-bound (docs/performance.md).
     On a CPU the loop is kept (`foreach=None` chooses): there foreach falls back to a slower loop of its
-    own (52 against 27 ms a step here). Both give bit-identical results on the CPU (tests).
+    own (docs/performance.md). Both give bit-identical results on the CPU (tests).
 
     The learning rate may be a 0-dim tensor (`lr_on_device`): a step captured in a CUDA graph then reads
     the scheduler's current value at each replay instead of the number it was captured with. Nothing

@@ -68,52 +68,54 @@ def roc_curve_of(y_true, prob, k: int):
     return grid, np.mean([np.interp(grid, f, t) for f, t in curves], axis=0)
 
 
-def plot_roc(ev: Evaluated, metrics: dict, path: str) -> None:
-    from sklearn.metrics import roc_curve
+def plot_curves(ev: Evaluated, metrics: dict, path: str, kind: str) -> None:
+    """One model's ROC curves (kind "roc") or precision-recall curves ("pr"): one per scorable class (binary: the
+    positive class) with its area and 95% bootstrap CI, the macro-average ROC curve when K > 2, and chance."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
 
     plt = pyplot()
-    k, colors = len(ev.class_names), class_colors(len(ev.class_names))
+    roc, k, colors = kind == "roc", len(ev.class_names), class_colors(len(ev.class_names))
+    area, area_name = (metrics["roc_auc_per_class"], "AUC") if roc else (metrics["pr_auc_per_class"], "AP")
     fig, ax = plt.subplots(figsize=(6, 5.5))
-    auc = metrics["roc_auc_per_class"]
     for c in ([1] if k == 2 else range(k)):
-        if np.isfinite(auc["value"][c]):
+        if not np.isfinite(area["value"][c]):
+            continue
+        label = f"{ev.class_names[c]}{' (positive class)' if k == 2 else ''}: {area_name} {with_ci(area, c)}"
+        if roc:
             fpr, tpr, _ = roc_curve(ev.y_true == c, ev.prob[:, c])
-            label = f"{ev.class_names[c]}{' (positive class)' if k == 2 else ''}: AUC {with_ci(auc, c)}"
             ax.plot(fpr, tpr, color=colors[c], lw=1.6, label=label)
-    macro = roc_curve_of(ev.y_true, ev.prob, k)
-    if k > 2 and macro is not None:
-        ax.plot(*macro, color="black", lw=2.4, ls="--", label=f"macro average: AUC {with_ci(metrics['roc_auc_macro'])}")
-    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":", label="chance (AUC 0.5)")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false positive rate (1 - specificity)",
-           ylabel="true positive rate (sensitivity)", title=f"ROC curves{' (one-vs-rest)' if k > 2 else ''}: {ev.name}")
-    ax.legend(loc="lower right", fontsize=8, title="95% bootstrap CI in brackets", title_fontsize=7)
+        else:
+            precision, recall, _ = precision_recall_curve(ev.y_true == c, ev.prob[:, c])
+            ax.step(recall, precision, where="post", color=colors[c], lw=1.6, label=label)
+            ax.axhline((ev.y_true == c).mean(), color=colors[c], lw=0.8, ls=":")    # chance: the class's prevalence
+    if roc:
+        macro = roc_curve_of(ev.y_true, ev.prob, k)
+        if k > 2 and macro is not None:
+            ax.plot(*macro, color="black", lw=2.4, ls="--",
+                    label=f"macro average: AUC {with_ci(metrics['roc_auc_macro'])}")
+        ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":", label="chance (AUC 0.5)")
+        ax.set(ylim=(-0.01, 1.01), xlabel="false positive rate (1 - specificity)",
+               ylabel="true positive rate (sensitivity)",
+               title=f"ROC curves{' (one-vs-rest)' if k > 2 else ''}: {ev.name}")
+    else:
+        ax.plot([], [], color="grey", lw=0.8, ls=":", label="chance (= class prevalence)")
+        macro_ap = f"\nmacro AP {with_ci(metrics['pr_auc_macro'])}" if k > 2 else ""
+        ax.set(ylim=(-0.01, 1.03), xlabel="recall (sensitivity)", ylabel="precision (PPV)",
+               title=f"Precision-recall curves: {ev.name}{macro_ap}")
+    ax.set(xlim=(-0.01, 1.01))
+    ax.legend(loc="lower right" if roc else "best", fontsize=8, title="95% bootstrap CI in brackets", title_fontsize=7)
     ax.grid(alpha=0.3)
     utils.atomic_savefig(fig, path)
+
+
+def plot_roc(ev: Evaluated, metrics: dict, path: str) -> None:
+    """roc_curves.png: plot_curves of kind "roc"."""
+    plot_curves(ev, metrics, path, "roc")
 
 
 def plot_pr(ev: Evaluated, metrics: dict, path: str) -> None:
-    from sklearn.metrics import precision_recall_curve
-
-    plt = pyplot()
-    k, colors = len(ev.class_names), class_colors(len(ev.class_names))
-    fig, ax = plt.subplots(figsize=(6, 5.5))
-    ap = metrics["pr_auc_per_class"]
-    for c in ([1] if k == 2 else range(k)):
-        if np.isfinite(ap["value"][c]):
-            precision, recall, _ = precision_recall_curve(ev.y_true == c, ev.prob[:, c])
-            ax.step(recall, precision, where="post", color=colors[c], lw=1.6,
-                    label=f"{ev.class_names[c]}{' (positive class)' if k == 2 else ''}: AP {with_ci(ap, c)}")
-            prevalence = (ev.y_true == c).mean()
-            ax.axhline(prevalence, color=colors[c], lw=0.8, ls=":")
-    ax.plot([], [], color="grey", lw=0.8, ls=":", label="chance (= class prevalence)")
-    title = f"Precision-recall curves: {ev.name}"
-    if k > 2:
-        title += f"\nmacro AP {with_ci(metrics['pr_auc_macro'])}"
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.03), xlabel="recall (sensitivity)", ylabel="precision (PPV)",
-           title=title)
-    ax.legend(loc="best", fontsize=8, title="95% bootstrap CI in brackets", title_fontsize=7)
-    ax.grid(alpha=0.3)
-    utils.atomic_savefig(fig, path)
+    """pr_curves.png: plot_curves of kind "pr"."""
+    plot_curves(ev, metrics, path, "pr")
 
 
 def plot_reliability(ev: Evaluated, metrics: dict, path: str) -> None:

@@ -26,7 +26,7 @@ class RecipeParser(argparse.ArgumentParser):
         shown = "; ".join(f"{k}={_recipe_text(v)}" for k, v in self.recipes["tuned"].items())
         self.add_argument_group("recipe").add_argument(
             "--recipe", default="spec", choices=RECIPE_NAMES,
-            help=f"spec: the seed README's table, i.e. every default below; tuned: the measured recipe of "
+            help=f"spec: the original recipe's table, i.e. every default below; tuned: the measured recipe of "
                  f"benchmarks/label_efficiency.py ({shown}). Flags given explicitly win over the recipe "
                  f"(docs/design.md, Recipes)")
 

@@ -116,4 +116,3 @@ def embedding_projections(evaluated: list, seed: int) -> dict:
             except ProjectionSkipped as e:
                 by_checkpoint[ev.checkpoint][method] = str(e)
     return by_checkpoint
-

@@ -85,7 +85,7 @@ def encode_images(encoder, filenames: list, ckpt: Checkpoint, args, device, auto
                                      num_workers=workers)
     print(f"encoding {len(filenames)} images at {ckpt.image_size} px ...")
     features, _, indices = probes.extract_features(encoder.to(device), loader, image_io.normalize, device,
-                                                  autocast_dtype)
+                                                   autocast_dtype)
     return features[torch.argsort(indices)].numpy()
 
 

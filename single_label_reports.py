@@ -107,8 +107,8 @@ class SingleLabelReports:
             with open(ev.history_csv) as f:
                 utils.atomic_write_text(os.path.join(folder, os.path.basename(ev.history_csv)), f.read())
             training_history.plot_history(ev.history_csv, os.path.join(folder, "training_curves.png"),
-                               f"Training curves: {ev.name} ({default_name(ev.checkpoint)})",
-                               best_epoch=ev.info.epoch, chance=1 / len(ev.class_names))
+                                          f"Training curves: {ev.name} ({default_name(ev.checkpoint)})",
+                                          best_epoch=ev.info.epoch, chance=1 / len(ev.class_names))
             if os.path.isfile(os.path.join(folder, "training_curves.png")):
                 figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
         return figures
@@ -182,8 +182,8 @@ class SingleLabelReports:
         for w in cautions:
             lines += [f"> **Caution:** {w}", ""]
         lines += [f"Values with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed {args.seed}). "
-                 f"ROC-AUC: the macro one-vs-rest average (with two classes, the positive class's AUC); "
-                 f"ECE (expected calibration error): lower is better.", ""] + table
+                  f"ROC-AUC: the macro one-vs-rest average (with two classes, the positive class's AUC); "
+                  f"ECE (expected calibration error): lower is better.", ""] + table
         lines += ["", "## Paired differences", ""] + paired_sentences(paired)
         if pointing:
             lines += ["", "## Grad-CAM pointing game", ""] + pointing_sentences(pointing)

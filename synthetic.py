@@ -29,9 +29,8 @@ MAX_SYNTHETIC_CLASSES = len(CLASS_DESCRIPTIONS)
 CLASS_NAMES = tuple(d.split(":")[0] for d in CLASS_DESCRIPTIONS)
 
 # Scales the density every finding adds (and the heart enlargement). At 1.0 findings are visible by
-# eye but small next to ribs, noise and exposure: at 64 px with 10% of the labels both a from-scratch
-# ResNet-18 and one fine-tuned from a 15-epoch SimCLR encoder stayed at chance (benchmarks/
-# label_efficiency.py, README "Results"). 1.8 makes them clearly visible at 64 px.
+# eye but small next to ribs, noise and exposure, too faint for a classifier to learn from 10% of the
+# labels at 64 px (CHANGELOG.md); 1.8 makes them clearly visible at 64 px.
 FINDING_STRENGTH = 1.8
 
 IMAGES_PER_PATIENT = (2, 4)      # inclusive range; a patient's images share anatomy and class
@@ -72,7 +71,7 @@ def _findings_of(label) -> tuple:
 
 def _coordinates(rng: np.random.Generator, size: int) -> tuple:
     """The pixel grid in patient coordinates, after a per-image shift, scale and small rotation."""
-    t = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)   # float32 halves the render time
+    t = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)   # float32: faster (docs/performance.md)
     y, x = np.meshgrid(t, t, indexing="ij")
     angle = np.float32(np.deg2rad(np.clip(rng.normal(0, 3), -7, 7)))
     scale = np.float32(rng.uniform(0.92, 1.05))

@@ -13,7 +13,6 @@ and after the last epoch), ssl_history.csv, ssl_training.png, ssl_settings.json 
 device, precision and workers with the reason for each, and in value_sources where each value that --recipe
 controls came from: flag, recipe tuned or default).
 """
-import argparse
 import dataclasses
 import os
 import sys
@@ -36,7 +35,7 @@ import training_run
 import utils
 from checkpoints import SSLCheckpoint
 from model_ssl import ModelConfig, SimCLR, nt_xent_loss, use_small_stem
-from utils import UserError
+from utils import Bound, UserError, bounded
 
 RESUME_KEYS = ("backbone", "image_size", "projection_dim", "batch_size", "optimizer", "seed", "val_fraction",
                "test_fraction")
@@ -61,7 +60,7 @@ def pretraining_files(args):
     table, excluded = None, []
     if args.label_file:
         table = label_tables.load_label_table(args.label_file, args.data_dir, args.task, seed=args.split_seed,
-                                             val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+                                              val_fraction=args.val_fraction, test_fraction=args.test_fraction)
         if table.task != "multilabel" and len(np.unique(table.labels)) < 2:   # every kNN vote would be right
             raise UserError(f"--label_file {args.label_file}: every image has the same label; the kNN monitor needs "
                             f"at least 2 classes (leave --label_file out to pick the epoch by the loss)")
@@ -138,7 +137,7 @@ def resolve_step_mode(args, device, dist, autocast_dtype) -> tuple[str, str]:
     what --cuda_graphs on does without CUDA) or 'graphed' (that step replayed from a CUDA graph); and
     a note for the settings."""
     if args.cuda_graphs != "on":
-        return "eager", f"off ({args.cuda_graphs}: off until graphs are measured to win on a GPU, issue 23)"
+        return "eager", f"off ({args.cuda_graphs}: off until graphs are measured to win on a GPU)"
     refused = {"--augment pil (the views come from the workers)": args.augment == "pil",
                "torchrun (one process only)": dist.world_size > 1,
                "--precision fp16 (its GradScaler reads the GPU every step)": autocast_dtype == torch.float16,
@@ -222,7 +221,7 @@ def build_optimizer(args, model, steps_per_epoch):
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr)
     scheduler = optimizers.warmup_cosine(optimizer, args.warmup_epochs * steps_per_epoch,
-                                    args.num_epochs * steps_per_epoch)
+                                         args.num_epochs * steps_per_epoch)
     return optimizer, scheduler
 
 
@@ -279,11 +278,9 @@ def resume_path(args) -> str | None:
 # ============ main ============
 
 def check_args(args) -> None:
-    """Every flag checked before any work (utils.FLAG_RULES): one line naming the flag, value and range."""
-    utils.check_flags(args)
-    if args.resume not in (None, "auto"):
-        utils.check_flags(argparse.Namespace(resume=args.resume), {"resume": utils.EXISTING_FILE})
-    utils.check_split_shares(args.val_fraction, args.test_fraction)
+    """Every flag checked before any work (each flag's rule, utils.bounded): one line naming the flag, value and
+    range."""
+    training.check_training_flags(args, get_args_parser())
 
 
 @utils.locks_output_dir(check_args, "ssl")
@@ -295,7 +292,7 @@ def main(args):
     files, table, excluded = pretraining_files(args)
     if not resume_path(args) and dist.is_main:
         checkpoints.refuse_replacing_another_run(os.path.join(args.output_dir, "best_ssl_model.pth"), args,
-                                           table.sha256 if table else None, args.overwrite)
+                                                 table.sha256 if table else None, args.overwrite)
     store, loader = build_loader(args, files, runtime)
     channels = store.channels if store is not None else 3
     augment = augmentations.BatchAugment(ssl_augment_config(args), args.image_size, channels_last=True) \
@@ -309,8 +306,8 @@ def main(args):
     static_step, augment_rng, step_note = build_static_step(args, model, augment, optimizer, device, autocast_dtype,
                                                             dist)
     start_epoch, best, state = training_run.resume_run(resume_path(args), "ssl", args, RESUME_KEYS, dist,
-                                                  {"encoder": model.encoder, "projector": model.projector},
-                                                  optimizer, scheduler, scaler, args.seed)
+                                                       {"encoder": model.encoder, "projector": model.projector},
+                                                       optimizer, scheduler, scaler, args.seed)
     if state is not None:
         restore_augment_rng(state.augment_rng, augment_rng, start_epoch, args.seed)
     optimizers.lr_on_device(optimizer, device if static_step is not None else None)
@@ -319,7 +316,7 @@ def main(args):
     if store is not None and len(store) < 2:
         raise UserError(f"--data_dir {args.data_dir}: SimCLR needs at least 2 readable images, found {len(store)}")
     files_out = training_run.RunFiles(training_run.RunPaths.of(args.output_dir, "ssl", "best_ssl_model.pth"), "SimCLR pretraining",
-                               start_epoch, resume_path(args))
+                                      start_epoch, resume_path(args))
     files_out.write_settings("SimCLR pretraining", runtime.settings(
         vars(args), images=len(store) if store else len(files), excluded_test_images=len(excluded),
         cached_in_memory=getattr(store, "in_memory", False), channels=channels,
@@ -333,11 +330,11 @@ def main(args):
             _set_epoch(loader, epoch)
             collapse = []
             stats = training.train_one_epoch(train_model, loader, optimizer,
-                                          make_loss_fn(augment, device, args.temperature, collapse, dist),
-                                          device=device, scaler=scaler, autocast_dtype=autocast_dtype,
-                                          scheduler=scheduler, epoch=epoch, num_epochs=args.num_epochs,
-                                          desc="pretrain", show_progress=dist.is_main,
-                                          step_fn=None if static_step is None else lambda b: static_step(b, collapse))
+                                             make_loss_fn(augment, device, args.temperature, collapse, dist),
+                                             device=device, scaler=scaler, autocast_dtype=autocast_dtype,
+                                             scheduler=scheduler, epoch=epoch, num_epochs=args.num_epochs,
+                                             desc="pretrain", show_progress=dist.is_main,
+                                             step_fn=None if static_step is None else lambda b: static_step(b, collapse))
             stats, rngs = distributed.reduce_epoch_stats(stats, dist)
             if not dist.is_main:                   # the others wait for rank 0 in the next epoch's first step
                 continue
@@ -352,7 +349,7 @@ def main(args):
             if improved:
                 best = knn if table is not None else stats["loss"]
             ckpt = build_checkpoint(model, args, epoch + 1, stats["loss"], knn, table, excluded, channels,
-                                   dist.world_size)
+                                    dist.world_size)
             files_out.end_epoch(epoch, args.num_epochs, row, ckpt, improved, optimizer, scheduler, scaler, best, rngs,
                                 chance=1 / table.num_classes if table is not None else None,
                                 augment_rng=augment_rng.get_state() if augment_rng is not None else None)
@@ -364,8 +361,8 @@ def main(args):
 
 
 def done_line(best_path: str, num_epochs: int) -> str:
-    """The run's last line: which epoch was kept and why. On 423 images an 800-epoch run kept epoch 325, whose
-    kNN accuracy on val (0.929) its last epoch no longer reached (0.843) (README, Results)."""
+    """The run's last line: which epoch was kept and why. On small data the kept epoch can be long before the
+    last, whose features may have got worse on val (docs/results.md, Pretraining length on the GPU)."""
     best = SSLCheckpoint.load(best_path)
     by = f"kNN accuracy on val {best.knn_accuracy:.3f}" if best.knn_accuracy is not None else f"loss {best.loss:.4f}"
     return f"done: best epoch {best.epoch} of {num_epochs} by {by} -> {best_path}"
@@ -379,8 +376,8 @@ def _set_epoch(loader, epoch: int) -> None:
 
 
 def _improved(best, loss, knn, monitored_by_knn) -> bool:
-    """Ties go to the later epoch: on a small val split the kNN accuracy moves in steps of one image, and
-    a 24-epoch run once kept its epoch-5 encoder (kNN 0.543 at epochs 5 and 24), barely better than random."""
+    """Ties go to the later epoch: on a small val split the kNN accuracy moves in steps of one image, so an
+    early, barely trained encoder would otherwise be kept over a later one that scores the same."""
     if monitored_by_knn:
         return knn is not None and (best is None or knn >= best)
     return best is None or loss < best
@@ -400,55 +397,65 @@ def _warn_collapse(std: float, dim: int) -> None:
 
 
 def get_args_parser():
-    p = recipes.RecipeParser(description="SimCLR self-supervised pretraining.",
-                           parents=[utils.common_parser(), training.training_parser(), utils.task_parser(uncertain=False)],
-                           formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
-    p.add_argument("--data_dir", default="./data/medical_images", help="folder of unlabelled images (recursive)")
-    p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go")
-    p.add_argument("--label_file", default=None,
-                   help="optional labels.csv: its test split is left out of pretraining and a kNN monitor "
-                        "(train -> val) picks the best epoch")
+    p = recipes.RecipeParser(description=__doc__,
+                             parents=[utils.common_parser(), training.training_parser(), utils.task_parser(uncertain=False)],
+                             formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
+    bounded(p.add_argument("--data_dir", default="./data/medical_images",
+                           help="folder of unlabelled images (recursive)"), utils.EXISTING_DIR)
+    bounded(p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go"),
+            utils.OUTPUT_DIR)
+    bounded(p.add_argument("--label_file", default=None,
+                           help="optional labels.csv: its test split is left out of pretraining and a kNN monitor "
+                                "(train -> val) picks the best epoch"), utils.EXISTING_FILE)
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"], help="ResNet encoder")
-    p.add_argument("--batch_size", type=int, default=64,
-                   help="images per step per process (2x views); under torchrun the global batch is this x processes")
-    p.add_argument("--num_epochs", type=int, default=100, help="pretraining epochs")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (after warm-up)")
-    p.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay (not on biases and norms)")
+    bounded(p.add_argument("--batch_size", type=int, default=64,
+                           help="images per step per process (2x views); under torchrun the global batch is this x "
+                                "processes"), Bound(int, 1, 1 << 16))
+    bounded(p.add_argument("--num_epochs", type=int, default=100, help="pretraining epochs"), Bound(int, 1, 1 << 20))
+    bounded(p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (after warm-up)"),
+            Bound(float, 0, 100, lo_open=True, hint="e.g. 3e-4"))
+    bounded(p.add_argument("--weight_decay", type=float, default=1e-6, help="weight decay (not on biases and norms)"),
+            Bound(float, 0, 10))
     p.add_argument("--optimizer", default="adam", choices=["adam", "lars"],
                    help="adam (AdamW) as in the original recipe, or LARS as in the SimCLR paper "
                         "(use lr ~ 0.3 x batch/256)")
-    p.add_argument("--warmup_epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay")
-    p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
-    p.add_argument("--projection_dim", type=int, default=128, help="output size of the projection head")
-    p.add_argument("--image_size", type=int, default=224,
-                   help="training resolution in pixels; 32 or less uses the small-image stem")
+    bounded(p.add_argument("--warmup_epochs", type=int, default=10,
+                           help="linear warm-up epochs before the cosine decay"), utils.UINT)
+    bounded(p.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature"),
+            Bound(float, 1e-3, 100, hint="NT-Xent temperature, e.g. 0.5"))
+    bounded(p.add_argument("--projection_dim", type=int, default=128, help="output size of the projection head"),
+            Bound(int, 1, 1 << 16))
+    bounded(p.add_argument("--image_size", type=int, default=224,
+                           help="training resolution in pixels; 32 or less uses the small-image stem"),
+            Bound(int, 8, 4096, hint="pixels; 32 or less uses the small-image stem"))
     p.add_argument("--augment", default="batch", choices=augmentations.AUGMENT_MODES,
                    help="batch: decode once, augment whole batches on the device; pil: classic per-image "
                         "torchvision pipeline in DataLoader workers (reference)")
-    p.add_argument("--crop_min_scale", type=float, default=0.8,
-                   help="smallest crop area as a fraction of the image (the original recipe's 0.8; the SimCLR "
-                        "paper uses 0.08; smaller crops force the encoder to use local findings, not the global "
-                        "anatomy)")
-    p.add_argument("--rotation", type=float, default=15.0,
-                   help="random rotation in degrees, uniform in [-rotation, rotation], corners zero-filled as "
-                        "RandomRotation does (the original recipe's 15; 0: off)")
-    p.add_argument("--jitter", type=float, default=0.3,
-                   help="brightness and contrast factors are drawn from [1 - jitter, 1 + jitter] (the original "
-                        "recipe's 0.3; grayscale images have no colour to distort, so stronger intensity jitter stops "
-                        "the encoder matching views by their histogram)")
-    p.add_argument("--gamma", type=float, default=0.0,
-                   help="random gamma: pixel ** g with g log-uniform in [1/(1+gamma), 1+gamma] (0: off, as in the "
-                        "original recipe); changes the shape of the histogram, which brightness and contrast cannot")
-    p.add_argument("--eval_every", type=int, default=5, help="epochs between kNN evaluations (with --label_file)")
+    bounded(p.add_argument("--crop_min_scale", type=float, default=0.8,
+                           help="smallest crop area as a fraction of the image (the original recipe's 0.8; the "
+                                "SimCLR paper uses 0.08; smaller crops force the encoder to use local findings, not "
+                                "the global anatomy)"), utils.FRACTION)
+    bounded(p.add_argument("--rotation", type=float, default=15.0,
+                           help="random rotation in degrees, uniform in [-rotation, rotation], corners zero-filled "
+                                "as RandomRotation does (the original recipe's 15; 0: off)"),
+            Bound(float, 0, 180, hint="degrees"))
+    bounded(p.add_argument("--jitter", type=float, default=0.3,
+                           help="brightness and contrast factors are drawn from [1 - jitter, 1 + jitter] (the "
+                                "original recipe's 0.3; grayscale images have no colour to distort, so stronger "
+                                "intensity jitter stops the encoder matching views by their histogram)"),
+            Bound(float, 0, 1))
+    bounded(p.add_argument("--gamma", type=float, default=0.0,
+                           help="random gamma: pixel ** g with g log-uniform in [1/(1+gamma), 1+gamma] (0: off, as "
+                                "in the original recipe); changes the shape of the histogram, which brightness and "
+                                "contrast cannot"), Bound(float, 0, 10))
+    bounded(p.add_argument("--eval_every", type=int, default=5,
+                           help="epochs between kNN evaluations (with --label_file)"),
+            Bound(int, 1, hint="epochs between kNN evaluations"))
     p.add_argument("--cuda_graphs", default="auto", choices=["auto", "on", "off"],
                    help="on: the capture-friendly step (augmentation random numbers drawn on the device, full "
                         "batches, no host read inside a step) replayed from one CUDA graph per step; on a CPU it "
                         "runs without a graph. auto = off everywhere until graphs are measured to win on a GPU "
-                        "(issue 23: not measured yet); off: the step as before")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from a last_ssl_checkpoint.pth (no value: the one in --output_dir)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a best_ssl_model.pth in --output_dir that another run (other data or settings) wrote")
+                        "(not measured yet: docs/performance.md); off: the step as before")
     return p
 
 

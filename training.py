@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn as nn
 
-from utils import UserError
+from utils import EXISTING_FILE, Bound, UserError, bounded, check_flag, check_flags, check_split_shares
 
 
 def training_parser() -> argparse.ArgumentParser:
@@ -21,16 +21,32 @@ def training_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("training runtime")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training model: faster steps after a slow first epoch (pretraining on a 2-core CPU: "
-                        "about 1.6x; a CPU needs a C++ compiler, else a warning and no compile)")
+                   help="torch.compile the training model: faster steps after a slow first epoch (docs/performance.md; "
+                        "a CPU needs a C++ compiler, else a warning and no compile)")
     g.add_argument("--sync_bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of each "
                         "process's --batch_size (SyncBatchNorm)")
     g = p.add_argument_group("split (a label file without a split column; give both trainers the same)")
-    g.add_argument("--val_fraction", type=float, default=0.15, help="val share of the patients")
-    g.add_argument("--test_fraction", type=float, default=0.15,
-                   help="test share of the patients: left out of pretraining and fine-tuning")
+    share = Bound(float, 0, 1, hi_open=True)
+    bounded(g.add_argument("--val_fraction", type=float, default=0.15, help="val share of the patients"), share)
+    bounded(g.add_argument("--test_fraction", type=float, default=0.15,
+                           help="test share of the patients: left out of pretraining and fine-tuning"), share)
+    g = p.add_argument_group("resuming and replacing")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from a last_*_checkpoint.pth (no value: this run's one in --output_dir)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a best model in --output_dir that another run (other data, label file or settings) "
+                        "wrote")
     return p
+
+
+def check_training_flags(args, parser: argparse.ArgumentParser) -> None:
+    """What both trainers check before any work: every flag's rule, the --resume file when one is named, and
+    that the split shares leave training images."""
+    check_flags(args, parser)
+    if args.resume not in (None, "auto"):
+        check_flag("resume", args.resume, EXISTING_FILE)
+    check_split_shares(args.val_fraction, args.test_fraction)
 
 
 def cpu_compiler() -> str | None:
@@ -48,7 +64,7 @@ def maybe_compile(model: nn.Module, enabled: bool, device: torch.device | None =
         return model
     if device is not None and device.type == "cpu" and cpu_compiler() is None:
         print("warning: --compile needs a C++ compiler (g++ or clang++, or $CXX) for CPU kernels and none is on "
-              "PATH; training uncompiled (about 1.6x slower on a CPU)", file=sys.stderr)
+              "PATH; training uncompiled (slower)", file=sys.stderr)
         return model
     return torch.compile(model)
 

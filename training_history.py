@@ -45,9 +45,9 @@ _last_plotted: dict = {}
 
 def plot_history_throttled(csv_path: str, png_path: str, title: str, last_epoch: bool, **plot_args) -> None:
     """plot_history after the first and the last epoch, and in between at most every PLOT_EVERY_S
-    seconds. Drawing the figure takes about a second on a small CPU: each epoch of a fine-tuning on a
-    few dozen images, or 10% of a 64 px pretraining epoch. The CSV is written every epoch regardless.
-    `plot_args` (best_epoch, chance) go to plot_history."""
+    seconds: on a small CPU drawing the figure takes as long as a fine-tuning epoch on a few dozen images
+    (docs/performance.md). The CSV is written every epoch regardless. `plot_args` (best_epoch, chance) go
+    to plot_history."""
     now = time.monotonic()
     if not last_epoch and now - _last_plotted.get(png_path, -math.inf) < PLOT_EVERY_S:
         return

@@ -17,12 +17,11 @@ from training_history import History, plot_history_throttled
 from utils import (UserError, configure_cpu_threads, default_num_workers, device_note, print_settings,
                    resolve_precision, seed_everything, write_settings)
 
-# With a few dozen labels a fine-tuning epoch is one step of a fraction of a second, and writing the
-# resumable checkpoint (weights and optimizer state, fsynced) every epoch took 40% of a 30-epoch run. A
-# pretraining epoch of 423 images at 64 px took 0.19 s on an H100; writing its 92 MB checkpoint takes
-# 0.4-0.6 s on our CPU machine. The last checkpoint is written after the first epoch, then when this many
-# seconds have passed since the last write, and after the last epoch: an interrupted run loses at most
-# this much training.
+# With a few dozen labels a fine-tuning epoch is one step of a fraction of a second, and a small pretraining
+# epoch on a GPU is shorter than writing its checkpoint: writing the resumable checkpoint (weights and optimizer
+# state, fsynced) every epoch dominated such runs (docs/performance.md). The last checkpoint is written after
+# the first epoch, then when this many seconds have passed since the last write, and after the last epoch: an
+# interrupted run loses at most this much training.
 LAST_CHECKPOINT_EVERY_S = 30.0
 
 

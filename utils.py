@@ -1,10 +1,10 @@
-"""What two or more scripts share: errors, seeding, devices and precision, checkpoints, the
-training loop, history files, schedules, feature extraction and kNN, and the setup both trainers
-run (Runtime, resume_run, RunFiles).
+"""What every script shares: the user error and the CLI runner, the shared flags and each flag's allowed
+values (`bounded`, `check_flags`), the output-folder lock, seeding, devices and precision, atomic files.
 
-Nothing here reads `args`; every function takes explicit parameters. The CLIs import it:
+Apart from the flag checks, nothing here reads `args`; every function takes explicit parameters. The CLIs
+import it:
 
-    from utils import UserError, save_checkpoint, load_checkpoint, train_one_epoch
+    from utils import UserError, atomic_write_json, resolve_device
 """
 import argparse
 import hashlib
@@ -39,21 +39,24 @@ def common_parser() -> argparse.ArgumentParser:
     """Flags shared by the three CLIs (passed as `parents=`)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("runtime")
-    g.add_argument("--seed", type=int, default=42, help="random seed (initialisation, augmentation, label subsets)")
-    g.add_argument("--split_seed", type=int, default=42,
-                   help="seed of the train/val/test split when the label file has no split column; kept apart "
-                        "from --seed so every phase and every training seed sees the same held-out test images")
+    bounded(g.add_argument("--seed", type=int, default=42,
+                           help="random seed (initialisation, augmentation, label subsets)"), UINT)
+    bounded(g.add_argument("--split_seed", type=int, default=42,
+                           help="seed of the train/val/test split when the label file has no split column; kept "
+                                "apart from --seed so every phase and every training seed sees the same held-out "
+                                "test images"), UINT)
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision; auto = bf16 on CUDA that supports it (else fp16), bf16 on a CPU "
                         "with native bf16 instructions, fp32 otherwise")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="shorthand: --no-amp forces fp32, --amp means --precision auto")
-    g.add_argument("--num_workers", type=int, default=None,
-                   help="DataLoader worker processes when images stream from disk (default: chosen from the "
-                        "CPU count; 0 when images are cached in memory)")
-    g.add_argument("--cache_gb", type=float, default=4.0,
-                   help="memory budget in GiB for decoded images kept in RAM; larger datasets stream from disk")
+    bounded(g.add_argument("--num_workers", type=int, default=None,
+                           help="DataLoader worker processes when images stream from disk (default: chosen from "
+                                "the CPU count; 0 when images are cached in memory)"), UINT)
+    bounded(g.add_argument("--cache_gb", type=float, default=4.0,
+                           help="memory budget in GiB for decoded images kept in RAM; larger datasets stream from "
+                                "disk"), Bound(float, 0, 1 << 20, hint="GiB of RAM; 0 streams every image from disk"))
     return p
 
 
@@ -123,33 +126,19 @@ EXISTING_FILE, EXISTING_DIR, OUTPUT_DIR, FILE_NAME = "file", "folder", "output f
 
 UINT = Bound(int, 0)
 
-POSITIVE_INT = Bound(int, 1)
-
 FRACTION = Bound(float, 0, 1, lo_open=True)
 
-# Every numeric and path flag of data_loader.py, train_ssl.py, fine_tune.py and evaluate.py, by name. A flag
-# means the same in every script that has it; a script passes `overrides` where its range differs.
-FLAG_RULES = {
-    "seed": UINT, "split_seed": UINT, "num_workers": UINT,
-    "cache_gb": Bound(float, 0, 1 << 20, hint="GiB of RAM; 0 streams every image from disk"),
-    "batch_size": Bound(int, 1, 1 << 16), "num_epochs": Bound(int, 1, 1 << 20),
-    "image_size": Bound(int, 8, 4096, hint="pixels; 32 or less uses the small-image stem"),
-    "lr": Bound(float, 0, 100, lo_open=True, hint="e.g. 3e-4"), "weight_decay": Bound(float, 0, 10),
-    "warmup_epochs": UINT, "temperature": Bound(float, 1e-3, 100, hint="NT-Xent temperature, e.g. 0.5"),
-    "projection_dim": Bound(int, 1, 1 << 16), "crop_min_scale": FRACTION,
-    "rotation": Bound(float, 0, 180, hint="degrees"), "jitter": Bound(float, 0, 1), "gamma": Bound(float, 0, 10),
-    "eval_every": Bound(int, 1, hint="epochs between kNN evaluations"),
-    "num_classes": Bound(int, 2, 10_000), "encoder_lr_scale": Bound(float, 0, 100),
-    "unfreeze_after_epoch": UINT, "num_steps": Bound(int, 0, 1 << 30, hint="optimizer steps; 0: use --num_epochs"),
-    "frozen_steps": Bound(int, 0, 1 << 30, hint="optimizer steps with the encoder frozen; 0: off"),
-    "head_prefit_steps": Bound(int, 0, 1_000_000),
-    "label_fraction": Bound(float, 0, 1, lo_open=True, hint="e.g. 0.1 for 10% of the labels"),
-    "val_fraction": Bound(float, 0, 1, hi_open=True), "test_fraction": Bound(float, 0, 1, hi_open=True),
-    "bootstrap": Bound(int, 0, 100_000, hint="resamples; 0 for no intervals"),
-    "num_images": Bound(int, 1, 10_000_000), "num_unlabeled": Bound(int, 0, 10_000_000),
-    "data_dir": EXISTING_DIR, "label_file": EXISTING_FILE, "ssl_checkpoint": EXISTING_FILE,
-    "checkpoint": EXISTING_FILE, "from_npz": EXISTING_FILE, "images": EXISTING_DIR, "output_dir": OUTPUT_DIR, "output_name": FILE_NAME,
-}
+
+def bounded(action: argparse.Action, rule) -> argparse.Action:
+    """Attach a flag's allowed values (a Bound or a path kind) to the Action `add_argument` returned; check_flags
+    reads them from the parser. Every numeric and path flag of the four CLIs has one."""
+    action.rule = rule
+    return action
+
+
+def flag_rules(parser: argparse.ArgumentParser) -> dict:
+    """{dest: rule} of the flags of `parser` (parents included) that `bounded` gave a rule."""
+    return {a.dest: a.rule for a in parser._actions if getattr(a, "rule", None) is not None}
 
 
 def check_split_shares(val_fraction: float, test_fraction: float) -> None:
@@ -159,19 +148,21 @@ def check_split_shares(val_fraction: float, test_fraction: float) -> None:
                         f"keep their sum below 1 (e.g. 0.15 and 0.15)")
 
 
-def check_flags(args, overrides: dict | None = None) -> None:
-    """Check every flag of `args` that FLAG_RULES (or `overrides`) names, before any work: the first bad one
-    is a UserError naming the flag, its value and what is allowed. None means "not given" and passes."""
-    rules = {**FLAG_RULES, **(overrides or {})}
+def check_flags(args, parser: argparse.ArgumentParser, skip=()) -> None:
+    """Check every flag of `args` that has a rule in `parser` (except those in `skip`), in the order of `args`,
+    before any work: the first bad one is a UserError naming the flag, its value and what is allowed. None
+    means "not given" and passes."""
+    rules = flag_rules(parser)
     for name, value in vars(args).items():
         rule = rules.get(name)
-        if rule is None or value is None:
+        if rule is None or value is None or name in skip:
             continue
         for v in value if isinstance(value, list) else [value]:
-            _check_flag(name, v, rule)
+            check_flag(name, v, rule)
 
 
-def _check_flag(name: str, v, rule) -> None:
+def check_flag(name: str, v, rule) -> None:
+    """One value of --name against its rule: a UserError saying what is wrong and what is allowed."""
     flag = f"--{name}"
     if isinstance(rule, Bound):
         if not rule.allows(v):
