@@ -405,7 +405,11 @@ class ClassifierCheckpoint(Checkpoint):
 CHECKPOINT_CLASSES = {"ssl": SSLCheckpoint, "classifier": ClassifierCheckpoint}
 
 
+def from_dict(d: dict, path: str = "") -> SSLCheckpoint | ClassifierCheckpoint:
+    """A checkpoint dict (as saved) as the class of its kind."""
+    return CHECKPOINT_CLASSES[d["kind"]].from_dict(d, path)
+
+
 def read_checkpoint(path: str, kinds=CHECKPOINT_KINDS, flag: str = "--checkpoint") -> SSLCheckpoint | ClassifierCheckpoint:
     """A checkpoint of one of `kinds`, as the class of its kind."""
-    d = load_checkpoint(path, kinds, flag)
-    return CHECKPOINT_CLASSES[d["kind"]].from_dict(d, path)
+    return from_dict(load_checkpoint(path, kinds, flag), path)

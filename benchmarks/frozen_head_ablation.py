@@ -61,13 +61,13 @@ def fit_and_score(kind, x, y, test_x, test_y, num_classes, steps, seed) -> float
 
 
 def main(args):
-    ckpt = checkpoints.load_checkpoint(args.ssl_checkpoint, "ssl", "--ssl_checkpoint")
+    ckpt = checkpoints.SSLCheckpoint.load(args.ssl_checkpoint, "--ssl_checkpoint")
     encoder = scoring.ssl_encoder(ckpt, args.ssl_checkpoint).eval()
     label_file = args.label_file or os.path.join(args.data_dir, "labels.csv")
-    table = label_tables.read_label_table(label_file, args.data_dir, seed=ckpt["args"].get("split_seed", 42))
+    table = label_tables.read_label_table(label_file, args.data_dir, seed=ckpt.split_seed)
     train, test = table.indices("train"), table.indices("test")
     store = data_loader.ImageStore(args.data_dir, [table.filenames[i] for i in np.r_[train, test]],
-                                   ckpt["image_size"], channels=ckpt["channels"])
+                                   ckpt.image_size, channels=ckpt.channels)
     images = store.images
     features = encode(encoder, images, image_io.normalize)
     train_x, test_x = features[: len(train)], features[len(train):]
@@ -87,7 +87,7 @@ def main(args):
         for rotation in args.rotations:
             config = dataclasses.replace(augmentations.SUPERVISED_AUGMENT, rotation=rotation,
                                          rotation_fill=args.rotation_fill)
-            augment = augmentations.BatchAugment(config, ckpt["image_size"])
+            augment = augmentations.BatchAugment(config, ckpt.image_size)
             generator = torch.Generator().manual_seed(seed)
             copies = torch.cat([encode(encoder, images[pos], lambda b: augment(b, generator=generator))
                                 for _ in range(args.copies)])

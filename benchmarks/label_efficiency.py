@@ -184,8 +184,8 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
     import numpy as np
     import torch
 
-    ckpt = checkpoints.load_checkpoint(ssl_path, "ssl", "--ssl_checkpoint")
-    table = label_tables.load_label_table(label_file, data_dir, seed=ckpt["args"].get("split_seed", 42))
+    ckpt = checkpoints.SSLCheckpoint.load(ssl_path, "--ssl_checkpoint")
+    table = label_tables.load_label_table(label_file, data_dir, seed=ckpt.split_seed)
     train, val, test = table.indices("train"), table.indices("val"), table.indices("test")   # all sorted
     files = [table.filenames[i] for i in np.r_[train, val, test]]
     device = utils.resolve_device(args.device)

@@ -444,17 +444,20 @@ def test_class_names_come_from_classes_txt_beside_integer_labels(tmp_path):
     assert label_tables.read_class_names(str(label_file), ["0", "1"]) == ["normal", "pleural effusion"]
     assert label_tables.read_class_names(str(label_file), ["cat", "dog"]) == ["cat", "dog"]  # names stay
     ckpt = {"class_names": ["0", "1"], "num_classes": 2, "args": {"label_file": str(label_file)}}
-    assert scoring.classifier_class_names(ckpt, None) == ["normal", "pleural effusion"]
-    assert scoring.classifier_class_names(ckpt | {"class_display_names": ["a", "b"]}, None) == ["a", "b"]
+    read = checkpoints.ClassifierCheckpoint.from_dict
+    assert scoring.classifier_class_names(read(ckpt), None) == ["normal", "pleural effusion"]
+    assert scoring.classifier_class_names(read(ckpt | {"class_display_names": ["a", "b"]}), None) == ["a", "b"]
 
 
 def test_models_are_named_by_their_init():
     args = evaluate.get_args_parser().parse_args(["--checkpoint", "run1/best_finetuned_model.pth", "--checkpoint",
                                                   "best_baseline_model.pth", "--checkpoint", "b/x.pth"])
-    ckpts = [{"kind": "classifier", "init": "ssl"}, {"kind": "classifier", "init": "scratch"},
-             {"kind": "classifier", "init": "ssl"}]
+    ckpts = [checkpoints.from_dict(c) for c in ({"kind": "classifier", "init": "ssl"},
+                                                {"kind": "classifier", "init": "scratch"},
+                                                {"kind": "classifier", "init": "ssl"})]
     assert evaluate.display_names(args, ckpts) == ["SSL init (best_finetuned_model)", "from scratch", "SSL init (x)"]
-    assert evaluate.display_names(args, ckpts[:2] + [{"kind": "ssl"}]) == ["SSL init", "from scratch", "SSL encoder"]
+    encoder = checkpoints.from_dict({"kind": "ssl"})
+    assert evaluate.display_names(args, ckpts[:2] + [encoder]) == ["SSL init", "from scratch", "SSL encoder"]
 
 
 def test_verdict_in_words():

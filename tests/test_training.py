@@ -97,12 +97,14 @@ def test_fine_tuning_warns_when_pretraining_did_not_leave_its_test_split_out(tmp
     synthetic.generate_dataset(str(tmp_path), 60, 3, 32, seed=1)
     labels = str(tmp_path / "labels.csv")
     default = label_tables.load_label_table(labels, str(tmp_path))
-    ssl = {"excluded_files": np.asarray(default.filenames)[default.indices("test")].tolist()}
+    ssl = checkpoints.SSLCheckpoint.from_dict({"excluded_files": np.asarray(default.filenames)[default.indices("test")]
+                                               .tolist()})
     assert fine_tune.warn_if_pretraining_saw_test_images(ssl, default, "ssl.pth") == []
     wider = label_tables.load_label_table(labels, str(tmp_path), test_fraction=0.4)
     seen = fine_tune.warn_if_pretraining_saw_test_images(ssl, wider, "ssl.pth")
     assert seen and f"{len(seen)} of the {len(wider.indices('test'))} test images" in capsys.readouterr().err
-    assert fine_tune.warn_if_pretraining_saw_test_images({"excluded_files": []}, wider, "ssl.pth") == []
+    nothing_left_out = checkpoints.SSLCheckpoint.from_dict({"excluded_files": []})
+    assert fine_tune.warn_if_pretraining_saw_test_images(nothing_left_out, wider, "ssl.pth") == []
 
 
 def test_progress_bars_obey_tqdm_disable(monkeypatch, capsys):
