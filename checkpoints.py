@@ -357,7 +357,7 @@ class ClassifierCheckpoint(Checkpoint):
     label_fraction: float | None = None
     val_metrics: dict | None = None                        # of the saved epoch on the val split
     task: str = "multiclass"                               # "multiclass" or "multilabel"
-    uncertain: str = "ignore"                              # multi-label: what an uncertain (-1) cell meant
+    uncertain: str | None = None                           # multi-label: what an uncertain (-1) cell meant
     label_format: str | None = None                        # multi-label: "pipe" or "columns"
     thresholds: list | None = None                         # multi-label: per finding, chosen on val
     threshold_rule: str | None = None
@@ -374,7 +374,7 @@ class ClassifierCheckpoint(Checkpoint):
                    val_fraction=d.get("val_fraction", 0.15), test_fraction=d.get("test_fraction", 0.15),
                    splits=d.get("splits"), train_files=list(d.get("train_files") or []),
                    label_fraction=d.get("label_fraction"), val_metrics=d.get("val_metrics"),
-                   task=d.get("task", "multiclass"), uncertain=d.get("uncertain", "ignore"),
+                   task=d.get("task", "multiclass"), uncertain=d.get("uncertain"),
                    label_format=d.get("label_format"), thresholds=d.get("thresholds"),
                    threshold_rule=d.get("threshold_rule"))
 
@@ -385,14 +385,9 @@ class ClassifierCheckpoint(Checkpoint):
                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "splits": self.splits,
                "train_files": self.train_files, "label_fraction": self.label_fraction,
                "val_metrics": self.val_metrics, "task": self.task}
-        if self.task == "multilabel":
-            out |= {"uncertain": self.uncertain, "label_format": self.label_format, "thresholds": self.thresholds,
-                    "threshold_rule": self.threshold_rule}
-        return out
-
-    @property
-    def multilabel(self) -> bool:
-        return self.task == "multilabel"
+        task_entries = {"uncertain": self.uncertain, "label_format": self.label_format,
+                        "thresholds": self.thresholds, "threshold_rule": self.threshold_rule}
+        return out | {k: v for k, v in task_entries.items() if v is not None}     # what its task records
 
     def build_model(self) -> Classifier:
         """The classifier with its weights, in eval mode."""

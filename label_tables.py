@@ -36,6 +36,9 @@ class LabelTable:
             return np.arange(len(self.filenames))
         return np.flatnonzero(self.splits == split)
 
+    def describe(self) -> str:
+        return f"labels: one class per image, {self.num_classes} classes"
+
 
 LABEL_COLUMNS = ("filename", "label", "split", "patient_id")
 
@@ -300,6 +303,16 @@ class MultiLabelTable(LabelTable):
     uncertain: str = "ignore"
     task = "multilabel"
 
+    def describe(self) -> str:
+        layout = ("a |-separated list of findings per row (ChestX-ray14 style)" if self.label_format == "pipe"
+                  else "one 1/0/-1 column per finding (CheXpert style)")
+        counted = self.labels != IGNORED
+        prevalence = ", ".join(f"{n} {100 * (self.labels[:, k] == 1).mean():.0f}%"
+                               for k, n in enumerate(self.class_names))
+        uncertain = int((~counted).sum())
+        return (f"labels: multi-label, {layout}; {self.num_classes} findings ({prevalence} of images); "
+                f"--uncertain {self.uncertain}" + (f": {uncertain} cells ignored" if uncertain else ""))
+
 
 def label_file_format(label_file: str) -> str:
     """'classes' (one label per image), 'pipe' or 'columns' (multi-label), from the header alone."""
@@ -342,16 +355,7 @@ def load_label_table(label_file: str, data_dir: str, task: str = "auto", uncerta
 
 def describe_table(table: LabelTable) -> str:
     """One line for the log: what kind of label file was detected."""
-    if table.task != "multilabel":
-        return f"labels: one class per image, {table.num_classes} classes"
-    layout = ("a |-separated list of findings per row (ChestX-ray14 style)" if table.label_format == "pipe"
-              else "one 1/0/-1 column per finding (CheXpert style)")
-    counted = table.labels != IGNORED
-    prevalence = ", ".join(f"{n} {100 * (table.labels[:, k] == 1).mean():.0f}%"
-                           for k, n in enumerate(table.class_names))
-    uncertain = int((~counted).sum())
-    return (f"labels: multi-label, {layout}; {table.num_classes} findings ({prevalence} of images); "
-            f"--uncertain {table.uncertain}" + (f": {uncertain} cells ignored" if uncertain else ""))
+    return table.describe()
 
 
 def read_multilabel_table(label_file: str, data_dir: str, uncertain: str = "ignore", seed: int = 42,

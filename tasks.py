@@ -152,6 +152,7 @@ class SingleLabel(SingleLabelReports):
         return None
 
     explains = True         # Grad-CAM of the predicted class
+    knn_monitor = True      # pretraining can pick its epoch by kNN accuracy on val
 
 
 class MultiLabel(MultiLabelReports):
@@ -233,7 +234,7 @@ class MultiLabel(MultiLabelReports):
     def scoring_table(self, args, ckpt):
         """The label file read as multi-label, uncertain cells as the checkpoint's run read them."""
         return label_tables.load_label_table(
-            args.label_file, args.data_dir, "multilabel", ckpt.uncertain,
+            args.label_file, args.data_dir, "multilabel", ckpt.uncertain or "ignore",
             seed=42 if ckpt.split_seed is None else ckpt.split_seed,
             val_fraction=0.15 if ckpt.val_fraction is None else ckpt.val_fraction,
             test_fraction=0.15 if ckpt.test_fraction is None else ckpt.test_fraction)
@@ -255,11 +256,12 @@ class MultiLabel(MultiLabelReports):
 
     def model_info(self, ckpt) -> dict:
         k = ckpt.num_classes
-        return {"task": self.name, "uncertain": ckpt.uncertain,
+        return {"task": self.name, "uncertain": ckpt.uncertain or "ignore",
                 "thresholds": [float(t) for t in ckpt.thresholds or [0.5] * k],
                 "threshold_rule": ckpt.threshold_rule or "fixed 0.5 (none recorded)"}
 
     explains = False        # no Grad-CAM for several findings at once
+    knn_monitor = False     # the kNN monitor scores one class per image
 
 
 SINGLE_LABEL, MULTI_LABEL = SingleLabel(), MultiLabel()

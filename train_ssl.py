@@ -30,6 +30,7 @@ import label_tables
 import optimizers
 import probes
 import recipes
+import tasks
 import training
 import training_run
 import utils
@@ -61,13 +62,14 @@ def pretraining_files(args):
     if args.label_file:
         table = label_tables.load_label_table(args.label_file, args.data_dir, args.task, seed=args.split_seed,
                                               val_fraction=args.val_fraction, test_fraction=args.test_fraction)
-        if table.task != "multilabel" and len(np.unique(table.labels)) < 2:   # every kNN vote would be right
+        monitored = tasks.of(table.task).knn_monitor
+        if monitored and len(np.unique(table.labels)) < 2:   # every kNN vote would be right
             raise UserError(f"--label_file {args.label_file}: every image has the same label; the kNN monitor needs "
                             f"at least 2 classes (leave --label_file out to pick the epoch by the loss)")
         excluded = sorted(np.asarray(table.filenames)[table.indices("test")].tolist())
         held_out = set(excluded)
         files = [f for f in files if f not in held_out]
-        if table.task == "multilabel":      # the kNN monitor scores one class per image
+        if not monitored:
             print(f"{label_tables.describe_table(table)}\nmulti-label file: its test split is left out of "
                   f"pretraining; the best epoch is chosen by loss (the kNN monitor needs one class per image)")
             table = None

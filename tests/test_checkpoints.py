@@ -70,7 +70,7 @@ def test_an_older_classifier_checkpoint_reads_and_rebuilds_its_model(tmp_path, m
     path = str(tmp_path / "best_finetuned_model.pth")
     checkpoints.save_checkpoint(older_classifier_dict(multilabel), path)
     ckpt = checkpoints.read_checkpoint(path, ("classifier", "ssl"))
-    assert isinstance(ckpt, ClassifierCheckpoint) and ckpt.multilabel == multilabel
+    assert isinstance(ckpt, ClassifierCheckpoint) and ckpt.task == ("multilabel" if multilabel else "multiclass")
     assert (ckpt.num_epochs, ckpt.label_file, ckpt.epoch, ckpt.init) == (9, "data/labels.csv", 3, "ssl")
     assert ckpt.class_names == [f"c{i}" for i in range(ckpt.num_classes)]
     if multilabel:
