@@ -223,6 +223,9 @@ def check_args(args) -> None:
     training.check_training_flags(args, get_args_parser())
     if args.pos_weight != "none" and args.task == "multiclass":
         raise UserError("--pos_weight is for multi-label files; with one label per image use --class_weights")
+    if args.ssl_checkpoint and 0 < args.num_steps <= args.frozen_steps:
+        raise UserError(f"--frozen_steps {args.frozen_steps} is not below --num_steps {args.num_steps}: the encoder "
+                        f"would never train; lower --frozen_steps (--recipe tuned freezes it for half the steps)")
 
 
 def resolve_backbone(args, ssl) -> None:

@@ -106,7 +106,7 @@ def predict_folder(args, device, autocast_dtype) -> dict:
     ckpt = checkpoints.read_checkpoint(path, ("classifier", "ssl"))
     check_predict_checkpoint(ckpt, path)
     names = classifier_class_names(ckpt, args.label_file)
-    all_files = image_io.list_images(args.images)
+    all_files = image_io.list_images(args.images, "--images")
     store = data_loader.ImageStore(args.images, all_files, ckpt.image_size, args.cache_gb, ckpt.channels,
                                    skip_unreadable=True)
     kept = set(store.filenames)

@@ -137,12 +137,13 @@ def load_image(path: str) -> np.ndarray:
     return to_uint8(read_pixels(path))
 
 
-def list_images(data_dir: str) -> list[str]:
-    """Every supported image under `data_dir`, recursively, as sorted relative paths ('/'-separated).
+def list_images(data_dir: str, flag: str = "--data_dir") -> list[str]:
+    """Every supported image under `data_dir`, recursively, as sorted relative paths ('/'-separated); `flag`:
+    the command-line flag that named the folder, for the messages.
 
     Hidden files (editor and macOS `._` droppings) and this tool's own preview.png are left out."""
     if not os.path.isdir(data_dir):
-        raise UserError(f"--data_dir {data_dir}: no such folder; check the path")
+        raise UserError(f"{flag} {data_dir}: no such folder; check the path")
     found = []
     for root, dirs, files in os.walk(data_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -150,7 +151,7 @@ def list_images(data_dir: str) -> list[str]:
             if name.lower().endswith(IMAGE_EXTENSIONS) and name != "preview.png" and not name.startswith("."):
                 found.append(os.path.relpath(os.path.join(root, name), data_dir).replace(os.sep, "/"))
     if not found:
-        raise UserError(f"--data_dir {data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} "
+        raise UserError(f"{flag} {data_dir}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         f"in it and its subfolders)")
     return sorted(found)
 

@@ -2,6 +2,7 @@
 train/val/test split (data_loader.py --from_npz).
 """
 import os
+import zipfile
 
 import numpy as np
 from PIL import Image
@@ -40,7 +41,7 @@ def _load_npz(npz_path: str) -> dict:
     try:
         with np.load(npz_path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:   # a half-copied file is a broken zip
         raise UserError(f"--from_npz {npz_path}: not a readable .npz file ({_reason(e)})")
     out = {}
     for split in SPLITS:

@@ -42,6 +42,11 @@ RESUME_KEYS = ("backbone", "image_size", "projection_dim", "batch_size", "optimi
                "test_fraction")
 
 
+def lars_lr(args, given):
+    """1.2 with LARS (--optimizer adam keeps its default)"""
+    return 1.2 if args.optimizer == "lars" else recipes.KEEP_DEFAULT
+
+
 def tenth_of_epochs(args, given):
     """a tenth of --num_epochs, at least 1"""
     return max(1, args.num_epochs // 10)
@@ -49,7 +54,7 @@ def tenth_of_epochs(args, given):
 
 # --recipe tuned: benchmarks/label_efficiency.py's measured pretraining (docs/results.md): LARS, a sharper
 # temperature, smaller crops, a random gamma and no rotation (its black corners held pretraining back)
-TUNED = {"optimizer": "lars", "lr": 1.2, "batch_size": 64, "temperature": 0.2, "crop_min_scale": 0.3,
+TUNED = {"optimizer": "lars", "lr": lars_lr, "batch_size": 64, "temperature": 0.2, "crop_min_scale": 0.3,
          "rotation": 0.0, "jitter": 0.3, "gamma": 0.35, "warmup_epochs": tenth_of_epochs}
 
 
@@ -69,7 +74,11 @@ def pretraining_files(args):
         excluded = sorted(np.asarray(table.filenames)[table.indices("test")].tolist())
         held_out = set(excluded)
         files = [f for f in files if f not in held_out]
-        if not monitored:
+        if monitored and len(table.indices("val")) == 0:
+            print(f"warning: {args.label_file}: the val split is empty, so the kNN monitor has nothing to score; "
+                  f"the best epoch is chosen by loss", file=sys.stderr)
+            table = None
+        elif not monitored:
             print(f"{label_tables.describe_table(table)}\nmulti-label file: its test split is left out of "
                   f"pretraining; the best epoch is chosen by loss (the kNN monitor needs one class per image)")
             table = None

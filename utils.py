@@ -203,6 +203,7 @@ class OutputLock:
 
     def __init__(self, folder: str, name: str):
         self.folder, self.path, self.fd = folder, os.path.join(folder, f".{name}.lock"), None
+        self.created_folder = False
         assert LOCK_NAME.fullmatch(os.path.basename(self.path)), name
 
     def acquire(self) -> "OutputLock":
@@ -235,7 +236,9 @@ class OutputLock:
 
     def _open(self) -> int:
         try:
+            existed = os.path.isdir(self.folder)
             os.makedirs(self.folder, exist_ok=True)
+            self.created_folder = self.created_folder or not existed
             return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise UserError(f"cannot write to {self.folder}: {e.strerror or e}; choose a writable --output_dir")
@@ -254,6 +257,11 @@ class OutputLock:
                 pass
             os.close(self.fd)                # closing drops the flock
             self.fd = None
+            if self.created_folder:          # a run refused before writing anything leaves no empty folder
+                try:
+                    os.rmdir(self.folder)        # only succeeds when the folder is empty
+                except OSError:
+                    pass
 
     def __enter__(self):
         return self.acquire()

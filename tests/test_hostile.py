@@ -80,6 +80,15 @@ def _label_files(folder: str, data: str) -> None:
           "\ntiny/px.png,1,train\n")
     write("bad_split.csv", "filename,label,split\n" + "\n".join(f"{f},{y},holdout" for f, y in rows) + "\n")
     write("header_only.csv", "filename,label\n")
+    write("no_val.csv", "filename,label,split\n" + "\n".join(f"{f},{y},{'test' if i >= 20 else 'train'}"
+                                                               for i, (f, y) in enumerate(rows)) + "\n")
+    arrays = {f"{s}_{k}": np.zeros((4, 28, 28), np.uint8) if k == "images" else np.arange(4) % 2
+              for s in ("train", "val", "test") for k in ("images", "labels")}
+    np.savez(os.path.join(folder, "whole.npz"), **arrays)
+    with open(os.path.join(folder, "whole.npz"), "rb") as f:
+        whole = f.read()
+    with open(os.path.join(folder, "half.npz"), "wb") as f:       # a copy cut short
+        f.write(whole[: len(whole) // 2])
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +183,8 @@ CASES = {
     "gen-npz-missing": Case("data_loader", "--output_dir {out} --from_npz {out}/none.npz", 2, "--from_npz {out}/none.npz: no such file"),
     "gen-npz-folder": Case("data_loader", "--output_dir {out} --from_npz {labels}", 2, "--from_npz {labels}: is a folder, not a file"),
     "gen-npz-not-npz": Case("data_loader", "--output_dir {out} --from_npz {a_file}", 2, "not a readable .npz file"),
+    "gen-npz-half-copied": Case("data_loader", "--output_dir {out} --from_npz {labels}/half.npz", 2,
+                                "--from_npz {labels}/half.npz: not a readable .npz file"),
     "gen-fractions-sum": Case("data_loader", GEN + " --val_fraction 0.5 --test_fraction 0.5", 2, "leave no training images"),
     "gen-npz-fractions": Case("data_loader", "--output_dir {out} --from_npz {a_file} --test_fraction 0.3", 2,
                               "a MedMNIST file brings its own train/val/test split"),
@@ -183,6 +194,9 @@ CASES = {
     "gen-stale-lock": Case("data_loader", GEN, 0, "was left by a run that is no longer running", setup="stale:generate",
                            exists=("{out}/labels.csv", "{out}/preview.png")),
     # ---- train_ssl.py ----
+    "ssl-split-without-val": Case("train_ssl", SSL + " --label_file {labels}/no_val.csv", 0,
+                                  "the val split is empty, so the kNN monitor has nothing to score; the best epoch is "
+                                  "chosen by loss", exists=("{out}/best_ssl_model.pth",)),
     "ssl-fractions-sum": Case("train_ssl", SSL + " --val_fraction 0.6 --test_fraction 0.5", 2, "leave no training images"),
     "ssl-batch_size-0": Case("train_ssl", SSL + " --batch_size 0", 2, "--batch_size 0: must be an integer in [1, 65536]"),
     "ssl-eval_every-0": Case("train_ssl", SSL + " --label_file {labels}/good.csv --eval_every 0", 2,
@@ -297,6 +311,10 @@ CASES = {
     "ev-data_dir-missing": Case("evaluate", EV_FT.replace("{data}", "{out}/nowhere"), 2, "/nowhere: no such folder"),
     "ev-output-is-a-file": Case("evaluate", EV_FT.replace("{out}", "{a_file}"), 2, "--output_dir {a_file}: is a file",
                                 unchanged=("{a_file}",)),
+    "ev-images-empty-folder": Case("evaluate", "--checkpoint {ft}/best_finetuned_model.pth --images {empty} "
+                                   "--output_dir {out} " + RUNTIME, 2, "--images {empty}: no images found"),
+    "ft-frozen-steps-never-end": Case("fine_tune", FT_SSL + " --num_steps 4 --frozen_steps 4", 2,
+                                      "--frozen_steps 4 is not below --num_steps 4: the encoder would never train"),
     "ev-locked": Case("evaluate", EV_FT, 2, "is in use by another run (process", setup="lock:evaluate"),
     "ev-label-r-quoted-header": Case("evaluate", EV_FT.replace("good.csv", "r_quoted.csv"), 0, "report:",
                                      exists=("{out}/report.md", "{out}/metrics.json")),
@@ -345,6 +363,8 @@ def test_hostile_case(name, world, tmp_path, capsys):
         assert err.count("error:") == 1
         if not case.copy and not case.unchanged:
             assert visible_files(paths["out"]) == [], "a refused run wrote files"
+        if not case.copy and not case.unchanged and not case.setup:
+            assert not os.path.exists(paths["out"]), "a refused run left the output folder it made"
     else:
         assert message in out + err
     for p in case.exists:

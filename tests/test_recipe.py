@@ -129,3 +129,11 @@ def test_tuned_freezes_an_ssl_encoder_for_the_first_half_of_the_steps():
                                "--unfreeze_after_epoch", "5"])   # freezing given by hand wins
     fine_tune.resolve_num_epochs(given, 3)
     assert given.frozen_steps == 0 and given.unfreeze_after_epoch == 5
+
+
+def test_tuned_with_adam_keeps_adams_learning_rate_not_larss():
+    """LARS's 1.2 would make AdamW diverge: the tuned learning rate follows the optimizer actually used."""
+    args = train_ssl.get_args_parser().parse_args(["--recipe", "tuned", "--optimizer", "adam"])
+    assert args.optimizer == "adam" and args.lr == 3e-4
+    assert args.value_sources["lr"] == "default (recipe tuned leaves it here)"
+    assert train_ssl.get_args_parser().parse_args(["--recipe", "tuned"]).lr == 1.2
