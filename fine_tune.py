@@ -258,7 +258,8 @@ def resolve_num_epochs(args, steps_per_epoch: int) -> None:
 
 def refuse_replacing_another_run(args, ssl, dist) -> None:
     """Before any work: a fresh run would replace the best model there, which may be another run's."""
-    if not args.resume and dist.is_main:
+    resume = None if args.resume in (None, "auto") else args.resume
+    if (not args.resume or training_run.resumes_another_folder(resume, args.output_dir)) and dist.is_main:
         # --num_steps sets num_epochs only once the data is read: compare the steps, not those epochs
         compared = argparse.Namespace(**{k: v for k, v in vars(args).items()
                                          if not (k == "num_epochs" and args.num_steps > 0)})
@@ -295,7 +296,7 @@ def main(args):
     resume = (paths.last if args.resume == "auto" else args.resume) if args.resume else None
     start_epoch, best, _ = training_run.resume_run(resume, "classifier", args, RESUME_KEYS, dist,
                                                    {"encoder": model.encoder, "head": model.head},
-                                                   optimizer, scheduler, scaler, args.seed)
+                                                   optimizer, scheduler, scaler, args.seed, table.sha256)
     if args.head_prefit_steps > 0 and start_epoch == 0:
         loss = prefit_head(model, store, train_idx, table, args, device, weights, task)
         if dist.is_main:

@@ -269,13 +269,13 @@ def knn_accuracy(model, loaders: dict, num_classes: int, device, autocast_dtype)
 
 # ============ checkpoints ============
 
-def build_checkpoint(model, args, epoch, loss, knn, table, excluded, channels, world_size) -> SSLCheckpoint:
+def build_checkpoint(model, args, epoch, loss, knn, label_sha256, excluded, channels, world_size) -> SSLCheckpoint:
     return SSLCheckpoint(
         model_config=model.config, image_size=args.image_size, channels=channels,
         normalization={"mean": list(image_io.IMAGENET_MEAN), "std": list(image_io.IMAGENET_STD)},
         encoder=model.encoder.state_dict(), projector=model.projector.state_dict(), epoch=epoch,
         num_epochs=args.num_epochs, args=dict(vars(args)), loss=loss, knn_accuracy=knn,
-        label_file=args.label_file, label_file_sha256=table.sha256 if table else None, excluded_files=excluded,
+        label_file=args.label_file, label_file_sha256=label_sha256, excluded_files=excluded,
         split_seed=args.split_seed, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         history_file="ssl_history.csv", world_size=world_size)
 
@@ -301,9 +301,11 @@ def main(args):
 
     # ============ preparing data ============
     files, table, excluded = pretraining_files(args)
-    if not resume_path(args) and dist.is_main:
+    label_sha256 = utils.sha256_file(args.label_file) if args.label_file else None
+    resume = resume_path(args)
+    if (not resume or training_run.resumes_another_folder(resume, args.output_dir)) and dist.is_main:
         checkpoints.refuse_replacing_another_run(os.path.join(args.output_dir, "best_ssl_model.pth"), args,
-                                                 table.sha256 if table else None, args.overwrite)
+                                                 label_sha256, args.overwrite)
     store, loader = build_loader(args, files, runtime)
     channels = store.channels if store is not None else 3
     augment = augmentations.BatchAugment(ssl_augment_config(args), args.image_size, channels_last=True) \
@@ -318,7 +320,7 @@ def main(args):
                                                             dist)
     start_epoch, best, state = training_run.resume_run(resume_path(args), "ssl", args, RESUME_KEYS, dist,
                                                        {"encoder": model.encoder, "projector": model.projector},
-                                                       optimizer, scheduler, scaler, args.seed)
+                                                       optimizer, scheduler, scaler, args.seed, label_sha256)
     if state is not None:
         restore_augment_rng(state.augment_rng, augment_rng, start_epoch, args.seed)
     optimizers.lr_on_device(optimizer, device if static_step is not None else None)
@@ -359,7 +361,7 @@ def main(args):
             improved = _improved(best, stats["loss"], knn, table is not None)
             if improved:
                 best = knn if table is not None else stats["loss"]
-            ckpt = build_checkpoint(model, args, epoch + 1, stats["loss"], knn, table, excluded, channels,
+            ckpt = build_checkpoint(model, args, epoch + 1, stats["loss"], knn, label_sha256, excluded, channels,
                                     dist.world_size)
             files_out.end_epoch(epoch, args.num_epochs, row, ckpt, improved, optimizer, scheduler, scaler, best, rngs,
                                 chance=1 / table.num_classes if table is not None else None,

@@ -159,16 +159,40 @@ class RunPaths:
         return cls(*(os.path.join(output_dir, n) for n in names))
 
 
+def resumes_another_folder(path: str | None, output_dir: str) -> bool:
+    """--resume names a checkpoint outside --output_dir: the folder may hold another run, which the resumed one
+    would replace."""
+    return path is not None and os.path.realpath(os.path.dirname(os.path.abspath(path))) != \
+        os.path.realpath(output_dir)
+
+
+def check_resume_label_file(ckpt: Checkpoint, label_sha256: str | None, path: str) -> None:
+    """A resumed run reads the label file its run read: without it, pretraining would take in the test images
+    the run left out, and with another file the splits and the recorded exclusions would disagree."""
+    then = ckpt.label_file_sha256
+    if then == label_sha256:
+        return
+    if then and not label_sha256:
+        raise UserError(f"--resume {path}: that run read --label_file {ckpt.label_file} (its test split left out); "
+                        f"resume with the same --label_file")
+    if label_sha256 and not then:
+        raise UserError(f"--resume {path}: that run had no --label_file; resume without it or start a new "
+                        f"--output_dir")
+    raise UserError(f"--resume {path}: that run read another label file (SHA-256 {then[:12]}..., this one "
+                    f"{label_sha256[:12]}...); resume with the same --label_file or start a new --output_dir")
+
+
 def resume_run(path: str | None, kind: str, args, keys: tuple, dist: Dist, modules: dict, optimizer, scheduler,
-               scaler, seed: int):
-    """--resume: restore weights and training state from `path` after checking it fits this run and has
-    epochs left to train. Returns (completed epochs, best metric so far, the TrainingState for what else the
-    trainer restores); (0, None, None) when `path` is None."""
+               scaler, seed: int, label_sha256: str | None = None):
+    """--resume: restore weights and training state from `path` after checking it fits this run (settings,
+    processes, label file `label_sha256`) and has epochs left to train. Returns (completed epochs, best metric
+    so far, the TrainingState for what else the trainer restores); (0, None, None) when `path` is None."""
     if path is None:
         return 0, None, None
     raw = load_checkpoint(path, kind, "--resume")
     ckpt = CHECKPOINT_CLASSES[kind].from_dict(raw, path)
     check_resume_compatible(ckpt, args, keys, path)
+    check_resume_label_file(ckpt, label_sha256, path)
     check_resume_world_size(ckpt, dist, path)
     check_epochs_left(ckpt.epoch, args.num_epochs, path)
     state = TrainingState.from_dict(raw, path)

@@ -465,3 +465,34 @@ def test_a_tiny_label_fraction_still_trains_on_every_class(world):
     table = label_tables.read_label_table(os.path.join(world["labels"], "good.csv"), world["data"], seed=0)
     chosen = data_splits.stratified_subset(table.labels, table.indices("train"), 0.01, seed=0)
     assert sorted(table.labels[chosen].tolist()) == [0, 1]
+
+
+# ============ resuming across runs ============
+
+def run_ssl(argv: str, capsys) -> tuple:
+    return run_case(Case("train_ssl", argv, 0, ""), {}, capsys)
+
+
+def test_resuming_into_a_folder_of_another_run_is_refused_and_leaves_it_intact(world, tmp_path, capsys):
+    other = str(tmp_path / "other")
+    assert run_ssl(SSL.format(**world, out=other) + " --seed 7", capsys)[0] == 0       # another run lives there
+    before = sha(os.path.join(other, "best_ssl_model.pth"))
+    argv = (SSL.replace("--num_epochs 1", "--num_epochs 2").format(**world, out=other)
+            + f" --resume {world['ssl']}/last_ssl_checkpoint.pth")
+    code, out, err = run_ssl(argv, capsys)
+    assert code == 2 and "holds the model of another run" in err.strip().splitlines()[-1], err[-300:]
+    assert sha(os.path.join(other, "best_ssl_model.pth")) == before and "Traceback" not in out + err
+
+
+def test_resuming_without_the_label_file_the_run_read_is_refused(world, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    with_labels = SSL.format(**world, out=run) + f" --label_file {world['labels']}/good.csv"
+    assert run_ssl(with_labels, capsys)[0] == 0
+    last = os.path.join(run, "last_ssl_checkpoint.pth")
+    before = sha(last)
+    code, out, err = run_ssl(SSL.replace("--num_epochs 1", "--num_epochs 2").format(**world, out=run)
+                             + " --resume", capsys)
+    assert code == 2 and "that run read --label_file" in err and "resume with the same --label_file" in err, err[-300:]
+    assert sha(last) == before
+    code, out, err = run_ssl(with_labels.replace("--num_epochs 1", "--num_epochs 2") + " --resume", capsys)
+    assert code == 0, err[-300:]                          # with it, the run continues
