@@ -415,10 +415,46 @@ def _read_multilabel_csv(label_file: str):
     if not findings:
         raise UserError(f"--label_file {label_file}: no finding columns; add one 1/0 column per finding or a "
                         f"`labels` column of |-separated findings")
+    if fmt == "columns":
+        check_distinct_findings(findings, label_file)
     if df.empty:
         raise UserError(f"--label_file {label_file}: no rows; add one line per image")
     df = df.rename(columns=rename).apply(lambda col: col.str.strip())
     return df, fmt, findings
+
+
+def check_distinct_findings(names: list, label_file: str) -> None:
+    """Two names of one finding would become two outputs, each positive of one counted as absent in the other:
+    refuse names that differ only in case, spaces, '_' or '-', or by one letter (a typo; digits may differ:
+    finding_1, finding_2)."""
+    def key(name: str) -> str:
+        return "".join(c for c in name.lower() if c not in " _-")
+
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ka, kb = key(a), key(b)
+            if ka == kb:
+                why = "differ only in case, spaces, '_' or '-'"
+            elif min(len(ka), len(kb)) >= 5 and _one_letter_apart(ka, kb):
+                why = "differ by one letter (a typo?)"
+            else:
+                continue
+            raise UserError(f"--label_file {label_file}: findings {a!r} and {b!r} {why}; give each finding one "
+                            f"name (two names would be two outputs, each marking the other's positives absent)")
+
+
+def _one_letter_apart(a: str, b: str) -> bool:
+    """One letter inserted, deleted or replaced (not a digit: numbered findings are different findings)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    if len(a) == len(b):
+        same = a[i + 1:] == b[i + 1:]
+        return same and not (a[i].isdigit() and b[i].isdigit())
+    longer, shorter = (a, b) if len(a) > len(b) else (b, a)
+    return longer[i + 1:] == shorter[i:] and not longer[i].isdigit()
 
 
 def _parse_finding_lists(col, label_file: str, column: str) -> tuple[np.ndarray, list]:
@@ -437,6 +473,7 @@ def _parse_finding_lists(col, label_file: str, column: str) -> tuple[np.ndarray,
     names = sorted({p for parts in lists for p in parts})
     if not names:
         raise UserError(f"--label_file {label_file}: every row is 'No Finding'; a multi-label file needs findings")
+    check_distinct_findings(names, label_file)
     index = {n: k for k, n in enumerate(names)}
     targets = np.zeros((len(lists), len(names)), dtype=np.float32)
     for i, parts in enumerate(lists):

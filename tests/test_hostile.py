@@ -496,3 +496,22 @@ def test_resuming_without_the_label_file_the_run_read_is_refused(world, tmp_path
     assert sha(last) == before
     code, out, err = run_ssl(with_labels.replace("--num_epochs 1", "--num_epochs 2") + " --resume", capsys)
     assert code == 0, err[-300:]                          # with it, the run continues
+
+
+@pytest.mark.parametrize("second, why", [("effusion", "differ only in case"), ("Efusion", "differ by one letter"),
+                                         ("Effusion_", "differ only in case, spaces")])
+def test_two_names_of_one_finding_are_refused_naming_both(world, tmp_path, second, why):
+    """Each positive of one would count as absent in its twin; numbered findings (finding_1, finding_2) are fine."""
+    rows = [f"img{i:03d}.png,{'Effusion' if i % 3 else second}|Nodule" for i in range(12)]
+    pipe = tmp_path / "pipe.csv"
+    pipe.write_text("filename,labels\n" + "\n".join(rows) + "\n")
+    with pytest.raises(utils.UserError, match=f"findings 'Effusion' and '{second}' {why}"):
+        label_tables.load_label_table(str(pipe), world["data"])
+    columns = tmp_path / "columns.csv"
+    columns.write_text(f"filename,Effusion,{second}\n" + "\n".join(f"img{i:03d}.png,{i % 2},0" for i in range(12)) + "\n")
+    with pytest.raises(utils.UserError, match=why):
+        label_tables.load_label_table(str(columns), world["data"])
+    numbered = tmp_path / "numbered.csv"
+    numbered.write_text("filename,finding_1,finding_2\n" + "\n".join(f"img{i:03d}.png,{i % 2},{(i + 1) % 2}"
+                                                                     for i in range(12)) + "\n")
+    assert label_tables.load_label_table(str(numbered), world["data"]).class_names == ["finding_1", "finding_2"]
