@@ -342,6 +342,7 @@ def main(args):
     import pandas as pd
 
     utils.resolve_device(args.device)          # a wrong --device fails now, not after writing the data
+    utils.check_flags(args, get_args_parser())    # --fractions, --seeds: before data and pretraining, not after
     utils.check_split_shares(args.val_fraction, args.test_fraction)
     os.makedirs(args.output_dir, exist_ok=True)
     data_dir, label_file = prepare_data(args)
@@ -423,10 +424,12 @@ def get_args_parser():
     p.add_argument("--gamma", type=float, default=None,
                    help=ssl("pretraining random gamma strength (0: off; 0.35 spans the synthetic detector's "
                             "0.75-1.35)", "gamma"))
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1],
-                   help="labelled fractions of train (5%%: 18 synthetic images, the headline; every fraction run "
-                        "is reported)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds")
+    utils.bounded(p.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1],
+                                 help="labelled fractions of train (5%%: 18 synthetic images, the headline; every "
+                                      "fraction run is reported)"),
+                  utils.Bound(float, 0, 1, lo_open=True, hint="e.g. 0.05 for 5% of the labels"))
+    utils.bounded(p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds"),
+                  utils.Bound(int, 0))
     p.add_argument("--ft_steps", type=int, default=200,
                    help="fine-tuning optimizer steps (both methods; fine_tune.py --num_steps): with 18-35 labels a "
                         "step is an epoch, and from-scratch runs of 100 steps were still improving")

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import fine_tune  # noqa: E402
 import label_efficiency  # noqa: E402
+import utils  # noqa: E402
 from tiny_data import write_tiny_dataset  # noqa: E402
 
 
@@ -100,3 +101,11 @@ def test_ssl_throughput_train_step_mode_prints_ratios_and_writes_its_profile_tab
     parts = [r.split(" | ")[3] for r in rows]
     assert parts == ["augmentation", "forward", "backward", "optimizer", "loss read", "whole step, --cuda_graphs on"]
     assert all(int(r.split(" | ")[-1].rstrip(" |")) > 0 for r in rows)      # operator calls counted per part
+
+
+def test_label_efficiency_checks_its_fractions_before_making_data(tmp_path):
+    args = label_efficiency.get_args_parser().parse_args(["--fractions", "0.05", "1.5", "--output_dir",
+                                                          str(tmp_path / "out")])
+    with pytest.raises(utils.UserError, match=r"--fractions 1.5: must be a number in \(0, 1\]"):
+        label_efficiency.main(args)
+    assert not (tmp_path / "out").exists()
