@@ -504,7 +504,8 @@ def _patients_from_paths(filenames: list) -> np.ndarray:
 
 
 def _check_finding_coverage(splits, targets, names: list, label_file: str) -> None:
-    """No train split is an error; a finding with no positive image in train or val is a warning."""
+    """No train split is an error; a finding with no positive image in a split, or with no counted negative in
+    train (the model cannot learn to tell it apart), is a warning."""
     if not (splits == "train").any():
         raise UserError(f"--label_file {label_file}: the train split is empty; mark some rows `train`")
     for split in ("train", "val", "test"):
@@ -516,6 +517,10 @@ def _check_finding_coverage(splits, targets, names: list, label_file: str) -> No
         if absent:
             print(f"warning: {label_file}: no {split} image has finding(s) {', '.join(absent)}"
                   + ("; their AUC there is undefined" if split != "train" else ""), file=sys.stderr)
+        always = [n for k, n in enumerate(names) if split == "train" and not (targets[rows, k] == 0).any()]
+        if always:
+            print(f"warning: {label_file}: no train image is counted without finding(s) {', '.join(always)} "
+                  f"(every cell is 1 or uncertain): the model cannot learn to tell them apart", file=sys.stderr)
 
 
 FINDINGS_FILE = "findings.csv"   # beside labels.csv: filename,finding,x0,y0,x1,y1 per drawn region

@@ -515,3 +515,12 @@ def test_two_names_of_one_finding_are_refused_naming_both(world, tmp_path, secon
     numbered.write_text("filename,finding_1,finding_2\n" + "\n".join(f"img{i:03d}.png,{i % 2},{(i + 1) % 2}"
                                                                      for i in range(12)) + "\n")
     assert label_tables.load_label_table(str(numbered), world["data"]).class_names == ["finding_1", "finding_2"]
+
+
+def test_a_finding_present_in_every_train_image_is_named(world, tmp_path, capsys):
+    columns = tmp_path / "columns.csv"
+    columns.write_text("filename,split,Effusion,Nodule\n" + "\n".join(
+        f"img{i:03d}.png,{'train' if i < 16 else 'val'},{1 if i < 16 else i % 2},{i % 2}" for i in range(24)) + "\n")
+    label_tables.load_label_table(str(columns), world["data"])
+    err = capsys.readouterr().err
+    assert "no train image is counted without finding(s) Effusion" in err and "Nodule (every" not in err
