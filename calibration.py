@@ -95,4 +95,5 @@ def report_line(calibration: dict) -> str:
     t = calibration["temperature"]
     temp = f"T = {t:.3f}" if isinstance(t, float) else "T per finding " + ", ".join(f"{v:.2f}" for v in t)
     return (f"- calibration: temperature scaling fitted on val ({temp}); ECE {calibration['ece_uncalibrated']:.4f} "
-            f"before, {calibration['ece_calibrated']:.4f} after. Every probability and metric here is calibrated")
+            f"before, {calibration['ece_calibrated']:.4f} after; the probabilities, metrics and figures below are the "
+            f"calibrated ones (scaling keeps every argmax and ranking: accuracy and AUCs are unchanged)")
