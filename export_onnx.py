@@ -9,6 +9,7 @@ with onnxruntime against PyTorch on the checkpoint's test images (or random inpu
 """
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -73,9 +74,11 @@ def write_onnx(ckpt: ClassifierCheckpoint, path: str) -> None:
     module = ExportedClassifier(ckpt).eval()
     example = torch.rand(2, ckpt.channels, ckpt.image_size, ckpt.image_size)
     tmp = path + ".tmp"
-    torch.onnx.export(module, (example,), tmp, input_names=["image"], output_names=["probabilities"],
-                      dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}}, opset_version=OPSET,
-                      dynamo=False)
+    with warnings.catch_warnings():      # the TorchScript exporter warns it is legacy; the new one needs onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, (example,), tmp, input_names=["image"], output_names=["probabilities"],
+                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
     graph = onnx.load(tmp)
     for key, value in metadata(ckpt).items():
         entry = graph.metadata_props.add()
