@@ -182,3 +182,15 @@ def test_the_docs_script_scores_a_file_as_the_toolkit_does(single, kind):
     expected = toolkit_probabilities(ckpt, image)
     assert list(printed) == ckpt.class_names
     np.testing.assert_allclose(list(printed.values()), expected, atol=1e-4)
+
+
+def test_folder_predictions_apply_the_temperature_as_the_export_does(single):
+    out = single["root"] / "predict"
+    result = evaluate.main(evaluate.get_args_parser().parse_args([
+        "--checkpoint", single["ckpt"], "--images", single["data"], "--output_dir", str(out), "--device", "cpu",
+        "--precision", "fp32", "--no-gradcam"]))        # a CPU with bf16 would autocast
+    ckpt = checkpoints.ClassifierCheckpoint.load(single["ckpt"])
+    store = dl.ImageStore(single["data"], result["filenames"], ckpt.image_size, 1.0, ckpt.channels)
+    images = torch.stack([store[i] for i in range(len(store))])
+    np.testing.assert_allclose(result["prob"], export_onnx.torch_probabilities(ckpt, images), atol=1e-5)
+    assert "temperature-scaled (T = " in (out / "summary.md").read_text()
