@@ -136,11 +136,23 @@ def _check_contents(ckpt: dict, where: str) -> None:
         _check_state_dict(ckpt.get(part), part, where)
     if ckpt["kind"] == "classifier" and not _positive_int(ckpt.get("num_classes")):
         raise UserError(f"{where}: num_classes {ckpt.get('num_classes')!r}; expected a positive int")
+    if ckpt["kind"] == "classifier":
+        _check_temperature(ckpt.get("temperature", 1.0), ckpt["num_classes"], where)
     conv1, small = ckpt["encoder"].get("conv1.weight"), config.get("small_stem", False)
     k = ModelConfig(**config).stem_kernel_size
     if conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] != k:
         raise UserError(f"{where}: model_config says small_stem={small} (a {k}x{k} first convolution) but the "
                         f"encoder's conv1.weight is {tuple(conv1.shape)}; the file was edited or mixed from two runs")
+
+
+def _check_temperature(t, num_classes: int, where: str) -> None:
+    """A positive finite float, or a list of num_classes of them (multi-label)."""
+    values = t if isinstance(t, list) else [t]
+    ok = (not isinstance(t, list) or len(t) == num_classes) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0 for v in values)
+    if not ok:
+        raise UserError(f"{where}: temperature {str(t)[:80]}; expected a positive number or a list of "
+                        f"{num_classes} (one per finding)")
 
 
 def _positive_int(v) -> bool:
@@ -361,6 +373,8 @@ class ClassifierCheckpoint(Checkpoint):
     label_format: str | None = None                        # multi-label: "pipe" or "columns"
     thresholds: list | None = None                         # multi-label: per finding, chosen on val
     threshold_rule: str | None = None
+    temperature: float | list = 1.0                        # divides the logits (per finding for multi-label),
+                                                           # fitted on val; 1.0 in files written before it existed
 
     kind = "classifier"
 
@@ -376,7 +390,7 @@ class ClassifierCheckpoint(Checkpoint):
                    label_fraction=d.get("label_fraction"), val_metrics=d.get("val_metrics"),
                    task=d.get("task", "multiclass"), uncertain=d.get("uncertain"),
                    label_format=d.get("label_format"), thresholds=d.get("thresholds"),
-                   threshold_rule=d.get("threshold_rule"))
+                   threshold_rule=d.get("threshold_rule"), temperature=d.get("temperature", 1.0))
 
     def to_dict(self) -> dict:
         out = {**self._common_dict(), "head": self.head, "num_classes": self.num_classes,
@@ -384,10 +398,15 @@ class ClassifierCheckpoint(Checkpoint):
                "ssl_checkpoint": self.ssl_checkpoint, "split_seed": self.split_seed,
                "val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "splits": self.splits,
                "train_files": self.train_files, "label_fraction": self.label_fraction,
-               "val_metrics": self.val_metrics, "task": self.task}
+               "val_metrics": self.val_metrics, "task": self.task, "temperature": self.temperature}
         task_entries = {"uncertain": self.uncertain, "label_format": self.label_format,
                         "thresholds": self.thresholds, "threshold_rule": self.threshold_rule}
         return out | {k: v for k, v in task_entries.items() if v is not None}     # what its task records
+
+    def temperature_tensor(self) -> torch.Tensor:
+        """The temperature as a (K,) tensor that divides logits (N, K): one value repeated for one label."""
+        t = self.temperature
+        return torch.tensor(t if isinstance(t, list) else [t] * self.num_classes, dtype=torch.float32)
 
     def build_model(self) -> Classifier:
         """The classifier with its weights, in eval mode."""

@@ -10,6 +10,8 @@ r"""Metrics and figures for trained checkpoints, on a held-out split, with boots
     python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --split val --bootstrap 2000
     python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --images ./new_scans \
         --output_dir ./predictions                          # no labels: predictions.csv, summary.md, gradcam.png
+    python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --export onnx --output_dir ./export \
+        --data_dir ./data/medical_images                    # model.onnx for onnxruntime (docs/export.md)
 
 A classifier is scored on the split recorded in its checkpoint (never recomputed); an SSL checkpoint is
 scored as a representation (a logistic-regression probe and a kNN fitted on the train split's frozen
@@ -47,22 +49,44 @@ def display_names(args, ckpts: list) -> list:
 
 
 def check_args(args) -> None:
-    if args.label_file is None and args.images is None:
+    if args.label_file is None and args.images is None and args.export is None:
         args.label_file = os.path.join(args.data_dir, "labels.csv")
     if args.names and len(args.names) != len(args.checkpoint):
         raise utils.UserError(f"--names gives {len(args.names)} name(s) for {len(args.checkpoint)} --checkpoint(s); "
                               f"give one per checkpoint, in the same order")
-    # --images reads no data_dir
-    utils.check_flags(args, get_args_parser(), skip=("data_dir",) if args.images is not None else ())
-    if args.images is not None and len(args.checkpoint) != 1:
-        raise utils.UserError(f"--images scores a folder with one classifier; give one --checkpoint, not "
-                              f"{len(args.checkpoint)}")
+    # --images reads no data_dir; --export reads it only when given (or the default folder exists)
+    optional_data = args.images is not None or (args.export is not None and
+                                                args.data_dir == get_args_parser().get_default("data_dir"))
+    utils.check_flags(args, get_args_parser(), skip=("data_dir",) if optional_data else ())
+    for flag, value in (("--images", args.images), ("--export", args.export)):
+        if value is not None and len(args.checkpoint) != 1:
+            raise utils.UserError(f"{flag} takes one classifier; give one --checkpoint, not {len(args.checkpoint)}")
+    if args.images is not None and args.export is not None:
+        raise utils.UserError("--images and --export are separate runs; give one of them")
+
+
+def export_model(args):
+    """--export onnx: OUT/model.onnx, checked against PyTorch on the recorded test split when the data is here."""
+    import export_onnx
+
+    export_onnx.require_onnx()
+    path = args.checkpoint[0]
+    ckpt = checkpoints.read_checkpoint(path, ("classifier", "ssl"))
+    if ckpt.kind != "classifier":
+        raise utils.UserError(f"--checkpoint {path}: is an SSL encoder, which predicts no class; export the "
+                              f"classifier fine_tune.py wrote (best_finetuned_model.pth or best_baseline_model.pth)")
+    data_dir = args.data_dir if os.path.isdir(args.data_dir) else None
+    return export_onnx.export(ckpt, args.output_dir, data_dir, args.cache_gb)
 
 
 @utils.locks_output_dir(check_args, "evaluate")
 def main(args):
     device = utils.resolve_device(args.device)
     autocast_dtype, precision = utils.resolve_precision(args.precision, args.amp, device)
+    if args.export is not None:
+        utils.print_settings("evaluate: export", {"checkpoint": args.checkpoint[0], "export": args.export,
+                                                  "output_dir": args.output_dir, "data_dir": args.data_dir})
+        return export_model(args)
     if args.images is not None:
         utils.print_settings("evaluate: predictions for a folder", {
             "checkpoint": args.checkpoint[0], "images": args.images, "output_dir": args.output_dir,
@@ -117,6 +141,11 @@ def get_args_parser():
                                  help="score every readable image under this folder (PNG, JPEG, BMP, TIFF, DICOM; no "
                                       "label file) with one classifier: predictions.csv, summary.md and gradcam.png "
                                       "in --output_dir"), utils.EXISTING_DIR)
+    p.add_argument("--export", default=None, choices=["onnx"],
+                   help="write the classifier as <output_dir>/model.onnx (normalisation, temperature and softmax or "
+                        "sigmoids inside; docs/export.md), checked with onnxruntime on the recorded test split "
+                        "under --data_dir when that folder exists, else on random images; needs "
+                        "requirements-export.txt")
     p.add_argument("--gradcam", action=argparse.BooleanOptionalAction, default=True,
                    help="Grad-CAM heat maps (gradcam.png) and, when the data folder has findings.csv, the "
                         "pointing game")

@@ -24,6 +24,7 @@ class ModelInfo:
     uncertain: str | None = None               # multi-label: the --uncertain policy
     thresholds: list | None = None             # multi-label: per-finding thresholds chosen on val
     threshold_rule: str | None = None
+    temperature: float | list | None = None    # classifiers: divides the logits, fitted on val (1.0: uncalibrated)
     small_split: list = field(default_factory=list)   # warnings: the split is too small for tight intervals
 
     def as_dict(self) -> dict:
@@ -45,3 +46,4 @@ class Evaluated:
     notes: list = field(default_factory=list)
     history_csv: str | None = None
     explained: object = None     # an `Explained` (network + preprocessing) for Grad-CAM; None for probes and kNN
+    prob_uncalibrated: np.ndarray | None = None   # classifiers: `prob` at temperature 1, for the ECE before scaling

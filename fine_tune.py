@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import augmentations
+import calibration
 import checkpoints
 import data_loader
 import data_splits
@@ -215,6 +216,25 @@ def build_checkpoint(model, args, ssl, table, train_idx, store, epoch, val_metri
         args=dict(vars(args)), **tasks.of(table.task).checkpoint_entries(table, val_metrics))
 
 
+@torch.no_grad()
+def calibrate_best(path: str, val_loader, device, task) -> None:
+    """Fit the best model's temperature on the val split and write it into `path`; a multi-label model's
+    thresholds, chosen on uncalibrated val probabilities, move to the calibrated scale (the same images
+    predicted). Fitted from the recorded epoch's own logits and thresholds, so running it twice changes nothing."""
+    ckpt = ClassifierCheckpoint.load(path)
+    model = ckpt.build_model().to(device)
+    batches = list(tasks.val_batches(model, val_loader, device, None))      # float32: the fit is not autocast
+    logits, labels = torch.cat([z.cpu() for z, _ in batches]), torch.cat([y for _, y in batches])
+    multilabel = task.name == tasks.MULTI_LABEL.name
+    ckpt.temperature = calibration.fit_temperature(logits, labels, multilabel)
+    if multilabel and (ckpt.val_metrics or {}).get("thresholds"):
+        ckpt.thresholds = calibration.recalibrated_thresholds(ckpt.val_metrics["thresholds"], ckpt.temperature)
+    ckpt.save(path)
+    t = ckpt.temperature
+    shown = f"{t:.3f}" if not multilabel else "[" + ", ".join(f"{v:.3f}" for v in t) + "]"
+    print(f"calibration: temperature {shown} fitted on {len(labels)} val images (val NLL) -> {path}")
+
+
 # ============ main ============
 
 def check_args(args) -> None:
@@ -339,6 +359,7 @@ def main(args):
             files_out.end_epoch(epoch, args.num_epochs, row, ckpt, improved, optimizer, scheduler, scaler, best, rngs,
                                 chance=task.chance(table.num_classes))
     if dist.is_main:
+        calibrate_best(paths.best, val_loader, device, task)
         best_epoch = ClassifierCheckpoint.load(paths.best).epoch
         print(f"done: best epoch {best_epoch} by {task.selection_text(best)} -> {paths.best}")
         hint = still_improving_hint(best_epoch, args.num_epochs)

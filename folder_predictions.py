@@ -26,9 +26,11 @@ def check_predict_checkpoint(ckpt: Checkpoint, path: str) -> None:
 
 
 @torch.no_grad()
-def predict_store(model, store, prepare, device, autocast_dtype, batch_size: int, task=tasks.SINGLE_LABEL):
+def predict_store(model, store, prepare, device, autocast_dtype, batch_size: int, task=tasks.SINGLE_LABEL,
+                  temperature: torch.Tensor | float = 1.0):
     """Probabilities (N, K) of every image in `store`, batched, with a progress bar: softmax over the
-    classes, or one sigmoid per finding for a multi-label classifier."""
+    classes, or one sigmoid per finding for a multi-label classifier, of the logits divided by `temperature`
+    (a scalar or (K,))."""
     from tqdm import tqdm
 
     model = model.to(device).eval()
@@ -37,7 +39,7 @@ def predict_store(model, store, prepare, device, autocast_dtype, batch_size: int
     for images, _, _ in tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = model(prepare(images.to(device)))
-        probs.append(task.probabilities(logits.float()).cpu())
+        probs.append(task.probabilities(logits.float().cpu() / temperature))
     model.cpu()
     return torch.cat(probs).double().numpy()
 
@@ -84,7 +86,7 @@ def write_folder_summary(args, ckpt, names, filenames, skipped, prob, has_cam: b
     unsure = int((conf < 0.5).sum())
     lines += ["", f"- {unsure} image(s) have a top probability below 0.5: look at them yourself.",
               f"- preprocessing: resized to {ckpt.image_size} px, {ckpt.channels or 3} channel(s), the "
-              f"checkpoint's normalisation; probabilities are the model's, not calibrated risks.",
+              f"checkpoint's normalisation; {calibration_words(ckpt)}",
               "- all predictions: [predictions.csv](predictions.csv)"]
     if skipped:
         lines += ["", "## Skipped (unreadable)", ""] + [f"- `{f}`" for f in skipped]
@@ -92,6 +94,15 @@ def write_folder_summary(args, ckpt, names, filenames, skipped, prob, has_cam: b
         lines += ["", "## Grad-CAM", "", "![Grad-CAM](gradcam.png)"]
     utils.atomic_write_text(os.path.join(args.output_dir, "summary.md"), "\n".join(lines) + "\n")
     return lines[2]
+
+
+def calibration_words(ckpt: ClassifierCheckpoint) -> str:
+    t = ckpt.temperature
+    if t == 1.0:
+        return "probabilities are the model's, not calibrated risks (the checkpoint records no temperature)."
+    shown = f"{t:.3f}" if not isinstance(t, list) else ", ".join(f"{v:.2f}" for v in t)
+    return (f"probabilities are temperature-scaled (T = {shown}, fitted on the val split), which makes them "
+            f"better calibrated on images like those; they are not risks for other populations.")
 
 
 def describe_checkpoint(ckpt: ClassifierCheckpoint) -> str:
@@ -114,7 +125,8 @@ def predict_folder(args, device, autocast_dtype) -> dict:
     model, prepare = ckpt.build_model(), normalizer(ckpt)
     print(f"predicting {len(store)} image(s) at {ckpt.image_size} px on {device} ...")
     task = tasks.of(ckpt.task)
-    prob = predict_store(model, store, prepare, device, autocast_dtype, args.batch_size, task)
+    prob = predict_store(model, store, prepare, device, autocast_dtype, args.batch_size, task,
+                         ckpt.temperature_tensor())
     thresholds = task.decision_thresholds(ckpt)
     write_folder_predictions(store.filenames, prob, names, os.path.join(args.output_dir, "predictions.csv"),
                              thresholds)

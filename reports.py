@@ -10,6 +10,7 @@ import re
 
 import torch
 
+import calibration
 import label_tables
 import utils
 from checkpoints import default_name
@@ -57,12 +58,18 @@ def write_model_outputs(ev: Evaluated, metrics: dict, folder: str, args, project
     figures = task.write_figures(ev, metrics, folder, projections)
     if task.explains:
         figures |= write_explanations(ev, folder, args, device, findings, pointing)
-    utils.atomic_write_json(os.path.join(folder, "metrics.json"), task.metrics_document(ev, metrics, args))
-    write_model_report(ev, metrics, figures, args, os.path.join(folder, "report.md"), task, pointing)
+    document, calibrated = task.metrics_document(ev, metrics, args), calibration.ece_before_after(ev)
+    if calibrated is not None:
+        document["calibration"] = calibrated
+    utils.atomic_write_json(os.path.join(folder, "metrics.json"), document)
+    write_model_report(ev, metrics, figures, args, os.path.join(folder, "report.md"), task, pointing, calibrated)
 
 
-def write_model_report(ev: Evaluated, metrics: dict, figures: dict, args, path: str, task, pointing=()) -> None:
+def write_model_report(ev: Evaluated, metrics: dict, figures: dict, args, path: str, task, pointing=(),
+                       calibrated=None) -> None:
     lines = [f"# Evaluation: {ev.name}", ""] + task.report_head(ev, metrics, args)
+    if calibrated is not None:
+        lines.append(calibration.report_line(calibrated))
     lines += ["", "## Metrics", ""] + task.metrics_table(ev, metrics)
     if ev.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in ev.notes]

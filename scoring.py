@@ -123,7 +123,8 @@ def checked_num_classes(ckpt: ClassifierCheckpoint, args, path: str, what: str) 
 
 def evaluate_classifier(path: str, name: str, ckpt: ClassifierCheckpoint, args, device, autocast_dtype) -> list:
     """The probabilities of a fine-tuned classifier (softmax over its classes, or one sigmoid per finding) on
-    the split its checkpoint recorded."""
+    the split its checkpoint recorded, its logits divided by the temperature it records (and, for the ECE
+    before calibration, not divided)."""
     task = tasks.of(ckpt.task)
     notes = []
     checked_num_classes(ckpt, args, path, task.unit)
@@ -134,15 +135,17 @@ def evaluate_classifier(path: str, name: str, ckpt: ClassifierCheckpoint, args, 
     model = ckpt.build_model()
     features = encode_images(model.encoder, filenames, ckpt, args, device, autocast_dtype)
     with torch.no_grad():
-        prob = task.probabilities(model.head.eval().cpu()(torch.from_numpy(features))).double().numpy()
+        logits = model.head.eval().cpu()(torch.from_numpy(features))
+        prob = task.probabilities(logits / ckpt.temperature_tensor()).double().numpy()
+        uncalibrated = task.probabilities(logits).double().numpy()
     info = ModelInfo(args.split, "recorded in the checkpoint" if args.split != "all" else "label file", "classifier",
                      init=ckpt.init, label_fraction=ckpt.label_fraction, epoch=ckpt.epoch,
-                     num_epochs=ckpt.num_epochs, **task.model_info(ckpt))
+                     num_epochs=ckpt.num_epochs, temperature=ckpt.temperature, **task.model_info(ckpt))
     names = classifier_class_names(ckpt, args.label_file) if task.explains else ckpt.class_names
     explained = Explained(model, normalizer(ckpt), cam_layer_name(model.config, ckpt.image_size, args.cam_layer),
                           args.data_dir, ckpt.image_size, ckpt.channels or 3) if task.explains else None
     return [Evaluated(name, path, task.evaluated_kind, filenames, y_true, prob, features, names, info, notes,
-                      history_beside(ckpt, path, notes), explained)]
+                      history_beside(ckpt, path, notes), explained, prob_uncalibrated=uncalibrated)]
 
 
 def pretraining_overlap(ckpt: SSLCheckpoint, filenames: list, split: str, path: str, notes: list) -> None:

@@ -115,3 +115,32 @@ def test_a_checkpoint_of_the_other_kind_is_refused_by_name(tmp_path):
     checkpoints.save_checkpoint(older_ssl_dict(), path)
     with pytest.raises(UserError, match="is a 'ssl' checkpoint, expected 'classifier'"):
         ClassifierCheckpoint.load(path)
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_an_older_classifier_without_a_temperature_reads_as_uncalibrated(tmp_path, multilabel):
+    path = str(tmp_path / "best_finetuned_model.pth")
+    checkpoints.save_checkpoint(older_classifier_dict(multilabel), path)
+    ckpt = ClassifierCheckpoint.load(path)
+    assert ckpt.temperature == 1.0
+    assert torch.equal(ckpt.temperature_tensor(), torch.ones(ckpt.num_classes))
+
+
+@pytest.mark.parametrize("multilabel, temperature", [(False, 1.7), (True, [0.5, 1.0, 2.0, 3.0])])
+def test_a_temperature_is_saved_at_the_top_level_and_read_back(tmp_path, multilabel, temperature):
+    ckpt = ClassifierCheckpoint.from_dict(older_classifier_dict(multilabel) | {"temperature": temperature})
+    path = str(tmp_path / "best.pth")
+    ckpt.save(path)
+    assert checkpoints.load_checkpoint(path, "classifier")["temperature"] == temperature
+    back = ClassifierCheckpoint.load(path)
+    assert back.temperature == temperature
+    expected = temperature if multilabel else [temperature] * 3
+    assert back.temperature_tensor().tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), [1.0, 2.0], "warm"])
+def test_a_bad_temperature_is_refused_in_one_line(tmp_path, temperature):
+    path = str(tmp_path / "best.pth")
+    checkpoints.save_checkpoint(older_classifier_dict() | {"temperature": temperature}, path)
+    with pytest.raises(UserError, match="temperature .*expected a positive number"):
+        ClassifierCheckpoint.load(path)
