@@ -1,7 +1,8 @@
 """Temperature scaling (Guo et al. 2017): one temperature T > 0 that divides a classifier's logits, fitted on
 the val split by minimising the negative log-likelihood; for a multi-label classifier one T per finding
-(its sigmoid), the ignored (-1) cells left out. Dividing by T keeps every argmax and every ranking, so
-accuracy and ROC-AUC do not move; only the probabilities' confidence does. Also the ECE before and after
+(its sigmoid), the ignored (-1) cells left out. Dividing by T keeps every argmax, so accuracy does not move;
+with two classes or per-finding sigmoids it keeps every ranking too (ROC-AUC unchanged), while with three
+or more classes a class's probabilities can reorder slightly across images. Also the ECE before and after
 that evaluate.py reports.
 
     T = fit_temperature(val_logits, val_labels, multilabel=False)        # 1.37
@@ -96,4 +97,4 @@ def report_line(calibration: dict) -> str:
     temp = f"T = {t:.3f}" if isinstance(t, float) else "T per finding " + ", ".join(f"{v:.2f}" for v in t)
     return (f"- calibration: temperature scaling fitted on val ({temp}); ECE {calibration['ece_uncalibrated']:.4f} "
             f"before, {calibration['ece_calibrated']:.4f} after; the probabilities, metrics and figures below are the "
-            f"calibrated ones (scaling keeps every argmax and ranking: accuracy and AUCs are unchanged)")
+            f"calibrated ones (scaling keeps every argmax, so accuracy is unchanged)")

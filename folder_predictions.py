@@ -56,7 +56,7 @@ def write_folder_predictions(filenames: list, prob: np.ndarray, class_names: lis
             predicted = class_names[int(p.argmax())]
         else:
             predicted = "|".join(c for c, v, t in zip(class_names, p, thresholds) if v >= t) or "No Finding"
-        w.writerow([f, predicted] + [f"{v:.6f}" for v in p])
+        w.writerow([f, predicted] + [f"{v:.9f}" for v in p])
     utils.atomic_write_text(path, out.getvalue())
 
 

@@ -100,7 +100,7 @@ class MultiLabelReports:
         w.writerow(["filename"] + [f"{kind}_{n}" for n in ev.class_names for kind in ("true", "prob", "pred")])
         thresholds = np.asarray(ev.info.thresholds)
         for f, y, p in zip(ev.filenames, ev.y_true, ev.prob):
-            cells = [[("" if t < 0 else int(t)), f"{q:.6f}", int(q >= c)] for t, q, c in zip(y, p, thresholds)]
+            cells = [[("" if t < 0 else int(t)), f"{q:.9f}", int(q >= c)] for t, q, c in zip(y, p, thresholds)]
             w.writerow([f] + [c for triple in cells for c in triple])
         utils.atomic_write_text(path, out.getvalue())
 

@@ -67,7 +67,7 @@ class SingleLabelReports:
         w = csv.writer(out, lineterminator="\n")
         w.writerow(["filename", "true", "predicted"] + [f"prob_{c}" for c in ev.class_names])
         for f, t, p in zip(ev.filenames, ev.y_true, ev.prob):
-            w.writerow([f, ev.class_names[t], ev.class_names[int(p.argmax())]] + [f"{v:.6f}" for v in p])
+            w.writerow([f, ev.class_names[t], ev.class_names[int(p.argmax())]] + [f"{v:.9f}" for v in p])
         utils.atomic_write_text(path, out.getvalue())
 
     def write_model_files(self, ev: Evaluated, metrics: dict, folder: str) -> None:
