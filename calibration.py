@@ -78,17 +78,15 @@ def ece(y_true: np.ndarray, prob: np.ndarray, multilabel: bool) -> float:
     return float(expected_calibration_error(np.ones((1, len(y_true))), y_true, prob)[0])
 
 
-def ece_before_after(ev) -> dict | None:
+def ece_before_after(ev, task) -> dict | None:
     """metrics.json's "calibration" entry of a scored classifier: its temperature and the ECE of its split's
     probabilities before (T = 1) and after temperature scaling; None for models without uncalibrated ones."""
     if ev.prob_uncalibrated is None:
         return None
-    multilabel = ev.info.task == "multilabel"
     return {"temperature": ev.info.temperature, "fitted_on": "val split (negative log-likelihood)",
-            "ece_uncalibrated": ece(ev.y_true, ev.prob_uncalibrated, multilabel),
-            "ece_calibrated": ece(ev.y_true, ev.prob, multilabel),
-            "ece_definition": ("mean over findings of each finding's ECE" if multilabel else "top-label ECE")
-            + f", {ECE_BINS} bins"}
+            "ece_uncalibrated": task.ece(ev.y_true, ev.prob_uncalibrated),
+            "ece_calibrated": task.ece(ev.y_true, ev.prob),
+            "ece_definition": f"{task.ece_definition}, {ECE_BINS} bins"}
 
 
 def report_line(calibration: dict) -> str:

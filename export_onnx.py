@@ -35,12 +35,12 @@ class ExportedClassifier(nn.Module):
         self.register_buffer("mean", torch.tensor(ckpt.normalization["mean"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(ckpt.normalization["std"], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("temperature", ckpt.temperature_tensor().view(1, -1))
-        self.multilabel = ckpt.task == tasks.MULTI_LABEL.name
+        self.task = tasks.of(ckpt.task)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = (image - self.mean) / self.std               # (N, 1 or 3, S, S) -> (N, 3, S, S): one channel broadcasts
         logits = self.model(x) / self.temperature        # (N, K)
-        return logits.sigmoid() if self.multilabel else logits.softmax(1)
+        return self.task.probabilities(logits)
 
 
 def require_onnx():
@@ -59,13 +59,10 @@ def metadata(ckpt: ClassifierCheckpoint) -> dict:
            "class_names": json.dumps(list(ckpt.class_names)), "task": ckpt.task,
            "temperature": json.dumps(ckpt.temperature), "normalization": json.dumps(ckpt.normalization),
            "input": "image: float32 (N, channels, image_size, image_size), pixels / 255 in [0, 1]",
-           "output": "probabilities: float32 (N, K), " + ("one sigmoid per finding" if ckpt.task == "multilabel"
-                                                         else "softmax over the classes")}
+           "output": f"probabilities: float32 (N, K), {tasks.of(ckpt.task).output_text}"}
     if ckpt.class_display_names:
         out["class_display_names"] = json.dumps(list(ckpt.class_display_names))
-    if ckpt.task == tasks.MULTI_LABEL.name:
-        out["thresholds"] = json.dumps(tasks.MULTI_LABEL.decision_thresholds(ckpt))
-    return out
+    return out | tasks.of(ckpt.task).export_metadata(ckpt)
 
 
 def write_onnx(ckpt: ClassifierCheckpoint, path: str) -> None:

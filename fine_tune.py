@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 import augmentations
-import calibration
 import checkpoints
 import data_loader
 import data_splits
@@ -225,14 +224,10 @@ def calibrate_best(path: str, val_loader, device, task) -> None:
     model = ckpt.build_model().to(device)
     batches = list(tasks.val_batches(model, val_loader, device, None))      # float32: the fit is not autocast
     logits, labels = torch.cat([z.cpu() for z, _ in batches]), torch.cat([y for _, y in batches])
-    multilabel = task.name == tasks.MULTI_LABEL.name
-    ckpt.temperature = calibration.fit_temperature(logits, labels, multilabel)
-    if multilabel and (ckpt.val_metrics or {}).get("thresholds"):
-        ckpt.thresholds = calibration.recalibrated_thresholds(ckpt.val_metrics["thresholds"], ckpt.temperature)
+    task.calibrate(ckpt, logits, labels)
     ckpt.save(path)
-    t = ckpt.temperature
-    shown = f"{t:.3f}" if not multilabel else "[" + ", ".join(f"{v:.3f}" for v in t) + "]"
-    print(f"calibration: temperature {shown} fitted on {len(labels)} val images (val NLL) -> {path}")
+    print(f"calibration: temperature {task.temperature_text(ckpt.temperature)} fitted on {len(labels)} val images "
+          f"(val NLL) -> {path}")
 
 
 # ============ main ============

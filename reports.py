@@ -58,7 +58,7 @@ def write_model_outputs(ev: Evaluated, metrics: dict, folder: str, args, project
     figures = task.write_figures(ev, metrics, folder, projections)
     if task.explains:
         figures |= write_explanations(ev, folder, args, device, findings, pointing)
-    document, calibrated = task.metrics_document(ev, metrics, args), calibration.ece_before_after(ev)
+    document, calibrated = task.metrics_document(ev, metrics, args), calibration.ece_before_after(ev, task)
     if calibrated is not None:
         document["calibration"] = calibrated
     utils.atomic_write_json(os.path.join(folder, "metrics.json"), document)

@@ -14,10 +14,13 @@ Multi-label: one sigmoid per finding, masked binary cross entropy (uncertain cel
 epoch by the mean val ROC-AUC, a decision threshold per finding chosen on val, metrics per finding.
 What each task reports in an evaluation lives in single_label_reports.py and multilabel_reports.py.
 """
+import json
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import calibration
 import data_splits
 import label_tables
 from image_io import normalize
@@ -151,6 +154,22 @@ class SingleLabel(SingleLabelReports):
         """Per-output probability thresholds of a prediction; None: the most probable class is predicted."""
         return None
 
+    def calibrate(self, ckpt, logits, labels) -> None:
+        """Fit the checkpoint's temperature on its val logits: one for the softmax."""
+        ckpt.temperature = calibration.fit_temperature(logits, labels, multilabel=False)
+
+    def temperature_text(self, temperature) -> str:
+        return f"{temperature:.3f}"
+
+    def ece(self, y_true, prob) -> float:
+        return calibration.ece(y_true, prob, multilabel=False)
+
+    ece_definition = "top-label ECE"
+    output_text = "softmax over the classes"
+
+    def export_metadata(self, ckpt) -> dict:
+        return {}
+
     explains = True         # Grad-CAM of the predicted class
     knn_monitor = True      # pretraining can pick its epoch by kNN accuracy on val
 
@@ -259,6 +278,25 @@ class MultiLabel(MultiLabelReports):
         return {"task": self.name, "uncertain": ckpt.uncertain or "ignore",
                 "thresholds": [float(t) for t in ckpt.thresholds or [0.5] * k],
                 "threshold_rule": ckpt.threshold_rule or "fixed 0.5 (none recorded)"}
+
+    def calibrate(self, ckpt, logits, labels) -> None:
+        """Fit one temperature per finding on its counted val cells; the thresholds chosen on uncalibrated val
+        probabilities move to the calibrated scale, so the same findings are predicted."""
+        ckpt.temperature = calibration.fit_temperature(logits, labels, multilabel=True)
+        if (ckpt.val_metrics or {}).get("thresholds"):
+            ckpt.thresholds = calibration.recalibrated_thresholds(ckpt.val_metrics["thresholds"], ckpt.temperature)
+
+    def temperature_text(self, temperature) -> str:
+        return "[" + ", ".join(f"{v:.3f}" for v in temperature) + "]"
+
+    def ece(self, y_true, prob) -> float:
+        return calibration.ece(y_true, prob, multilabel=True)
+
+    ece_definition = "mean over findings of each finding's ECE"
+    output_text = "one sigmoid per finding"
+
+    def export_metadata(self, ckpt) -> dict:
+        return {"thresholds": json.dumps(self.decision_thresholds(ckpt))}
 
     explains = False        # no Grad-CAM for several findings at once
     knn_monitor = False     # the kNN monitor scores one class per image
