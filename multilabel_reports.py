@@ -28,7 +28,7 @@ class MultiLabelReports:
 
     def check_comparable(self, evaluated: list) -> None:
         """Multi-label models are compared only with each other, on the same findings."""
-        if any(ev.info.task != "multilabel" for ev in evaluated) or \
+        if any(ev.info.task != self.name for ev in evaluated) or \
                 any(ev.class_names != evaluated[0].class_names for ev in evaluated):
             raise UserError("--checkpoint: multi-label checkpoints are compared only with multi-label checkpoints of "
                             "the same findings; evaluate the others separately")

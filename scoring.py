@@ -29,14 +29,6 @@ def warn(notes: list, message: str) -> None:
     notes.append(message)
 
 
-def read_table(args, num_classes, split_args: dict) -> label_tables.LabelTable:
-    """The label file, with splits made the way the checkpoint's run made them when it has no split column."""
-    split_args = {k: v for k, v in split_args.items() if v is not None}
-    return label_tables.read_label_table(
-        args.label_file, args.data_dir, num_classes=num_classes, seed=split_args.get("seed", args.split_seed),
-        val_fraction=split_args.get("val_fraction", 0.15), test_fraction=split_args.get("test_fraction", 0.15))
-
-
 def check_label_hash(recorded, table, label_file: str, path: str, notes: list) -> None:
     if recorded and recorded != table.sha256:
         warn(notes, f"{label_file} is not the label file {os.path.basename(path)} was trained with (SHA-256 "
@@ -174,7 +166,7 @@ def ssl_encoder(ckpt: SSLCheckpoint, path: str, pretrained: bool = True) -> torc
 def evaluate_ssl(path: str, name: str, ckpt: SSLCheckpoint, args, device, autocast_dtype) -> list:
     """A pretrained encoder as a representation: a linear probe and a kNN on frozen train-split features."""
     notes = []
-    table = read_table(args, args.num_classes, {"seed": ckpt.split_seed})
+    table = tasks.read_run_table(args, args.num_classes, {"seed": ckpt.split_seed})
     check_label_hash(ckpt.label_file_sha256, table, args.label_file, path, notes)
     rows = table.indices(args.split)
     fit_rows = np.setdiff1d(table.indices("train"), rows)            # never fit on an image that is scored

@@ -122,11 +122,8 @@ class SingleLabel(SingleLabelReports):
     def scoring_table(self, args, ckpt):
         """The label file as the checkpoint's run split it; no class count is passed: a label file lacking a
         class is still scorable, mapped by name (`targets`)."""
-        split_args = {k: v for k, v in (("seed", ckpt.split_seed), ("val_fraction", ckpt.val_fraction),
-                                        ("test_fraction", ckpt.test_fraction)) if v is not None}
-        return label_tables.read_label_table(
-            args.label_file, args.data_dir, num_classes=None, seed=split_args.get("seed", args.split_seed),
-            val_fraction=split_args.get("val_fraction", 0.15), test_fraction=split_args.get("test_fraction", 0.15))
+        return read_run_table(args, None, {"seed": ckpt.split_seed, "val_fraction": ckpt.val_fraction,
+                                           "test_fraction": ckpt.test_fraction})
 
     def targets(self, table, rows, class_names: list, label_file: str) -> np.ndarray:
         """Labels (N,) as indices into the checkpoint's `class_names` (a label file with names may order them
@@ -304,6 +301,15 @@ class MultiLabel(MultiLabelReports):
 
 SINGLE_LABEL, MULTI_LABEL = SingleLabel(), MultiLabel()
 TASKS = {task.name: task for task in (SINGLE_LABEL, MULTI_LABEL)}
+
+
+def read_run_table(args, num_classes, split_args: dict):
+    """The one-label file, with splits made the way a checkpoint's run made them when it has no split column
+    (`split_args`: seed, val_fraction, test_fraction as recorded; None where not recorded)."""
+    split_args = {k: v for k, v in split_args.items() if v is not None}
+    return label_tables.read_label_table(
+        args.label_file, args.data_dir, num_classes=num_classes, seed=split_args.get("seed", args.split_seed),
+        val_fraction=split_args.get("val_fraction", 0.15), test_fraction=split_args.get("test_fraction", 0.15))
 
 
 def of(name: str):

@@ -301,7 +301,9 @@ def main(args):
 
     # ============ preparing data ============
     files, table, excluded = pretraining_files(args)
-    label_sha256 = utils.sha256_file(args.label_file) if args.label_file else None
+    # the table has hashed the file already, unless the kNN monitor does not use it (multi-label, no val rows)
+    label_sha256 = table.sha256 if table is not None else utils.sha256_file(args.label_file) if args.label_file \
+        else None
     resume = resume_path(args)
     if (not resume or training_run.resumes_another_folder(resume, args.output_dir)) and dist.is_main:
         checkpoints.refuse_replacing_another_run(os.path.join(args.output_dir, "best_ssl_model.pth"), args,
