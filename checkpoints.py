@@ -61,7 +61,7 @@ def load_checkpoint(path: str, kind: str | tuple | None = None, flag: str = "--c
 # settings that change where and how fast a run computes, not what it learns: a model trained with other values
 # of these is the same experiment (the label file's and the checkpoint's paths are compared by content instead)
 RUNTIME_ARGS = ("device", "precision", "amp", "num_workers", "cache_gb", "output_dir", "output_name", "resume",
-                "overwrite", "compile", "sync_bn", "device_obj", "data_dir", "label_file",
+                "overwrite", "compile", "sync_bn", "tensorboard", "device_obj", "data_dir", "label_file",
                 "recipe", "value_sources")     # a recipe is a name for values: the values decide
 
 

@@ -29,6 +29,7 @@ import gradcam
 import reports
 import scoring
 import tasks
+import tensorboard_log
 import utils
 
 INIT_NAMES = {"ssl": "SSL init", "scratch": "from scratch"}
@@ -63,6 +64,11 @@ def check_args(args) -> None:
             raise utils.UserError(f"{flag} takes one classifier; give one --checkpoint, not {len(args.checkpoint)}")
     if args.images is not None and args.export is not None:
         raise utils.UserError("--images and --export are separate runs; give one of them")
+    if args.tensorboard:
+        if args.images is not None or args.export is not None:
+            raise utils.UserError("--tensorboard adds a scored split's embeddings to TensorBoard's projector; leave "
+                                  "it out with --images or --export")
+        tensorboard_log.summary_writer_class()
 
 
 def export_model(args):
@@ -108,7 +114,12 @@ def main(args):
     del ckpts
 
     # ============ metrics with bootstrap intervals, files and figures ============
-    return reports.report(evaluated, tasks.of_models(evaluated), args, device, settings)
+    result = reports.report(evaluated, tasks.of_models(evaluated), args, device, settings)
+    if args.tensorboard:
+        folders = tensorboard_log.write_projectors(evaluated, reports.folder_names(evaluated), args.data_dir,
+                                                   args.output_dir)
+        print(f"TensorBoard projector: {len(folders)} model(s); view with: tensorboard --logdir {args.output_dir}")
+    return result
 
 
 def get_args_parser():
@@ -127,6 +138,9 @@ def get_args_parser():
     utils.bounded(p.add_argument("--num_classes", type=int, default=None,
                                  help="expected number of classes; an error if a classifier checkpoint has another "
                                       "count"), utils.Bound(int, 2, 10_000))
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write each model's embeddings with image thumbnails for TensorBoard's projector, "
+                        "under OUTPUT_DIR/tensorboard/<model> (needs `pip install tensorboard`)")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
                    help="images to score; for a classifier, the split recorded in its checkpoint")
     utils.bounded(p.add_argument("--bootstrap", type=int, default=1000,

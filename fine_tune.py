@@ -322,7 +322,8 @@ def main(args):
     train_model = training.maybe_compile(distributed.wrap_ddp(model, dist, find_unused_parameters=freezes_later), args.compile,
                                          device)
 
-    files_out = training_run.RunFiles(paths, f"fine-tuning ({run})", start_epoch, resume)
+    files_out = training_run.RunFiles(paths, f"fine-tuning ({run})", start_epoch, resume,
+                                      training_run.tensorboard_dir(args, run))
     files_out.write_settings(
         f"fine-tuning ({'from ' + args.ssl_checkpoint if ssl else 'from scratch: baseline'})",
         runtime.settings(vars(args), init="ssl" if ssl else "scratch", writes=paths.best,

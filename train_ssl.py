@@ -331,7 +331,7 @@ def main(args):
     if store is not None and len(store) < 2:
         raise UserError(f"--data_dir {args.data_dir}: SimCLR needs at least 2 readable images, found {len(store)}")
     files_out = training_run.RunFiles(training_run.RunPaths.of(args.output_dir, "ssl", "best_ssl_model.pth"), "SimCLR pretraining",
-                                      start_epoch, resume_path(args))
+                                      start_epoch, resume_path(args), training_run.tensorboard_dir(args, "ssl"))
     files_out.write_settings("SimCLR pretraining", runtime.settings(
         vars(args), images=len(store) if store else len(files), excluded_test_images=len(excluded),
         cached_in_memory=getattr(store, "in_memory", False), channels=channels,

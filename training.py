@@ -13,6 +13,7 @@ import time
 import torch
 import torch.nn as nn
 
+from tensorboard_log import summary_writer_class
 from utils import EXISTING_FILE, Bound, UserError, bounded, check_flag, check_flags, check_split_shares
 
 
@@ -26,6 +27,9 @@ def training_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync_bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch instead of each "
                         "process's --batch_size (SyncBatchNorm)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also log each epoch's scalars for TensorBoard under OUTPUT_DIR/tensorboard/<run> "
+                        "(needs `pip install tensorboard`); view with: tensorboard --logdir OUTPUT_DIR")
     g = p.add_argument_group("split (a label file without a split column; give both trainers the same)")
     share = Bound(float, 0, 1, hi_open=True)
     bounded(g.add_argument("--val_fraction", type=float, default=0.15, help="val share of the patients"), share)
@@ -44,6 +48,8 @@ def check_training_flags(args, parser: argparse.ArgumentParser) -> None:
     """What both trainers check before any work: every flag's rule, the --resume file when one is named, and
     that the split shares leave training images."""
     check_flags(args, parser)
+    if args.tensorboard:
+        summary_writer_class()
     if args.resume not in (None, "auto"):
         check_flag("resume", args.resume, EXISTING_FILE)
     check_split_shares(args.val_fraction, args.test_fraction)

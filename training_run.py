@@ -13,6 +13,7 @@ import torch
 from checkpoints import (CHECKPOINT_CLASSES, Checkpoint, TrainingState, load_checkpoint, load_state_strict,
                          set_rng_states)
 from distributed import Dist, init_distributed, restore_rank_rng
+from tensorboard_log import ScalarLog, run_log_dir
 from training_history import History, plot_history_throttled
 from utils import (UserError, configure_cpu_threads, default_num_workers, device_note, print_settings,
                    resolve_precision, seed_everything, write_settings)
@@ -201,14 +202,21 @@ def resume_run(path: str | None, kind: str, args, keys: tuple, dist: Dist, modul
     return ckpt.epoch, state.best_metric, state
 
 
+def tensorboard_dir(args, run: str) -> str | None:
+    """Run `run`'s TensorBoard folder under --output_dir with --tensorboard, else None."""
+    return run_log_dir(args.output_dir, run) if args.tensorboard else None
+
+
 class RunFiles:
-    """What a training run writes: its settings at the start, then after every epoch the history row, the
-    curves, the best model when it improved, and last the resumable checkpoint. Written last, a run killed
+    """What a training run writes: its settings at the start, then after every epoch the history row (and, with
+    `tensorboard_dir`, its scalars), the curves, the best model when it improved, and last the resumable checkpoint. Written last, a run killed
     before it redoes the epochs since, and --resume drops the history rows after the checkpoint's epoch, so
     no row is ever missing or doubled."""
 
-    def __init__(self, paths: RunPaths, title: str, start_epoch: int, resumed_from: str | None):
+    def __init__(self, paths: RunPaths, title: str, start_epoch: int, resumed_from: str | None,
+                 tensorboard_dir: str | None = None):
         self.paths, self.title = paths, title
+        self.start_epoch, self.tensorboard_dir, self.scalars = start_epoch, tensorboard_dir, None
         self.history = History(paths.history, resume=start_epoch > 0)
         self.history.truncate(start_epoch)
         same_file = resumed_from is not None and os.path.abspath(resumed_from) == os.path.abspath(paths.last)
@@ -224,6 +232,11 @@ class RunFiles:
         """After epoch `epoch` (0-based), on the main process. `chance`: the curves' chance line; `augment_rng`:
         the augmentation generator's state, which only the last checkpoint carries."""
         self.history.append(row)
+        if self.tensorboard_dir is not None:
+            self.scalars = self.scalars or ScalarLog(self.tensorboard_dir, self.start_epoch)
+            self.scalars.write(row)
+            if epoch + 1 == num_epochs:
+                self.scalars.close()
         plot_history_throttled(self.paths.history, self.paths.plot, self.title, last_epoch=epoch + 1 == num_epochs,
                                chance=chance)
         if improved:
