@@ -213,6 +213,10 @@ class CapturedStep:
             self.static_output = self.body(self.static_input)
 
 
-def make_grad_scaler(device: torch.device, autocast_dtype) -> torch.amp.GradScaler:
-    """A real scaler only for fp16; a pass-through otherwise, so there is one backward path."""
-    return torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+def make_grad_scaler(device: torch.device, autocast_dtype):
+    """A real scaler only for fp16; a pass-through otherwise, so there is one backward path. torch.amp's
+    device-generic GradScaler, or on releases without one (before 2.3) the CUDA one, which fp16 needs."""
+    enabled = autocast_dtype == torch.float16
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device.type == "cuda")
