@@ -14,7 +14,6 @@ import numpy as np
 
 import training_history
 import utils
-from checkpoints import default_name
 from classification_metrics import (FINDING_METRICS, _chunk, bootstrap_weights, compute_multilabel_metrics,
                                     finding_metrics, fmt, percentile_interval, plain, scorable_findings, with_ci)
 from evaluated_model import Evaluated
@@ -54,7 +53,7 @@ class MultiLabelReports:
             figures[file] = f"{method} of the encoder's embeddings, by the most frequent findings"
         if ev.history_csv:
             training_history.plot_history(ev.history_csv, os.path.join(folder, "training_curves.png"),
-                                          f"Training curves: {default_name(ev.checkpoint)}")
+                                          f"Training curves: {ev.name}")
             if os.path.isfile(os.path.join(folder, "training_curves.png")):
                 figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
         return figures

@@ -1,12 +1,12 @@
 """Evaluation figures: confusion matrices, ROC and precision-recall curves, reliability diagrams, t-SNE/UMAP
 projections of the embeddings, and their multi-label and comparison forms.
 """
+import textwrap
 import warnings
 
 import numpy as np
 
 import utils
-from checkpoints import default_name
 from classification_metrics import ECE_BINS, _ratio, confidence_bins, confusion_matrices, with_ci
 from evaluated_model import Evaluated
 
@@ -23,35 +23,51 @@ def class_colors(k: int) -> list:
     return [cmap(i % cmap.N) for i in range(k)]
 
 
-def plot_confusion(ev: Evaluated, path: str) -> None:
+def tick_names(names: list, width: int = 16) -> list:
+    """Class names wrapped at `width` characters (at most two lines), so long names stay inside their tick."""
+    out = []
+    for name in names:
+        lines = textwrap.wrap(str(name).replace("_", " "), width, break_long_words=True) or [""]
+        out.append("\n".join(lines[:2]) + ("…" if len(lines) > 2 else ""))
+    return out
+
+
+def confusion_figure(ev: Evaluated):
+    """Counts and row-normalised (recall) confusion matrices as seaborn heat maps, sized so that up to 14 class
+    names neither overlap each other nor leave the figure."""
+    import seaborn as sns
     plt = pyplot()
     k = len(ev.class_names)
     cm = confusion_matrices(np.ones((1, len(ev.y_true))), ev.y_true, ev.prob.argmax(1), k)[0]
     rows = cm.sum(1, keepdims=True)
+    names = tick_names(ev.class_names)
+    longest = max(len(line) for n in names for line in n.split("\n"))
+    rotate = k > 3 or longest > 10                     # upright names need a cell's height, not its width
+    cell = 0.5 if rotate else max(0.6, 0.085 * longest)  # inches
+    side = max(2.5, cell * k) + 0.075 * longest + 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.5, side + 0.5), layout="constrained")
+    font = 8 if k > 8 else 10
     normalised = _ratio(cm, rows)
-    size = max(4.0, 0.55 * k + 2.5)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
-    panels = ((axes[0], cm, "counts", True), (axes[1], normalised, "row-normalised (recall)", False))
-    for ax, data, title, as_int in panels:
-        im = ax.imshow(np.nan_to_num(data), cmap="Blues", vmin=0, vmax=None if as_int else 1)
-        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="images" if as_int else "fraction of the row")
-        if as_int:
-            bar.ax.yaxis.set_major_locator(pyplot().MaxNLocator(integer=True))
-        peak = np.nanmax(data) if np.isfinite(data).any() else 1
-        for i in range(k):
-            for j in range(k):
-                v = data[i, j]
-                text = "–" if not np.isfinite(v) else (f"{int(v)}" if as_int else f"{v:.2f}")
-                ax.text(j, i, text, ha="center", va="center", fontsize=max(6, 11 - k // 3),
-                        color="white" if np.isfinite(v) and v > 0.6 * peak else "black")
-        ax.set_xticks(range(k), ev.class_names, rotation=45 if k > 3 else 0, ha="right" if k > 3 else "center")
-        ax.set_yticks(range(k), [f"{c} (n={int(r)})" for c, r in zip(ev.class_names, rows[:, 0])])
-        ax.set_xlabel("predicted class")
-        ax.set_ylabel("true class")
-        ax.set_title(title)
+    panels = ((axes[0], cm, "counts", np.vectorize(lambda v: f"{int(v)}")(cm), None, "images"),
+              (axes[1], normalised, "row-normalised (recall)",     # a class with no images has no recall: '–'
+               np.vectorize(lambda v: f"{v:.2f}" if np.isfinite(v) else "–")(normalised), 1, "fraction of the row"))
+    for ax, data, title, text, vmax, unit in panels:
+        sns.heatmap(np.nan_to_num(data), ax=ax, annot=text, fmt="", cmap="Blues", vmin=0, vmax=vmax, square=True,
+                    cbar_kws={"label": unit, "shrink": 0.8}, annot_kws={"fontsize": font}, linewidths=0.5,
+                    linecolor="white", xticklabels=names,
+                    yticklabels=[f"{n} (n={int(r)})" for n, r in zip(names, rows[:, 0])])
+        ax.set_xticklabels(ax.get_xticklabels(), rotation=90 if rotate else 0, ha="right" if rotate else "center",
+                           rotation_mode="anchor", fontsize=font)
+        ax.set_yticklabels(ax.get_yticklabels(), rotation=0, fontsize=font)
+        ax.set(xlabel="predicted class", ylabel="true class", title=title)
+        if vmax is None:
+            ax.collections[0].colorbar.ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.suptitle(f"Confusion matrix: {ev.name}, {ev.info.split} split ({len(ev.y_true)} images)")
-    fig.tight_layout()
-    utils.atomic_savefig(fig, path)
+    return fig
+
+
+def plot_confusion(ev: Evaluated, path: str) -> None:
+    utils.atomic_savefig(confusion_figure(ev), path)
 
 
 def roc_curve_of(y_true, prob, k: int):
@@ -186,7 +202,7 @@ def plot_embedding(coords: np.ndarray, ev: Evaluated, method: str, path: str) ->
             ax.scatter(coords[mask, 0], coords[mask, 1], s=18 if len(coords) > 200 else 36, color=colors[c],
                        alpha=0.8, edgecolors="none", label=f"{name} (n={int(mask.sum())})")
     ax.set(xlabel=f"{method} 1", ylabel=f"{method} 2", xticks=[], yticks=[],
-           title=f"{method} of encoder embeddings: {default_name(ev.checkpoint)}\n"
+           title=f"{method} of encoder embeddings: {ev.name}\n"
                  f"{ev.info.split} split, {len(coords)} images, coloured by true class")
     ax.legend(title="class", fontsize=8, loc="best")
     utils.atomic_savefig(fig, path)
@@ -262,7 +278,7 @@ def plot_multilabel_embedding(coords: np.ndarray, ev: Evaluated, method: str, pa
         ax.scatter(*coords[pos].T, s=size, color=colors[k], edgecolors="none", label=f"present (n={int(pos.sum())})")
         ax.set(xticks=[], yticks=[], title=ev.class_names[k])
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"{method} of encoder embeddings: {default_name(ev.checkpoint)}, {ev.info.split} split, "
+    fig.suptitle(f"{method} of encoder embeddings: {ev.name}, {ev.info.split} split, "
                  f"{len(coords)} images, coloured by the {len(order)} most frequent findings", fontsize=10)
     fig.tight_layout()
     utils.atomic_savefig(fig, path)

@@ -13,7 +13,6 @@ import torch
 import calibration
 import label_tables
 import utils
-from checkpoints import default_name
 from evaluated_model import Evaluated
 from gradcam import plot_pointing_game, pointing_game, pointing_sentences, write_gradcam_figure
 from plots import ProjectionSkipped, project_embedding
@@ -117,7 +116,7 @@ def embedding_projections(evaluated: list, seed: int) -> dict:
             continue
         by_checkpoint[ev.checkpoint] = {}
         for method in ("t-SNE", "UMAP"):
-            print(f"{method} of {len(ev.features)} embeddings ({default_name(ev.checkpoint)}) ...")
+            print(f"{method} of {len(ev.features)} embeddings ({ev.name}) ...")
             try:
                 by_checkpoint[ev.checkpoint][method] = project_embedding(ev.features, method, seed)
             except ProjectionSkipped as e:

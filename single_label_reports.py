@@ -12,7 +12,6 @@ import numpy as np
 
 import training_history
 import utils
-from checkpoints import default_name
 from classification_metrics import (COMPARISON_METRICS, PER_CLASS_METRICS, SCALAR_METRICS, compute_metrics, fmt,
                                     paired_accuracy_difference, paired_metric_differences, plain, with_ci)
 from evaluated_model import Evaluated
@@ -107,7 +106,7 @@ class SingleLabelReports:
             with open(ev.history_csv) as f:
                 utils.atomic_write_text(os.path.join(folder, os.path.basename(ev.history_csv)), f.read())
             training_history.plot_history(ev.history_csv, os.path.join(folder, "training_curves.png"),
-                                          f"Training curves: {ev.name} ({default_name(ev.checkpoint)})",
+                                          f"Training curves: {ev.name}",
                                           best_epoch=ev.info.epoch, chance=1 / len(ev.class_names))
             if os.path.isfile(os.path.join(folder, "training_curves.png")):
                 figures["training_curves.png"] = "Training curves (from the history file beside the checkpoint)"
