@@ -37,7 +37,7 @@ def predict_store(model, store, prepare, device, autocast_dtype, batch_size: int
     loader = data_loader.BatchLoader(store, np.arange(len(store)), batch_size=batch_size)
     probs = []
     for images, _, _ in tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True):
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with utils.autocast(device.type, autocast_dtype):
             logits = model(prepare(images.to(device)))
         probs.append(task.probabilities(logits.float().cpu() / temperature))
     model.cpu()

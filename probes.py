@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from classification_metrics import compute_metrics
-from utils import UserError
+from utils import UserError, autocast
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def extract_features(encoder: nn.Module, loader, prepare, device: torch.device, 
     feats, labels, indices = [], [], []
     for images, y, idx in loader:
         x = prepare(images.to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(device.type, autocast_dtype):
             f = encoder(x)
         feats.append(f.float().cpu())
         labels.append(y)

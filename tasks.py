@@ -27,7 +27,7 @@ from image_io import normalize
 from model_ssl import masked_bce_with_logits
 from multilabel_reports import MultiLabelReports
 from single_label_reports import SingleLabelReports
-from utils import UserError
+from utils import UserError, autocast
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def val_batches(model, loader, device, autocast_dtype):
     model.eval()
     for images, labels, _ in loader:
         x = normalize(images.to(device)).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(device.type, autocast_dtype):
             logits = model(x).float()
         yield logits, labels
 

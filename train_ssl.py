@@ -166,8 +166,7 @@ def make_static_step(model, augment, optimizer, generator, temperature, device, 
     numbers from `generator` on the device, the loss and the embedding spread stay tensors. Returns
     step(batch, collapse_log) -> (loss, images), the step training.train_one_epoch takes as step_fn."""
     def body(images):
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
-                            cache_enabled=False):                  # no weight cache across graph replays
+        with utils.autocast(device.type, autocast_dtype, cache_enabled=False):   # no weight cache across graph replays
             v1, v2 = augment(images, generator), augment(images, generator)
             x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
             z1, z2 = model(x).float().chunk(2)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from tensorboard_log import summary_writer_class
-from utils import EXISTING_FILE, Bound, UserError, bounded, check_flag, check_flags, check_split_shares
+from utils import EXISTING_FILE, Bound, UserError, autocast, bounded, check_flag, check_flags, check_split_shares
 
 
 def training_parser() -> argparse.ArgumentParser:
@@ -102,7 +102,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, device, scaler, autoca
         if step_fn is not None:
             loss, n = step_fn(batch)
         else:
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with autocast(device.type, autocast_dtype):
                 loss, n = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

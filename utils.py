@@ -7,6 +7,7 @@ import it:
     from utils import UserError, atomic_write_json, resolve_device
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -358,6 +359,14 @@ def resolve_precision(requested: str, amp, device: torch.device):
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16, "bf16 (auto: this CPU has native bf16 instructions)"
     return None, f"fp32 (auto: no native bf16 on this {device.type})"
+
+
+def autocast(device_type: str, autocast_dtype, **kwargs):
+    """torch.autocast at `autocast_dtype` (from resolve_precision), or no autocast when it is None (fp32).
+    Not `torch.autocast(enabled=False)` with a placeholder dtype: torch before 2.3 checks the dtype even then."""
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=autocast_dtype, **kwargs)
 
 
 def device_note(requested: str, device: torch.device, distributed: bool) -> str:

@@ -99,8 +99,7 @@ class ModelStep:
 
     def __call__(self, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
         x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with utils.autocast(self.device.type, self.autocast_dtype):
             z1, z2 = self.model(x).float().chunk(2)
             loss = nt_xent_loss(z1, z2, 0.5)
         self.optimizer.zero_grad(set_to_none=True)
@@ -384,7 +383,7 @@ def eager_parts(real: dict, images: torch.Tensor, device) -> None:
     training.HOST_SYNC_EVERY steps in training, is shown as what one read costs)."""
     from model_ssl import nt_xent_loss
     rf = torch.profiler.record_function
-    with torch.autocast(device.type, dtype=real["dtype"] or torch.float32, enabled=real["dtype"] is not None):
+    with utils.autocast(device.type, real["dtype"]):
         with rf("augmentation"):
             v1, v2 = real["augment"](images), real["augment"](images)
         with rf("forward"):
