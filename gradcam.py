@@ -110,7 +110,8 @@ def permutation_baseline(cams: np.ndarray, boxes: list, sizes: list, classes,
     hit_sum, others = np.zeros(len(cams)), np.zeros(len(cams))
     for j, (mask, size) in enumerate(zip(widened_masks(boxes, sizes, tolerance), sizes)):
         rows = np.flatnonzero((classes == classes[j]) & (np.arange(len(cams)) != j))
-        pixels = np.array([peak_pixel(r, c, cams.shape[1:], size) for r, c in peaks[rows]], dtype=np.int64).reshape(-1, 2)
+        pixels = np.array([peak_pixel(r, c, cams.shape[1:], size) for r, c in peaks[rows]], dtype=np.int64)
+        pixels = pixels.reshape(-1, 2)
         hit_sum[rows] += mask[pixels[:, 0], pixels[:, 1]] & ~blank[rows]
         others[rows] += 1
     with np.errstate(invalid="ignore"):
