@@ -76,7 +76,8 @@ def _val_log_loss(y, prob, k: int) -> float:
     """Val cross-entropy of the probe's probabilities (a class it never saw gets probability 0, clipped)."""
     from sklearn.metrics import log_loss
 
-    return float(log_loss(y, np.clip(prob, 1e-15, 1), labels=np.arange(k)))
+    prob = np.clip(prob, 1e-15, 1)
+    return float(log_loss(y, prob / prob.sum(1, keepdims=True), labels=np.arange(k)))
 
 
 def fit_linear_probe(train_x, train_y, eval_x, k: int, seed: int, notes: list, val_x=None, val_y=None) -> Probe:
