@@ -150,7 +150,8 @@ def test_gain_line_reports_balanced_accuracy_with_its_interval_labels_and_sign_t
     assert line.startswith("- 0.05 (18 train labels + 121 val labels chose the epoch): SSL - scratch balanced "
                            f"accuracy +11.8 points [{100 * gain['low']:+.1f}, {100 * gain['high']:+.1f}] (accuracy "
                            "+13.8 points [")
-    assert "SSL ahead in 5 of 5 seeds (per seed: +10.0, +15.0, +11.0, +6.0, +17.0; two-sided sign test p = 0.062)" in line
+    assert ("SSL ahead in 5 of 5 seeds (per seed: +10.0, +15.0, +11.0, +6.0, +17.0; two-sided sign test "
+            "p = 0.062)") in line
     assert [r["metric"] for r in records] == ["balanced_accuracy", "accuracy"]
     assert records[0]["gain_ci95_low"] == pytest.approx(gain["low"]) and records[0]["sign_test_p"] == 0.0625
 
