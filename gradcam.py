@@ -114,8 +114,7 @@ def permutation_baseline(cams: np.ndarray, boxes: list, sizes: list, classes,
         pixels = pixels.reshape(-1, 2)
         hit_sum[rows] += mask[pixels[:, 0], pixels[:, 1]] & ~blank[rows]
         others[rows] += 1
-    with np.errstate(invalid="ignore"):
-        return np.where(others > 0, hit_sum / np.maximum(others, 1), np.nan)
+    return np.where(others > 0, hit_sum / np.maximum(others, 1), np.nan)
 
 
 def resample_weights(n: int, resamples: int, seed: int, groups=None, chunk: int = 500):
@@ -154,6 +153,21 @@ def mean_with_ci(values, resamples: int, seed: int, groups=None) -> dict:
     samples = samples[np.isfinite(samples)]
     low, high = np.percentile(samples, (2.5, 97.5)) if len(samples) else (np.nan, np.nan)
     return {"value": float(x[keep].mean()), "low": float(low), "high": float(high)}
+
+
+def rate_with_ci(hits, resamples: int, seed: int, groups=None) -> dict:
+    """Hit rate with its bootstrap 95% interval (mean_with_ci). Where every image is a hit, or none is,
+    resampling cannot move it and the interval would have zero width: Wilson's interval over the resampling
+    units (patients, or images) is given instead."""
+    hits = np.asarray(hits, bool)
+    out = mean_with_ci(hits, resamples, seed, groups)
+    if resamples and len(hits) and (hits.all() or not hits.any()):
+        from scipy.stats import binomtest
+
+        units = resampling_unit(groups, len(hits))[1]
+        ci = binomtest(units if hits.all() else 0, units).proportion_ci(method="wilson")
+        out |= {"low": float(ci.low), "high": float(ci.high), "interval": "Wilson (all hits or none)"}
+    return out
 
 
 @dataclass
@@ -227,12 +241,12 @@ def pointing_scores(hits, baseline, blank, groups, resamples: int, seed: int) ->
     shown = ~blank
     nonblank_groups = None if groups is None else np.asarray(groups)[shown]
     return {"images": n, "hits": int(hits.sum()), "blank_maps": int(blank.sum()),
-            **mean_with_ci(hits, resamples, seed, groups),
+            **rate_with_ci(hits, resamples, seed, groups),
             "unit": unit, "units": units, "resamples": resamples,
             "permutation_baseline": float(np.nanmean(baseline)) if np.isfinite(baseline).any() else float("nan"),
             "above_baseline": mean_with_ci(hits - baseline, resamples, seed, groups),
             "nonblank": {"images": int(shown.sum()), "hits": int(hits[shown].sum()),
-                         **mean_with_ci(hits[shown], resamples, seed, nonblank_groups)}}
+                         **rate_with_ci(hits[shown], resamples, seed, nonblank_groups)}}
 
 
 def pointing_sentences(rows: list) -> list:
@@ -264,7 +278,11 @@ def pointing_sentences(rows: list) -> list:
                       "together; an interval that includes 0: no difference detected):", ""]
         lines += [f"- {p['model_a']} - {p['model_b']}: {signed_with_ci(p)}" for p in paired]
     lines += ["", "A blank map (Grad-CAM zero everywhere) points nowhere and counts as a miss; the non-blank "
-                  "columns leave those images out.", "", "![Pointing game](pointing_game.png)"]
+                  "columns leave those images out."]
+    if any("interval" in r or "interval" in r["nonblank"] for r in rows):
+        lines += ["", "Where every image is a hit (or none is), resampling cannot move the share, so its interval "
+                      "is Wilson's over the resampling units instead."]
+    return lines + ["", "![Pointing game](pointing_game.png)"]
     return lines
 
 

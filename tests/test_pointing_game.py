@@ -159,3 +159,16 @@ def test_blank_maps_are_left_out_of_the_non_blank_hit_rate():
     assert scores["nonblank"]["images"] == 3 and scores["above_baseline"]["value"] == pytest.approx(0.2)
     none = gradcam.pointing_scores(hits[3:], np.full(2, np.nan), blank[3:], None, 100, 0)
     assert np.isnan(none["nonblank"]["value"]) and np.isnan(none["permutation_baseline"])
+
+
+def test_an_all_hits_rate_gets_a_wilson_interval_not_a_zero_width_one():
+    from scipy.stats import binomtest
+
+    hits, groups = np.ones(12, bool), np.repeat(np.arange(4), 3)
+    out = gradcam.rate_with_ci(hits, 200, 0, groups)
+    wilson = binomtest(4, 4).proportion_ci(method="wilson")                  # over the 4 patients
+    assert out["value"] == 1.0 and out["high"] == pytest.approx(1.0) and out["low"] == pytest.approx(wilson.low)
+    assert out["low"] < 0.7 and "Wilson" in out["interval"]
+    assert gradcam.rate_with_ci(np.zeros(12, bool), 200, 0)["high"] > 0.1  # none of 12 images
+    mixed = gradcam.rate_with_ci(np.arange(12) % 2 == 0, 200, 0)
+    assert "interval" not in mixed and mixed["low"] < 0.5 < mixed["high"]
