@@ -18,9 +18,10 @@ SIZE, SQUARE = 64, 16               # a 16 px square in a 64 px image: 24 px a s
 
 def write_square_dataset(folder, n_per_class=48, seed=0):
     """Class 'lesion': a bright square at a random place on dark noise, its box in findings.csv; class
-    'clear': the noise alone. A split column keeps 12 images per class for the test split."""
+    'clear': the noise alone. A split column keeps 12 images per class for the test split; four consecutive
+    images (two of each class) share a patient_id, so the test split holds 6 patients."""
     rng = np.random.default_rng(seed)
-    labels, findings = ["filename,label,split"], ["filename,finding,x0,y0,x1,y1"]
+    labels, findings = ["filename,label,split,patient_id"], ["filename,finding,x0,y0,x1,y1"]
     for i in range(n_per_class * 2):
         lesion = i % 2 == 1
         image = rng.integers(0, 90, (SIZE, SIZE)).astype(np.uint8)
@@ -31,7 +32,7 @@ def write_square_dataset(folder, n_per_class=48, seed=0):
             findings.append(f"{name},lesion,{x0},{y0},{x0 + SQUARE},{y0 + SQUARE}")
         Image.fromarray(image).save(os.path.join(folder, name))
         split = "train" if i < 2 * (n_per_class - 18) else "val" if i < 2 * (n_per_class - 12) else "test"
-        labels.append(f"{name},{'lesion' if lesion else 'clear'},{split}")
+        labels.append(f"{name},{'lesion' if lesion else 'clear'},{split},p{i // 4}")
     (folder / "labels.csv").write_text("\n".join(labels) + "\n")
     (folder / "findings.csv").write_text("\n".join(findings) + "\n")
 
@@ -69,7 +70,7 @@ def test_a_trained_model_points_at_the_finding_far_more_often_than_chance(pointi
     assert "random init" in rows and 0 <= rows["random init"]["value"] <= 1
     # squares at random places: another image's box is rarely where this map points
     assert trained["permutation_baseline"] < 0.5 and trained["above_baseline"]["low"] > 0.3
-    assert trained["unit"] == "image" and trained["units"] == 12          # no patient_id column
+    assert trained["unit"] == "patient" and trained["units"] == 6         # 2 lesion images per patient
     assert trained["nonblank"]["images"] == 12 - trained["blank_maps"]
     paired = rows["random init"]["paired_with_first"]
     assert paired["model_a"] == "from scratch" and paired["value"] == pytest.approx(
@@ -77,6 +78,7 @@ def test_a_trained_model_points_at_the_finding_far_more_often_than_chance(pointi
     report = (out / "report.md").read_text()
     assert "## Grad-CAM pointing game" in report and "| from scratch | layer2 |" in report
     assert "permutation baseline" in report and "- from scratch - random init: +" in report
+    assert "over the 6 patients" in report
     assert "](pointing_game.png)" in report and (out / "pointing_game.png").stat().st_size > 5000
     assert json.loads((out / "pointing_game.json").read_text())[0]["model"] == "from scratch"
     assert (out / "gradcam.png").stat().st_size > 5000
