@@ -78,6 +78,16 @@ def ece(y_true: np.ndarray, prob: np.ndarray, multilabel: bool) -> float:
     return float(expected_calibration_error(np.ones((1, len(y_true))), y_true, prob)[0])
 
 
+def brier_score(y_true: np.ndarray, prob: np.ndarray) -> float:
+    """Multi-class Brier score: the mean over images of the squared distance between the probability vector
+    (N, K) and the one-hot label; 0 is perfect, 2 the worst. Unlike ECE it needs no bins."""
+    y_true, prob = np.asarray(y_true), np.asarray(prob, dtype=np.float64)
+    if len(y_true) == 0:
+        return float("nan")
+    onehot = np.eye(prob.shape[1])[y_true]
+    return float(((prob - onehot) ** 2).sum(1).mean())
+
+
 def ece_before_after(ev, task) -> dict | None:
     """metrics.json's "calibration" entry of a scored classifier: its temperature and the ECE of its split's
     probabilities before (T = 1) and after temperature scaling; None for models without uncalibrated ones."""

@@ -10,7 +10,7 @@ import torch
 import image_io
 import model_ssl
 import utils
-from classification_metrics import proportion_with_ci, with_ci
+from classification_metrics import fmt, with_ci
 from evaluated_model import Evaluated
 from plots import class_colors, pyplot
 
@@ -78,19 +78,96 @@ def box_mask(boxes: list, width: int, height: int, margin: int = 0) -> np.ndarra
     return mask
 
 
+def peak_pixel(row: int, col: int, cam_side: tuple, size: tuple) -> tuple:
+    """(y, x) pixel of an image of `size` (width, height) at the centre of map cell (row, col)."""
+    (side_y, side_x), (w, h) = cam_side, size
+    return min(h - 1, int((row + 0.5) * h / side_y)), min(w - 1, int((col + 0.5) * w / side_x))
+
+
+def widened_masks(boxes: list, sizes: list, tolerance: float) -> list:
+    """Per image, the pixels inside one of its boxes widened by `tolerance` x its longer side."""
+    return [box_mask(b, w, h, int(round(tolerance * max(w, h)))) for b, (w, h) in zip(boxes, sizes)]
+
+
 def pointing_hits(cams: np.ndarray, boxes: list, sizes: list, tolerance: float = POINTING_TOLERANCE):
     """Per image: whether the map's peak lies in one of its finding boxes, widened by `tolerance` x the image
     side (boxes in the file's own pixels, `sizes` its (width, height)); the share of the image the widened
     boxes cover (a random peak's hit rate); and which maps are blank."""
     peaks, blank = cam_peaks(cams)
-    side_y, side_x = cams.shape[1:]
-    hits, chance = np.zeros(len(cams), bool), np.zeros(len(cams))
-    for i, ((row, col), image_boxes, (w, h)) in enumerate(zip(peaks, boxes, sizes)):
-        mask = box_mask(image_boxes, w, h, int(round(tolerance * max(w, h))))
-        y, x = min(h - 1, int((row + 0.5) * h / side_y)), min(w - 1, int((col + 0.5) * w / side_x))
-        hits[i] = mask[y, x] and not blank[i]
-        chance[i] = mask.mean()
-    return hits, chance, blank
+    masks = widened_masks(boxes, sizes, tolerance)
+    hits = np.array([m[peak_pixel(r, c, cams.shape[1:], s)] for (r, c), m, s in zip(peaks, masks, sizes)], bool)
+    chance = np.array([m.mean() for m in masks])
+    return hits & ~blank, chance, blank
+
+
+def permutation_baseline(cams: np.ndarray, boxes: list, sizes: list, classes,
+                         tolerance: float = POINTING_TOLERANCE) -> np.ndarray:
+    """Per image: the share of the OTHER images of its class whose widened boxes its map's peak would hit
+    (NaN where its class has no other image). A map that points where this class's findings usually lie,
+    without looking at the image, scores as well here as on its own boxes; a blank map scores 0."""
+    peaks, blank = cam_peaks(cams)
+    classes = np.asarray(classes)
+    hit_sum, others = np.zeros(len(cams)), np.zeros(len(cams))
+    for j, (mask, size) in enumerate(zip(widened_masks(boxes, sizes, tolerance), sizes)):
+        rows = np.flatnonzero((classes == classes[j]) & (np.arange(len(cams)) != j))
+        pixels = np.array([peak_pixel(r, c, cams.shape[1:], size) for r, c in peaks[rows]], dtype=np.int64)
+        pixels = pixels.reshape(-1, 2)
+        hit_sum[rows] += mask[pixels[:, 0], pixels[:, 1]] & ~blank[rows]
+        others[rows] += 1
+    return np.where(others > 0, hit_sum / np.maximum(others, 1), np.nan)
+
+
+def resample_weights(n: int, resamples: int, seed: int, groups=None, chunk: int = 500):
+    """Yield (b, n) bootstrap draw counts, `chunk` resamples at a time; with `groups` (a patient id per image)
+    whole patients are drawn and each image counts as often as its patient."""
+    # To be unified with classification_metrics.bootstrap_weights(groups=...) when that takes groups.
+    _, group = np.unique(np.arange(n) if groups is None else np.asarray(groups), return_inverse=True)
+    m = int(group.max()) + 1 if n else 0
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, chunk):
+        b = min(chunk, resamples - start)
+        drawn = rng.integers(0, m, size=(b, m)) + m * np.arange(b)[:, None]
+        yield np.bincount(drawn.ravel(), minlength=b * m).reshape(b, m)[:, group].astype(np.float64)
+
+
+def resampling_unit(groups, n: int) -> tuple:
+    """('patient', number of patients) when `groups` puts some images together, else ('image', n)."""
+    patients = len(np.unique(groups)) if groups is not None else n
+    return ("patient", patients) if patients < n else ("image", n)
+
+
+def mean_with_ci(values, resamples: int, seed: int, groups=None) -> dict:
+    """Mean of per-image values (NaN ones left out) with a percentile bootstrap 95% interval, resampling
+    patients when `groups` is given; the same seed draws the same resamples for every model."""
+    values = np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(values)
+    if not keep.any():
+        return {"value": float("nan"), "low": float("nan"), "high": float("nan")}
+    n, x = len(values), np.where(keep, values, 0.0)
+    draws = []
+    for w in resample_weights(n, resamples, seed, groups):
+        w = w * keep
+        with np.errstate(invalid="ignore", divide="ignore"):
+            draws.append(w @ x / w.sum(1))
+    samples = np.concatenate(draws) if draws else np.zeros(0)
+    samples = samples[np.isfinite(samples)]
+    low, high = np.percentile(samples, (2.5, 97.5)) if len(samples) else (np.nan, np.nan)
+    return {"value": float(x[keep].mean()), "low": float(low), "high": float(high)}
+
+
+def rate_with_ci(hits, resamples: int, seed: int, groups=None) -> dict:
+    """Hit rate with its bootstrap 95% interval (mean_with_ci). Where every image is a hit, or none is,
+    resampling cannot move it and the interval would have zero width: Wilson's interval over the resampling
+    units (patients, or images) is given instead."""
+    hits = np.asarray(hits, bool)
+    out = mean_with_ci(hits, resamples, seed, groups)
+    if resamples and len(hits) and (hits.all() or not hits.any()):
+        from scipy.stats import binomtest
+
+        units = resampling_unit(groups, len(hits))[1]
+        ci = binomtest(units if hits.all() else 0, units).proportion_ci(method="wilson")
+        out |= {"low": float(ci.low), "high": float(ci.high), "interval": "Wilson (all hits or none)"}
+    return out
 
 
 @dataclass
@@ -122,7 +199,8 @@ def image_sizes(root: str, filenames: list) -> list:
 
 def pointing_game(evaluated: list, findings: dict, args, device) -> list:
     """Pointing-game rows for every classifier scored (Grad-CAM of the true class on each split image with a
-    finding) and for the same network at random init; [] when no scored image has a finding box."""
+    finding) and for the same network at random init; [] when no scored image has a finding box. Each row
+    after the first holds its paired difference from the first model on the same images."""
     models = [(ev.name, ev) for ev in evaluated if ev.explained is not None]
     if not models or findings is None:
         return []
@@ -134,37 +212,86 @@ def pointing_game(evaluated: list, findings: dict, args, device) -> list:
     files = [first.filenames[i] for i in keep]
     images, sizes = decode_images(ex0.root, files, ex0), image_sizes(ex0.root, files)
     boxes, targets = [findings[f] for f in files], first.y_true[keep]
+    groups = None if first.patient_ids is None else np.asarray(first.patient_ids)[keep]
     config, k = ex0.model.config, len(first.class_names)
     random_model = Explained(random_init_classifier(config, k, args.seed), ex0.prepare, ex0.layer, ex0.root,
                              ex0.image_size, ex0.channels)
-    rows = []
+    rows, per_image = [], []
     for name, ex in [(n, ev.explained) for n, ev in models] + [(RANDOM_INIT_NAME, random_model)]:
         if (ex.image_size, ex.channels) != (ex0.image_size, ex0.channels):
             continue                                         # another resolution: not the same images
         print(f"pointing game: Grad-CAM ({ex.layer}) of {name} on {len(files)} images with a finding ...")
         cams = grad_cams(ex.model, images, targets, ex.layer, ex.prepare, device, args.batch_size)
         hits, chance, blank = pointing_hits(cams, boxes, sizes)
-        rows.append({"model": name, "images": len(files), "hits": int(hits.sum()), "layer": ex.layer,
-                     "blank_maps": int(blank.sum()), "chance": float(chance.mean()),
-                     **proportion_with_ci(hits, args.bootstrap, args.seed)})
+        baseline = permutation_baseline(cams, boxes, sizes, targets)
+        rows.append({"model": name, "layer": ex.layer, "chance": float(chance.mean()),
+                     **pointing_scores(hits, baseline, blank, groups, args.bootstrap, args.seed)})
+        per_image.append(hits)
+    for row, hits in zip(rows[1:], per_image[1:]):
+        diff = mean_with_ci(per_image[0].astype(float) - hits, args.bootstrap, args.seed, groups)
+        row["paired_with_first"] = {"model_a": rows[0]["model"], "model_b": row["model"], **diff}
     return rows
+
+
+def pointing_scores(hits, baseline, blank, groups, resamples: int, seed: int) -> dict:
+    """One model's pointing-game numbers: hit rate, permutation baseline, their paired difference, and the
+    hit rate among non-blank maps, each with a bootstrap 95% interval over patients (images without ids)."""
+    n = len(hits)
+    unit, units = resampling_unit(groups, n)
+    shown = ~blank
+    nonblank_groups = None if groups is None else np.asarray(groups)[shown]
+    return {"images": n, "hits": int(hits.sum()), "blank_maps": int(blank.sum()),
+            **rate_with_ci(hits, resamples, seed, groups),
+            "unit": unit, "units": units, "resamples": resamples,
+            "permutation_baseline": float(np.nanmean(baseline)) if np.isfinite(baseline).any() else float("nan"),
+            "above_baseline": mean_with_ci(hits - baseline, resamples, seed, groups),
+            "nonblank": {"images": int(shown.sum()), "hits": int(hits[shown].sum()),
+                         **rate_with_ci(hits[shown], resamples, seed, nonblank_groups)}}
 
 
 def pointing_sentences(rows: list) -> list:
     if not rows:
         return []
-    n, chance = rows[0]["images"], rows[0]["chance"]
-    lines = [f"Pointing game: the share of the {n} split images with a drawn finding (findings.csv) whose "
+    r0 = rows[0]
+    over = (f"the {r0['units']} patients (all images of a patient drawn together)" if r0["unit"] == "patient"
+            else "images (no patient ids)")
+    lines = [f"Pointing game: the share of the {r0['images']} split images with a drawn finding (findings.csv) whose "
              f"Grad-CAM peak, for the true class, falls inside the finding's box (widened by "
-             f"{POINTING_TOLERANCE:.1%} of the image side, 15 px at 224 px, as Zhang et al. 2018). Chance (a "
-             f"random peak) is {chance:.3f}, the share of the image the widened boxes cover. 95% bootstrap "
-             f"intervals over images.", "",
-             "| model | Grad-CAM layer | hits | pointing accuracy [95% CI] | blank maps |", "|---|---|---:|---|---:|"]
+             f"{POINTING_TOLERANCE:.1%} of the image side, 15 px at 224 px, as Zhang et al. 2018). Two baselines: "
+             f"the area share ({r0['chance']:.3f}: the share of the image the widened boxes cover, a peak placed "
+             f"anywhere at random), and the permutation baseline: each model's peaks scored against the boxes of "
+             f"the other images of the same class, the hit rate of a map that points where this class's findings "
+             f"usually are without finding them in this image. The area share is easy to beat by pointing at the "
+             f"chest; beating the permutation baseline is what says the map found the finding. 95% bootstrap "
+             f"intervals ({r0['resamples']} resamples) over {over}.", "",
+             "| model | Grad-CAM layer | hits | pointing accuracy [95% CI] | permutation baseline "
+             "| hits - baseline [95% CI] | blank maps | non-blank maps: hits | non-blank: accuracy [95% CI] |",
+             "|---|---|---:|---|---:|---|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['layer']} | {r['hits']}/{r['images']} | {with_ci(r)} | {r['blank_maps']} |")
-    lines += ["", "A blank map (Grad-CAM zero everywhere) points nowhere and counts as a miss.", "",
-              "![Pointing game](pointing_game.png)"]
+        nb = r["nonblank"]
+        lines.append(f"| {r['model']} | {r['layer']} | {r['hits']}/{r['images']} | {with_ci(r)} | "
+                     f"{fmt(r['permutation_baseline'])} | {signed_with_ci(r['above_baseline'])} | {r['blank_maps']} | "
+                     f"{nb['hits']}/{nb['images']} | {with_ci(nb)} |")
+    paired = [r["paired_with_first"] for r in rows if "paired_with_first" in r]
+    if paired:
+        lines += ["", "Paired differences in pointing accuracy (both models' maps on the same images, resampled "
+                      "together; an interval that includes 0: no difference detected):", ""]
+        lines += [f"- {p['model_a']} - {p['model_b']}: {signed_with_ci(p)}" for p in paired]
+    lines += ["", "A blank map (Grad-CAM zero everywhere) points nowhere and counts as a miss; the non-blank "
+                  "columns leave those images out."]
+    if any("interval" in r or "interval" in r["nonblank"] for r in rows):
+        lines += ["", "Where every image is a hit (or none is), resampling cannot move the share, so its interval "
+                      "is Wilson's over the resampling units instead."]
+    return lines + ["", "![Pointing game](pointing_game.png)"]
     return lines
+
+
+def signed_with_ci(m: dict) -> str:
+    """'+0.125 [+0.031, +0.219]', or 'n/a'."""
+    if not np.isfinite(m["value"]):
+        return "n/a"
+    ci = f" [{m['low']:+.3f}, {m['high']:+.3f}]" if np.isfinite(m["low"]) else ""
+    return f"{m['value']:+.3f}{ci}"
 
 
 def plot_pointing_game(rows: list, path: str) -> None:
@@ -174,10 +301,13 @@ def plot_pointing_game(rows: list, path: str) -> None:
     errors = np.array([[r["value"] - r["low"], r["high"] - r["value"]] for r in rows]).T
     colors = ["tab:grey" if r["model"] == RANDOM_INIT_NAME else c for r, c in zip(rows, class_colors(len(rows)))]
     ax.bar(range(len(rows)), values, color=colors, yerr=np.nan_to_num(errors), capsize=6, edgecolor="black")
-    ax.axhline(rows[0]["chance"], color="black", ls=":", label=f"chance ({rows[0]['chance']:.2f}: box area share)")
+    ax.axhline(rows[0]["chance"], color="black", ls=":", label=f"area share ({rows[0]['chance']:.2f}: a peak anywhere)")
+    ax.hlines([r["permutation_baseline"] for r in rows], np.arange(len(rows)) - 0.45, np.arange(len(rows)) + 0.45,
+              color="tab:red", lw=2.5, label="permutation baseline (other images' boxes)")
     ax.set_xticks(range(len(rows)), [r["model"] for r in rows])
     ax.set(ylim=(0, 1.02), ylabel="Grad-CAM peak inside the finding",
-           title=f"Pointing game on {rows[0]['images']} images with a finding\n(95% bootstrap CI)")
+           title=f"Pointing game on {rows[0]['images']} images with a finding\n(95% bootstrap CI over "
+                 f"{rows[0]['unit']}s)")
     ax.legend(fontsize=8, loc="upper right")
     utils.atomic_savefig(fig, path)
 

@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from classification_metrics import compute_metrics
 from utils import UserError, autocast
 
 
@@ -73,16 +72,19 @@ def _probabilities(model, x, k: int) -> np.ndarray:
     return prob
 
 
-def _probe_score(y, prob, k: int) -> float:
-    """Val ROC-AUC (macro over the classes val holds), or accuracy where no AUC can be computed."""
-    auc = compute_metrics(y, prob, k, resamples=0, seed=0)["roc_auc_macro"]["value"]
-    return float(auc) if np.isfinite(auc) else float((prob.argmax(1) == y).mean())
+def _val_log_loss(y, prob, k: int) -> float:
+    """Val cross-entropy of the probe's probabilities (a class it never saw gets probability 0, clipped)."""
+    from sklearn.metrics import log_loss
+
+    prob = np.clip(prob, 1e-15, 1)
+    return float(log_loss(y, prob / prob.sum(1, keepdims=True), labels=np.arange(k)))
 
 
 def fit_linear_probe(train_x, train_y, eval_x, k: int, seed: int, notes: list, val_x=None, val_y=None) -> Probe:
-    """Logistic regression on standardised frozen features. With val features, the L2 strength is chosen on
-    them from PROBE_C_GRID (the SSL literature's linear evaluation does the same): a fixed C can hide what a
-    few labels get out of good features. Without them C is 1."""
+    """Logistic regression on standardised frozen features. With val features, the L2 strength is the one of
+    PROBE_C_GRID with the lowest val log-loss (the SSL literature's linear evaluation chooses it on val too): a
+    fixed C can hide what a few labels get out of good features, and log-loss scores the probabilities the
+    reports read, not only their ranking. Without val features C is 1."""
     from sklearn.preprocessing import StandardScaler
 
     if len(np.unique(train_y)) < 2:
@@ -93,9 +95,9 @@ def fit_linear_probe(train_x, train_y, eval_x, k: int, seed: int, notes: list, v
     C, chosen_by = 1.0, "fixed (no val split to choose it on)"
     if val_x is not None and len(val_y) > 0:
         val_x = scaler.transform(val_x)
-        scores = {c: _probe_score(val_y, _probabilities(_logistic(train_x, train_y, c, seed, []), val_x, k), k)
+        losses = {c: _val_log_loss(val_y, _probabilities(_logistic(train_x, train_y, c, seed, []), val_x, k), k)
                   for c in PROBE_C_GRID}
-        C = max(scores, key=lambda c: (scores[c], -c))               # ties: the stronger regularisation
-        chosen_by = f"chosen on {len(val_y)} val images (val ROC-AUC {scores[C]:.3f}) from {list(PROBE_C_GRID)}"
+        C = min(losses, key=lambda c: (losses[c], c))                # ties: the stronger regularisation
+        chosen_by = f"chosen on {len(val_y)} val images (val log-loss {losses[C]:.3f}) from {list(PROBE_C_GRID)}"
     model = _logistic(train_x, train_y, C, seed, notes)
     return Probe(_probabilities(model, scaler.transform(eval_x), k), C, chosen_by)

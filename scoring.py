@@ -137,7 +137,8 @@ def evaluate_classifier(path: str, name: str, ckpt: ClassifierCheckpoint, args, 
     explained = Explained(model, normalizer(ckpt), cam_layer_name(model.config, ckpt.image_size, args.cam_layer),
                           args.data_dir, ckpt.image_size, ckpt.channels or 3) if task.explains else None
     return [Evaluated(name, path, task.evaluated_kind, filenames, y_true, prob, features, names, info, notes,
-                      history_beside(ckpt, path, notes), explained, prob_uncalibrated=uncalibrated)]
+                      history_beside(ckpt, path, notes), explained, prob_uncalibrated=uncalibrated,
+                      patient_ids=table.patient_ids[rows])]
 
 
 def pretraining_overlap(ckpt: SSLCheckpoint, filenames: list, split: str, path: str, notes: list) -> None:

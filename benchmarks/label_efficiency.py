@@ -13,8 +13,10 @@ fractions and seeds, all scored on the same held-out test split.
 Pretrains once (test split left out), then for every fraction x seed x {ssl, scratch} runs
 fine_tune.py's main with identical settings (epochs, augmentation, learning rates, best-on-val
 selection), evaluates each on the test split with evaluate.py's code, and writes
-results.csv (one row per run), summary.csv / summary.md (mean and std over seeds) and
-label_efficiency.png (metric against labelled fraction, one line per method, +-1 std).
+results.csv (one row per run, with the train and val label counts), summary.csv / summary.md (mean, sample
+standard deviation and 95% t-interval over seeds), gains.csv (per fraction the SSL - scratch gain in balanced
+accuracy and accuracy with its t-interval and a sign test over seeds) and label_efficiency.png (metric against
+labelled fraction, one line per method, +-1 sample SD).
 probe.csv and the end of summary.md check that the gain has the right cause: a linear probe on the
 frozen SSL features against one on the same network's random initialisation, fitted on the same
 labelled subsets (--probe_only: just that, in seconds, for a given --ssl_checkpoint).
@@ -28,7 +30,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
+
 import augmentations  # noqa: E402
+import calibration  # noqa: E402
 import checkpoints  # noqa: E402
 import data_loader  # noqa: E402
 import data_splits  # noqa: E402
@@ -44,9 +49,11 @@ import recipes  # noqa: E402
 import scoring  # noqa: E402
 import synthetic  # noqa: E402
 
-METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro")
+METRICS = ("balanced_accuracy", "accuracy", "f1_macro", "roc_auc_macro")   # the first is the gain metric
+PROBABILITY_METRICS = ("ece", "brier")            # lower is better; of probabilities (not of kNN vote shares)
 MULTILABEL_METRICS = ("mean_auc", "mean_ap")      # over the findings, on the test split
-GAIN_NAMES = {"accuracy": "Accuracy", "mean_auc": "Mean ROC-AUC"}
+METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "mean_auc": "mean ROC-AUC",
+                "mean_ap": "mean AP"}
 
 
 def is_multilabel(args, label_file: str) -> bool:
@@ -160,18 +167,25 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
          "--device", args.device, "--bootstrap", "0"])
     device = utils.resolve_device(args.device)
     (ev,) = scoring.evaluate_checkpoint(eval_args.checkpoint[0], method, eval_args, device, None)
-    if ev.info.task == "multilabel":
-        scores = compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, 0, 0)
-        metrics = MULTILABEL_METRICS
-    else:
-        scores = compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples=0, seed=0)
-        metrics = METRICS
+    ckpt = checkpoints.ClassifierCheckpoint.load(eval_args.checkpoint[0])
     row = {"method": method, "recipe": args.recipe, "fraction": fraction, "seed": seed,
-           "train_seconds": round(seconds, 1),
+           "train_seconds": round(seconds, 1), "train_labels": len(ckpt.train_files),
+           "val_labels": len((ckpt.splits or {}).get("val") or []),
            "best_epoch": ev.info.epoch, "num_epochs": ev.info.num_epochs, "test_images": len(ev.y_true),
-           **{m: float(scores[m]["value"]) for m in metrics}}
+           **run_scores(ev.y_true, ev.prob, len(ev.class_names), ev.info.task, ev.info.thresholds)}
     utils.atomic_write_text(done, json.dumps({"argv": key, "row": row}))
     return row
+
+
+def run_scores(y_true, prob, k: int, task: str, thresholds=None) -> dict:
+    """Test-split metrics of one run: mean ROC-AUC and AP over findings (multi-label), or METRICS with the
+    calibration of its probabilities, ECE and Brier score (one label)."""
+    if task == "multilabel":
+        scores = compute_multilabel_metrics(y_true, prob, thresholds, 0, 0)
+        return {m: float(scores[m]["value"]) for m in MULTILABEL_METRICS}
+    scores = compute_metrics(y_true, prob, k, resamples=0, seed=0)
+    return {**{m: float(scores[m]["value"]) for m in METRICS}, "ece": calibration.ece(y_true, prob, False),
+            "brier": calibration.brier_score(y_true, prob)}
 
 
 def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
@@ -181,7 +195,6 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
     classes without labels; seconds of work next to the fine-tuning runs."""
     from argparse import Namespace
 
-    import numpy as np
     import torch
 
     ckpt = checkpoints.SSLCheckpoint.load(ssl_path, "--ssl_checkpoint")
@@ -206,17 +219,14 @@ def probe_frozen_features(args, data_dir, label_file, ssl_path) -> list:
                 subset = data_splits.stratified_subset(table.labels, train, fraction, seed)
                 probe = probes.fit_linear_probe(train_x[np.searchsorted(train, subset)], table.labels[subset],
                                                   test_x, table.num_classes, seed, [], val_x, table.labels[val])
-                scores = compute_metrics(table.labels[test], probe.prob, table.num_classes, resamples=0,
-                                                  seed=0)
                 results.append({"features": name, "fraction": fraction, "seed": seed, "C": probe.C,
-                                **{m: float(scores[m]["value"]) for m in METRICS}})
+                                **run_scores(table.labels[test], probe.prob, table.num_classes, table.task)})
     return results
 
 
 def multilabel_probe(table, train, test, train_x, test_x, fraction: float, seed: int) -> dict:
     """One logistic regression per finding on standardised frozen features of fine_tune.py's labelled subset
     (ignored cells left out), scored on the test split: mean ROC-AUC and AP over the findings."""
-    import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -234,20 +244,26 @@ def multilabel_probe(table, train, test, train_x, test_x, fraction: float, seed:
     return {m: float(scores[m]["value"]) for m in MULTILABEL_METRICS}
 
 
+def mean_sd(values) -> str:
+    """'0.663 ± 0.050': mean ± sample standard deviation over seeds ('0.663' for one seed)."""
+    values = [v for v in values if np.isfinite(v)]
+    if not values:
+        return "n/a"
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
+
+
 def summarise_probe(results: list, path_csv: str) -> list:
     import pandas as pd
 
     df = pd.DataFrame(results)
     utils.atomic_write_text(path_csv, df.to_csv(index=False))
     g = df.groupby(["fraction", "features"])
-    shown = ("mean_auc", "mean_ap") if "mean_auc" in df else ("accuracy", "roc_auc_macro")
-    lines = ["", "Linear probe on frozen features, same labelled subsets, test split (mean ± std over seeds; "
-             "one-label files: L2 strength C chosen on the val split per run, see probe.csv):", "",
-             f"| label fraction | features | runs | {shown[0]} | {shown[1]} |", "|---|---|---|---|---|"]
+    shown = ("mean_auc", "mean_ap") if "mean_auc" in df else ("balanced_accuracy", "roc_auc_macro", "brier")
+    lines = ["", "Linear probe on frozen features, same labelled subsets, test split (mean ± sample standard "
+             "deviation over seeds; one-label files: L2 strength C chosen by val log-loss per run, see probe.csv):", "",
+             "| label fraction | features | runs | " + " | ".join(shown) + " |", "|---|---|---|" + "---|" * len(shown)]
     for (fraction, name), part in g:
-        a, b = part[shown[0]], part[shown[1]]
-        lines.append(f"| {fraction:g} | {name} | {len(part)} | {a.mean():.3f} ± {a.std(ddof=0):.3f}"
-                     f" | {b.mean():.3f} ± {b.std(ddof=0):.3f} |")
+        lines.append(f"| {fraction:g} | {name} | {len(part)} | " + " | ".join(mean_sd(part[m]) for m in shown) + " |")
     return lines
 
 
@@ -265,16 +281,95 @@ def convergence_warnings(df, num_epochs: int) -> list:
             for (f, m), n in late.items()]
 
 
-def seeds_ahead(df, metric: str) -> str:
-    """', SSL ahead in k of n seeds (per-seed gains ...)' over the seeds with both methods; '' when none."""
+def seed_interval(values) -> dict:
+    """Mean over seeds, sample standard deviation (ddof=1) and the 95% t-interval of the mean (scipy.stats.t);
+    NaN where fewer than two seeds give a value."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    out = {"seeds": len(v), "mean": float(v.mean()) if len(v) else float("nan"), "sd": float("nan"),
+           "low": float("nan"), "high": float("nan")}
+    if len(v) >= 2:
+        out["sd"] = float(v.std(ddof=1))
+        half = float(stats.t.ppf(0.975, len(v) - 1)) * out["sd"] / np.sqrt(len(v))
+        out["low"], out["high"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+def sign_test(diff) -> dict:
+    """SSL ahead in k of the n seeds that differ (ties left out) and the exact two-sided sign test's p
+    (scipy.stats.binomtest, p = 1/2): how surprising k of n would be if SSL were no better than scratch."""
+    from scipy import stats
+
+    diff = np.asarray(diff, dtype=np.float64)
+    ahead, differ = int((diff > 0).sum()), int((diff != 0).sum())
+    p = float(stats.binomtest(ahead, differ, 0.5).pvalue) if differ else float("nan")
+    return {"ahead": ahead, "differ": differ, "seeds": len(diff), "p": p}
+
+
+def seed_gains(df, metric: str):
+    """Per seed, SSL - scratch on `metric` (both methods share the seed's labelled subset); None when absent."""
     paired = df.pivot_table(index="seed", columns="method", values=metric)
     if not {"ssl", "scratch"} <= set(paired.columns):
-        return ""
+        return None
     diff = (paired["ssl"] - paired["scratch"]).dropna()
-    if diff.empty:
+    return None if diff.empty else diff
+
+
+def labels_used(df) -> str:
+    """'18 train labels + 121 val labels chose the epoch' for a fraction's runs; '' for rows without counts."""
+    if not {"train_labels", "val_labels"} <= set(df) or df[["train_labels", "val_labels"]].isna().any().any():
         return ""
-    return (f", SSL ahead in {int((diff > 0).sum())} of {len(diff)} seeds (per seed: "
-            f"{', '.join(f'{100 * d:+.1f}' for d in diff)})")
+    train, val = sorted(set(df.train_labels.astype(int))), sorted(set(df.val_labels.astype(int)))
+    span = lambda v: str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"   # noqa: E731
+    return f"{span(train)} train labels + {span(val)} val labels chose the epoch"
+
+
+def gain_line(frac: float, part, metrics: tuple) -> tuple:
+    """(the summary.md line, gains.csv rows) of SSL - scratch at one fraction: the gain metric, the second
+    metric beside it, each with its 95% t-interval over seeds, and the sign test on the gain metric."""
+    labels = labels_used(part)
+    head = f"- {frac:g}" + (f" ({labels})" if labels else "") + ": SSL - scratch "
+    cells, records = [], []
+    for metric in metrics[:2]:
+        diff = seed_gains(part, metric)
+        if diff is None:
+            continue
+        gain, signs = seed_interval(diff), sign_test(diff)
+        ci = f" [{100 * gain['low']:+.1f}, {100 * gain['high']:+.1f}]" if np.isfinite(gain["low"]) else ""
+        cells.append((metric, diff, f"{METRIC_NAMES[metric]} {100 * gain['mean']:+.1f} points{ci}", signs))
+        records.append({"fraction": frac, "metric": metric, "gain_mean": gain["mean"], "gain_sd": gain["sd"],
+                        "gain_ci95_low": gain["low"], "gain_ci95_high": gain["high"], "seeds": gain["seeds"],
+                        "ssl_ahead": signs["ahead"], "seeds_differing": signs["differ"], "sign_test_p": signs["p"]})
+    if not cells:
+        return "", []
+    metric, diff, first, signs = cells[0]
+    beside = f" ({cells[1][2]})" if len(cells) > 1 else ""
+    p = f"; two-sided sign test p = {signs['p']:.3f}" if np.isfinite(signs["p"]) else ""
+    return (head + first + beside + f"; SSL ahead in {signs['ahead']} of {signs['seeds']} seeds (per seed: "
+            f"{', '.join(f'{100 * d:+.1f}' for d in diff)}{p})"), records
+
+
+def summary_table(df, metrics: tuple):
+    """summary.csv's frame (per fraction and method: runs, labels, and per metric the mean, sample SD and 95%
+    t-interval over seeds) and summary.md's table (mean ± sample SD)."""
+    import pandas as pd
+
+    records = []
+    for (fraction, method), part in df.groupby(["fraction", "method"]):
+        record = {"fraction": fraction, "method": method, "runs": len(part)}
+        for m in metrics:
+            stats = seed_interval(part[m])
+            record |= {f"{m}_mean": stats["mean"], f"{m}_sd": stats["sd"], f"{m}_ci95_low": stats["low"],
+                       f"{m}_ci95_high": stats["high"]}
+        records.append(record)
+    lines = ["| label fraction | method | runs | " + " | ".join(metrics) + " |",
+             "|---|---|---|" + "---|" * len(metrics)]
+    for (fraction, method), part in df.groupby(["fraction", "method"]):
+        lines.append(f"| {fraction:g} | {method} | {len(part)} | " + " | ".join(mean_sd(part[m]) for m in metrics)
+                     + " |")
+    return pd.DataFrame(records), lines
 
 
 def summarise(rows: list, path_csv: str, path_md: str, extra: list = (), num_epochs: int = 0,
@@ -282,22 +377,17 @@ def summarise(rows: list, path_csv: str, path_md: str, extra: list = (), num_epo
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    g = df.groupby(["fraction", "method"])[list(metrics)]
-    summary = g.mean().add_suffix("_mean").join(g.std(ddof=0).add_suffix("_std")).join(g.size().rename("runs"))
-    summary = summary.reset_index()
+    metrics = tuple(metrics) + tuple(m for m in PROBABILITY_METRICS if m in df)
+    summary, lines = summary_table(df, metrics)
     utils.atomic_write_text(path_csv, summary.to_csv(index=False))
-    lines = ["| label fraction | method | runs | " + " | ".join(metrics) + " |",
-             "|---|---|---|" + "---|" * len(metrics)]
-    for _, r in summary.iterrows():
-        cells = [f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}" for m in metrics]
-        lines.append(f"| {r['fraction']:g} | {r['method']} | {r['runs']} | " + " | ".join(cells) + " |")
-    gains = []
-    for frac, part in summary.groupby("fraction"):
-        by = part.set_index("method")
-        if {"ssl", "scratch"} <= set(by.index):
-            gain = by.loc["ssl", metrics[0] + "_mean"] - by.loc["scratch", metrics[0] + "_mean"]
-            gains.append(f"- {frac:g}: SSL - scratch {metrics[0].replace('_auc', ' AUC')} = {100 * gain:+.1f} points"
-                         f"{seeds_ahead(df[df.fraction == frac], metrics[0])}")
+    gains, records = [], []
+    for frac, part in df.groupby("fraction"):
+        line, rec = gain_line(frac, part, metrics)
+        gains += [line] if line else []
+        records += rec
+    if records:
+        utils.atomic_write_text(os.path.join(os.path.dirname(path_csv), "gains.csv"),
+                                pd.DataFrame(records).to_csv(index=False))
     chosen = []
     if "best_epoch" in df and df.best_epoch.notna().all():     # rows kept from before best_epoch was recorded lack it
         runs = df.assign(run_epochs=run_epochs(df, num_epochs)).groupby(["fraction", "method"])
@@ -305,9 +395,20 @@ def summarise(rows: list, path_csv: str, path_md: str, extra: list = (), num_epo
         chosen = ["", "Epoch chosen on val:", *[f"- {f:g} {m}: median best epoch {r.best_epoch:g} of {r.run_epochs:g}"
                                                 for (f, m), r in epochs.iterrows()],
                   *convergence_warnings(df, num_epochs)]
-    out = lines + ["", f"{GAIN_NAMES[metrics[0]]} gain of SSL initialisation:", *gains, *chosen, *extra]
+    head = ["Test split, mean ± sample standard deviation (ddof=1) over seeds"
+            + ("; ECE and Brier score: lower is better" if "brier" in df else "") + ".", ""]
+    out = head + lines + ["", f"Gain of SSL initialisation in {METRIC_NAMES[metrics[0]]} (points; per seed SSL - "
+                                f"scratch on the same labelled subset, mean and 95% t-interval over seeds):",
+                          *gains, "", gain_caveat(df.seed.nunique()), *chosen, *extra]
     utils.atomic_write_text(path_md, "\n".join(out) + "\n")
     return out
+
+
+def gain_caveat(seeds: int) -> str:
+    return (f"The interval and the sign test cover the spread over seeds (labelled subset and fine-tuning "
+            f"randomness) for this one pretraining and this one test split. With {seeds} seed(s) the smallest "
+            f"possible two-sided sign-test p is {2 * 0.5 ** seeds:.3g}: SSL ahead in every seed is not by itself "
+            f"significant below 6 seeds.")
 
 
 def plot(rows: list, path: str, metrics: tuple = METRICS) -> None:
@@ -321,7 +422,7 @@ def plot(rows: list, path: str, metrics: tuple = METRICS) -> None:
     for ax, metric in zip(axes, metrics):
         for method, colour in (("ssl", "tab:blue"), ("scratch", "tab:orange")):
             part = df[df.method == method].groupby("fraction")[metric]
-            mean, std = part.mean(), part.std(ddof=0).fillna(0)
+            mean, std = part.mean(), part.std(ddof=1).fillna(0)
             ax.errorbar(mean.index, mean.values, yerr=std.values, marker="o", capsize=4, color=colour,
                         label="SSL init" if method == "ssl" else "from scratch")
         ax.set_xscale("log")
@@ -333,7 +434,7 @@ def plot(rows: list, path: str, metrics: tuple = METRICS) -> None:
         ax.set_title(metric.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Label efficiency on the held-out test split (mean ± std over seeds)")
+    fig.suptitle("Label efficiency on the held-out test split (mean ± sample SD over seeds)")
     fig.tight_layout()
     utils.atomic_savefig(fig, path)
 

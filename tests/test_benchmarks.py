@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -31,13 +32,19 @@ def test_label_efficiency_writes_its_table_and_figure_and_resumes(tmp_path, monk
     assert sorted(results.method) == ["scratch", "ssl"] and set(results.test_images) == {9}
     assert results[["accuracy", "roc_auc_macro"]].apply(lambda c: c.between(0, 1)).all().all()
     summary = open(os.path.join(out, "summary.md")).read()
-    assert "| 0.5 | ssl | 1 |" in summary and "SSL - scratch accuracy" in summary
+    assert "| 0.5 | ssl | 1 |" in summary and "SSL - scratch balanced accuracy" in summary
     assert "of 1 seeds (per seed: " in summary                            # how many seeds SSL won, and by what
+    assert set(results.val_labels) == {9} and results.train_labels.between(1, 30).all()
+    assert f"({results.train_labels[0]} train labels + 9 val labels chose the epoch)" in summary
+    assert results[["ece", "brier"]].notna().all().all() and "brier" in summary
+    gains = pd.read_csv(os.path.join(out, "gains.csv"))
+    assert list(gains.metric) == ["balanced_accuracy", "accuracy"] and gains.gain_ci95_low.isna().all()  # 1 seed
     assert set(results.best_epoch) == {1} and "0.5 scratch: median best epoch 1 of 1" in summary
     assert "1 of 1 scratch runs at 0.5 peaked on val in the last 10%" in summary     # 1 epoch: still improving
     assert os.path.getsize(os.path.join(out, "label_efficiency.png")) > 10_000
     probe = pd.read_csv(os.path.join(out, "probe.csv"))                 # the right-reason check
     assert sorted(probe.features) == ["random init", "ssl"] and probe.accuracy.between(0, 1).all()
+    assert probe.brier.between(0, 2).all() and probe.ece.between(0, 1).all()
     assert "| 0.5 | ssl | 1 |" in summary.split("Linear probe")[1]
 
     calls, real_main = [], fine_tune.main
@@ -109,3 +116,50 @@ def test_label_efficiency_checks_its_fractions_before_making_data(tmp_path):
     with pytest.raises(utils.UserError, match=r"--fractions 1.5: must be a number in \(0, 1\]"):
         label_efficiency.main(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_seed_interval_is_the_t_interval_with_the_sample_sd():
+    from scipy import stats
+
+    gains = [0.057, 0.160, 0.248, 0.132, 0.173]
+    out = label_efficiency.seed_interval(gains)
+    sd = np.sqrt(sum((g - np.mean(gains)) ** 2 for g in gains) / 4)             # ddof=1, by hand
+    half = stats.t.ppf(0.975, 4) * sd / np.sqrt(5)
+    assert out["sd"] == pytest.approx(sd) and out["sd"] > np.std(gains)        # ddof=0 is smaller
+    assert (out["low"], out["high"]) == pytest.approx((np.mean(gains) - half, np.mean(gains) + half))
+    assert half == pytest.approx(2.776 * sd / np.sqrt(5), rel=1e-3)           # t(0.975, 4 df), not 1.96
+    one = label_efficiency.seed_interval([0.5, float("nan")])
+    assert one["seeds"] == 1 and one["mean"] == 0.5 and np.isnan(one["sd"]) and np.isnan(one["low"])
+
+
+def test_sign_test_of_k_of_n_seeds():
+    assert label_efficiency.sign_test([0.1] * 5)["p"] == pytest.approx(0.0625)   # 5 of 5: not below 0.05
+    assert label_efficiency.sign_test([0.1] * 6)["p"] == pytest.approx(0.03125)
+    mixed = label_efficiency.sign_test([-0.07, -0.05, -0.006, 0.044, 0.06, 0.0])
+    assert (mixed["ahead"], mixed["differ"], mixed["seeds"]) == (2, 5, 6) and mixed["p"] == pytest.approx(1.0)
+
+
+def test_gain_line_reports_balanced_accuracy_with_its_interval_labels_and_sign_test():
+    rows = []
+    for seed, (ssl, scratch) in enumerate([(0.70, 0.60), (0.65, 0.50), (0.72, 0.61), (0.66, 0.60), (0.69, 0.52)]):
+        for method, bal in (("ssl", ssl), ("scratch", scratch)):
+            rows.append({"method": method, "seed": seed, "fraction": 0.05, "balanced_accuracy": bal,
+                         "accuracy": bal + 0.02 * (method == "ssl"), "train_labels": 18, "val_labels": 121})
+    line, records = label_efficiency.gain_line(0.05, pd.DataFrame(rows), label_efficiency.METRICS)
+    gain = label_efficiency.seed_interval([0.10, 0.15, 0.11, 0.06, 0.17])
+    assert line.startswith("- 0.05 (18 train labels + 121 val labels chose the epoch): SSL - scratch balanced "
+                           f"accuracy +11.8 points [{100 * gain['low']:+.1f}, {100 * gain['high']:+.1f}] (accuracy "
+                           "+13.8 points [")
+    assert ("SSL ahead in 5 of 5 seeds (per seed: +10.0, +15.0, +11.0, +6.0, +17.0; two-sided sign test "
+            "p = 0.062)") in line
+    assert [r["metric"] for r in records] == ["balanced_accuracy", "accuracy"]
+    assert records[0]["gain_ci95_low"] == pytest.approx(gain["low"]) and records[0]["sign_test_p"] == 0.0625
+
+
+def test_brier_score_by_hand():
+    import calibration
+
+    prob = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    # image 0 (class 0): 0.3^2 + 0.2^2 + 0.1^2 = 0.14; image 1 (class 1): 0.1^2 + 0.9^2 + 0.8^2 = 1.46
+    assert calibration.brier_score(np.array([0, 1]), prob) == pytest.approx(0.8)
+    assert calibration.brier_score(np.array([2]), np.eye(3)[[2]]) == 0.0

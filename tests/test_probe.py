@@ -1,9 +1,9 @@
-"""The linear probe chooses its L2 strength on val, as the SSL literature's linear evaluation does: a fixed C
-hid the whole gain of SSL features at 1% labels on a real chest X-ray set (issue 19)."""
+"""The linear probe chooses its L2 strength on val by log-loss, as the SSL literature's linear evaluation chooses
+it on val: a fixed C hid the whole gain of SSL features at 1% labels on a real chest X-ray set (issue 19)."""
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 import probes
@@ -21,18 +21,30 @@ def few_labels_many_dims(seed=0, n_train=12, n_val=60, n_test=200, dims=256):
     return draw(n_train), draw(n_val), draw(n_test)
 
 
-def test_probe_picks_the_c_with_the_best_val_auc_and_records_it():
+def test_probe_picks_the_c_with_the_lowest_val_log_loss_and_records_it():
     (tx, ty), (vx, vy), (ex, ey) = few_labels_many_dims()
     probe = probes.fit_linear_probe(tx, ty, ex, 2, 0, [], vx, vy)
     scaler = StandardScaler().fit(tx)
-    val_auc = {c: roc_auc_score(vy, LogisticRegression(C=c, max_iter=2000, random_state=0)
-                                .fit(scaler.transform(tx), ty).predict_proba(scaler.transform(vx))[:, 1])
-               for c in probes.PROBE_C_GRID}
-    best = max(val_auc.values())
-    assert probe.C in probes.PROBE_C_GRID and val_auc[probe.C] == pytest.approx(best)
-    assert probe.C == min(c for c, a in val_auc.items() if a == pytest.approx(best))   # ties: stronger L2
-    assert "val" in probe.chosen_by and probe.prob.shape == (len(ey), 2)
+    val_loss = {c: log_loss(vy, LogisticRegression(C=c, max_iter=2000, random_state=0)
+                            .fit(scaler.transform(tx), ty).predict_proba(scaler.transform(vx)))
+                for c in probes.PROBE_C_GRID}
+    best = min(val_loss.values())
+    assert probe.C in probes.PROBE_C_GRID and val_loss[probe.C] == pytest.approx(best)
+    assert probe.C == min(c for c, v in val_loss.items() if v == pytest.approx(best))   # ties: stronger L2
+    assert f"val log-loss {best:.3f}" in probe.chosen_by and probe.prob.shape == (len(ey), 2)
     assert np.allclose(probe.prob.sum(1), 1)
+
+
+def test_log_loss_punishes_a_confident_probe_that_val_auc_cannot_tell_apart():
+    """Two probes that rank val alike (same AUC) but one is overconfident: log-loss prefers the other."""
+    y = np.array([0, 1, 0, 1])
+    calm = np.array([0.4, 0.45, 0.55, 0.6])
+    sharp = np.array([0.01, 0.02, 0.98, 0.99])               # the same order as calm, so the same AUC
+    calm_p, sharp_p = np.stack([1 - calm, calm], 1), np.stack([1 - sharp, sharp], 1)
+    assert roc_auc_score(y, calm) == roc_auc_score(y, sharp)
+    assert probes._val_log_loss(y, calm_p, 2) < probes._val_log_loss(y, sharp_p, 2)
+    unseen = np.array([[1.0, 0.0, 0.0]] * 3)                 # a class the probe never saw: clipped, finite
+    assert np.isfinite(probes._val_log_loss(np.array([0, 1, 2]), unseen, 3))
 
 
 def test_probe_without_val_keeps_c_1():
