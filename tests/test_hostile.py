@@ -313,7 +313,16 @@ CASES = {
                                 unchanged=("{a_file}",)),
     "ev-images-empty-folder": Case("evaluate", "--checkpoint {ft}/best_finetuned_model.pth --images {empty} "
                                    "--output_dir {out} " + RUNTIME, 2, "--images {empty}: no images found"),
-    "ft-frozen-steps-never-end": Case("fine_tune", FT_SSL + " --num_steps 4 --frozen_steps 4", 2,
+    "ft-num_steps-and-num_epochs": Case("fine_tune", FT + " --num_steps 10", 2,
+                                        "--num_steps 10 sets --num_epochs, which was also given (--num_epochs 1); give one"),
+    "ft-tuned-num_steps-and-num_epochs": Case("fine_tune", FT + " --recipe tuned --num_steps 10", 2,
+                                              "--num_steps 10 sets --num_epochs, which was also given"),
+    "ft-frozen_steps-and-unfreeze": Case("fine_tune", FT_SSL + " --frozen_steps 2 --unfreeze_after_epoch 1", 2,
+                                         "--frozen_steps 2 sets --unfreeze_after_epoch, which was also given"),
+    "ft-frozen-steps-cover-every-epoch": Case("fine_tune", FT_SSL + " --frozen_steps 4", 2,
+                                              "--frozen_steps 4 (flag) covers all 1 epoch(s) of 2 step(s): the encoder "
+                                              "would never train"),
+    "ft-frozen-steps-never-end": Case("fine_tune", FT_SSL.replace("--num_epochs 1 ", "") + " --num_steps 4 --frozen_steps 4", 2,
                                       "--frozen_steps 4 is not below --num_steps 4: the encoder would never train"),
     "ev-locked": Case("evaluate", EV_FT, 2, "is in use by another run (process", setup="lock:evaluate"),
     "ev-label-r-quoted-header": Case("evaluate", EV_FT.replace("good.csv", "r_quoted.csv"), 0, "report:",
