@@ -168,3 +168,13 @@ def test_frozen_steps_that_cover_every_epoch_are_refused_naming_where_they_came_
                                               r"step\(s\): the encoder would never train; lower --frozen_steps or "
                                               r"raise --num_steps"):
         fine_tune.resolve_num_epochs(args, 300)          # a large labelled set: 200 and 100 steps both round to 1
+
+
+@pytest.mark.parametrize("argv, note", [(["--num_epochs", "5"], "--warmup_epochs 10 (default) is not below --num_epochs 5"),
+                                        (["--num_epochs", "5", "--warmup_epochs", "5"], "--warmup_epochs 5 (flag)"),
+                                        (["--recipe", "tuned", "--num_epochs", "1"], "--warmup_epochs 1 (recipe tuned)"),
+                                        (["--num_epochs", "11"], None), (["--recipe", "tuned", "--num_epochs", "5"], None)])
+def test_a_warm_up_as_long_as_the_run_is_announced_naming_where_it_came_from(argv, note, tmp_path, capsys):
+    train_ssl.check_args(train_ssl.get_args_parser().parse_args(["--data_dir", str(tmp_path), *argv]))
+    err = capsys.readouterr().err
+    assert (note in err and "never decays" in err) if note else "warmup" not in err
