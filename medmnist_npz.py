@@ -19,6 +19,9 @@ def import_npz(npz_path: str, out_dir: str, label_names: list | None = None) -> 
     arrays = _load_npz(npz_path)
     if arrays["train_labels"].ndim == 2:
         return import_multilabel_npz(arrays, npz_path, out_dir, label_names)
+    if label_names:
+        raise UserError(f"--label_names names the finding columns of a multi-label file, and {npz_path} has one "
+                        f"label per image; drop --label_names")
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     for split in SPLITS:
