@@ -30,7 +30,8 @@ class RecipeParser(argparse.ArgumentParser):
         self.recipes = {"spec": {}, **recipes}
         self.sets = sets or {}
         assert set(self.recipes) == set(RECIPE_NAMES), self.recipes.keys()
-        shown = "; ".join(f"{k}={_recipe_text(v)}" for k, v in self.recipes["tuned"].items())
+        unless = {k: f" (unless {' or '.join('--' + t for t in ts)} is given)" for k, ts in self.sets.items()}
+        shown = "; ".join(f"{k}={_recipe_text(v)}{unless.get(k, '')}" for k, v in self.recipes["tuned"].items())
         self.add_argument_group("recipe").add_argument(
             "--recipe", default="spec", choices=RECIPE_NAMES,
             help=f"spec: the original recipe's table, i.e. every default below; tuned: the measured recipe of "
