@@ -236,6 +236,9 @@ def check_args(args) -> None:
     range."""
     training.check_training_flags(args, get_args_parser())
     recipes.refuse_contradictions(args, SETS)
+    if "unfreeze_after_epoch" in recipes.given_flags(args) and not args.freeze_encoder:
+        raise UserError(f"--unfreeze_after_epoch {args.unfreeze_after_epoch} does nothing without --freeze_encoder; "
+                        f"add --freeze_encoder (or give --frozen_steps instead, counted in optimizer steps)")
     if args.pos_weight != "none" and args.task == "multiclass":
         raise UserError("--pos_weight is for multi-label files; with one label per image use --class_weights")
     if args.ssl_checkpoint and 0 < args.num_steps <= args.frozen_steps:

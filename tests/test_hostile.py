@@ -399,6 +399,8 @@ CASES = {
                                               "--num_steps 10 sets --num_epochs, which was also given"),
     "ft-frozen_steps-and-unfreeze": Case("fine_tune", FT_SSL + " --frozen_steps 2 --unfreeze_after_epoch 1", 2,
                                          "--frozen_steps 2 sets --unfreeze_after_epoch, which was also given"),
+    "ft-unfreeze-without-freeze": Case("fine_tune", FT_SSL + " --recipe tuned --unfreeze_after_epoch 5", 2,
+                                       "--unfreeze_after_epoch 5 does nothing without --freeze_encoder"),
     "ft-frozen-steps-cover-every-epoch": Case("fine_tune", FT_SSL + " --frozen_steps 4", 2,
                                               "--frozen_steps 4 (flag) covers all 1 epoch(s) of 2 step(s): the encoder "
                                               "would never train"),
