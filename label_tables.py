@@ -369,7 +369,6 @@ def read_multilabel_table(label_file: str, data_dir: str, uncertain: str = "igno
         targets, names = _parse_finding_lists(df["labels"], label_file, findings[0])
     else:
         targets, names = _parse_finding_columns(df, findings, label_file, uncertain)
-        _check_counted(targets, names, label_file)
     df.attrs.setdefault("first_line", 2)                               # the header is line 1
     filenames = _check_filenames(df["filename"], label_file, data_dir, df.attrs["first_line"])
     patients = _check_patients(df, label_file) if "patient_id" in df else _patients_from_paths(filenames)
@@ -512,8 +511,9 @@ def _parse_finding_columns(df, findings: list, label_file: str, uncertain: str) 
     return targets.reshape(len(df), len(findings)), list(findings)
 
 
-def _check_counted(targets: np.ndarray, names: list, label_file: str) -> None:
-    """A finding whose every cell is left out (-1 under --uncertain ignore) has nothing to learn or score."""
+def check_counted(targets: np.ndarray, names: list, label_file: str) -> None:
+    """A finding whose every cell is left out (-1 under --uncertain ignore) has nothing to learn or score
+    (fine_tune.py checks it: it has --uncertain)."""
     unknown = [n for k, n in enumerate(names) if (targets[:, k] == IGNORED).all()]
     if unknown:
         raise UserError(f"--label_file {label_file}: finding {unknown[0]!r} has no certain cell (every one is -1), so "

@@ -183,6 +183,7 @@ class MultiLabel(MultiLabelReports):
 
     # ------------ training ------------
     def check_table(self, table, args) -> None:
+        label_tables.check_counted(table.labels, table.class_names, args.label_file)
         _check_class_count(table, args, table.num_classes)
 
     def train_subset(self, table, indices, fraction: float, seed: int) -> np.ndarray:
