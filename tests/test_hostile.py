@@ -185,6 +185,9 @@ def world(tmp_path_factory):
     train_ssl.main(train_ssl.get_args_parser().parse_args(shlex.split(SSL.format(**fmt))))
     fmt = {**w, "out": w["ft"]}
     fine_tune.main(fine_tune.get_args_parser().parse_args(shlex.split(FT_SSL.format(**fmt))))
+    w["mlft"] = str(root / "mlft")                            # a multi-label classifier (findings Effusion, Nodule)
+    fmt = {**w, "out": w["mlft"]}
+    fine_tune.main(fine_tune.get_args_parser().parse_args(shlex.split(ML.replace("{ml}", "blank").format(**fmt))))
     _npz_files(w["npz"])
     _image_folders(w)
     os.makedirs(os.path.join(w["data"], "tiny"))             # after training: a 1x1 image a label file names
@@ -457,6 +460,22 @@ NEW_CASES = {
                                              "multiclass"),
     "ml-pos_weight-on-one-label-file": Case("fine_tune", FT + " --pos_weight balanced", 2,
                                             "--pos_weight is for multi-label files"),
+    "ml-evaluate-with-a-one-label-file": Case("evaluate", EV + " --checkpoint {mlft}/best_baseline_model.pth", 2,
+                                              "has no finding 'Effusion' of the checkpoint's Effusion, Nodule; use the "
+                                              "label file it was trained with"),
+    "ml-evaluate-num_classes-other": Case("evaluate", EV.replace("good.csv", "ml_blank.csv") + " --checkpoint "
+                                          "{mlft}/best_baseline_model.pth --num_classes 3", 2,
+                                          "was trained for 2 findings; drop the flag or pass --num_classes 2"),
+    "ml-resume-as-multiclass": Case("fine_tune", ML.replace("{ml}", "blank").replace("{out}", "{mlft}")
+                                    + " --num_epochs 2 --resume --task multiclass", 2,
+                                    "its header makes it a multi-label file (columns layout) but --task is multiclass",
+                                    unchanged=("{mlft}/best_baseline_model.pth",)),
+    "ml-resume-other-uncertain": Case("fine_tune", ML.replace("{ml}", "blank").replace("{out}", "{mlft}")
+                                      + " --num_epochs 2 --resume --uncertain one", 2,
+                                      "was run with --uncertain ignore, now --uncertain one",
+                                      unchanged=("{mlft}/best_baseline_model.pth",)),
+    "ml-images": Case("evaluate", IMAGES.replace("{ft}/best_finetuned_model.pth", "{mlft}/best_baseline_model.pth")
+                      + " --images {mixed}", 0, "4 image(s) scored", exists=("{out}/predictions.csv",)),
     # ---- evaluate.py --images ----
     "img-not-images": Case("evaluate", IMAGES + " --images {not_images}", 2, "--images {not_images}: no images found"),
     "img-mixed-grey-rgb": Case("evaluate", IMAGES + " --images {mixed}", 0, "4 image(s) scored",
