@@ -199,6 +199,8 @@ def write_split_column(label_file: str, data_dir: str, seed: int, val_fraction: 
 def _check_args(args) -> None:
     from utils import check_flags, check_split_shares
     check_flags(args, get_args_parser())
+    if args.label_names and not args.from_npz:
+        raise UserError("--label_names names the finding columns of a --from_npz file; drop it or add --from_npz")
     if not args.from_npz:
         _check_generator_args(args)
     elif args.val_fraction is not None or args.test_fraction is not None:

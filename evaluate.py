@@ -64,6 +64,9 @@ def check_args(args) -> None:
             raise utils.UserError(f"{flag} takes one classifier; give one --checkpoint, not {len(args.checkpoint)}")
     if args.images is not None and args.export is not None:
         raise utils.UserError("--images and --export are separate runs; give one of them")
+    if args.images is not None and os.path.realpath(args.output_dir) == os.path.realpath(args.images):
+        raise utils.UserError(f"--output_dir {args.output_dir} is the --images folder: its gradcam.png would be scored "
+                              f"as a scan by the next run; choose another --output_dir (a subfolder is fine)")
     if args.tensorboard:
         if args.images is not None or args.export is not None:
             raise utils.UserError("--tensorboard adds a scored split's embeddings to TensorBoard's projector; leave "

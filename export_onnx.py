@@ -123,6 +123,9 @@ def export(ckpt: ClassifierCheckpoint, output_dir: str, data_dir: str | None, ca
     """OUT/model.onnx, checked against PyTorch; a UserError when they disagree."""
     require_onnx()
     path = os.path.join(output_dir, "model.onnx")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, so the export cannot be written there; remove it or choose another "
+                        f"--output_dir")
     os.makedirs(output_dir, exist_ok=True)
     write_onnx(ckpt, path)
     images, what = check_images(ckpt, data_dir, cache_gb)
@@ -130,8 +133,9 @@ def export(ckpt: ClassifierCheckpoint, output_dir: str, data_dir: str | None, ca
     print(f"onnx check on {what}: max |p_onnx - p_torch| = {result['max_abs_diff']:.2e} (limit {MAX_ABS_DIFF:g}), "
           f"same top class on {result['same_argmax']:.1%} of {result['images']} images")
     if result["max_abs_diff"] > MAX_ABS_DIFF or result["same_argmax"] < 1.0:
+        os.remove(path)                      # a model that scores differently must not be picked up by mistake
         raise UserError(f"{path}: the exported model disagrees with PyTorch (max |difference| "
-                        f"{result['max_abs_diff']:.2e}, same top class on {result['same_argmax']:.1%}); do not use it, "
-                        f"report the torch and onnx versions")
+                        f"{result['max_abs_diff']:.2e}, same top class on {result['same_argmax']:.1%}), so it was "
+                        f"removed; report the torch and onnx versions")
     print(f"exported: {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
     return result | {"path": path, "checked_on": what}

@@ -50,15 +50,14 @@ RESUME_KEYS = ("label_fraction", "seed", "split_seed", "num_classes", "image_siz
 TUNED_STEPS = 200     # from-scratch runs with one step per epoch were still improving after 100 (docs/design.md)
 
 
-def tuned_steps(args, given):
-    """200 optimizer steps, unless --num_epochs is given"""
-    return recipes.KEEP_DEFAULT if "num_epochs" in given else TUNED_STEPS
+# a flag that, when nonzero, sets others: a recipe value of it yields to them, and giving both is refused
+SETS = {"num_steps": ("num_epochs",), "frozen_steps": ("freeze_encoder", "unfreeze_after_epoch")}
 
 
 def tuned_frozen_steps(args, given):
     """with --ssl_checkpoint, the first half of --num_steps (linear probing, then fine-tuning)"""
-    if not args.ssl_checkpoint or args.num_steps <= 0 or {"freeze_encoder", "unfreeze_after_epoch"} & given:
-        return recipes.KEEP_DEFAULT           # nothing to freeze, no steps to halve, or the freezing was given
+    if not args.ssl_checkpoint or args.num_steps <= 0:
+        return recipes.KEEP_DEFAULT           # nothing to freeze, or no steps to halve
     return args.num_steps // 2
 
 
@@ -66,7 +65,7 @@ def tuned_frozen_steps(args, given):
 # mirrored corners in rotations; an SSL encoder frozen for the first half (the head learns on its features),
 # then trained at a tenth of the head's learning rate
 TUNED = {"lr": 1e-3, "batch_size": 32, "encoder_lr_scale": 0.1, "rotation_fill": "reflection",
-         "num_steps": tuned_steps, "frozen_steps": tuned_frozen_steps}
+         "num_steps": TUNED_STEPS, "frozen_steps": tuned_frozen_steps}
 
 
 # ============ data ============
@@ -236,6 +235,10 @@ def check_args(args) -> None:
     """Every flag checked before any work (each flag's rule, utils.bounded): one line naming the flag, value and
     range."""
     training.check_training_flags(args, get_args_parser())
+    recipes.refuse_contradictions(args, SETS)
+    if "unfreeze_after_epoch" in recipes.given_flags(args) and not args.freeze_encoder:
+        raise UserError(f"--unfreeze_after_epoch {args.unfreeze_after_epoch} does nothing without --freeze_encoder; "
+                        f"add --freeze_encoder (or give --frozen_steps instead, counted in optimizer steps)")
     if args.pos_weight != "none" and args.task == "multiclass":
         raise UserError("--pos_weight is for multi-label files; with one label per image use --class_weights")
     if args.ssl_checkpoint and 0 < args.num_steps <= args.frozen_steps:
@@ -268,6 +271,11 @@ def resolve_num_epochs(args, steps_per_epoch: int) -> None:
     if args.frozen_steps > 0 and args.ssl_checkpoint:
         args.freeze_encoder, args.unfreeze_after_epoch = True, -(-args.frozen_steps // per_epoch)
         sources["unfreeze_after_epoch"] = f"--frozen_steps {args.frozen_steps} at {steps_per_epoch} step(s) per epoch"
+        if args.unfreeze_after_epoch >= args.num_epochs:
+            source = sources.get("frozen_steps", "flag")
+            raise UserError(f"--frozen_steps {args.frozen_steps} ({source}) covers all {args.num_epochs} epoch(s) of "
+                            f"{steps_per_epoch} step(s): the encoder would never train; lower --frozen_steps or "
+                            f"raise {'--num_steps' if args.num_steps > 0 else '--num_epochs'}")
     args.value_sources = sources
 
 
@@ -383,7 +391,7 @@ def still_improving_hint(best_epoch: int, num_epochs: int):
 def get_args_parser():
     p = recipes.RecipeParser(description=__doc__,
                              parents=[utils.common_parser(), training.training_parser(), utils.task_parser()],
-                             formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
+                             formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED}, sets=SETS)
     bounded(p.add_argument("--data_dir", default="./data/medical_images",
                            help="folder the label file's names are relative to"), utils.EXISTING_DIR)
     bounded(p.add_argument("--label_file", default="./data/medical_images/labels.csv",

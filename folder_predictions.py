@@ -111,13 +111,28 @@ def describe_checkpoint(ckpt: ClassifierCheckpoint) -> str:
     return init + (f", best epoch {ckpt.epoch} of {epochs}" if ckpt.epoch and epochs else "")
 
 
+def outside_output_dir(filenames: list, images: str, output_dir: str) -> list:
+    """The files of --images that are not under --output_dir (a subfolder of it holds this tool's own
+    gradcam.png, from this or an earlier run: not a scan)."""
+    inside = os.path.relpath(os.path.realpath(output_dir), os.path.realpath(images)).replace(os.sep, "/")
+    if inside == ".." or inside.startswith("../"):
+        return filenames
+    kept = [f for f in filenames if not f.startswith(inside + "/")]
+    if len(kept) < len(filenames):
+        print(f"note: {len(filenames) - len(kept)} image(s) under --output_dir {output_dir} (inside --images) are "
+              f"outputs, not scans: left out")
+    if not kept:
+        raise UserError(f"--images {images}: no images found outside --output_dir {output_dir}")
+    return kept
+
+
 def predict_folder(args, device, autocast_dtype) -> dict:
     """--images: class probabilities for every readable image under the folder; no labels needed."""
     path = args.checkpoint[0]
     ckpt = checkpoints.read_checkpoint(path, ("classifier", "ssl"))
     check_predict_checkpoint(ckpt, path)
     names = classifier_class_names(ckpt, args.label_file)
-    all_files = image_io.list_images(args.images, "--images")
+    all_files = outside_output_dir(image_io.list_images(args.images, "--images"), args.images, args.output_dir)
     store = data_loader.ImageStore(args.images, all_files, ckpt.image_size, args.cache_gb, ckpt.channels,
                                    skip_unreadable=True)
     kept = set(store.filenames)

@@ -416,11 +416,27 @@ def _read_multilabel_csv(label_file: str):
         raise UserError(f"--label_file {label_file}: no finding columns; add one 1/0 column per finding or a "
                         f"`labels` column of |-separated findings")
     if fmt == "columns":
+        _check_header_names(label_file)
         check_distinct_findings(findings, label_file)
     if df.empty:
         raise UserError(f"--label_file {label_file}: no rows; add one line per image")
     df = df.rename(columns=rename).apply(lambda col: col.str.strip())
     return df, fmt, findings
+
+
+def _check_header_names(label_file: str) -> None:
+    """Every column of a one-column-per-finding header has a name of its own: the reader would call an unnamed
+    one 'Unnamed: 3' and a repeated one 'Effusion.1', each then a finding of its own. (A |-separated file reads
+    only its named columns: ChestX-ray14's Data_Entry_2017.csv ends with an unnamed one.)"""
+    with open(label_file, encoding="utf-8-sig", newline="") as f:
+        header = [c.strip() for c in next(csv.reader(f), [])]
+    for i, name in enumerate(header):
+        if not name:
+            raise UserError(f"--label_file {label_file}: column {i + 1} of the header has no name; name it or delete "
+                            f"the column (R: write.csv(..., row.names = FALSE))")
+        if name in header[:i]:
+            raise UserError(f"--label_file {label_file}: the header names column {name!r} twice (columns "
+                            f"{header.index(name) + 1} and {i + 1}); give each column one name")
 
 
 def check_distinct_findings(names: list, label_file: str) -> None:
@@ -495,6 +511,16 @@ def _parse_finding_columns(df, findings: list, label_file: str, uncertain: str) 
     return targets.reshape(len(df), len(findings)), list(findings)
 
 
+def check_counted(targets: np.ndarray, names: list, label_file: str) -> None:
+    """A finding whose every cell is left out (-1 under --uncertain ignore) has nothing to learn or score
+    (fine_tune.py checks it: it has --uncertain)."""
+    unknown = [n for k, n in enumerate(names) if (targets[:, k] == IGNORED).all()]
+    if unknown:
+        raise UserError(f"--label_file {label_file}: finding {unknown[0]!r} has no certain cell (every one is -1), so "
+                        f"with --uncertain ignore there is nothing to learn or score; drop the column, or count the "
+                        f"uncertain cells with --uncertain zero or one")
+
+
 def _patients_from_paths(filenames: list) -> np.ndarray:
     """CheXpert paths name the patient (…/patient00001/study1/…); otherwise one patient per image."""
     import re
@@ -517,10 +543,12 @@ def _check_finding_coverage(splits, targets, names: list, label_file: str) -> No
         if absent:
             print(f"warning: {label_file}: no {split} image has finding(s) {', '.join(absent)}"
                   + ("; their AUC there is undefined" if split != "train" else ""), file=sys.stderr)
-        always = [n for k, n in enumerate(names) if split == "train" and not (targets[rows, k] == 0).any()]
+        always = [n for k, n in enumerate(names) if not (targets[rows, k] == 0).any()]
         if always:
-            print(f"warning: {label_file}: no train image is counted without finding(s) {', '.join(always)} "
-                  f"(every cell is 1 or uncertain): the model cannot learn to tell them apart", file=sys.stderr)
+            print(f"warning: {label_file}: no {split} image is counted without finding(s) {', '.join(always)} "
+                  f"(every cell is 1 or uncertain)" + (": the model cannot learn to tell them apart"
+                                                       if split == "train" else "; their AUC there is undefined"),
+                  file=sys.stderr)
 
 
 FINDINGS_FILE = "findings.csv"   # beside labels.csv: filename,finding,x0,y0,x1,y1 per drawn region

@@ -19,6 +19,9 @@ def import_npz(npz_path: str, out_dir: str, label_names: list | None = None) -> 
     arrays = _load_npz(npz_path)
     if arrays["train_labels"].ndim == 2:
         return import_multilabel_npz(arrays, npz_path, out_dir, label_names)
+    if label_names:
+        raise UserError(f"--label_names names the finding columns of a multi-label file, and {npz_path} has one "
+                        f"label per image; drop --label_names")
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     for split in SPLITS:
@@ -58,14 +61,36 @@ def _load_npz(npz_path: str) -> dict:
             raise UserError(f"--from_npz {npz_path}: {split} arrays have shapes {images.shape} and {labels.shape}; "
                             f"expected images (N, H, W) or (N, H, W, 3) and labels (N,), (N, 1) or, multi-label, "
                             f"(N, K) of 0/1 (3D MedMNIST files are not supported)")
-        if len(images) != len(labels) or (len(labels) and labels.min() < 0):
-            raise UserError(f"--from_npz {npz_path}: {split} has {len(images)} images but {len(labels)} labels "
-                            f"(or a negative label); the arrays must match")
+        if len(images) != len(labels):
+            raise UserError(f"--from_npz {npz_path}: {split} has {len(images)} images but {len(labels)} labels; "
+                            f"the arrays must match")
+        _check_values(images, labels, split, npz_path)
         out[f"{split}_images"], out[f"{split}_labels"] = images, labels.astype(np.int64)
+    if not sum(len(out[f"{s}_labels"]) for s in SPLITS):
+        raise UserError(f"--from_npz {npz_path}: holds no images (every split is empty); check the file")
     if len({out[f"{s}_labels"].shape[1:] for s in SPLITS}) > 1:
         raise UserError(f"--from_npz {npz_path}: the splits' label arrays have different widths "
                         f"({', '.join(str(out[f'{s}_labels'].shape) for s in SPLITS)}); they must match")
     return out
+
+
+def _check_values(images: np.ndarray, labels: np.ndarray, split: str, npz_path: str) -> None:
+    """Labels are class indices (non-negative integers, of any numeric dtype); images are numbers, none NaN."""
+    numeric = labels.dtype == bool or np.issubdtype(labels.dtype, np.number)
+    if numeric and labels.size:
+        with np.errstate(invalid="ignore"):
+            wrong = ~np.isfinite(labels) | (labels < 0) | (labels != np.round(labels)) \
+                if np.issubdtype(labels.dtype, np.floating) else labels < 0
+    else:
+        wrong = np.ones(labels.shape, bool)
+    if labels.size and wrong.any():
+        raise UserError(f"--from_npz {npz_path}: {split}_labels holds {labels[wrong].flat[0].item()!r}, not a class "
+                        f"index (MedMNIST labels are integers 0..K-1, or 0/1 per finding); check the file")
+    if not (images.dtype == bool or np.issubdtype(images.dtype, np.number)):
+        raise UserError(f"--from_npz {npz_path}: {split}_images has dtype {images.dtype}, not pixel values")
+    if np.issubdtype(images.dtype, np.floating) and np.isnan(images).any():
+        raise UserError(f"--from_npz {npz_path}: {split}_images holds NaN pixels; the file is damaged or was "
+                        f"converted wrongly")
 
 
 def import_multilabel_npz(arrays: dict, npz_path: str, out_dir: str, label_names: list | None) -> list:

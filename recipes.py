@@ -3,6 +3,8 @@ line gave the flag, and records where each value came from.
 """
 import argparse
 
+from utils import UserError
+
 RECIPE_NAMES = ("spec", "tuned")
 
 _UNSET = object()           # marks a flag the command line did not give
@@ -17,13 +19,19 @@ class RecipeParser(argparse.ArgumentParser):
     ('flag', 'recipe tuned' or 'default'). `spec` names no values: it is the parser's defaults.
 
     A recipe value is a constant or a rule `f(args, given) -> value or KEEP_DEFAULT`, evaluated after the
-    constants (so it sees them), e.g. a warm-up that is a tenth of --num_epochs."""
+    constants (so it sees them), e.g. a warm-up that is a tenth of --num_epochs.
 
-    def __init__(self, *a, recipes: dict, **kw):
+    `sets` names flags that, when nonzero, set other flags ({"num_steps": ("num_epochs",)}): value_sources
+    records those other flags too, a recipe value of the setter yields to any of them given on the command line,
+    and `refuse_contradictions` refuses a setter and a flag it sets both given."""
+
+    def __init__(self, *a, recipes: dict, sets: dict | None = None, **kw):
         super().__init__(*a, **kw)
         self.recipes = {"spec": {}, **recipes}
+        self.sets = sets or {}
         assert set(self.recipes) == set(RECIPE_NAMES), self.recipes.keys()
-        shown = "; ".join(f"{k}={_recipe_text(v)}" for k, v in self.recipes["tuned"].items())
+        unless = {k: f" (unless {' or '.join('--' + t for t in ts)} is given)" for k, ts in self.sets.items()}
+        shown = "; ".join(f"{k}={_recipe_text(v)}{unless.get(k, '')}" for k, v in self.recipes["tuned"].items())
         self.add_argument_group("recipe").add_argument(
             "--recipe", default="spec", choices=RECIPE_NAMES,
             help=f"spec: the original recipe's table, i.e. every default below; tuned: the measured recipe of "
@@ -33,7 +41,7 @@ class RecipeParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         parsed, extras = super().parse_known_args(args, namespace)
         if namespace is None:                  # a caller's namespace: its preset values are not ours to change
-            apply_recipe(parsed, self.recipes, self._given(args))
+            apply_recipe(parsed, self.recipes, self._given(args), self.sets)
         return parsed, extras
 
     def _given(self, argv) -> set:
@@ -49,16 +57,21 @@ def _recipe_text(value) -> str:
     return (value.__doc__ or value.__name__) if callable(value) else str(value)
 
 
-def apply_recipe(args, recipes: dict, given: set) -> None:
-    """Set the values of recipe `args.recipe` that the command line did not give; fill `args.value_sources`."""
-    values = recipes[args.recipe]
+def apply_recipe(args, recipes: dict, given: set, sets: dict | None = None) -> None:
+    """Set the values of recipe `args.recipe` that the command line did not give; fill `args.value_sources`
+    (also for the flags that a flag in `sets` sets)."""
+    values, sets = recipes[args.recipe], sets or {}
     sources = {}
-    controlled = list(dict.fromkeys(k for r in recipes.values() for k in r))
+    controlled = list(dict.fromkeys([k for r in recipes.values() for k in r] + [t for ts in sets.values() for t in ts]))
     rules_last = sorted(controlled, key=lambda k: callable(values.get(k)))
     for name in rules_last:
         value = values.get(name, KEEP_DEFAULT)
+        yields_to = [t for t in sets.get(name, ()) if t in given]
         if name in given:
             sources[name] = "flag"
+            continue
+        if yields_to and value is not KEEP_DEFAULT:
+            sources[name] = f"default (recipe {args.recipe} yields to --{yields_to[0]})"
             continue
         if callable(value):
             value = value(args, given)
@@ -68,3 +81,20 @@ def apply_recipe(args, recipes: dict, given: set) -> None:
             setattr(args, name, value)
             sources[name] = f"recipe {args.recipe}"
     args.value_sources = {k: sources[k] for k in controlled}
+
+
+def given_flags(args) -> set:
+    """The recorded flags (value_sources) that the command line gave; none for a namespace built without a
+    RecipeParser."""
+    return {k for k, source in getattr(args, "value_sources", {}).items() if source == "flag"}
+
+
+def refuse_contradictions(args, sets: dict) -> None:
+    """A nonzero setter flag and a flag it sets, both given: a UserError naming both (neither silently wins)."""
+    given = given_flags(args)
+    for setter, targets in sets.items():
+        for target in targets:
+            if setter in given and getattr(args, setter) and target in given:
+                shown = "" if isinstance(getattr(args, target), bool) else f" {getattr(args, target)}"
+                raise UserError(f"--{setter} {getattr(args, setter)} sets --{target}, which was also given "
+                                f"(--{target}{shown}); give one of the two")

@@ -62,6 +62,9 @@ class SingleLabel(SingleLabelReports):
         if args.pos_weight != "none":
             raise UserError(f"--pos_weight is for multi-label files and {args.label_file} has one label per image; "
                             f"use --class_weights balanced")
+        if args.uncertain != "ignore":
+            raise UserError(f"--uncertain is for multi-label files (what a -1 cell means) and {args.label_file} has "
+                            f"one label per image; drop --uncertain")
         present = len(np.unique(table.labels))
         if present < 2:
             only = table.class_names[table.labels[0]]
@@ -180,6 +183,7 @@ class MultiLabel(MultiLabelReports):
 
     # ------------ training ------------
     def check_table(self, table, args) -> None:
+        label_tables.check_counted(table.labels, table.class_names, args.label_file)
         _check_class_count(table, args, table.num_classes)
 
     def train_subset(self, table, indices, fraction: float, seed: int) -> np.ndarray:

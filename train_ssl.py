@@ -291,6 +291,11 @@ def check_args(args) -> None:
     """Every flag checked before any work (each flag's rule, utils.bounded): one line naming the flag, value and
     range."""
     training.check_training_flags(args, get_args_parser())
+    if 0 < args.num_epochs <= args.warmup_epochs:
+        source = getattr(args, "value_sources", {}).get("warmup_epochs", "flag")
+        print(f"note: --warmup_epochs {args.warmup_epochs} ({source}) is not below --num_epochs {args.num_epochs}: the "
+              f"learning rate rises for the whole run and never decays from --lr; pass a smaller --warmup_epochs "
+              f"(--recipe tuned warms up for a tenth of the epochs)", file=sys.stderr)
 
 
 @utils.locks_output_dir(check_args, "ssl")

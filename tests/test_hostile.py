@@ -51,6 +51,82 @@ GEN = "--output_dir {out} --num_images 4 --num_classes 2 --image_size 32"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
+def _multilabel_files(folder: str) -> None:
+    """Multi-label files over the 24 images (split column: 16 train, 4 val, 4 test), each with one flaw."""
+    splits = ["train"] * 16 + ["val"] * 4 + ["test"] * 4
+
+    def write(name, header, cells):
+        rows = [f"img{i:03d}.png,{s}," + ",".join(map(str, cells(i))) for i, s in enumerate(splits)]
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(f"filename,split,{header}\n" + "\n".join(rows) + "\n")
+    write("ml_all_uncertain.csv", "Effusion,Nodule", lambda i: (i % 2, -1))
+    write("ml_blank.csv", "Effusion,Nodule", lambda i: (i % 2, 1 if i % 3 == 0 else ""))
+    write("ml_words.csv", "Effusion,Nodule", lambda i: (i % 2, "yes" if i % 3 == 0 else "no"))
+    write("ml_all_positive_test.csv", "Effusion,Nodule", lambda i: (1 if i >= 20 else i % 2, (i + 1) % 2))
+    write("ml_same_header.csv", "Effusion,Effusion,Nodule", lambda i: (i % 2, i % 2, (i + 1) % 2))
+    write("ml_unnamed.csv", "Effusion,,Nodule", lambda i: (i % 2, 0, (i + 1) % 2))
+
+
+def _npz_files(folder: str) -> None:
+    """MedMNIST-style archives of every shape and dtype, 4 images a split."""
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+
+    def save(name, images=lambda n: rng.integers(0, 255, (n, 28, 28), dtype=np.uint8), labels=lambda n: np.arange(n) % 2,
+             drop=(), sizes=(4, 4, 4)):
+        arrays = {}
+        for split, n in zip(("train", "val", "test"), sizes):
+            arrays[f"{split}_images"], arrays[f"{split}_labels"] = images(n), labels(n)
+        np.savez(os.path.join(folder, name), **{k: v for k, v in arrays.items() if k not in drop})
+    save("float01.npz", images=lambda n: rng.random((n, 28, 28), dtype=np.float32))
+    save("float255.npz", images=lambda n: rng.random((n, 28, 28)) * 255)
+    save("rgb.npz", images=lambda n: rng.integers(0, 255, (n, 28, 28, 3), dtype=np.uint8))
+    save("uint16.npz", images=lambda n: rng.integers(0, 4096, (n, 28, 28), dtype=np.uint16))
+    save("labels_column.npz", labels=lambda n: (np.arange(n) % 2)[:, None])
+    save("multilabel.npz", labels=lambda n: np.stack([np.arange(n) % 2, (np.arange(n) + 1) % 2, np.ones(n, int)], 1))
+    save("missing_key.npz", drop=("test_labels",))
+    save("wrong_length.npz", labels=lambda n: np.arange(n - 1) % 2)
+    save("fractional_labels.npz", labels=lambda n: np.arange(n) % 2 + 0.5)
+    save("nan_labels.npz", labels=lambda n: np.full(n, np.nan))
+    save("string_labels.npz", labels=lambda n: np.array(["a", "b"] * (n // 2)))
+    save("volumes.npz", images=lambda n: rng.integers(0, 255, (n, 8, 28, 28), dtype=np.uint8))
+    save("rgba.npz", images=lambda n: rng.integers(0, 255, (n, 28, 28, 4), dtype=np.uint8))
+    save("empty.npz", sizes=(0, 0, 0))
+    save("one_class.npz", labels=lambda n: np.zeros(n, int))
+    save("nan_images.npz", images=lambda n: np.full((n, 28, 28), np.nan))
+
+
+def _image_folders(w: dict) -> None:
+    """--images inputs: files that are no images, grey and RGB together, a DICOM without pixels."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    for name in ("not_images", "mixed", "no_pixels", "dicom_only"):
+        w[name] = os.path.join(os.path.dirname(w["data"]), name)
+        os.makedirs(w[name])
+    for name in ("notes.txt", "labels.csv"):
+        with open(os.path.join(w["not_images"], name), "w") as f:
+            f.write("not an image\n")
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(os.path.join(w["mixed"], "grey.png"))
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(os.path.join(w["mixed"], "rgb.png"))
+    Image.fromarray(rng.integers(0, 255, (32, 32, 4), dtype=np.uint8)).save(os.path.join(w["mixed"], "rgba.png"))
+    Image.fromarray(rng.integers(0, 255, (48, 24), dtype=np.uint8)).save(os.path.join(w["mixed"], "tall.jpg"))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta, ds.PatientName, ds.Modality = meta, "Nobody", "OT"
+    for folder in ("no_pixels", "dicom_only"):
+        ds.save_as(os.path.join(w[folder], "report.dcm"), enforce_file_format=True)
+    shutil.copy(os.path.join(w["data"], "img000.png"), w["no_pixels"])
+    w["seen"] = os.path.join(os.path.dirname(w["data"]), "seen")         # scans and an earlier run's outputs
+    shutil.copytree(w["mixed"], w["seen"])
+    os.makedirs(os.path.join(w["seen"], "predictions"))
+    shutil.copy(os.path.join(w["mixed"], "rgb.png"), os.path.join(w["seen"], "predictions", "gradcam.png"))
+
+
 def _label_files(folder: str, data: str) -> None:
     """Good and hostile label files over the 24 images of `data` (img000..img023, labels i % 2)."""
     rows = [(f"img{i:03d}.png", i % 2) for i in range(24)]
@@ -84,6 +160,7 @@ def _label_files(folder: str, data: str) -> None:
                                                                for i, (f, y) in enumerate(rows)) + "\n")
     arrays = {f"{s}_{k}": np.zeros((4, 28, 28), np.uint8) if k == "images" else np.arange(4) % 2
               for s in ("train", "val", "test") for k in ("images", "labels")}
+    _multilabel_files(folder)
     np.savez(os.path.join(folder, "whole.npz"), **arrays)
     with open(os.path.join(folder, "whole.npz"), "rb") as f:
         whole = f.read()
@@ -95,7 +172,7 @@ def _label_files(folder: str, data: str) -> None:
 def world(tmp_path_factory):
     """Paths of the shared data, label files, odd folders and the two trained runs."""
     root = tmp_path_factory.mktemp("hostile")
-    w = {k: str(root / k) for k in ("data", "labels", "ssl", "ft", "empty", "one", "pixels")}
+    w = {k: str(root / k) for k in ("data", "labels", "ssl", "ft", "empty", "one", "pixels", "npz")}
     write_tiny_dataset(w["data"], n=24, size=32, classes=2)
     _label_files(w["labels"], w["data"])
     os.makedirs(w["empty"])
@@ -108,6 +185,11 @@ def world(tmp_path_factory):
     train_ssl.main(train_ssl.get_args_parser().parse_args(shlex.split(SSL.format(**fmt))))
     fmt = {**w, "out": w["ft"]}
     fine_tune.main(fine_tune.get_args_parser().parse_args(shlex.split(FT_SSL.format(**fmt))))
+    w["mlft"] = str(root / "mlft")                            # a multi-label classifier (findings Effusion, Nodule)
+    fmt = {**w, "out": w["mlft"]}
+    fine_tune.main(fine_tune.get_args_parser().parse_args(shlex.split(ML.replace("{ml}", "blank").format(**fmt))))
+    _npz_files(w["npz"])
+    _image_folders(w)
     os.makedirs(os.path.join(w["data"], "tiny"))             # after training: a 1x1 image a label file names
     Image.fromarray(np.full((1, 1), 90, np.uint8)).save(os.path.join(w["data"], "tiny", "px.png"))
     w["a_file"] = os.path.join(w["labels"], "good.csv")
@@ -165,7 +247,8 @@ class Case:
     message: str               # a fragment of the last stderr line (exit 2) or of stdout+stderr (exit 0)
     exists: tuple = ()         # paths that must exist afterwards (exit 0)
     unchanged: tuple = ()      # paths whose bytes must not change (a refused run into a finished run's folder)
-    setup: str = ""            # "lock:<name>" (a live holder) or "stale:<name>" (a dead one's lock) in {out}
+    setup: str = ""            # "lock:<name>" (a live holder) or "stale:<name>" (a dead one's lock) in {out};
+    #                            "file:<name>" or "folder:<name>" made in {out}; "no_onnx": onnx cannot be imported
     copy: str = ""             # "ssl" or "ft": {out} starts as a copy of that finished run's folder
 
 
@@ -313,12 +396,135 @@ CASES = {
                                 unchanged=("{a_file}",)),
     "ev-images-empty-folder": Case("evaluate", "--checkpoint {ft}/best_finetuned_model.pth --images {empty} "
                                    "--output_dir {out} " + RUNTIME, 2, "--images {empty}: no images found"),
-    "ft-frozen-steps-never-end": Case("fine_tune", FT_SSL + " --num_steps 4 --frozen_steps 4", 2,
+    "ft-num_steps-and-num_epochs": Case("fine_tune", FT + " --num_steps 10", 2,
+                                        "--num_steps 10 sets --num_epochs, which was also given (--num_epochs 1); give one"),
+    "ft-tuned-num_steps-and-num_epochs": Case("fine_tune", FT + " --recipe tuned --num_steps 10", 2,
+                                              "--num_steps 10 sets --num_epochs, which was also given"),
+    "ft-frozen_steps-and-unfreeze": Case("fine_tune", FT_SSL + " --frozen_steps 2 --unfreeze_after_epoch 1", 2,
+                                         "--frozen_steps 2 sets --unfreeze_after_epoch, which was also given"),
+    "ft-unfreeze-without-freeze": Case("fine_tune", FT_SSL + " --recipe tuned --unfreeze_after_epoch 5", 2,
+                                       "--unfreeze_after_epoch 5 does nothing without --freeze_encoder"),
+    "ft-frozen-steps-cover-every-epoch": Case("fine_tune", FT_SSL + " --frozen_steps 4", 2,
+                                              "--frozen_steps 4 (flag) covers all 1 epoch(s) of 2 step(s): the encoder "
+                                              "would never train"),
+    "ft-frozen-steps-never-end": Case("fine_tune", FT_SSL.replace("--num_epochs 1 ", "") + " --num_steps 4 --frozen_steps 4", 2,
                                       "--frozen_steps 4 is not below --num_steps 4: the encoder would never train"),
     "ev-locked": Case("evaluate", EV_FT, 2, "is in use by another run (process", setup="lock:evaluate"),
     "ev-label-r-quoted-header": Case("evaluate", EV_FT.replace("good.csv", "r_quoted.csv"), 0, "report:",
                                      exists=("{out}/report.md", "{out}/metrics.json")),
 }
+
+NPZ = "--output_dir {out} --from_npz {npz}/"
+ML = FT.replace("{labels}/good.csv", "{labels}/ml_{ml}.csv")
+IMAGES = "--checkpoint {ft}/best_finetuned_model.pth --output_dir {out} --batch_size 8 " + RUNTIME
+EXPORT = "--checkpoint {ft}/best_finetuned_model.pth --export onnx --output_dir {out} --data_dir {data} " + RUNTIME
+NEW_CASES = {
+    # ---- resuming, and the output folder ----
+    "ssl-resume-finetuned-checkpoint": Case("train_ssl", SSL + " --resume {ft}/last_finetuned_checkpoint.pth", 2,
+                                            "is a 'classifier' checkpoint, expected 'ssl'"),
+    "ft-resume-ssl-checkpoint": Case("fine_tune", FT_SSL + " --resume {ssl}/last_ssl_checkpoint.pth", 2,
+                                     "is a 'ssl' checkpoint, expected 'classifier'"),
+    "ft-resume-best-model": Case("fine_tune", FT_SSL.replace("{out}", "{ft}") + " --num_epochs 2 --resume "
+                                 "{ft}/best_finetuned_model.pth", 2, "has no training state (optimizer, scheduler, scaler, rng); resume "
+                                 "from a last_*_checkpoint.pth, not a best_* model",
+                                 unchanged=(FT_BEST,)),
+    "ssl-resume-csv": Case("train_ssl", SSL + " --resume {a_file}", 2, "not a readable PyTorch checkpoint"),
+    "ssl-resume-with-overwrite": Case("train_ssl", SSL.replace("--num_epochs 1", "--num_epochs 2") + " --resume --overwrite",
+                                      0, "done: best epoch", copy="ssl", exists=("{out}/best_ssl_model.pth",)),
+    "ft-output-is-a-file": Case("fine_tune", FT.replace("{out}", "{a_file}"), 2, "--output_dir {a_file}: is a file",
+                                unchanged=("{a_file}",)),
+    "ssl-output-read-only": Case("train_ssl", SSL.replace("{out}", "/sys/kernel"), 2,
+                                 "cannot write to /sys/kernel: Permission denied; choose a writable --output_dir"),
+    "ssl-output-cannot-be-made": Case("train_ssl", SSL.replace("{out}", "/sys/kernel/hostile"), 2,
+                                      "cannot write to /sys/kernel/hostile: Operation not permitted"),
+    # ---- multi-label files and --uncertain ----
+    "ml-all-uncertain-column": Case("fine_tune", ML.replace("{ml}", "all_uncertain"), 2,
+                                    "finding 'Nodule' has no certain cell (every one is -1)"),
+    "ml-all-uncertain-column-zero": Case("fine_tune", ML.replace("{ml}", "all_uncertain") + " --uncertain zero "
+                                         "--image_size 8", 0, "no train image has finding(s) Nodule",
+                                         exists=("{out}/best_baseline_model.pth",)),
+    "ml-blank-cells": Case("fine_tune", ML.replace("{ml}", "blank") + " --image_size 8", 0, "done: best epoch 1",
+                           exists=("{out}/best_baseline_model.pth",)),
+    "ml-words-in-cells": Case("fine_tune", ML.replace("{ml}", "words"), 2,
+                              "row 2, column 'Nodule' holds 'yes'; a finding cell is 1, 0, -1 (uncertain) or empty"),
+    "ml-all-positive-in-test": Case("fine_tune", ML.replace("{ml}", "all_positive_test") + " --image_size 8", 0,
+                                    "no test image is counted without finding(s) Effusion",
+                                    exists=("{out}/best_baseline_model.pth",)),
+    "ml-one-header-twice": Case("fine_tune", ML.replace("{ml}", "same_header"), 2,
+                                "the header names column 'Effusion' twice (columns 3 and 4)"),
+    "ml-unnamed-column": Case("fine_tune", ML.replace("{ml}", "unnamed"), 2, "column 4 of the header has no name"),
+    "ml-uncertain-on-one-label-file": Case("fine_tune", FT + " --uncertain one", 2,
+                                           "--uncertain is for multi-label files"),
+    "ml-task-multiclass-on-multilabel": Case("fine_tune", ML.replace("{ml}", "blank") + " --task multiclass", 2,
+                                             "its header makes it a multi-label file (columns layout) but --task is "
+                                             "multiclass"),
+    "ml-pos_weight-on-one-label-file": Case("fine_tune", FT + " --pos_weight balanced", 2,
+                                            "--pos_weight is for multi-label files"),
+    "ml-evaluate-with-a-one-label-file": Case("evaluate", EV + " --checkpoint {mlft}/best_baseline_model.pth", 2,
+                                              "has no finding 'Effusion' of the checkpoint's Effusion, Nodule; use the "
+                                              "label file it was trained with"),
+    "ml-evaluate-num_classes-other": Case("evaluate", EV.replace("good.csv", "ml_blank.csv") + " --checkpoint "
+                                          "{mlft}/best_baseline_model.pth --num_classes 3", 2,
+                                          "was trained for 2 findings; drop the flag or pass --num_classes 2"),
+    "ml-resume-as-multiclass": Case("fine_tune", ML.replace("{ml}", "blank").replace("{out}", "{mlft}")
+                                    + " --num_epochs 2 --resume --task multiclass", 2,
+                                    "its header makes it a multi-label file (columns layout) but --task is multiclass",
+                                    unchanged=("{mlft}/best_baseline_model.pth",)),
+    "ml-resume-other-uncertain": Case("fine_tune", ML.replace("{ml}", "blank").replace("{out}", "{mlft}")
+                                      + " --num_epochs 2 --resume --uncertain one", 2,
+                                      "was run with --uncertain ignore, now --uncertain one",
+                                      unchanged=("{mlft}/best_baseline_model.pth",)),
+    "ml-images": Case("evaluate", IMAGES.replace("{ft}/best_finetuned_model.pth", "{mlft}/best_baseline_model.pth")
+                      + " --images {mixed}", 0, "4 image(s) scored", exists=("{out}/predictions.csv",)),
+    # ---- evaluate.py --images ----
+    "img-not-images": Case("evaluate", IMAGES + " --images {not_images}", 2, "--images {not_images}: no images found"),
+    "img-mixed-grey-rgb": Case("evaluate", IMAGES + " --images {mixed}", 0, "4 image(s) scored",
+                               exists=("{out}/predictions.csv", "{out}/summary.md")),
+    "img-dicom-without-pixels": Case("evaluate", IMAGES + " --images {no_pixels}", 0, "1 unreadable file(s) skipped",
+                                     exists=("{out}/predictions.csv",)),
+    "img-only-dicom-without-pixels": Case("evaluate", IMAGES + " --images {dicom_only}", 2,
+                                          "none of the images could be used"),
+    "img-output-is-the-images-folder": Case("evaluate", IMAGES.replace("{out}", "{mixed}") + " --images {mixed}", 2,
+                                            "--output_dir {mixed} is the --images folder", unchanged=("{mixed}/rgb.png",)),
+    "img-earlier-outputs-inside": Case("evaluate", IMAGES.replace("{out}", "{seen}/predictions") + " --images {seen}", 0,
+                                       "1 image(s) under --output_dir {seen}/predictions (inside --images) are outputs",
+                                       exists=("{seen}/predictions/predictions.csv",)),
+    "img-ssl-checkpoint": Case("evaluate", IMAGES.replace("{ft}/best_finetuned_model.pth", "{ssl}/best_ssl_model.pth")
+                               + " --images {mixed}", 2, "is an SSL encoder, which predicts no class"),
+    "img-two-checkpoints": Case("evaluate", IMAGES + " --checkpoint {ft}/best_finetuned_model.pth --images {mixed}", 2,
+                                "--images takes one classifier; give one --checkpoint, not 2"),
+    # ---- data_loader.py --from_npz: MedMNIST archives of every shape and dtype ----
+    "npz-float-0-1": Case("data_loader", NPZ + "float01.npz", 0, "", exists=("{out}/labels.csv", "{out}/train/train_00000.png")),
+    "npz-float-0-255": Case("data_loader", NPZ + "float255.npz", 0, "", exists=("{out}/labels.csv",)),
+    "npz-rgb": Case("data_loader", NPZ + "rgb.npz", 0, "", exists=("{out}/labels.csv",)),
+    "npz-uint16": Case("data_loader", NPZ + "uint16.npz", 0, "", exists=("{out}/labels.csv",)),
+    "npz-labels-column": Case("data_loader", NPZ + "labels_column.npz", 0, "", exists=("{out}/labels.csv",)),
+    "npz-multilabel": Case("data_loader", NPZ + "multilabel.npz", 0, "", exists=("{out}/labels.csv",)),
+    "npz-label_names-one-label": Case("data_loader", NPZ + "float01.npz --label_names benign malignant", 2,
+                                      "--label_names names the finding columns of a multi-label file, and"),
+    "gen-label_names-without-npz": Case("data_loader", GEN + " --label_names a b", 2,
+                                        "--label_names names the finding columns of a --from_npz file"),
+    "npz-missing-key": Case("data_loader", NPZ + "missing_key.npz", 2, "key 'test_labels' is missing"),
+    "npz-wrong-length": Case("data_loader", NPZ + "wrong_length.npz", 2, "train has 4 images but 3 labels"),
+    "npz-fractional-labels": Case("data_loader", NPZ + "fractional_labels.npz", 2,
+                                  "train_labels holds 0.5, not a class index"),
+    "npz-nan-labels": Case("data_loader", NPZ + "nan_labels.npz", 2, "train_labels holds nan, not a class index"),
+    "npz-string-labels": Case("data_loader", NPZ + "string_labels.npz", 2, "train_labels holds 'a', not a class index"),
+    "npz-volumes": Case("data_loader", NPZ + "volumes.npz", 2, "3D MedMNIST files are not supported"),
+    "npz-rgba": Case("data_loader", NPZ + "rgba.npz", 2, "expected images (N, H, W) or (N, H, W, 3)"),
+    "npz-empty": Case("data_loader", NPZ + "empty.npz", 2, "holds no images"),
+    "npz-one-class": Case("data_loader", NPZ + "one_class.npz", 0, "", exists=("{out}/labels.csv",)),
+    "npz-nan-images": Case("data_loader", NPZ + "nan_images.npz", 2, "train_images holds NaN"),
+    # ---- the ONNX export ----
+    "onnx-ssl-checkpoint": Case("evaluate", EXPORT.replace("{ft}/best_finetuned_model.pth", "{ssl}/best_ssl_model.pth"),
+                                2, "is an SSL encoder, which predicts no class; export the classifier"),
+    "onnx-output-exists": Case("evaluate", EXPORT, 0, "model.onnx", setup="file:model.onnx", exists=("{out}/model.onnx",)),
+    "onnx-output-is-a-folder": Case("evaluate", EXPORT, 2, "model.onnx: is a folder", setup="folder:model.onnx"),
+    "onnx-missing": Case("evaluate", EXPORT, 2, "--export onnx needs onnx and onnxruntime: pip install -r "
+                                                "requirements-export.txt", setup="no_onnx"),
+    "onnx-with-images": Case("evaluate", EXPORT + " --images {mixed}", 2, "--images and --export are separate runs"),
+}
+CASES.update(NEW_CASES)
 
 
 def run_case(case: Case, paths: dict, capsys) -> tuple:
@@ -334,19 +540,42 @@ def run_case(case: Case, paths: dict, capsys) -> tuple:
     return code, out, err
 
 
+def without_onnx(monkeypatch) -> None:
+    """`import onnx` and `import onnxruntime` fail, as where requirements-export.txt was not installed."""
+    import builtins
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name.split(".")[0] in ("onnx", "onnxruntime"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def set_up(case: Case, out: str, monkeypatch):
+    """The case's setup in the output folder; a live lock holder's process, or None."""
+    kind, _, name = case.setup.partition(":")
+    if kind == "lock":
+        return hold_lock(out, name)
+    if kind == "stale":
+        leave_stale_lock(out, name)
+    elif kind in ("file", "folder"):
+        os.makedirs(os.path.join(out, name) if kind == "folder" else out, exist_ok=True)
+        if kind == "file":
+            with open(os.path.join(out, name), "w") as f:
+                f.write("an earlier file\n")
+    elif kind == "no_onnx":
+        without_onnx(monkeypatch)
+    return None
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_hostile_case(name, world, tmp_path, capsys):
+def test_hostile_case(name, world, tmp_path, capsys, monkeypatch):
     case = CASES[name]
     paths = {**world, "out": str(tmp_path / "out")}
     if case.copy:
         shutil.copytree(world[case.copy], paths["out"])
-    holder = None
-    if case.setup:
-        kind, lock = case.setup.split(":")
-        if kind == "lock":
-            holder = hold_lock(paths["out"], lock)
-        else:
-            leave_stale_lock(paths["out"], lock)
+    holder = set_up(case, paths["out"], monkeypatch) if case.setup else None
     before = {p: sha(p.format(**paths)) for p in case.unchanged}
     try:
         code, out, err = run_case(case, paths, capsys)
@@ -361,7 +590,7 @@ def test_hostile_case(name, world, tmp_path, capsys):
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: ") and message in last, last
         assert err.count("error:") == 1
-        if not case.copy and not case.unchanged:
+        if not case.copy and not case.unchanged and not case.setup.startswith(("file", "folder")):
             assert visible_files(paths["out"]) == [], "a refused run wrote files"
         if not case.copy and not case.unchanged and not case.setup:
             assert not os.path.exists(paths["out"]), "a refused run left the output folder it made"
@@ -524,3 +753,15 @@ def test_a_finding_present_in_every_train_image_is_named(world, tmp_path, capsys
     label_tables.load_label_table(str(columns), world["data"])
     err = capsys.readouterr().err
     assert "no train image is counted without finding(s) Effusion" in err and "Nodule (every" not in err
+
+
+# ============ the ONNX export ============
+
+def test_an_export_that_disagrees_with_pytorch_is_removed_not_left_behind(world, tmp_path, capsys, monkeypatch):
+    import export_onnx
+    monkeypatch.setattr(export_onnx, "compare", lambda ckpt, path, images: {"max_abs_diff": 0.5, "same_argmax": 0.75,
+                                                                            "images": 4})
+    out = str(tmp_path / "out")
+    code, _, err = run_case(Case("evaluate", EXPORT, 2, ""), {**world, "out": out}, capsys)
+    assert code == 2 and "the exported model disagrees with PyTorch (max |difference| 5.00e-01" in err
+    assert "so it was removed" in err and not os.path.exists(os.path.join(out, "model.onnx"))

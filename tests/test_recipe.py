@@ -40,7 +40,9 @@ def test_tuned_resolves_the_benchmarks_values(script, tuned):
     args = script.get_args_parser().parse_args(["--recipe", "tuned"])
     assert {k: getattr(args, k) for k in tuned} == tuned
     assert {k: args.value_sources[k] for k in tuned} == {k: "recipe tuned" for k in tuned}
-    assert set(args.value_sources) - set(tuned) <= {"frozen_steps"}     # a from-scratch run: nothing to freeze
+    # and the flags that --num_steps and --frozen_steps set (a from-scratch run: nothing to freeze)
+    assert set(args.value_sources) - set(tuned) <= {"frozen_steps", "num_epochs", "freeze_encoder",
+                                                    "unfreeze_after_epoch"}
     assert args.recipe == "tuned"
 
 
@@ -137,3 +139,42 @@ def test_tuned_with_adam_keeps_adams_learning_rate_not_larss():
     assert args.optimizer == "adam" and args.lr == 3e-4
     assert args.value_sources["lr"] == "default (recipe tuned leaves it here)"
     assert train_ssl.get_args_parser().parse_args(["--recipe", "tuned"]).lr == 1.2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_epochs", "5", "--num_steps", "100"], r"--num_steps 100 sets --num_epochs, which was also given \(--num_epochs 5\)"),
+    (["--recipe", "tuned", "--num_steps=100", "--num_e", "5"], r"--num_steps 100 sets --num_epochs"),  # any spelling
+    (["--frozen_steps", "4", "--unfreeze_after_epoch", "2"], r"--frozen_steps 4 sets --unfreeze_after_epoch"),
+    (["--frozen_steps", "4", "--freeze_encoder"], r"--frozen_steps 4 sets --freeze_encoder, which was also given "
+                                                  r"\(--freeze_encoder\)"),
+])
+def test_a_flag_and_a_flag_that_sets_it_both_given_are_refused(argv, message):
+    args = fine_tune.get_args_parser().parse_args(["--data_dir", ".", "--label_file", __file__, *argv])
+    with pytest.raises(utils.UserError, match=message):
+        fine_tune.check_args(args)
+
+
+@pytest.mark.parametrize("argv", [["--num_epochs", "5", "--num_steps", "0"], ["--num_steps", "9"],
+                                  ["--recipe", "tuned", "--num_epochs", "5"], ["--frozen_steps", "0", "--freeze_encoder"]])
+def test_a_setter_at_zero_or_alone_is_no_contradiction(argv):
+    args = fine_tune.get_args_parser().parse_args(["--data_dir", ".", "--label_file", __file__, *argv])
+    fine_tune.check_args(args)
+    assert args.value_sources["num_epochs"] == ("flag" if "--num_epochs" in argv else "default")
+
+
+def test_frozen_steps_that_cover_every_epoch_are_refused_naming_where_they_came_from():
+    args = fine_tune.get_args_parser().parse_args(["--recipe", "tuned", "--ssl_checkpoint", "ssl.pth"])
+    with pytest.raises(utils.UserError, match=r"--frozen_steps 100 \(recipe tuned\) covers all 1 epoch\(s\) of 300 "
+                                              r"step\(s\): the encoder would never train; lower --frozen_steps or "
+                                              r"raise --num_steps"):
+        fine_tune.resolve_num_epochs(args, 300)          # a large labelled set: 200 and 100 steps both round to 1
+
+
+@pytest.mark.parametrize("argv, note", [(["--num_epochs", "5"], "--warmup_epochs 10 (default) is not below --num_epochs 5"),
+                                        (["--num_epochs", "5", "--warmup_epochs", "5"], "--warmup_epochs 5 (flag)"),
+                                        (["--recipe", "tuned", "--num_epochs", "1"], "--warmup_epochs 1 (recipe tuned)"),
+                                        (["--num_epochs", "11"], None), (["--recipe", "tuned", "--num_epochs", "5"], None)])
+def test_a_warm_up_as_long_as_the_run_is_announced_naming_where_it_came_from(argv, note, tmp_path, capsys):
+    train_ssl.check_args(train_ssl.get_args_parser().parse_args(["--data_dir", str(tmp_path), *argv]))
+    err = capsys.readouterr().err
+    assert (note in err and "never decays" in err) if note else "warmup" not in err
