@@ -3,8 +3,8 @@ the thresholds chosen on val and their means, predictions.csv, the ROC grid and 
 metrics.json and the report's finding table; for two or more models the paired ROC-AUC differences,
 comparison.csv/.md and report.md. The methods of tasks.MultiLabel that reports.py calls.
 
-Targets y (N, K) hold 1, 0 or -1 (a cell ignored under --uncertain ignore); probabilities are sigmoids. An
-ignored cell gets weight 0 for its finding, so it counts in no metric of that finding.
+Targets y (N, K) hold 1, 0 or -1 (an uncertain cell: left out of the test metrics for every model, whatever
+--uncertain it was trained with); probabilities are sigmoids. A -1 cell gets weight 0 for its finding.
 """
 import csv
 import io
@@ -15,12 +15,13 @@ import numpy as np
 import training_history
 import utils
 from checkpoints import default_name
-from classification_metrics import (FINDING_METRICS, _chunk, bootstrap_weights, compute_multilabel_metrics,
-                                    finding_metrics, fmt, percentile_interval, plain, scorable_findings, with_ci)
+from classification_metrics import (FINDING_METRICS, _chunk, bootstrap_p_value, bootstrap_weights,
+                                    compute_multilabel_metrics, finding_metrics, fmt, holm_adjusted,
+                                    percentile_interval, plain, resampling_unit, scorable_findings, with_ci)
 from evaluated_model import Evaluated
 from plots import plot_multilabel_embedding, plot_roc_grid
 from utils import UserError
-from verdicts import paired_auc_lines, provenance_lines
+from verdicts import bootstrap_document, paired_auc_lines, provenance_lines, small_split_warnings
 
 
 class MultiLabelReports:
@@ -34,10 +35,13 @@ class MultiLabelReports:
                             "the same findings; evaluate the others separately")
 
     def compute_metrics(self, ev: Evaluated, resamples: int, seed: int) -> dict:
-        return compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, resamples, seed)
+        return compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, resamples, seed, ev.patient_ids)
 
     def small_split_warnings(self, ev: Evaluated, metrics: dict) -> list:
-        return []
+        """The split's size, and findings with few positive or few negative images."""
+        thin = [(f"{name} {kind}", metrics[kind][k]) for k, name in enumerate(ev.class_names)
+                for kind in ("positives", "negatives")]
+        return small_split_warnings(ev, metrics, thin, "positive or negative images of a finding")
 
     def write_model_files(self, ev: Evaluated, metrics: dict, folder: str) -> None:
         """Nothing beyond predictions.csv, metrics.json and report.md."""
@@ -62,20 +66,23 @@ class MultiLabelReports:
     def report_head(self, ev: Evaluated, metrics: dict, args) -> list:
         """Where the numbers came from, with the findings, the uncertain-cell policy and the thresholds."""
         return provenance_lines(
-            ev, args, f", {len(ev.class_names)} findings; uncertain cells: {ev.info.uncertain}",
+            ev, metrics, args, f", {len(ev.class_names)} findings; {int(metrics['ignored'].sum())} uncertain cells "
+                               f"left out of the metrics (trained with --uncertain {ev.info.uncertain})",
             [f"- thresholds: chosen per finding on val ({ev.info.threshold_rule}), recorded in the checkpoint"])
 
     report_files = "Files: [metrics.json](metrics.json), [predictions.csv](predictions.csv)"
 
     def paired(self, a: Evaluated, b: Evaluated, resamples: int, seed: int):
         """Per-finding and mean ROC-AUC of A minus B on the images both scored, paired bootstrap (the same
-        resampled images for both); None without common images."""
+        resampled patients, or images, for both) on the same certain cells; the findings' p-values
+        Holm-adjusted (the mean AUC is the primary metric); None without common images."""
         rows_b = {f: i for i, f in enumerate(b.filenames)}
         common = [(i, rows_b[f]) for i, f in enumerate(a.filenames) if f in rows_b]
         if not common:
             return None
         ia, ib = np.array(common).T
         y, pa, pb = a.y_true[ia], a.prob[ia], b.prob[ib]
+        groups = None if a.patient_ids is None else a.patient_ids[ia]
         scorable = scorable_findings(y)
 
         def difference(w):
@@ -86,12 +93,15 @@ class MultiLabelReports:
             return np.concatenate([diff, mean], 1)                                    # (B, K + 1)
 
         point = difference(np.ones((1, len(y))))[0]
-        draws = [difference(w) for w in bootstrap_weights(len(y), resamples, seed, _chunk(len(y), 8 * y.shape[1]))]
-        low, high, _ = percentile_interval(np.concatenate(draws) if draws else point[None, :0])
-        if not draws:
-            low = high = np.full(len(point), np.nan)
+        chunk = _chunk(len(y), 8 * y.shape[1])
+        draws = [difference(w) for w in bootstrap_weights(len(y), resamples, seed, chunk, groups)]
+        samples = np.concatenate(draws) if draws else np.zeros((0, len(point)))
+        low, high, valid = percentile_interval(samples)
+        p = np.array([bootstrap_p_value(samples[:, j]) for j in range(len(point))])
         return {"model_a": a.name, "model_b": b.name, "num_images": len(y), "findings": list(a.class_names),
-                "difference": point, "low": low, "high": high}
+                "difference": point, "low": low, "high": high, "valid": valid, "resamples": resamples,
+                "p": p, "p_holm": holm_adjusted(p[:-1]), "resampling": resampling_unit(groups, len(y)),
+                "init_a": a.info.init, "init_b": b.info.init, "split": a.info.split}
 
     def write_predictions(self, ev: Evaluated, path: str) -> None:
         """One row per image: for each finding the label (1, 0, empty if ignored), probability, thresholded call."""
@@ -123,8 +133,9 @@ class MultiLabelReports:
                              f"image in the {ev.info.split} split: its AUC, AP and one of sensitivity/specificity are "
                              f"undefined (n/a) and the mean AUC leaves it out")
             if metrics["ignored"][k]:
-                notes.append(f"finding {name!r}: {int(metrics['ignored'][k])} uncertain cell(s) ignored "
-                             f"(--uncertain {ev.info.uncertain})")
+                notes.append(f"finding {name!r}: {int(metrics['ignored'][k])} uncertain cell(s) left out of its "
+                             f"metrics (certain cells only, for every model; trained with --uncertain "
+                             f"{ev.info.uncertain})")
         used = int(metrics["mean_auc"]["valid"])
         if resamples and used < resamples:
             notes.append(f"the mean-AUC interval uses {used} of {resamples} resamples; the others lost a finding's "
@@ -134,7 +145,8 @@ class MultiLabelReports:
     def metrics_document(self, ev: Evaluated, metrics: dict, args) -> dict:
         def entry(m, k=None):
             pick = (lambda a: a) if k is None else (lambda a: np.asarray(a)[k])
-            return {"value": plain(pick(m["value"])), "ci95": [plain(pick(m["low"])), plain(pick(m["high"]))]}
+            return {"value": plain(pick(m["value"])), "ci95": [plain(pick(m["low"])), plain(pick(m["high"]))],
+                    "resamples_used": int(pick(m["valid"]))}
 
         per_finding = {name: {key: entry(metrics[key], k) for key in FINDING_METRICS} |
                        {"positives": int(metrics["positives"][k]), "negatives": int(metrics["negatives"][k]),
@@ -142,10 +154,8 @@ class MultiLabelReports:
                        for k, name in enumerate(ev.class_names)}
         return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info.as_dict(),
                 "num_images": len(ev.y_true), "findings": ev.class_names, "label_file": os.path.abspath(args.label_file),
-                "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "interval": "percentile, 95%",
-                              "unit": "image"},
-                "metrics": {"mean_auc": entry(metrics["mean_auc"]) | {"resamples_used": int(metrics["mean_auc"]["valid"])},
-                            "mean_ap": entry(metrics["mean_ap"])},
+                "bootstrap": bootstrap_document(metrics["resampling"], args),
+                "metrics": {"mean_auc": entry(metrics["mean_auc"]), "mean_ap": entry(metrics["mean_ap"])},
                 "per_finding": per_finding, "notes": ev.notes}
 
     def write_comparison(self, evaluated, results, folders, paired, args, pointing=()) -> None:

@@ -137,7 +137,8 @@ def evaluate_classifier(path: str, name: str, ckpt: ClassifierCheckpoint, args, 
     explained = Explained(model, normalizer(ckpt), cam_layer_name(model.config, ckpt.image_size, args.cam_layer),
                           args.data_dir, ckpt.image_size, ckpt.channels or 3) if task.explains else None
     return [Evaluated(name, path, task.evaluated_kind, filenames, y_true, prob, features, names, info, notes,
-                      history_beside(ckpt, path, notes), explained, prob_uncalibrated=uncalibrated)]
+                      history_beside(ckpt, path, notes), explained, prob_uncalibrated=uncalibrated,
+                      patient_ids=table.patient_ids[rows])]
 
 
 def pretraining_overlap(ckpt: SSLCheckpoint, filenames: list, split: str, path: str, notes: list) -> None:
@@ -193,7 +194,7 @@ def evaluate_ssl(path: str, name: str, ckpt: SSLCheckpoint, args, device, autoca
     chosen = [f"linear probe: L2 strength C={probe.C:g}, {probe.chosen_by}"]
     return [Evaluated(f"{name} {kind}", path, kind, filenames, y, prob.astype(np.float64), eval_x,
                       label_tables.read_class_names(args.label_file, table.class_names), dataclasses.replace(info, probe=kind, probe_C=probe.C if kind == "linear probe" else None),
-                      list(notes) + extra, history)
+                      list(notes) + extra, history, patient_ids=table.patient_ids[rows])
             for kind, prob, extra in (("linear probe", probe.prob, chosen), ("kNN", knn, []))]
 
 
