@@ -21,7 +21,8 @@ from classification_metrics import (FINDING_METRICS, _chunk, bootstrap_p_value, 
 from evaluated_model import Evaluated
 from plots import plot_multilabel_embedding, plot_roc_grid
 from utils import UserError
-from verdicts import bootstrap_document, paired_auc_lines, provenance_lines, small_split_warnings
+from verdicts import (bootstrap_document, multilabel_verdict_lines, paired_auc_lines, provenance_lines,
+                      small_split_warnings)
 
 
 class MultiLabelReports:
@@ -180,8 +181,12 @@ class MultiLabelReports:
         plot_roc_grid(evaluated, results, os.path.join(args.output_dir, "roc_grid_comparison.png"),
                       f"ROC per finding, {args.split} split")
         header = ["finding", "positives"] + [f"{ev.name} AUC" for ev in evaluated]
-        lines = [f"# Comparison on the {args.split} split ({len(names)} findings)", "",
-                 f"ROC-AUC per finding with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed "
+        lines = [f"# Comparison on the {args.split} split ({len(names)} findings)", ""]
+        lines += multilabel_verdict_lines(paired) + [""]
+        cautions = dict.fromkeys(w for ev in evaluated for w in ev.info.small_split)
+        lines += [line for w in cautions for line in (f"> **Caution:** {w}", "")]
+        lines += [f"ROC-AUC per finding with 95% bootstrap intervals ({args.bootstrap} resamples of the "
+                 f"{results[0]['resampling']['unit']}s, seed "
                  f"{args.seed}); the mean is over the findings with positives and negatives in the split.", "",
                  "| " + " | ".join(header) + " |", "|---|---:|" + "---|" * len(evaluated)]
         for k, finding in enumerate(names):
@@ -205,4 +210,8 @@ class MultiLabelReports:
         print(f"report: {report}")
 
     def print_verdict(self, evaluated: list, results: list, paired, pointing) -> None:
-        """The paired AUC differences are in the report; nothing more is printed."""
+        """The verdict on the mean AUC; the per-finding differences are in the report."""
+        if paired is not None:
+            for line in multilabel_verdict_lines(paired):
+                if line:
+                    print(line.replace("**", ""))

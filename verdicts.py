@@ -94,6 +94,25 @@ def verdict_lines(paired) -> list:
         + secondary
 
 
+def multilabel_verdict_lines(paired) -> list:
+    """The first lines of a multi-label comparison: the mean AUC (the primary metric) of these two models on
+    these patients, and where the claim about the method lives."""
+    if paired is None:
+        return ["**Verdict:** the first two models share no scored image, so they cannot be compared."]
+    a, b = paired["model_a"], paired["model_b"]
+    d, low, high = paired["difference"][-1], paired["low"][-1], paired["high"][-1]
+    if not np.isfinite(d):
+        outcome = "undefined (no finding has positives and negatives in every model's split)"
+    elif np.isfinite(low) and (low > 0 or high < 0):
+        outcome = f"**{a if d > 0 else b}** is better"
+    else:
+        outcome = "**no difference detected**"
+    return [f"**Verdict** (primary metric: mean ROC-AUC over the findings): {model_words(a, paired.get('init_a'))} vs "
+            f"{model_words(b, paired.get('init_b'))} on these {units_text(paired['resampling'], paired['split'])}: "
+            f"{outcome}, {a} minus {b} {_signed(d)} (paired bootstrap over the {paired['resampling']['unit']}s, "
+            f"95% CI [{_signed(low)}, {_signed(high)}]).", "", METHOD_CLAIM]
+
+
 def provenance_lines(ev: Evaluated, metrics: dict, args, split_detail: str = "", extra: list = ()) -> list:
     """A report's bullets on where its numbers came from: checkpoint, split (+ split_detail), `extra`, label
     file and how the intervals were made."""
