@@ -170,7 +170,8 @@ class MultiLabelReports:
                     {"roc_auc": (m["mean_auc"], None), "average_precision": (m["mean_ap"], None)}
                 row = {"model": ev.name, "folder": os.path.basename(folder), "finding": finding,
                        "init": ev.info.init or "", "label_fraction": ev.info.label_fraction,
-                       "num_images": len(ev.y_true)}
+                       "num_images": len(ev.y_true), "bootstrap_unit": m["resampling"]["unit"],
+                       "bootstrap_units": m["resampling"]["units"]}
                 for key, (entry, idx) in src.items():
                     pick = (lambda a: a) if idx is None else (lambda a, i=idx: np.asarray(a)[i])
                     row |= {key: plain(pick(entry["value"])), f"{key}_ci_low": plain(pick(entry["low"])),

@@ -154,7 +154,8 @@ class SingleLabelReports:
         for ev, m, folder in zip(evaluated, results, folders):
             row = {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind,
                    "init": ev.info.init or "", "label_fraction": ev.info.label_fraction,
-                   "split": ev.info.split, "num_images": len(ev.y_true), "folder": os.path.basename(folder)}
+                   "split": ev.info.split, "num_images": len(ev.y_true), "bootstrap_unit": m["resampling"]["unit"],
+                   "bootstrap_units": m["resampling"]["units"], "folder": os.path.basename(folder)}
             for key in COMPARISON_METRICS:
                 row |= {key: plain(m[key]["value"]), f"{key}_ci_low": plain(m[key]["low"]),
                         f"{key}_ci_high": plain(m[key]["high"])}

@@ -297,6 +297,7 @@ def test_comparison_mode(world, single_run, monkeypatch):
     rows = read_predictions(out / "comparison.csv")
     assert [r["model"] for r in rows] == ["SSL", "scratch"] and rows[0]["init"] == "ssl"
     assert {"accuracy_ci_low", "roc_auc_macro", "ece_ci_high", "label_fraction"} <= set(rows[0])
+    assert rows[0]["bootstrap_unit"] == "image" and rows[0]["bootstrap_units"] == "12"   # no patient_id column
     md = (out / "comparison.md").read_text()
     assert "Paired differences" in md and ("excludes zero" in md or "includes zero" in md)
     verdict = md.splitlines()[2]
