@@ -65,8 +65,10 @@ class MultiLabelReports:
         return figures
 
     def report_head(self, ev: Evaluated, metrics: dict, args) -> list:
-        """Where the numbers came from, with the findings, the uncertain-cell policy and the thresholds."""
-        return provenance_lines(
+        """The split's cautions, then where the numbers came from, with the findings, the uncertain cells left
+        out and the thresholds."""
+        cautions = [line for w in ev.info.small_split for line in (f"> **Caution:** {w}", "")]
+        return cautions + provenance_lines(
             ev, metrics, args, f", {len(ev.class_names)} findings; {int(metrics['ignored'].sum())} uncertain cells "
                                f"left out of the metrics (trained with --uncertain {ev.info.uncertain})",
             [f"- thresholds: chosen per finding on val ({ev.info.threshold_rule}), recorded in the checkpoint"])

@@ -165,3 +165,7 @@ def test_small_split_and_val_split_warnings_in_both_tasks():
                              thresholds=[0.5, 0.5]))
     warnings = tasks.MULTI_LABEL.small_split_warnings(ml, cm.compute_multilabel_metrics(yk, prob[:, :2], [0.5] * 2, 0, 0))
     assert warnings[0].startswith("only 40 test images") and f"x positives ({int(yk[:, 0].sum())})" in warnings[1]
+    ml.info.small_split = warnings
+    head = tasks.MULTI_LABEL.report_head(ml, cm.compute_multilabel_metrics(yk, prob[:, :2], [0.5] * 2, 0, 0),
+                                         types.SimpleNamespace(label_file="l.csv", bootstrap=0, seed=0))
+    assert head[0] == f"> **Caution:** {warnings[0]}" and "- no intervals (--bootstrap 0)" in head
