@@ -1,17 +1,22 @@
 """Classification metrics with bootstrap confidence intervals, vectorised over resamples: every metric
 takes `weights` (B, N), how often each of N images is drawn in each of B resamples (a row of ones is
-the point estimate). One-label metrics, multi-label per-finding metrics, paired differences, and
-the formatting of a value with its interval.
+the point estimate). Resamples draw whole patients when patient ids are given (each drawn patient brings
+all its images), images otherwise. Sensitivity, specificity, precision and recall get Wilson score
+intervals at the patients' effective sample size instead. One-label metrics, multi-label per-finding
+metrics, paired differences, and the formatting of a value with its interval.
 """
 import warnings
 
 import numpy as np
+from scipy.stats import norm
 
 ECE_BINS = 15
 
 CI_PERCENTILES = (2.5, 97.5)
 
-MIN_VALID_RESAMPLES = 10          # fewer usable resamples than this: no interval is reported
+MIN_VALID_RESAMPLES = 200         # fewer usable resamples than this: no percentile interval is reported
+
+Z95 = float(norm.ppf(0.975))
 
 SCALAR_METRICS = {                # key -> label in tables
     "accuracy": "accuracy",
@@ -128,13 +133,36 @@ def all_metrics(weights, y_true, prob, k: int, scorable: np.ndarray) -> dict:
     return out
 
 
-def bootstrap_weights(n: int, resamples: int, seed: int, chunk: int):
-    """Yield (b, n) draw counts of `resamples` bootstrap resamples of n images, `chunk` at a time."""
+def group_codes(groups, n: int) -> np.ndarray:
+    """(N,) code 0..G-1 of each image's patient, numbered in order of first appearance; without `groups`,
+    every image is its own unit (codes 0..N-1)."""
+    if groups is None:
+        return np.arange(n)
+    _, first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.ravel()]
+
+
+def resampling_unit(groups, n: int) -> dict:
+    """What the bootstrap resamples: {'unit': 'patient' or 'image', 'units': how many, 'images': n}. Patients
+    only when some patient has several images (one image each resamples exactly as images do)."""
+    units = len(np.unique(np.asarray(groups))) if groups is not None and n else n
+    return {"unit": "patient" if units < n else "image", "units": int(units), "images": int(n)}
+
+
+def bootstrap_weights(n: int, resamples: int, seed: int, chunk: int, groups=None):
+    """Yield (b, n) draw counts of `resamples` bootstrap resamples of n images, `chunk` at a time. With
+    `groups` (a patient id per image), the patients are resampled and each image counts as often as its
+    patient is drawn; with one patient per image (or no groups) this is the image bootstrap, draw for draw."""
+    codes = group_codes(groups, n)
+    g = int(codes.max()) + 1 if n else 0
     rng = np.random.default_rng(seed)
     for start in range(0, resamples, chunk):
         b = min(chunk, resamples - start)
-        idx = rng.integers(0, n, size=(b, n)) + n * np.arange(b)[:, None]
-        yield np.bincount(idx.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+        idx = rng.integers(0, max(g, 1), size=(b, g)) + g * np.arange(b)[:, None]
+        counts = np.bincount(idx.ravel(), minlength=b * g).reshape(b, g)
+        yield counts[:, codes].astype(np.float64)
 
 
 def percentile_interval(samples: np.ndarray) -> tuple:
@@ -156,31 +184,92 @@ def _chunk(n: int, width: int = 1) -> int:
     return max(1, 2_000_000 // max(1, n * width))
 
 
-def compute_metrics(y_true, prob, k: int, resamples: int, seed: int) -> dict:
-    """{metric: {'value', 'low', 'high', 'valid'}} with percentile bootstrap intervals over images,
-    plus 'support': images per class."""
+def design_effect(success: np.ndarray, counted: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """(K,) variance of a proportion over clustered images relative to independent images, per column of
+    the (N, K) 0/1 arrays: the cluster-robust (ratio-estimator) variance over the binomial one, kept within
+    [1, sum n_j^2 / n] (the upper end: every image of a patient alike); the upper end where the proportion
+    is 0 or 1 or fewer than 2 patients count, since no spread can be estimated there."""
+    g = int(codes.max()) + 1 if len(codes) else 0
+    n_j, x_j = np.zeros((g, counted.shape[1])), np.zeros((g, counted.shape[1]))
+    np.add.at(n_j, codes, counted.astype(float))
+    np.add.at(x_j, codes, (success & counted).astype(float))
+    n, clusters = n_j.sum(0), (n_j > 0).sum(0)
+    p = _ratio(x_j.sum(0), n)
+    upper = _ratio((n_j ** 2).sum(0), n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        robust = clusters / (clusters - 1) * ((x_j - p * n_j) ** 2).sum(0) / n ** 2
+        ratio = robust / (p * (1 - p) / n)
+    estimable = (clusters >= 2) & (p > 0) & (p < 1)
+    return np.where(estimable, np.clip(np.nan_to_num(ratio, nan=1.0), 1.0, np.maximum(upper, 1.0)), upper)
+
+
+def wilson_interval(p: np.ndarray, n: np.ndarray, z: float = Z95) -> tuple:
+    """Wilson score interval of a proportion p over n (possibly effective, non-integer) trials; NaN at n 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shrink = 1 + z ** 2 / n
+        center = (p + z ** 2 / (2 * n)) / shrink
+        half = z * np.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2)) / shrink
+    ok = n > 0
+    return np.where(ok, center - half, np.nan), np.where(ok, center + half, np.nan)
+
+
+def clustered_wilson(success: np.ndarray, counted: np.ndarray, codes: np.ndarray) -> tuple:
+    """(low, high), each (K,): Wilson intervals of success / counted per column of the (N, K) 0/1 arrays, at
+    the effective sample size n / design effect of the patients `codes` (N,)."""
+    n = counted.sum(0).astype(float)
+    p = _ratio((success & counted).sum(0), n)
+    return wilson_interval(p, n / design_effect(success, counted, codes))
+
+
+def _entry(value, samples, resamples: int) -> dict:
+    """A metric's point value with its percentile interval over the bootstrap `samples`."""
+    low, high, valid = percentile_interval(samples)
+    return {"value": value, "low": low, "high": high, "valid": valid, "resamples": resamples}
+
+
+def _with_wilson(entry: dict, success, counted, codes) -> dict:
+    """The entry with Wilson limits (see clustered_wilson) in place of percentile ones."""
+    low, high = clustered_wilson(success, counted, codes)
+    return entry | {"low": low, "high": high, "valid": np.full(low.shape, entry["resamples"]), "interval": "wilson"}
+
+
+def compute_metrics(y_true, prob, k: int, resamples: int, seed: int, groups=None) -> dict:
+    """{metric: {'value', 'low', 'high', 'valid', 'resamples'}} with percentile bootstrap intervals over
+    patients (`groups`: a patient id per image) or images, Wilson intervals for precision, recall and
+    specificity, plus 'support' (images per class) and 'resampling' (resampling_unit)."""
     y_true, prob = np.asarray(y_true), np.asarray(prob, dtype=np.float64)
     n, counts = len(y_true), np.bincount(y_true, minlength=k)
     scorable = (counts > 0) & (counts < n)
     point = all_metrics(np.ones((1, n)), y_true, prob, k, scorable)
-    draws = [all_metrics(w, y_true, prob, k, scorable) for w in bootstrap_weights(n, resamples, seed, _chunk(n, k))]
-    out = {"support": counts}
+    draws = [all_metrics(w, y_true, prob, k, scorable)
+             for w in bootstrap_weights(n, resamples, seed, _chunk(n, k), groups)]
+    out = {"support": counts, "resampling": resampling_unit(groups, n)}
     for key, value in point.items():
-        samples = np.concatenate([d[key] for d in draws]) if draws else value[:0]
-        low, high, valid = percentile_interval(samples)
-        out[key] = {"value": value[0], "low": low, "high": high, "valid": valid}
+        out[key] = _entry(value[0], np.concatenate([d[key] for d in draws]) if draws else value[:0], resamples)
+    if resamples:
+        true, pred, codes = _one_hot(y_true, k) > 0, _one_hot(prob.argmax(1), k) > 0, group_codes(groups, n)
+        out["recall"] = _with_wilson(out["recall"], pred, true, codes)
+        out["specificity"] = _with_wilson(out["specificity"], ~pred, ~true, codes)
+        out["precision"] = _with_wilson(out["precision"], true, pred, codes)
     return out
 
 
-def paired_accuracy_difference(y_true, prob_a, prob_b, resamples: int, seed: int) -> dict:
-    """Accuracy of A minus B on the same images, with a paired bootstrap (same resampled images for both)."""
+def excludes_zero(low, high) -> bool:
+    return bool(np.isfinite(low) and (low > 0 or high < 0))
+
+
+def paired_accuracy_difference(y_true, prob_a, prob_b, resamples: int, seed: int, groups=None) -> dict:
+    """Accuracy of A minus B on the same images, with a paired bootstrap (the same resampled patients, or
+    images without `groups`, for both)."""
     n = len(y_true)
     correct = np.stack([prob_a.argmax(1) == y_true, prob_b.argmax(1) == y_true], 1).astype(float)   # (N, 2)
-    accuracies = [(w @ correct) / w.sum(1, keepdims=True) for w in bootstrap_weights(n, resamples, seed, _chunk(n))]
+    accuracies = [(w @ correct) / w.sum(1, keepdims=True)
+                  for w in bootstrap_weights(n, resamples, seed, _chunk(n), groups)]
     accuracies = np.concatenate(accuracies) if accuracies else np.zeros((0, 2))                     # (B, 2)
-    low, high, _ = percentile_interval(accuracies[:, 0] - accuracies[:, 1])
+    low, high, valid = percentile_interval(accuracies[:, 0] - accuracies[:, 1])
     return {"difference": float(correct[:, 0].mean() - correct[:, 1].mean()), "low": float(low),
-            "high": float(high), "num_images": n, "excludes_zero": bool(np.isfinite(low) and (low > 0 or high < 0))}
+            "high": float(high), "valid": int(valid), "resamples": resamples, "num_images": n,
+            "resampling": resampling_unit(groups, n), "excludes_zero": excludes_zero(low, high)}
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -188,48 +277,89 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def with_ci(m: dict, index=None, digits: int = 3) -> str:
-    """'0.812 [0.750, 0.870]' for a metric entry (a per-class one when `index` is given)."""
+    """'0.812 [0.750, 0.870]' for a metric entry (a per-class one when `index` is given); where resamples were
+    drawn but too few of them define the metric, '0.812 [n/a: only 150 usable resamples]'."""
     pick = (lambda a: a) if index is None else (lambda a: np.asarray(a)[index])
     value, low, high = pick(m["value"]), pick(m["low"]), pick(m["high"])
     if not np.isfinite(value):
         return "n/a"
-    ci = f" [{fmt(low, digits)}, {fmt(high, digits)}]" if np.isfinite(low) else ""
-    return fmt(value, digits) + ci
+    if np.isfinite(low):
+        return f"{fmt(value, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
+    if m.get("resamples") and "valid" in m:
+        return f"{fmt(value, digits)} [n/a: only {int(pick(m['valid']))} usable resamples]"
+    return fmt(value, digits)
 
 
-def proportion_with_ci(hits: np.ndarray, resamples: int, seed: int) -> dict:
-    """Mean of 0/1 outcomes with a percentile bootstrap 95% interval over images."""
+def proportion_with_ci(hits: np.ndarray, resamples: int, seed: int, groups=None) -> dict:
+    """Mean of 0/1 outcomes with a percentile bootstrap 95% interval over patients (`groups`) or images."""
     n = len(hits)
-    draws = [w @ hits.astype(float) / n for w in bootstrap_weights(n, resamples, seed, _chunk(n))]
-    low, high, _ = percentile_interval(np.concatenate(draws) if draws else np.zeros(0))
-    return {"value": float(hits.mean()) if n else float("nan"), "low": float(low), "high": float(high)}
+    draws = [w @ hits.astype(float) / w.sum(1) for w in bootstrap_weights(n, resamples, seed, _chunk(n), groups)]
+    low, high, valid = percentile_interval(np.concatenate(draws) if draws else np.zeros(0))
+    return {"value": float(hits.mean()) if n else float("nan"), "low": float(low), "high": float(high),
+            "valid": int(valid), "resamples": resamples, "resampling": resampling_unit(groups, n)}
 
 
 VERDICT_METRICS = {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "f1_macro": "macro F1",
                    "roc_auc_macro": "ROC-AUC", "ece": "calibration error (ECE)"}
 
+PRIMARY_METRIC = "balanced_accuracy"   # the verdict's metric; the others are secondary, Holm-adjusted
+
 LOWER_IS_BETTER = {"ece"}
 
+ALPHA = 0.05
 
-def paired_metric_differences(y_true, prob_a, prob_b, k: int, resamples: int, seed: int) -> dict:
-    """{metric: difference A - B, 95% paired-bootstrap interval}: both models scored on the same resampled
-    images, so what the images have in common cancels out."""
+
+def bootstrap_p_value(samples: np.ndarray) -> float:
+    """Two-sided p-value of 'no difference' from bootstrap differences: twice the smaller share of usable
+    resamples on either side of zero (each share counted as (k + 1) / (B + 1)); NaN when too few."""
+    d = samples[np.isfinite(samples)]
+    if len(d) < MIN_VALID_RESAMPLES:
+        return float("nan")
+    below, above = ((d <= 0).sum() + 1) / (len(d) + 1), ((d >= 0).sum() + 1) / (len(d) + 1)
+    return float(min(1.0, 2 * min(below, above)))
+
+
+def holm_adjusted(p) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control); NaN p-values stay NaN, not counted."""
+    p = np.asarray(p, dtype=float)
+    out, ok = np.full(p.shape, np.nan), np.isfinite(p)
+    q = p[ok]
+    order = np.argsort(q, kind="stable")
+    m = len(q)
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * q[order])) if m else q
+    filled = np.empty(m)
+    filled[order] = adjusted
+    out[ok] = filled
+    return out
+
+
+def paired_metric_differences(y_true, prob_a, prob_b, k: int, resamples: int, seed: int, groups=None) -> dict:
+    """{metric: difference A - B, 95% paired-bootstrap interval, bootstrap p-value}: both models scored on the
+    same resampled patients (or images without `groups`), so what they have in common cancels out. The
+    secondary metrics (all but PRIMARY_METRIC) also get Holm-adjusted p-values ('p_holm', 'detected')."""
     y_true = np.asarray(y_true)
     n, counts = len(y_true), np.bincount(y_true, minlength=k)
     scorable = (counts > 0) & (counts < n)
     keys = list(VERDICT_METRICS)
     a, b = (all_metrics(np.ones((1, n)), y_true, p, k, scorable) for p in (prob_a, prob_b))
     draws = []
-    for w in bootstrap_weights(n, resamples, seed, _chunk(n, k)):
+    for w in bootstrap_weights(n, resamples, seed, _chunk(n, k), groups):
         da, db = all_metrics(w, y_true, prob_a, k, scorable), all_metrics(w, y_true, prob_b, k, scorable)
         draws.append(np.stack([da[key] - db[key] for key in keys], 1))
     samples = np.concatenate(draws) if draws else np.zeros((0, len(keys)))
-    low, high, _ = percentile_interval(samples)
+    low, high, valid = percentile_interval(samples)
+    p = [bootstrap_p_value(samples[:, j]) for j in range(len(keys))]
+    secondary = [j for j, key in enumerate(keys) if key != PRIMARY_METRIC]
+    p_holm = dict(zip(secondary, holm_adjusted([p[j] for j in secondary])))
     out = {}
     for j, key in enumerate(keys):
-        diff = float(a[key][0] - b[key][0])
-        excludes = bool(np.isfinite(low[j]) and (low[j] > 0 or high[j] < 0))
-        out[key] = {"difference": diff, "low": float(low[j]), "high": float(high[j]), "excludes_zero": excludes}
+        out[key] = {"difference": float(a[key][0] - b[key][0]), "low": float(low[j]), "high": float(high[j]),
+                    "valid": int(valid[j]), "excludes_zero": excludes_zero(low[j], high[j]), "p": p[j],
+                    "primary": key == PRIMARY_METRIC}
+        if j in p_holm:
+            out[key] |= {"p_holm": float(p_holm[j]), "detected": bool(p_holm[j] < ALPHA)}
+        else:
+            out[key]["detected"] = out[key]["excludes_zero"]
     return out
 
 
@@ -273,17 +403,22 @@ def multilabel_draws(weights, y, prob, thresholds, scorable) -> dict:
     return out
 
 
-def compute_multilabel_metrics(y, prob, thresholds, resamples: int, seed: int) -> dict:
-    """{metric: {'value', 'low', 'high', 'valid'}} (per-finding metrics are (K,) arrays) with percentile
-    bootstrap intervals over images, plus 'positives' and 'negatives' counted per finding."""
+def compute_multilabel_metrics(y, prob, thresholds, resamples: int, seed: int, groups=None) -> dict:
+    """{metric: {'value', 'low', 'high', 'valid', 'resamples'}} (per-finding metrics are (K,) arrays) with
+    percentile bootstrap intervals over patients (`groups`) or images and Wilson intervals for sensitivity and
+    specificity, plus 'positives', 'negatives' and 'ignored' (uncertain cells) counted per finding and
+    'resampling' (resampling_unit)."""
     y, prob = np.asarray(y), np.asarray(prob, dtype=np.float64)
     n, scorable = len(y), scorable_findings(y)
     point = multilabel_draws(np.ones((1, n)), y, prob, thresholds, scorable)
     draws = [multilabel_draws(w, y, prob, thresholds, scorable)
-             for w in bootstrap_weights(n, resamples, seed, _chunk(n, 4 * y.shape[1]))]
-    out = {"positives": (y == 1).sum(0), "negatives": (y == 0).sum(0), "ignored": (y < 0).sum(0)}
+             for w in bootstrap_weights(n, resamples, seed, _chunk(n, 4 * y.shape[1]), groups)]
+    out = {"positives": (y == 1).sum(0), "negatives": (y == 0).sum(0), "ignored": (y < 0).sum(0),
+           "resampling": resampling_unit(groups, n)}
     for key, value in point.items():
-        samples = np.concatenate([d[key] for d in draws]) if draws else value[:0]
-        low, high, valid = percentile_interval(samples)
-        out[key] = {"value": value[0], "low": low, "high": high, "valid": valid}
+        out[key] = _entry(value[0], np.concatenate([d[key] for d in draws]) if draws else value[:0], resamples)
+    if resamples:
+        pred, codes = prob >= np.asarray(thresholds)[None, :], group_codes(groups, n)
+        out["sensitivity"] = _with_wilson(out["sensitivity"], pred, y == 1, codes)
+        out["specificity"] = _with_wilson(out["specificity"], ~pred, y == 0, codes)
     return out

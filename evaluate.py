@@ -7,7 +7,7 @@ r"""Metrics and figures for trained checkpoints, on a held-out split, with boots
         --data_dir ./data/medical_images --output_dir ./evaluation_results/ssl_vs_scratch
     python evaluate.py --checkpoint ./checkpoints/best_ssl_model.pth --data_dir ./data/medical_images \
         --output_dir ./evaluation_results/ssl_probe          # linear probe + kNN on frozen features
-    python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --split val --bootstrap 2000
+    python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --split test --bootstrap 5000
     python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --images ./new_scans \
         --output_dir ./predictions                          # no labels: predictions.csv, summary.md, gradcam.png
     python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --export onnx --output_dir ./export \
@@ -146,8 +146,9 @@ def get_args_parser():
                         "under OUTPUT_DIR/tensorboard/<model> (needs `pip install tensorboard`)")
     p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
                    help="images to score; for a classifier, the split recorded in its checkpoint")
-    utils.bounded(p.add_argument("--bootstrap", type=int, default=1000,
-                                 help="bootstrap resamples of the images for the 95%% confidence intervals (0: none)"),
+    utils.bounded(p.add_argument("--bootstrap", type=int, default=2000,
+                                 help="bootstrap resamples of the patients (images without patient ids) for the 95%% "
+                                      "confidence intervals; below 200 no percentile interval is given (0: none)"),
                   utils.Bound(int, 0, 100_000, hint="resamples; 0 for no intervals"))
     utils.bounded(p.add_argument("--batch_size", type=int, default=64, help="images per forward pass"),
                   utils.Bound(int, 1, 1 << 16))

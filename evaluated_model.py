@@ -47,4 +47,4 @@ class Evaluated:
     history_csv: str | None = None
     explained: object = None     # an `Explained` (network + preprocessing) for Grad-CAM; None for probes and kNN
     prob_uncalibrated: np.ndarray | None = None   # classifiers: `prob` at temperature 1, for the ECE before scaling
-    patient_ids: np.ndarray | None = None         # (N,) str, one per image (its filename without a patient_id column)
+    patient_ids: np.ndarray | None = None   # (N,) the label file's patient of each image: the bootstrap's unit

@@ -3,8 +3,8 @@ the thresholds chosen on val and their means, predictions.csv, the ROC grid and 
 metrics.json and the report's finding table; for two or more models the paired ROC-AUC differences,
 comparison.csv/.md and report.md. The methods of tasks.MultiLabel that reports.py calls.
 
-Targets y (N, K) hold 1, 0 or -1 (a cell ignored under --uncertain ignore); probabilities are sigmoids. An
-ignored cell gets weight 0 for its finding, so it counts in no metric of that finding.
+Targets y (N, K) hold 1, 0 or -1 (an uncertain cell: left out of the test metrics for every model, whatever
+--uncertain it was trained with); probabilities are sigmoids. A -1 cell gets weight 0 for its finding.
 """
 import csv
 import io
@@ -14,12 +14,14 @@ import numpy as np
 
 import training_history
 import utils
-from classification_metrics import (FINDING_METRICS, _chunk, bootstrap_weights, compute_multilabel_metrics,
-                                    finding_metrics, fmt, percentile_interval, plain, scorable_findings, with_ci)
+from classification_metrics import (FINDING_METRICS, _chunk, bootstrap_p_value, bootstrap_weights,
+                                    compute_multilabel_metrics, finding_metrics, fmt, holm_adjusted,
+                                    percentile_interval, plain, resampling_unit, scorable_findings, with_ci)
 from evaluated_model import Evaluated
 from plots import plot_multilabel_embedding, plot_roc_grid
 from utils import UserError
-from verdicts import paired_auc_lines, provenance_lines
+from verdicts import (bootstrap_document, multilabel_verdict_lines, paired_auc_lines, provenance_lines,
+                      small_split_warnings)
 
 
 class MultiLabelReports:
@@ -33,10 +35,13 @@ class MultiLabelReports:
                             "the same findings; evaluate the others separately")
 
     def compute_metrics(self, ev: Evaluated, resamples: int, seed: int) -> dict:
-        return compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, resamples, seed)
+        return compute_multilabel_metrics(ev.y_true, ev.prob, ev.info.thresholds, resamples, seed, ev.patient_ids)
 
     def small_split_warnings(self, ev: Evaluated, metrics: dict) -> list:
-        return []
+        """The split's size, and findings with few positive or few negative images."""
+        thin = [(f"{name} {kind}", metrics[kind][k]) for k, name in enumerate(ev.class_names)
+                for kind in ("positives", "negatives")]
+        return small_split_warnings(ev, metrics, thin, "positive or negative images of a finding")
 
     def write_model_files(self, ev: Evaluated, metrics: dict, folder: str) -> None:
         """Nothing beyond predictions.csv, metrics.json and report.md."""
@@ -59,22 +64,27 @@ class MultiLabelReports:
         return figures
 
     def report_head(self, ev: Evaluated, metrics: dict, args) -> list:
-        """Where the numbers came from, with the findings, the uncertain-cell policy and the thresholds."""
-        return provenance_lines(
-            ev, args, f", {len(ev.class_names)} findings; uncertain cells: {ev.info.uncertain}",
+        """The split's cautions, then where the numbers came from, with the findings, the uncertain cells left
+        out and the thresholds."""
+        cautions = [line for w in ev.info.small_split for line in (f"> **Caution:** {w}", "")]
+        return cautions + provenance_lines(
+            ev, metrics, args, f", {len(ev.class_names)} findings; {int(metrics['ignored'].sum())} uncertain cells "
+                               f"left out of the metrics (trained with --uncertain {ev.info.uncertain})",
             [f"- thresholds: chosen per finding on val ({ev.info.threshold_rule}), recorded in the checkpoint"])
 
     report_files = "Files: [metrics.json](metrics.json), [predictions.csv](predictions.csv)"
 
     def paired(self, a: Evaluated, b: Evaluated, resamples: int, seed: int):
         """Per-finding and mean ROC-AUC of A minus B on the images both scored, paired bootstrap (the same
-        resampled images for both); None without common images."""
+        resampled patients, or images, for both) on the same certain cells; the findings' p-values
+        Holm-adjusted (the mean AUC is the primary metric); None without common images."""
         rows_b = {f: i for i, f in enumerate(b.filenames)}
         common = [(i, rows_b[f]) for i, f in enumerate(a.filenames) if f in rows_b]
         if not common:
             return None
         ia, ib = np.array(common).T
         y, pa, pb = a.y_true[ia], a.prob[ia], b.prob[ib]
+        groups = None if a.patient_ids is None else a.patient_ids[ia]
         scorable = scorable_findings(y)
 
         def difference(w):
@@ -85,12 +95,15 @@ class MultiLabelReports:
             return np.concatenate([diff, mean], 1)                                    # (B, K + 1)
 
         point = difference(np.ones((1, len(y))))[0]
-        draws = [difference(w) for w in bootstrap_weights(len(y), resamples, seed, _chunk(len(y), 8 * y.shape[1]))]
-        low, high, _ = percentile_interval(np.concatenate(draws) if draws else point[None, :0])
-        if not draws:
-            low = high = np.full(len(point), np.nan)
+        chunk = _chunk(len(y), 8 * y.shape[1])
+        draws = [difference(w) for w in bootstrap_weights(len(y), resamples, seed, chunk, groups)]
+        samples = np.concatenate(draws) if draws else np.zeros((0, len(point)))
+        low, high, valid = percentile_interval(samples)
+        p = np.array([bootstrap_p_value(samples[:, j]) for j in range(len(point))])
         return {"model_a": a.name, "model_b": b.name, "num_images": len(y), "findings": list(a.class_names),
-                "difference": point, "low": low, "high": high}
+                "difference": point, "low": low, "high": high, "valid": valid, "resamples": resamples,
+                "p": p, "p_holm": holm_adjusted(p[:-1]), "resampling": resampling_unit(groups, len(y)),
+                "init_a": a.info.init, "init_b": b.info.init, "split": a.info.split}
 
     def write_predictions(self, ev: Evaluated, path: str) -> None:
         """One row per image: for each finding the label (1, 0, empty if ignored), probability, thresholded call."""
@@ -122,8 +135,9 @@ class MultiLabelReports:
                              f"image in the {ev.info.split} split: its AUC, AP and one of sensitivity/specificity are "
                              f"undefined (n/a) and the mean AUC leaves it out")
             if metrics["ignored"][k]:
-                notes.append(f"finding {name!r}: {int(metrics['ignored'][k])} uncertain cell(s) ignored "
-                             f"(--uncertain {ev.info.uncertain})")
+                notes.append(f"finding {name!r}: {int(metrics['ignored'][k])} uncertain cell(s) left out of its "
+                             f"metrics (certain cells only, for every model; trained with --uncertain "
+                             f"{ev.info.uncertain})")
         used = int(metrics["mean_auc"]["valid"])
         if resamples and used < resamples:
             notes.append(f"the mean-AUC interval uses {used} of {resamples} resamples; the others lost a finding's "
@@ -133,7 +147,8 @@ class MultiLabelReports:
     def metrics_document(self, ev: Evaluated, metrics: dict, args) -> dict:
         def entry(m, k=None):
             pick = (lambda a: a) if k is None else (lambda a: np.asarray(a)[k])
-            return {"value": plain(pick(m["value"])), "ci95": [plain(pick(m["low"])), plain(pick(m["high"]))]}
+            return {"value": plain(pick(m["value"])), "ci95": [plain(pick(m["low"])), plain(pick(m["high"]))],
+                    "resamples_used": int(pick(m["valid"]))}
 
         per_finding = {name: {key: entry(metrics[key], k) for key in FINDING_METRICS} |
                        {"positives": int(metrics["positives"][k]), "negatives": int(metrics["negatives"][k]),
@@ -141,10 +156,8 @@ class MultiLabelReports:
                        for k, name in enumerate(ev.class_names)}
         return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info.as_dict(),
                 "num_images": len(ev.y_true), "findings": ev.class_names, "label_file": os.path.abspath(args.label_file),
-                "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "interval": "percentile, 95%",
-                              "unit": "image"},
-                "metrics": {"mean_auc": entry(metrics["mean_auc"]) | {"resamples_used": int(metrics["mean_auc"]["valid"])},
-                            "mean_ap": entry(metrics["mean_ap"])},
+                "bootstrap": bootstrap_document(metrics["resampling"], args),
+                "metrics": {"mean_auc": entry(metrics["mean_auc"]), "mean_ap": entry(metrics["mean_ap"])},
                 "per_finding": per_finding, "notes": ev.notes}
 
     def write_comparison(self, evaluated, results, folders, paired, args, pointing=()) -> None:
@@ -158,7 +171,8 @@ class MultiLabelReports:
                     {"roc_auc": (m["mean_auc"], None), "average_precision": (m["mean_ap"], None)}
                 row = {"model": ev.name, "folder": os.path.basename(folder), "finding": finding,
                        "init": ev.info.init or "", "label_fraction": ev.info.label_fraction,
-                       "num_images": len(ev.y_true)}
+                       "num_images": len(ev.y_true), "bootstrap_unit": m["resampling"]["unit"],
+                       "bootstrap_units": m["resampling"]["units"]}
                 for key, (entry, idx) in src.items():
                     pick = (lambda a: a) if idx is None else (lambda a, i=idx: np.asarray(a)[i])
                     row |= {key: plain(pick(entry["value"])), f"{key}_ci_low": plain(pick(entry["low"])),
@@ -169,8 +183,12 @@ class MultiLabelReports:
         plot_roc_grid(evaluated, results, os.path.join(args.output_dir, "roc_grid_comparison.png"),
                       f"ROC per finding, {args.split} split")
         header = ["finding", "positives"] + [f"{ev.name} AUC" for ev in evaluated]
-        lines = [f"# Comparison on the {args.split} split ({len(names)} findings)", "",
-                 f"ROC-AUC per finding with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed "
+        lines = [f"# Comparison on the {args.split} split ({len(names)} findings)", ""]
+        lines += multilabel_verdict_lines(paired) + [""]
+        cautions = dict.fromkeys(w for ev in evaluated for w in ev.info.small_split)
+        lines += [line for w in cautions for line in (f"> **Caution:** {w}", "")]
+        lines += [f"ROC-AUC per finding with 95% bootstrap intervals ({args.bootstrap} resamples of the "
+                 f"{results[0]['resampling']['unit']}s, seed "
                  f"{args.seed}); the mean is over the findings with positives and negatives in the split.", "",
                  "| " + " | ".join(header) + " |", "|---|---:|" + "---|" * len(evaluated)]
         for k, finding in enumerate(names):
@@ -194,4 +212,8 @@ class MultiLabelReports:
         print(f"report: {report}")
 
     def print_verdict(self, evaluated: list, results: list, paired, pointing) -> None:
-        """The paired AUC differences are in the report; nothing more is printed."""
+        """The verdict on the mean AUC; the per-finding differences are in the report."""
+        if paired is not None:
+            for line in multilabel_verdict_lines(paired):
+                if line:
+                    print(line.replace("**", ""))

@@ -60,4 +60,4 @@ phase 5 "evaluation of both on the held-out test split" \
 
 echo
 echo "== done in $((SECONDS - start)) s. Report: ./evaluation_results/report.md"
-grep -E '^\*\*Verdict|^- |^\|' ./evaluation_results/comparison.md | head -n 24 || true
+grep -E '^\*\*Verdict|^One pair|^- |^\|' ./evaluation_results/comparison.md | head -n 24 || true

@@ -194,7 +194,7 @@ def evaluate_ssl(path: str, name: str, ckpt: SSLCheckpoint, args, device, autoca
     chosen = [f"linear probe: L2 strength C={probe.C:g}, {probe.chosen_by}"]
     return [Evaluated(f"{name} {kind}", path, kind, filenames, y, prob.astype(np.float64), eval_x,
                       label_tables.read_class_names(args.label_file, table.class_names), dataclasses.replace(info, probe=kind, probe_C=probe.C if kind == "linear probe" else None),
-                      list(notes) + extra, history)
+                      list(notes) + extra, history, patient_ids=table.patient_ids[rows])
             for kind, prob, extra in (("linear probe", probe.prob, chosen), ("kNN", knn, []))]
 
 

@@ -17,7 +17,8 @@ from classification_metrics import (COMPARISON_METRICS, PER_CLASS_METRICS, SCALA
 from evaluated_model import Evaluated
 from gradcam import plot_pointing_game, pointing_sentences
 from plots import plot_confusion, plot_embedding, plot_pr, plot_reliability, plot_roc, plot_roc_comparison
-from verdicts import headline_sentence, paired_sentences, provenance_lines, small_split_warnings, verdict_lines
+from verdicts import (bootstrap_document, headline_sentence, interval_text, paired_sentences, provenance_lines,
+                      small_split_warnings, units_text, verdict_lines)
 
 
 class SingleLabelReports:
@@ -27,7 +28,7 @@ class SingleLabelReports:
         """Any single-label models can be compared on the images they share."""
 
     def compute_metrics(self, ev: Evaluated, resamples: int, seed: int) -> dict:
-        return compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples, seed)
+        return compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples, seed, ev.patient_ids)
 
     def small_split_warnings(self, ev: Evaluated, metrics: dict) -> list:
         return small_split_warnings(ev, metrics)
@@ -42,8 +43,7 @@ class SingleLabelReports:
         per_class["support"] = {name: int(n) for name, n in zip(ev.class_names, metrics["support"])}
         return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info.as_dict(),
                 "num_images": len(ev.y_true), "class_names": ev.class_names, "label_file": os.path.abspath(args.label_file),
-                "bootstrap": {"resamples": args.bootstrap, "seed": args.seed, "interval": "percentile, 95%",
-                              "unit": "image"},
+                "bootstrap": bootstrap_document(metrics["resampling"], args),
                 "metrics": scalars, "per_class": per_class, "notes": ev.notes}
 
     def metric_notes(self, ev: Evaluated, metrics: dict, resamples: int) -> list:
@@ -78,8 +78,8 @@ class SingleLabelReports:
             warnings.simplefilter("ignore")
             text = classification_report(ev.y_true, ev.prob.argmax(1), labels=list(range(k)),
                                          target_names=ev.class_names, digits=3, zero_division=0)
-        lines = [f"{ev.name}: {ev.info.split} split, {len(ev.y_true)} images", "", text, "",
-                 "95% bootstrap confidence intervals (percentile, resampling images):", ""]
+        lines = [f"{ev.name}: {ev.info.split} split, {units_text(metrics['resampling'])}", "", text, "",
+                 interval_text(metrics["resampling"], metrics["accuracy"]["resamples"]) + ":", ""]
         lines += [f"  {label:<48} {with_ci(metrics[key])}" for key, label in self.headline_metrics(ev.class_names).items()]
         for c, name in enumerate(ev.class_names):
             lines += ["", f"  class {name} (n={int(metrics['support'][c])})"]
@@ -141,9 +141,10 @@ class SingleLabelReports:
         if not common:
             return None
         ia, ib = np.array(common).T
-        result = paired_accuracy_difference(a.y_true[ia], a.prob[ia], b.prob[ib], resamples, seed)
+        groups = None if a.patient_ids is None else a.patient_ids[ia]
+        result = paired_accuracy_difference(a.y_true[ia], a.prob[ia], b.prob[ib], resamples, seed, groups)
         result["metrics"] = paired_metric_differences(a.y_true[ia], a.prob[ia], b.prob[ib], len(a.class_names),
-                                                      resamples, seed)
+                                                      resamples, seed, groups)
         return result | {"model_a": a.name, "model_b": b.name, "init_a": a.info.init,
                          "init_b": b.info.init, "split": a.info.split}
 
@@ -152,7 +153,8 @@ class SingleLabelReports:
         for ev, m, folder in zip(evaluated, results, folders):
             row = {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind,
                    "init": ev.info.init or "", "label_fraction": ev.info.label_fraction,
-                   "split": ev.info.split, "num_images": len(ev.y_true), "folder": os.path.basename(folder)}
+                   "split": ev.info.split, "num_images": len(ev.y_true), "bootstrap_unit": m["resampling"]["unit"],
+                   "bootstrap_units": m["resampling"]["units"], "folder": os.path.basename(folder)}
             for key in COMPARISON_METRICS:
                 row |= {key: plain(m[key]["value"]), f"{key}_ci_low": plain(m[key]["low"]),
                         f"{key}_ci_high": plain(m[key]["high"])}
@@ -180,7 +182,8 @@ class SingleLabelReports:
         lines = [f"# Comparison on the {args.split} split", ""] + verdict_lines(paired) + [""]
         for w in cautions:
             lines += [f"> **Caution:** {w}", ""]
-        lines += [f"Values with 95% bootstrap intervals ({args.bootstrap} resamples of the images, seed {args.seed}). "
+        lines += [f"Values with 95% bootstrap intervals ({args.bootstrap} resamples of the "
+                  f"{results[0]['resampling']['unit']}s, seed {args.seed}). "
                   f"ROC-AUC: the macro one-vs-rest average (with two classes, the positive class's AUC); "
                   f"ECE (expected calibration error): lower is better.", ""] + table
         lines += ["", "## Paired differences", ""] + paired_sentences(paired)
@@ -199,7 +202,7 @@ class SingleLabelReports:
         lines = [headline_sentence(ev, metrics), ""]
         for w in ev.info.small_split:
             lines += [f"> **Caution:** {w}", ""]
-        return lines + provenance_lines(ev, args)
+        return lines + provenance_lines(ev, metrics, args)
 
     report_files = ("Files: [metrics.json](metrics.json), [classification_report.txt](classification_report.txt), "
                     "[predictions.csv](predictions.csv)")

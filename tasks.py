@@ -252,9 +252,11 @@ class MultiLabel(MultiLabelReports):
 
     # ------------ scoring a checkpoint (evaluate.py) ------------
     def scoring_table(self, args, ckpt):
-        """The label file read as multi-label, uncertain cells as the checkpoint's run read them."""
+        """The label file read as multi-label with its uncertain cells left out (-1), whatever --uncertain the
+        checkpoint was trained with: every model is scored against the same, certain ground truth (the splits
+        are drawn from the certain cells either way)."""
         return label_tables.load_label_table(
-            args.label_file, args.data_dir, "multilabel", ckpt.uncertain or "ignore",
+            args.label_file, args.data_dir, "multilabel", "ignore",
             seed=42 if ckpt.split_seed is None else ckpt.split_seed,
             val_fraction=0.15 if ckpt.val_fraction is None else ckpt.val_fraction,
             test_fraction=0.15 if ckpt.test_fraction is None else ckpt.test_fraction)

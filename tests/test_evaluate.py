@@ -117,7 +117,7 @@ def test_bootstrap_interval_contains_estimate_and_narrows_with_more_images():
 
 def test_bootstrap_is_deterministic_for_a_seed():
     y, prob = random_predictions(80, 3, seed=4)
-    a, b, c = (classification_metrics.compute_metrics(y, prob, 3, 100, seed=s)["roc_auc_macro"] for s in (5, 5, 6))
+    a, b, c = (classification_metrics.compute_metrics(y, prob, 3, 200, seed=s)["roc_auc_macro"] for s in (5, 5, 6))
     assert (a["low"], a["high"]) == (b["low"], b["high"])
     assert (a["low"], a["high"]) != (c["low"], c["high"])
 
@@ -220,7 +220,7 @@ def world(tmp_path_factory):
 
 def run_evaluate(world, out, *checkpoints, extra=()):
     argv = [a for c in checkpoints for a in ("--checkpoint", str(c))]
-    argv += ["--data_dir", str(world["data"]), "--output_dir", str(out), "--bootstrap", "50", "--device", "cpu",
+    argv += ["--data_dir", str(world["data"]), "--output_dir", str(out), "--bootstrap", "200", "--device", "cpu",
              *extra]
     return evaluate.main(evaluate.get_args_parser().parse_args(argv))
 
@@ -258,11 +258,11 @@ def test_classifier_run_writes_every_file(single_run):
     assert "95% CI" in report and "| normal | 4 |" in report
     first = report.splitlines()
     assert first[0] == "# Evaluation: SSL init"                      # named by its init, not its file name
-    assert first[2].startswith("**Summary:** on 12 test-split images, SSL init has balanced accuracy")
+    assert first[2].startswith("**Summary:** on 12 test images, SSL init has balanced accuracy")
     assert "best epoch 3 of 5" in report
     # 12 images, 4 per class: the report says the intervals mean little, and how many images would do
     assert "> **Caution:** only 12 test images" in report and "about 97 images give +-0.10" in report
-    assert "few images of class effusion (4), normal (4), pneumonia (4)" in report
+    assert "few images of a class: effusion (4), normal (4), pneumonia (4)" in report
 
 
 def test_predictions_are_the_recorded_test_split_and_never_trained_on(world, single_run):
@@ -297,10 +297,13 @@ def test_comparison_mode(world, single_run, monkeypatch):
     rows = read_predictions(out / "comparison.csv")
     assert [r["model"] for r in rows] == ["SSL", "scratch"] and rows[0]["init"] == "ssl"
     assert {"accuracy_ci_low", "roc_auc_macro", "ece_ci_high", "label_fraction"} <= set(rows[0])
+    assert rows[0]["bootstrap_unit"] == "image" and rows[0]["bootstrap_units"] == "12"   # no patient_id column
     md = (out / "comparison.md").read_text()
     assert "Paired differences" in md and ("excludes zero" in md or "includes zero" in md)
     verdict = md.splitlines()[2]
-    assert verdict.startswith("**Verdict:** SSL pretraining") and "paired bootstrap 95% CI" in verdict
+    assert verdict.startswith("**Verdict** (primary metric: balanced accuracy): this SSL-initialised model (SSL) vs "
+                              "this from-scratch model (scratch) on these 12 test images: ")
+    assert "paired bootstrap over the images, 95% CI" in verdict and "label-efficiency benchmark" in md
     assert "| balanced accuracy |" in md and "> **Caution:** only 12 test images" in md
     assert result["paired"]["num_images"] == 12
     assert "SSL/report.md" in (out / "report.md").read_text()
@@ -466,15 +469,18 @@ def test_verdict_in_words():
     base = {"num_images": 400, "split": "test", "init_a": "ssl", "init_b": "scratch"}
     helped = verdicts.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics":
                                             classification_metrics.paired_metric_differences(y, good, bad, 3, 200, seed=0)})
-    assert helped[0].startswith("**Verdict:** SSL pretraining **helped** in balanced accuracy on the 400 test")
-    assert "- balanced accuracy: **SSL init** is better" in "\n".join(helped)
+    assert helped[0].startswith("**Verdict** (primary metric: balanced accuracy): this SSL-initialised model (SSL "
+                                "init) vs this from-scratch model (from scratch) on these 400 test images: **SSL init** "
+                                "is better, SSL init minus from scratch +0.")
+    assert "Holm-adjusted" in helped[4] and "- accuracy: **SSL init** is better" in "\n".join(helped)
     same = classification_metrics.paired_metric_differences(y, good, good, 3, 200, seed=0)
     assert all(d["difference"] == 0 and not d["excludes_zero"] for d in same.values())
     lines = verdicts.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics": same})
-    assert "**no significant difference**" in lines[0] and "no significant difference (SSL init minus" in lines[2]
+    assert "**no difference detected**" in lines[0] and "- accuracy: no difference detected (SSL init minus" in lines[6]
+    assert "Holm-adjusted p 1.000" in lines[6]
     hurt = classification_metrics.paired_metric_differences(y, bad, good, 3, 200, seed=0)
     lines = verdicts.verdict_lines(base | {"model_a": "SSL init", "model_b": "from scratch", "metrics": hurt})
-    assert "SSL pretraining **hurt**" in lines[0]
+    assert "**from scratch** is better" in lines[0]
     # the accuracy difference agrees with the accuracy-only helper, interval included
     acc = classification_metrics.paired_accuracy_difference(y, good, bad, 200, seed=0)
     d = classification_metrics.paired_metric_differences(y, good, bad, 3, 200, seed=0)["accuracy"]

@@ -269,11 +269,19 @@ def test_multilabel_comparison_report_has_per_finding_aucs_with_intervals(pipeli
         row = next(line for line in comparison.splitlines() if line.startswith(f"| {name} |"))
         assert row.count("[") >= 2                                     # both models' AUC with an interval
     assert "Paired ROC-AUC difference" in comparison and "**mean AUC**" in comparison
+    verdict = comparison.splitlines()[2]
+    assert verdict.startswith("**Verdict** (primary metric: mean ROC-AUC over the findings): this SSL-initialised "
+                              "model (SSL) vs this from-scratch model (scratch) on these ")
+    assert " test patients (" in verdict and "paired bootstrap over the patients" in verdict
+    assert "Holm-adjusted p" in comparison and "> **Caution:** only " in comparison
     metrics = json.load(open(os.path.join(out, "SSL", "metrics.json")))
     assert metrics["findings"] == findings
     for name in findings:
         auc = metrics["per_finding"][name]["roc_auc"]
-        assert auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
+        if auc["ci95"][0] is None:                                     # too few resamples kept the finding's cases
+            assert auc["resamples_used"] < 200 and "usable resamples]" in comparison
+        else:
+            assert auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
         assert set(metrics["per_finding"][name]) >= {"average_precision", "sensitivity", "specificity", "threshold"}
     # the point AUCs are scikit-learn's on the predictions written
     predictions = pd.read_csv(os.path.join(out, "SSL", "predictions.csv"))

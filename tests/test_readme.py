@@ -77,12 +77,14 @@ def test_quickstart_runs_every_phase_and_ends_with_the_report_and_its_comparison
     table = (report / "comparison.md").read_text()
     assert "| [SSL init](" in table and "| [from scratch](" in table          # named by what they are
     verdict = (report / "report.md").read_text().splitlines()[2]            # the report's first lines say it
-    assert verdict.startswith("**Verdict:** SSL pretraining ") and "paired bootstrap 95% CI" in verdict
+    assert verdict.startswith("**Verdict** (primary metric: balanced accuracy): this SSL-initialised model (SSL init) "
+                              "vs this from-scratch model (from scratch) on these ")
+    assert " test patients (" in verdict and "paired bootstrap over the patients, 95% CI" in verdict
     assert (report / "SSL_init" / "gradcam.png").stat().st_size > 0          # heat maps of each classifier
     assert "## Grad-CAM pointing game" in table and (report / "pointing_game.png").stat().st_size > 0
     tail = out[out.index("== done in"):]                                     # the one command ends with the verdict
     assert "Report: ./evaluation_results/report.md" in tail
-    assert "**Verdict:** SSL pretraining " in tail and "SSL init" in tail and "from scratch" in tail
+    assert "**Verdict** (primary metric: balanced accuracy): this SSL-initialised model (SSL init)" in tail
 
 
 def test_every_script_explains_its_flags():
