@@ -290,15 +290,6 @@ def with_ci(m: dict, index=None, digits: int = 3) -> str:
     return fmt(value, digits)
 
 
-def proportion_with_ci(hits: np.ndarray, resamples: int, seed: int, groups=None) -> dict:
-    """Mean of 0/1 outcomes with a percentile bootstrap 95% interval over patients (`groups`) or images."""
-    n = len(hits)
-    draws = [w @ hits.astype(float) / w.sum(1) for w in bootstrap_weights(n, resamples, seed, _chunk(n), groups)]
-    low, high, valid = percentile_interval(np.concatenate(draws) if draws else np.zeros(0))
-    return {"value": float(hits.mean()) if n else float("nan"), "low": float(low), "high": float(high),
-            "valid": int(valid), "resamples": resamples, "resampling": resampling_unit(groups, n)}
-
-
 VERDICT_METRICS = {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "f1_macro": "macro F1",
                    "roc_auc_macro": "ROC-AUC", "ece": "calibration error (ECE)"}
 

@@ -10,7 +10,7 @@ import torch
 import image_io
 import model_ssl
 import utils
-from classification_metrics import fmt, with_ci
+from classification_metrics import bootstrap_weights, fmt, resampling_unit, with_ci
 from evaluated_model import Evaluated
 from plots import class_colors, pyplot
 
@@ -117,25 +117,6 @@ def permutation_baseline(cams: np.ndarray, boxes: list, sizes: list, classes,
     return np.where(others > 0, hit_sum / np.maximum(others, 1), np.nan)
 
 
-def resample_weights(n: int, resamples: int, seed: int, groups=None, chunk: int = 500):
-    """Yield (b, n) bootstrap draw counts, `chunk` resamples at a time; with `groups` (a patient id per image)
-    whole patients are drawn and each image counts as often as its patient."""
-    # To be unified with classification_metrics.bootstrap_weights(groups=...) when that takes groups.
-    _, group = np.unique(np.arange(n) if groups is None else np.asarray(groups), return_inverse=True)
-    m = int(group.max()) + 1 if n else 0
-    rng = np.random.default_rng(seed)
-    for start in range(0, resamples, chunk):
-        b = min(chunk, resamples - start)
-        drawn = rng.integers(0, m, size=(b, m)) + m * np.arange(b)[:, None]
-        yield np.bincount(drawn.ravel(), minlength=b * m).reshape(b, m)[:, group].astype(np.float64)
-
-
-def resampling_unit(groups, n: int) -> tuple:
-    """('patient', number of patients) when `groups` puts some images together, else ('image', n)."""
-    patients = len(np.unique(groups)) if groups is not None else n
-    return ("patient", patients) if patients < n else ("image", n)
-
-
 def mean_with_ci(values, resamples: int, seed: int, groups=None) -> dict:
     """Mean of per-image values (NaN ones left out) with a percentile bootstrap 95% interval, resampling
     patients when `groups` is given; the same seed draws the same resamples for every model."""
@@ -145,7 +126,7 @@ def mean_with_ci(values, resamples: int, seed: int, groups=None) -> dict:
         return {"value": float("nan"), "low": float("nan"), "high": float("nan")}
     n, x = len(values), np.where(keep, values, 0.0)
     draws = []
-    for w in resample_weights(n, resamples, seed, groups):
+    for w in bootstrap_weights(n, resamples, seed, 500, groups):
         w = w * keep
         with np.errstate(invalid="ignore", divide="ignore"):
             draws.append(w @ x / w.sum(1))
@@ -164,7 +145,7 @@ def rate_with_ci(hits, resamples: int, seed: int, groups=None) -> dict:
     if resamples and len(hits) and (hits.all() or not hits.any()):
         from scipy.stats import binomtest
 
-        units = resampling_unit(groups, len(hits))[1]
+        units = resampling_unit(groups, len(hits))["units"]
         ci = binomtest(units if hits.all() else 0, units).proportion_ci(method="wilson")
         out |= {"low": float(ci.low), "high": float(ci.high), "interval": "Wilson (all hits or none)"}
     return out
@@ -237,7 +218,8 @@ def pointing_scores(hits, baseline, blank, groups, resamples: int, seed: int) ->
     """One model's pointing-game numbers: hit rate, permutation baseline, their paired difference, and the
     hit rate among non-blank maps, each with a bootstrap 95% interval over patients (images without ids)."""
     n = len(hits)
-    unit, units = resampling_unit(groups, n)
+    resampled = resampling_unit(groups, n)
+    unit, units = resampled["unit"], resampled["units"]
     shown = ~blank
     nonblank_groups = None if groups is None else np.asarray(groups)[shown]
     return {"images": n, "hits": int(hits.sum()), "blank_maps": int(blank.sum()),
