@@ -225,6 +225,29 @@ def resize_pixels(pixels: np.ndarray, image_size: int, channels: int) -> np.ndar
     return np.ascontiguousarray(arr)
 
 
+def decode_files(root: str, filenames: list, image_size: int, channels: int) -> torch.Tensor:
+    """decode_to_tensor of each of `filenames` under `root` (or their rows of a prepared folder): uint8 (N, C, S, S)."""
+    prepared = prepared_folder(root)
+    if prepared is not None:
+        prepared.check_side(image_size)
+        return torch.from_numpy(prepared.read(prepared.positions(filenames), channels))
+    if not filenames:
+        return torch.zeros(0, channels, image_size, image_size, dtype=torch.uint8)
+    return torch.stack([decode_to_tensor(os.path.join(root, f), image_size, channels) for f in filenames])
+
+
+def source_sizes(root: str, filenames: list) -> list:
+    """(width, height) of each file as stored (a prepared folder recorded them)."""
+    prepared = prepared_folder(root)
+    if prepared is not None:
+        return [prepared.sizes[i] for i in prepared.positions(filenames)]
+    sizes = []
+    for f in filenames:
+        with Image.open(os.path.join(root, f)) as im:
+            sizes.append(im.size)
+    return sizes
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 or [0, 1] float (B, C, S, S), C in {1, 3} -> ImageNet-normalised float (B, 3, S, S)."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images

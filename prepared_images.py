@@ -287,6 +287,8 @@ class PreparedImages:
         if self._fd is None:
             self._fd = os.open(os.path.join(self.root, IMAGES), os.O_RDONLY)
         for j, i in enumerate(np.asarray(positions).tolist()):
+            if self.row[i] < 0:
+                raise UserError(self.unreadable[self.filenames[i]])
             if channels == 3 and self.is_colour[i]:
                 out[j] = self._colour_image(i)
                 continue

@@ -98,6 +98,9 @@ def ssl_augment_config(args) -> augmentations.AugmentConfig:
 def build_loader(args, files, runtime):
     """A shuffled batch loader over decoded images (or the per-image PIL pipeline for --augment pil)."""
     dist = runtime.dist
+    if args.augment == "pil" and image_io.prepared_folder(args.data_dir) is not None:
+        raise UserError(f"--augment pil decodes the image files, and --data_dir {args.data_dir} is a prepared folder; "
+                        f"give --augment pil the source folder, or leave --augment at batch")
     if args.augment == "pil":
         transform = augmentations.build_pil_transform(ssl_augment_config(args), args.image_size)
         dataset = augmentations.PILTwoViewDataset(args.data_dir, files, transform)
@@ -334,7 +337,8 @@ def main(args):
                                       start_epoch, resume_path(args))
     files_out.write_settings("SimCLR pretraining", runtime.settings(
         vars(args), images=len(store) if store else len(files), excluded_test_images=len(excluded),
-        cached_in_memory=getattr(store, "in_memory", False), channels=channels,
+        cached_in_memory=getattr(store, "images", None) is not None,
+        prepared_folder=getattr(store, "prepared", None) is not None, channels=channels,
         small_stem=model.config.small_stem, steps_per_epoch=len(loader), start_epoch=start_epoch,
         cuda_graphs_step=step_note), dist)
 
