@@ -67,6 +67,13 @@ def test_a_prepared_folder_lists_reads_and_labels_like_its_source(folders):
     assert image_io.source_sizes(prep, ["sub/col.png"]) == [(50, 30)]
 
 
+def test_a_label_file_naming_an_image_the_prepared_folder_lacks_is_refused(folders, tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("filename,label\nimg000.png,0\nimg001.png,1\ngone.png,2\n")
+    with pytest.raises(UserError, match="1 file\\(s\\) not found under .*first 'gone.png' \\(row 4\\)"):
+        label_tables.load_label_table(str(labels), folders[1])
+
+
 def test_unreadable_files_are_listed_and_refused_as_labelled_data(folders, capsys):
     src, prep = folders
     manifest = json.load(open(os.path.join(prep, "manifest.json")))
