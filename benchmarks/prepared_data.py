@@ -57,7 +57,8 @@ def chest_like(side: int, seed: int = 0) -> np.ndarray:
 
 
 def write_dicom(path: str, pixels: np.ndarray) -> None:
-    """A 12-bit MONOCHROME2 CT-like DICOM (uncompressed, explicit VR little endian) written with pydicom."""
+    """A 12-bit MONOCHROME2 radiograph-like DICOM (uncompressed, explicit VR little endian, a stored window),
+    written with pydicom."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -72,6 +73,7 @@ def write_dicom(path: str, pixels: np.ndarray) -> None:
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096          # a stored window, as radiographs usually carry
     ds.PixelData = pixels.astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
 

@@ -297,6 +297,9 @@ class TiledStore:
     def __len__(self):
         return len(self.images)
 
+    def batch(self, idx):
+        return self.images[idx]
+
 
 def build_real_step(args, store, size: int, batch: int, precision: str, graphs: str, device, steps: int):
     """train_ssl.py's model, optimizer, schedule, augmentation and step, built by its own functions."""
