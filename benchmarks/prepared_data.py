@@ -19,15 +19,18 @@
 images, and prepared into DATA_DIR_prepared_<side> unless that is prepared already. Linux only (/proc, pty).
 """
 import argparse
+import fcntl
 import json
 import os
 import pty
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 
@@ -162,7 +165,7 @@ class MemorySampler(threading.Thread):
                         peak[k] = max(peak[k], v)
 
 
-BAR = re.compile(r"pretrain (\d+)/\d+:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
+BAR = re.compile(r"pretrain (\d+)/\d+:[^\r\n]*?\s(\d+)/(\d+) \[")
 
 
 def read_bar(fd: int, steps: int, warmup: int, deadline: float) -> tuple:
@@ -198,6 +201,7 @@ def train_run(data_dir: str, processes: int, args, out: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *cmd] \
         if processes > 1 else [sys.executable, *cmd]
     master, slave = pty.openpty()                   # a terminal: the bar then updates every 0.5 s
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))   # tqdm draws nothing at 0 columns
     launched = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=slave, start_new_session=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))})

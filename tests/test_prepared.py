@@ -181,3 +181,24 @@ def test_every_phase_gives_the_same_numbers_from_the_prepared_folder(tmp_path, o
     for run in ("ssl/ssl_history.csv", "ft/finetuned_history.csv"):
         a, b = (pd.read_csv(tmp_path / d / run).drop(columns="images_per_sec") for d in ("from_source", "from_prepared"))
         pd.testing.assert_frame_equal(a, b)                  # every epoch's loss, lr and val numbers
+
+
+def test_torchrun_processes_pretrain_the_same_from_the_prepared_folder(tmp_path):
+    """Two gloo processes on the CPU: the same loss every epoch from either folder."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = write_tiny_dataset(tmp_path / "src", n=16, size=40, classes=2)
+    prepare(src, tmp_path / "prep")
+    losses = []
+    for data in (src, str(tmp_path / "prep")):
+        out = tmp_path / f"out_{os.path.basename(data)}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(root, "train_ssl.py"), "--data_dir", data, "--output_dir", str(out), "--image_size",
+               str(SIDE), "--num_epochs", "2", "--batch_size", "4", "--device", "cpu", "--warmup_epochs", "1"]
+        proc = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        losses.append(pd.read_csv(out / "ssl_history.csv")[["loss", "embedding_std"]])
+        assert json.loads((out / "ssl_settings.json").read_text())["prepared_folder"] == (data != src)
+    pd.testing.assert_frame_equal(*losses)
