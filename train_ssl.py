@@ -420,7 +420,8 @@ def get_args_parser():
                              parents=[utils.common_parser(), training.training_parser(), utils.task_parser(uncertain=False)],
                              formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
     bounded(p.add_argument("--data_dir", default="./data/medical_images",
-                           help="folder of unlabelled images (recursive)"), utils.EXISTING_DIR)
+                           help="folder of unlabelled images (recursive), or its prepared copy "
+                                "(data_loader.py --prepare)"), utils.EXISTING_DIR)
     bounded(p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go"),
             utils.OUTPUT_DIR)
     bounded(p.add_argument("--label_file", default=None,

@@ -13,7 +13,8 @@
 
     python benchmarks/prepared_data.py --data_dir ./data/bench_300 --num_images 300 --steps 10 --warmup 3
     python benchmarks/prepared_data.py --data_dir ./data/bench_100k --num_images 100000 --steps 200 --warmup 20
-    python benchmarks/prepared_data.py --data_dir ./data/bench_1k --num_images 1000 --only decode prepare litdata --litdata
+    python benchmarks/prepared_data.py --data_dir ./data/bench_1k --num_images 1000 --only decode prepare litdata \
+        --litdata
 
 --data_dir is generated (synthetic.generate_dataset at --image_size, --num_images images) when it holds no
 images, and prepared into DATA_DIR_prepared_<side> unless that is prepared already. Linux only (/proc, pty).

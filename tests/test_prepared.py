@@ -179,7 +179,8 @@ def test_every_phase_gives_the_same_numbers_from_the_prepared_folder(tmp_path, o
     assert a["num_images"] == b["num_images"] == 6
     assert a["metrics"] == b["metrics"]
     for run in ("ssl/ssl_history.csv", "ft/finetuned_history.csv"):
-        a, b = (pd.read_csv(tmp_path / d / run).drop(columns="images_per_sec") for d in ("from_source", "from_prepared"))
+        a, b = (pd.read_csv(tmp_path / d / run).drop(columns="images_per_sec")
+                for d in ("from_source", "from_prepared"))
         pd.testing.assert_frame_equal(a, b)                  # every epoch's loss, lr and val numbers
 
 
