@@ -1,5 +1,6 @@
 """Image files -> pixels: PNG, JPEG, BMP, TIFF (8/16/32-bit) and DICOM readers, conversion to uint8,
-folder listing, decoding to a resized uint8 tensor, and the ImageNet normalisation.
+folder listing, decoding to a resized uint8 tensor, and the ImageNet normalisation. A prepared folder
+(prepared_images.py) answers for its source in list_images, filter_readable, decode_files and source_sizes.
 
     from images import list_images, load_image, decode_to_tensor
 """

@@ -246,10 +246,11 @@ class PreparedImages:
         """A UserError when the source folder gained, lost or changed a file since the preparation; a warning
         when the source folder is not there to compare with."""
         if not os.path.isdir(self.source):
+            self.manifest.pop("files")
             print(f"warning: --data_dir {self.root}: its source folder {self.source} is not here; cannot check "
                   f"it for changes", file=sys.stderr)
             return
-        then = {name: (size, mtime) for name, size, mtime in self.manifest["files"]}
+        then = {name: (size, mtime) for name, size, mtime in self.manifest.pop("files")}   # not kept: N entries
         try:
             now = list_images(self.source)
         except UserError:
