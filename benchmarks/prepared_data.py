@@ -8,11 +8,13 @@
               step), peak memory of each training process (Rss, Pss, Pss_Anon, Pss_File from
               /proc/PID/smaps_rollup, sampled every 0.5 s) and pretraining images/s (all processes) over
               --steps steps after --warmup, read from its progress bar; then the run is stopped (Ctrl-C)
+  3b. store   in this process: what opening each folder and reading one shuffled epoch through BatchLoader
+              adds to its smaps_rollup values (the source folder's RAM cache against the prepared folder's reads)
   4. litdata  with --litdata and litdata installed: litdata.optimize then StreamingDataset over the same
               images, against the prepared folder (one shuffled epoch in batches of 64)
 
     python benchmarks/prepared_data.py --data_dir ./data/bench_300 --num_images 300 --steps 10 --warmup 3
-    python benchmarks/prepared_data.py --data_dir ./data/bench_100k --num_images 100000 --steps 200 --warmup 20
+    python benchmarks/prepared_data.py --data_dir ./data/bench_100k --num_images 100000 --steps 100 --warmup 10
     python benchmarks/prepared_data.py --data_dir ./data/bench_1k --num_images 1000 --only decode prepare litdata \
         --litdata
 
@@ -232,6 +234,30 @@ def report_run(name: str, processes: int, run: dict) -> None:
           f"peak MiB per process: {mem}", flush=True)
 
 
+# ============ 3b. one process, one epoch ============
+
+def store_growth(source: str, prepared: str, image_size: int) -> dict:
+    """MiB each smaps_rollup value of this process grew by while an ImageStore on each folder was opened and
+    one shuffled epoch read through BatchLoader, and the seconds that took."""
+    import data_loader
+    growth = {}
+    for root in (prepared, source):            # warm-up: imports, the allocator, the first batch
+        warm = data_loader.ImageStore(root, image_io.list_images(root)[:64], image_size, skip_unreadable=True)
+        list(data_loader.BatchLoader(warm, np.arange(len(warm)), batch_size=64))
+    prepared_images._OPENED.clear()              # opened again below: the index read and the source check timed
+    for name, root in (("prepared", prepared), ("source", source)):
+        before, start = smaps(os.getpid()), time.perf_counter()
+        store = data_loader.ImageStore(root, image_io.list_images(root), image_size, skip_unreadable=True)
+        for _ in data_loader.BatchLoader(store, np.arange(len(store)), batch_size=64, shuffle=True):
+            pass
+        took, after = time.perf_counter() - start, smaps(os.getpid())
+        growth[name] = {k: (after[k] - before[k]) / MiB for k in SMAPS_KEYS}
+        print(f"{name:9s} open + one epoch of {len(store)} images: {took:.1f} s, this process grew by "
+              + " ".join(f"{k} {v:.0f}" for k, v in growth[name].items()) + " MiB")
+        del store
+    return growth
+
+
 # ============ 4. LitData ============
 
 def litdata_comparison(source: str, prepared: str, image_size: int) -> None:
@@ -284,6 +310,8 @@ def main(args):
     prepared = args.prepared_dir or f"{args.data_dir.rstrip('/')}_prepared_{args.image_size}"
     if "prepare" in args.only:
         results["prepare_images_per_s"] = prepare_rate(source, prepared, args.image_size)
+    if "store" in args.only:
+        results["store_growth_mib"] = store_growth(source, prepared, args.image_size)
     if "runs" in args.only:
         with tempfile.TemporaryDirectory() as tmp:
             for processes in args.processes:
@@ -308,8 +336,8 @@ def get_args_parser():
     p.add_argument("--warmup", type=int, default=3, help="steps before the measured ones")
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="torchrun processes per run")
     p.add_argument("--timeout", type=float, default=3600, help="seconds a run may take before it is given up")
-    p.add_argument("--only", nargs="+", default=["decode", "prepare", "runs", "litdata"],
-                   choices=["decode", "prepare", "runs", "litdata"], help="the parts to run")
+    p.add_argument("--only", nargs="+", default=["decode", "prepare", "store", "runs", "litdata"],
+                   choices=["decode", "prepare", "store", "runs", "litdata"], help="the parts to run")
     p.add_argument("--litdata", action="store_true", help="also compare with litdata (needs pip install litdata)")
     return p
 
