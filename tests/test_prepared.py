@@ -152,6 +152,8 @@ def test_the_cli_prepares_and_names_the_folder(tmp_path, capsys):
     assert manifest["images"] == 7 and "prepared 7 images at 32 px" in capsys.readouterr().out
     with pytest.raises(UserError, match="--data_dir .* is read by --prepare only"):
         data_loader.main(data_loader.get_args_parser().parse_args(["--data_dir", src, "--output_dir", str(tmp_path)]))
+    with pytest.raises(UserError, match="--prepare reads the folder named by --data_dir; give it"):
+        data_loader.main(data_loader.get_args_parser().parse_args(["--prepare", "--output_dir", str(tmp_path)]))
 
 
 def run_phases(data_dir, out):
