@@ -236,7 +236,7 @@ class PreparedImages:
         if images.shape != (len(self.filenames), 1, self.image_size, self.image_size):
             raise UserError(f"--data_dir {root}: {IMAGES} has shape {images.shape}, the index another; "
                             f"{self.refresh_hint()}")
-        self._offset, self._fd, self._colour = images.offset, None, {}
+        self._offset, self._file, self._colour = images.offset, None, {}
 
     def refresh_hint(self) -> str:
         return (f"prepare it again: python data_loader.py --prepare --data_dir {self.source} --output_dir "
@@ -285,19 +285,29 @@ class PreparedImages:
         """uint8 (B, channels, S, S) of the images at `positions` (index positions of readable files)."""
         s = self.image_size
         out = np.empty((len(positions), channels, s, s), dtype=np.uint8)
-        if self._fd is None:
-            self._fd = os.open(os.path.join(self.root, IMAGES), os.O_RDONLY)
         for j, i in enumerate(np.asarray(positions).tolist()):
             if self.row[i] < 0:
                 raise UserError(self.unreadable[self.filenames[i]])
             if channels == 3 and self.is_colour[i]:
                 out[j] = self._colour_image(i)
                 continue
-            if os.preadv(self._fd, [out[j, 0]], self._offset + self.row[i] * s * s) != s * s:
-                raise UserError(f"--data_dir {self.root}: {IMAGES} is shorter than its index; {self.refresh_hint()}")
+            self._read_row(self.row[i], out[j, 0])
             if channels == 3:
                 out[j, 1:] = out[j, 0]
         return out
+
+    def _read_row(self, row: int, into: np.ndarray) -> None:
+        """One (S, S) row of images.npy into `into`: a pread where the system has one, else through the memory map
+        (whose pages then count in this process's resident memory)."""
+        if not hasattr(os, "preadv"):
+            if self._file is None:
+                self._file = np.load(os.path.join(self.root, IMAGES), mmap_mode="r")
+            into[...] = self._file[row, 0]
+            return
+        if self._file is None:
+            self._file = os.open(os.path.join(self.root, IMAGES), os.O_RDONLY)
+        if os.preadv(self._file, [into], self._offset + row * into.size) != into.size:
+            raise UserError(f"--data_dir {self.root}: {IMAGES} is shorter than its index; {self.refresh_hint()}")
 
     def _colour_image(self, i: int) -> np.ndarray:
         chunk = self.row[i] // self.manifest["chunk_size"]
@@ -306,7 +316,7 @@ class PreparedImages:
         return self._colour[chunk][self.colour_row[i]]
 
     def __getstate__(self):                        # a DataLoader worker opens its own file descriptor
-        return {**self.__dict__, "_fd": None, "_colour": {}}
+        return {**self.__dict__, "_file": None, "_colour": {}}
 
 
 def _stat_pair(path: str) -> tuple:

@@ -67,6 +67,15 @@ def test_a_prepared_folder_lists_reads_and_labels_like_its_source(folders):
     assert image_io.source_sizes(prep, ["sub/col.png"]) == [(50, 30)]
 
 
+def test_without_pread_the_memory_map_gives_the_same_images(folders, monkeypatch):
+    src, prep = folders
+    names = image_io.filter_readable(src, image_io.list_images(src), quiet=True)[0]
+    expected = data_loader.ImageStore(src, names, SIDE, channels=3).batch(torch.arange(len(names)))
+    monkeypatch.delattr(os, "preadv")
+    prepared = prepared_images.PreparedImages(prep, json.load(open(os.path.join(prep, "manifest.json"))))
+    assert np.array_equal(prepared.read(prepared.positions(names), 3), expected.numpy())
+
+
 def test_a_label_file_naming_an_image_the_prepared_folder_lacks_is_refused(folders, tmp_path):
     labels = tmp_path / "labels.csv"
     labels.write_text("filename,label\nimg000.png,0\nimg001.png,1\ngone.png,2\n")
