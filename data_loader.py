@@ -1,10 +1,11 @@
 """Images on disk -> tensors: readers, label files, splits, the decoded-image store, batch loaders,
-augmentations, and the synthetic chest X-ray generator.
+augmentations, the synthetic chest X-ray generator, and the prepare step (decode a folder once).
 
     python data_loader.py                                   # 500 synthetic images + labels.csv in ./data/medical_images
     python data_loader.py --num_images 200 --num_unlabeled 2000 --image_size 64 --output_dir ./data/small
     python data_loader.py --from_npz breastmnist.npz --output_dir ./data/breastmnist   # a MedMNIST file (README)
     python data_loader.py --multi_label --output_dir ./data/multilabel   # several findings per image
+    python data_loader.py --prepare --data_dir ./data/medical_images --output_dir ./data/prepared --image_size 128
 
 Unlabelled folders: `list_readable_images(data_dir)` (corrupt files skipped with one warning).
 Labelled data: `read_label_table(...)` then `ImageStore(...)`, where a corrupt file is an error.
@@ -18,12 +19,12 @@ import numpy as np
 import torch
 
 from data_splits import SPLITS
-from image_io import decode_to_tensor, filter_readable, load_image
+from image_io import decode_to_tensor, filter_readable, load_image, prepared_folder
 from label_tables import load_label_table
 from medmnist_npz import import_npz
 from synthetic import (CLASS_DESCRIPTIONS, MAX_SYNTHETIC_CLASSES, SYNTHETIC_FINDINGS, generate_dataset,
                        generate_multilabel_dataset)
-from utils import (EXISTING_FILE, OUTPUT_DIR, UINT, Bound, HelpFormatter, UserError, bounded,
+from utils import (EXISTING_DIR, EXISTING_FILE, OUTPUT_DIR, UINT, Bound, HelpFormatter, UserError, bounded,
                    locks_output_dir)
 
 
@@ -34,19 +35,39 @@ class ImageStore(torch.utils.data.Dataset):
     would silently shift the labels. Unlabelled data: pass `skip_unreadable=True` (or filter the
     list first with `filter_readable` / `list_readable_images`); skipped files are named in one
     warning and removed from `self.filenames`. A streaming store (larger than `cache_gb`) decodes
-    lazily, so there an unreadable file raises only when it is reached."""
+    lazily, so there an unreadable file raises only when it is reached. A prepared folder
+    (prepared_images.py) as `root` is read by position from its file: nothing decoded, nothing cached."""
 
     def __init__(self, root: str, filenames: list, image_size: int, cache_gb: float = 4.0,
                  channels: int | None = None, skip_unreadable: bool = False):
         self.root, self.filenames, self.image_size = root, list(filenames), image_size
+        self.prepared, self.images = prepared_folder(root), None
+        if self.prepared is not None:
+            self._open_prepared(channels, skip_unreadable)
+            return
         self.channels = channels or self._guess_channels()
         need_gb = len(self.filenames) * self.channels * image_size * image_size / 2**30
         self.in_memory = need_gb <= cache_gb
         if not self.in_memory and skip_unreadable:
             self.filenames, _ = filter_readable(root, self.filenames)
-        self.images = None
         if self.in_memory:
             self.images = self._decode_all(skip_unreadable)
+
+    def _open_prepared(self, channels: int | None, skip_unreadable: bool) -> None:
+        """A prepared folder: nothing decoded, nothing cached; batches are read from its file by position. Its
+        unreadable files are skipped or refused as decoding the source would."""
+        prepared = self.prepared
+        prepared.check_side(self.image_size)
+        self.channels = channels or prepared.guess_channels(self.filenames)
+        prepared.positions(self.filenames)                      # every name is in the folder
+        kept, skipped = filter_readable(self.root, self.filenames, quiet=not skip_unreadable)
+        if skipped and not skip_unreadable:
+            raise UserError(prepared.unreadable[skipped[0]])
+        if not kept:
+            raise UserError(f"{self.root}: none of the images could be used (unreadable or too small, see the "
+                            f"warning above); check the files")
+        self.filenames, self.in_memory = kept, True
+        self._positions = prepared.positions(kept)
 
     def _decode_all(self, skip_unreadable: bool) -> torch.Tensor:
         """Every image decoded straight into one preallocated uint8 tensor: the cache is never held twice."""
@@ -102,7 +123,15 @@ class ImageStore(torch.utils.data.Dataset):
         return len(self.filenames)
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        if self.prepared is not None:
+            return self.batch(torch.tensor([i]))[0]
         return self.images[i] if self.images is not None else self._decode(i)
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, S, S) of the images at `idx`, from the RAM cache or the prepared folder (not streaming)."""
+        if self.prepared is not None:
+            return torch.from_numpy(self.prepared.read(self._positions[idx.numpy()], self.channels))
+        return self.images[idx]
 
 
 class BatchLoader:
@@ -150,7 +179,7 @@ class BatchLoader:
         batches = self._batches()
         if self.store.in_memory:
             for idx in batches:
-                images = self.store.images[idx]
+                images = self.store.batch(idx)
                 yield (images.pin_memory() if self.pin_memory else images), self.labels[idx], idx
             return
         if self._streaming is None:
@@ -199,6 +228,12 @@ def write_split_column(label_file: str, data_dir: str, seed: int, val_fraction: 
 def _check_args(args) -> None:
     from utils import check_flags, check_split_shares
     check_flags(args, get_args_parser())
+    if args.prepare:
+        if args.data_dir is None:
+            raise UserError("--prepare reads the folder named by --data_dir; give it")
+        return
+    if args.data_dir is not None:
+        raise UserError(f"--data_dir {args.data_dir} is read by --prepare only; add --prepare or drop it")
     if args.label_names and not args.from_npz:
         raise UserError("--label_names names the finding columns of a --from_npz file; drop it or add --from_npz")
     if not args.from_npz:
@@ -216,8 +251,10 @@ def split_shares(args) -> tuple:
             0.15 if args.test_fraction is None else args.test_fraction)
 
 
-@locks_output_dir(_check_args, "generate")
+@locks_output_dir(_check_args, lambda args: "prepare" if args.prepare else "generate")
 def main(args):
+    if args.prepare:
+        return _prepare(args)
     if args.from_npz:
         rows = import_npz(args.from_npz, args.output_dir, args.label_names)
         counts = {s: sum(r[2] == s for r in rows) for s in SPLITS}
@@ -239,6 +276,19 @@ def main(args):
         counts = write_split_column(os.path.join(args.output_dir, "labels.csv"), args.output_dir, args.seed, val, test)
         print(f"  split column (by patient): {', '.join(f'{s} {n}' for s, n in counts.items())} images")
     return rows
+
+
+def _prepare(args) -> dict:
+    import time
+
+    from prepared_images import prepare
+    start = time.perf_counter()
+    manifest = prepare(args.data_dir, args.output_dir, args.image_size, args.num_workers)
+    took = time.perf_counter() - start
+    print(f"prepared {manifest['images']} images at {args.image_size} px, {manifest['channels']} channel(s), "
+          f"in {took:.0f} s -> {args.output_dir}; give it as --data_dir to any script (at --image_size "
+          f"{args.image_size})" + (f"; copied {', '.join(manifest['copied'])}" if manifest["copied"] else ""))
+    return manifest
 
 
 def _generate_multilabel(args) -> list:
@@ -292,6 +342,14 @@ def get_args_parser():
                            help="write a split column into labels.csv: this share of the patients held out for "
                                 "testing (the quick start's 0.4 of 800 gives 318 test images, enough to resolve a "
                                 "10-point difference)"), share)
+    p.add_argument("--prepare", action="store_true",
+                   help="decode every image of --data_dir once, resized to --image_size, into a memory-mapped "
+                        "folder at --output_dir (with labels.csv, classes.txt); every script takes that folder as "
+                        "--data_dir. Killed, run it again to continue")
+    bounded(p.add_argument("--data_dir", default=None, help="with --prepare: the folder of images to prepare"),
+            EXISTING_DIR)
+    bounded(p.add_argument("--num_workers", type=int, default=None,
+                           help="with --prepare: decoding processes (default: one per CPU core)"), Bound(int, 1, 1024))
     p.add_argument("--label_names", nargs="+", default=None,
                    help="with --from_npz of a multi-label file (labels (N, K), e.g. ChestMNIST): the K finding "
                         "names in column order (default: finding_0 ... finding_K-1)")

@@ -132,7 +132,8 @@ def get_args_parser():
                                       "checkpoint (best_ssl_model.pth); repeat the flag to compare several side by "
                                       "side"), utils.EXISTING_FILE)
     utils.bounded(p.add_argument("--data_dir", default="./data/medical_images",
-                                 help="folder the label file's paths are relative to"), utils.EXISTING_DIR)
+                                 help="folder the label file's paths are relative to, or its prepared copy "
+                                      "(data_loader.py --prepare)"), utils.EXISTING_DIR)
     utils.bounded(p.add_argument("--label_file", default=None,
                                  help="CSV filename,label[,split][,patient_id]; None means <data_dir>/labels.csv"),
                   utils.EXISTING_FILE)

@@ -90,7 +90,9 @@ def check_images(ckpt: ClassifierCheckpoint, data_dir: str | None, cache_gb: flo
     or random pixels when there is no data folder or no recorded split."""
     test = (ckpt.splits or {}).get("test") or []
     if data_dir and test:
-        present = [f for f in test if os.path.isfile(os.path.join(data_dir, f))]
+        prepared = data_loader.prepared_folder(data_dir)
+        present = [f for f in test if (f in prepared.position if prepared is not None
+                                       else os.path.isfile(os.path.join(data_dir, f)))]
         if present:
             store = data_loader.ImageStore(data_dir, present, ckpt.image_size, cache_gb, ckpt.channels)
             return torch.stack([store[i] for i in range(len(store))]), f"{len(present)} test-split images"

@@ -393,7 +393,8 @@ def get_args_parser():
                              parents=[utils.common_parser(), training.training_parser(), utils.task_parser()],
                              formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED}, sets=SETS)
     bounded(p.add_argument("--data_dir", default="./data/medical_images",
-                           help="folder the label file's names are relative to"), utils.EXISTING_DIR)
+                           help="folder the label file's names are relative to, or its prepared copy "
+                                "(data_loader.py --prepare)"), utils.EXISTING_DIR)
     bounded(p.add_argument("--label_file", default="./data/medical_images/labels.csv",
                            help="CSV filename,label[,split][,patient_id], or a multi-label file (docs/multilabel.md)"),
             utils.EXISTING_FILE)

@@ -163,19 +163,11 @@ class Explained:
 
 
 def decode_images(root: str, filenames: list, ex: Explained) -> torch.Tensor:
-    return torch.stack([image_io.decode_to_tensor(os.path.join(root, f), ex.image_size, ex.channels)
-                        for f in filenames]) if filenames else torch.zeros(0, ex.channels, ex.image_size, ex.image_size,
-                                                                           dtype=torch.uint8)
+    return image_io.decode_files(root, filenames, ex.image_size, ex.channels)
 
 
 def image_sizes(root: str, filenames: list) -> list:
-    from PIL import Image
-
-    sizes = []
-    for f in filenames:
-        with Image.open(os.path.join(root, f)) as im:
-            sizes.append(im.size)
-    return sizes
+    return image_io.source_sizes(root, filenames)
 
 
 def pointing_game(evaluated: list, findings: dict, args, device) -> list:

@@ -1,5 +1,6 @@
 """Image files -> pixels: PNG, JPEG, BMP, TIFF (8/16/32-bit) and DICOM readers, conversion to uint8,
-folder listing, decoding to a resized uint8 tensor, and the ImageNet normalisation.
+folder listing, decoding to a resized uint8 tensor, and the ImageNet normalisation. A prepared folder
+(prepared_images.py) answers for its source in list_images, filter_readable, decode_files and source_sizes.
 
     from images import list_images, load_image, decode_to_tensor
 """
@@ -144,6 +145,9 @@ def list_images(data_dir: str, flag: str = "--data_dir") -> list[str]:
     Hidden files (editor and macOS `._` droppings) and this tool's own preview.png are left out."""
     if not os.path.isdir(data_dir):
         raise UserError(f"{flag} {data_dir}: no such folder; check the path")
+    prepared = prepared_folder(data_dir)
+    if prepared is not None:
+        return list(prepared.filenames)
     found = []
     for root, dirs, files in os.walk(data_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -156,18 +160,32 @@ def list_images(data_dir: str, flag: str = "--data_dir") -> list[str]:
     return sorted(found)
 
 
+def prepared_folder(root: str):
+    """The opened prepared folder at `root` (prepared_images.PreparedImages), or None for a folder of image files.
+
+    A prepared folder stands in for its source wherever a folder of images is read."""
+    from prepared_images import open_prepared     # it decodes with this module's readers
+    return open_prepared(root) if os.path.isdir(root) else None
+
+
 def filter_readable(root: str, filenames: list, quiet: bool = False) -> tuple[list, list]:
-    """(readable, skipped) filenames, decoding each once; prints one warning naming the skipped ones.
+    """(readable, skipped) filenames, decoding each once (a prepared folder knows them); prints one warning
+    naming the skipped ones.
 
     For unlabelled folders, where a corrupt file should not stop pretraining. Labelled data must not
     be filtered silently: ImageStore raises a UserError naming the file instead."""
+    prepared = prepared_folder(root)
     kept, skipped = [], []
     for name in filenames:
-        try:
-            check_image_size(load_image(os.path.join(root, name)), name)
-            kept.append(name)
-        except UserError:
-            skipped.append(name)
+        if prepared is not None:
+            readable = name not in prepared.unreadable
+        else:
+            try:
+                check_image_size(load_image(os.path.join(root, name)), name)
+                readable = True
+            except UserError:
+                readable = False
+        (kept if readable else skipped).append(name)
     if skipped and not quiet:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         print(f"warning: skipped {len(skipped)} unreadable image(s) under {root}: {shown}", file=sys.stderr)
@@ -196,12 +214,39 @@ def check_image_size(pixels: np.ndarray, path: str) -> np.ndarray:
 
 def decode_to_tensor(path: str, image_size: int, channels: int) -> torch.Tensor:
     """Read, convert to `channels`, resize to image_size x image_size: uint8 (C, S, S)."""
-    pixels = check_image_size(load_image(path), path)
+    return torch.from_numpy(resize_pixels(check_image_size(load_image(path), path), image_size, channels))
+
+
+def resize_pixels(pixels: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """uint8 pixels (H, W) or (H, W, 3) converted to `channels` and resized: uint8 (C, S, S)."""
     im = Image.fromarray(pixels)
     im = im.convert("L" if channels == 1 else "RGB").resize((image_size, image_size), Image.BILINEAR)
     arr = np.array(im)                      # a writable copy; PIL's buffer is read-only
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return np.ascontiguousarray(arr)
+
+
+def decode_files(root: str, filenames: list, image_size: int, channels: int) -> torch.Tensor:
+    """decode_to_tensor of each of `filenames` under `root` (or their rows of a prepared folder): uint8 (N, C, S, S)."""
+    prepared = prepared_folder(root)
+    if prepared is not None:
+        prepared.check_side(image_size)
+        return torch.from_numpy(prepared.read(prepared.positions(filenames), channels))
+    if not filenames:
+        return torch.zeros(0, channels, image_size, image_size, dtype=torch.uint8)
+    return torch.stack([decode_to_tensor(os.path.join(root, f), image_size, channels) for f in filenames])
+
+
+def source_sizes(root: str, filenames: list) -> list:
+    """(width, height) of each file as stored (a prepared folder recorded them)."""
+    prepared = prepared_folder(root)
+    if prepared is not None:
+        return [prepared.sizes[i] for i in prepared.positions(filenames)]
+    sizes = []
+    for f in filenames:
+        with Image.open(os.path.join(root, f)) as im:
+            sizes.append(im.size)
+    return sizes
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

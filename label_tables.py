@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_splits import SPLITS, assign_multilabel_splits, assign_splits
-from image_io import _reason
+from image_io import _reason, prepared_folder
 from utils import UserError, sha256_file
 
 
@@ -154,6 +154,12 @@ def _check_filenames(col, label_file: str, data_dir: str, first_line: int = 1) -
     in train and in test. Normalised names compare equal to `list_images` names (train_ssl.py leaves
     the test split out by name)."""
     root = os.path.abspath(data_dir)
+    prepared = prepared_folder(data_dir)
+    if prepared is not None:                # the images are rows of its file: a name is a file when indexed
+        def isfile(p):
+            return os.path.relpath(p, root).replace(os.sep, "/") in prepared.position
+    else:
+        isfile = os.path.isfile
     filenames, first_row_of = [], {}
     for i, raw in enumerate(col.tolist()):
         row = i + first_line
@@ -162,11 +168,11 @@ def _check_filenames(col, label_file: str, data_dir: str, first_line: int = 1) -
             raise UserError(f"--label_file {label_file}: row {row} names {raw!r}, which is outside --data_dir "
                             f"{data_dir}; give paths inside it (relative to it) or move the image there")
         name = os.path.relpath(path, root).replace(os.sep, "/")
-        if not os.path.isfile(path):
-            missing = sum(not os.path.isfile(os.path.join(root, f)) for f in col.tolist()[i:])
+        if not isfile(path):
+            missing = sum(not isfile(os.path.normpath(os.path.join(root, f))) for f in col.tolist()[i:])
             raise UserError(f"--label_file {label_file}: {missing} file(s) not found under {data_dir}, first "
                             f"{name!r} (row {row}); fix the path (relative to --data_dir) or remove the row")
-        real = os.path.realpath(path)
+        real = path if prepared is not None else os.path.realpath(path)
         if real in first_row_of:
             j = first_row_of[real]
             raise UserError(f"--label_file {label_file}: rows {j + first_line} ({col.iloc[j]!r}) and {row} ({raw!r}) "

@@ -98,6 +98,9 @@ def ssl_augment_config(args) -> augmentations.AugmentConfig:
 def build_loader(args, files, runtime):
     """A shuffled batch loader over decoded images (or the per-image PIL pipeline for --augment pil)."""
     dist = runtime.dist
+    if args.augment == "pil" and image_io.prepared_folder(args.data_dir) is not None:
+        raise UserError(f"--augment pil decodes the image files, and --data_dir {args.data_dir} is a prepared folder; "
+                        f"give --augment pil the source folder, or leave --augment at batch")
     if args.augment == "pil":
         transform = augmentations.build_pil_transform(ssl_augment_config(args), args.image_size)
         dataset = augmentations.PILTwoViewDataset(args.data_dir, files, transform)
@@ -338,7 +341,8 @@ def main(args):
                                       start_epoch, resume_path(args), training_run.tensorboard_dir(args, "ssl"))
     files_out.write_settings("SimCLR pretraining", runtime.settings(
         vars(args), images=len(store) if store else len(files), excluded_test_images=len(excluded),
-        cached_in_memory=getattr(store, "in_memory", False), channels=channels,
+        cached_in_memory=getattr(store, "images", None) is not None,
+        prepared_folder=getattr(store, "prepared", None) is not None, channels=channels,
         small_stem=model.config.small_stem, steps_per_epoch=len(loader), start_epoch=start_epoch,
         cuda_graphs_step=step_note), dist)
 
@@ -420,7 +424,8 @@ def get_args_parser():
                              parents=[utils.common_parser(), training.training_parser(), utils.task_parser(uncertain=False)],
                              formatter_class=utils.HelpFormatter, recipes={"tuned": TUNED})
     bounded(p.add_argument("--data_dir", default="./data/medical_images",
-                           help="folder of unlabelled images (recursive)"), utils.EXISTING_DIR)
+                           help="folder of unlabelled images (recursive), or its prepared copy "
+                                "(data_loader.py --prepare)"), utils.EXISTING_DIR)
     bounded(p.add_argument("--output_dir", default="./checkpoints", help="where checkpoints, history and plots go"),
             utils.OUTPUT_DIR)
     bounded(p.add_argument("--label_file", default=None,

@@ -122,7 +122,7 @@ class Runtime:
         left beside them; in-memory data needs none."""
         workers = default_num_workers(self.device, streaming) if requested is None else requested
         how = "asked for" if requested is not None else \
-            f"auto: {'streaming from disk' if streaming else 'images cached in memory'}, {os.cpu_count()} CPU cores"
+            f"auto: {'streaming from disk' if streaming else 'images in memory or a prepared folder'}, {os.cpu_count()} CPU cores"
         self.workers_note = f"{workers} ({how})"
         configure_cpu_threads(self.device, workers)
         return workers

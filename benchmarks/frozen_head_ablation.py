@@ -68,7 +68,7 @@ def main(args):
     train, test = table.indices("train"), table.indices("test")
     store = data_loader.ImageStore(args.data_dir, [table.filenames[i] for i in np.r_[train, test]],
                                    ckpt.image_size, channels=ckpt.channels)
-    images = store.images
+    images = store.batch(torch.arange(len(store)))        # the RAM cache, or a prepared folder's rows
     features = encode(encoder, images, image_io.normalize)
     train_x, test_x = features[: len(train)], features[len(train):]
     test_y = torch.as_tensor(table.labels[test])

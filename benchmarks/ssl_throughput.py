@@ -5,6 +5,7 @@ are fair on a shared or throttling machine:
   (b) batch   our path: in-memory ImageStore (decoded once) -> BatchLoader -> BatchAugment x 2 -> (a)
   (c) pil     the classic path: PILTwoViewDataset (decode + torchvision per image) in a DataLoader -> (a)
   (d) stream  our path for data over --cache_gb: workers decode uint8 batches -> BatchAugment x 2 -> (a)
+  (e) prepared  with --prepared: a prepared folder (no cache, no decoding) -> BatchLoader -> BatchAugment x 2 -> (a)
 
     python benchmarks/ssl_throughput.py                                   # 64 and 224 px, about 4 min on 2 idle cores
     python benchmarks/ssl_throughput.py --sizes 64 --steps 30 --precision both
@@ -30,6 +31,7 @@ small PNGs into a temporary folder.
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +45,7 @@ import augmentations  # noqa: E402
 import data_loader  # noqa: E402
 import distributed  # noqa: E402
 import optimizers  # noqa: E402
+import prepared_images  # noqa: E402
 import synthetic  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
@@ -212,6 +215,9 @@ def bench_size(args, size: int, steps: int, warmup: int, rounds: int, root: str,
     store = data_loader.ImageStore(root, names, size, channels=1)
     per_round = -(-steps // rounds)
     rows = {}
+    prepared_root = tempfile.mkdtemp() if args.prepared else None
+    if args.prepared:
+        prepared_images.prepare(root, prepared_root, size, workers=1)
     for precision in precisions(args.precision):
         dtype = torch.bfloat16 if precision == "bf16" else None
         step = ModelStep(args.backbone, size, device, dtype, args.optimizer)
@@ -223,6 +229,10 @@ def bench_size(args, size: int, steps: int, warmup: int, rounds: int, root: str,
             first = warmup if r == 0 else 0
             add(totals, "a", timed(model_views, step, first, per_round, device))
             add(totals, "b", timed(batch_views, step, first, per_round, device))
+            if args.prepared:
+                prepared_views, _ = path_batch(data_loader.ImageStore(prepared_root, names, size, channels=1),
+                                               images_per_step, size, device)
+                add(totals, "e", timed(prepared_views, step, first, per_round, device))
             for workers in args.num_workers:
                 # workers get cores of their own, as utils.configure_cpu_threads does in the trainer
                 torch.set_num_threads(max(1, threads - workers) if device.type == "cpu" and workers else threads)
@@ -240,6 +250,8 @@ def bench_size(args, size: int, steps: int, warmup: int, rounds: int, root: str,
         if args.profile:
             profile_augment(augment, store, images_per_step, device)
         print_rows(args, size, precision, rows)
+    if prepared_root:
+        shutil.rmtree(prepared_root)
     return rows
 
 
@@ -276,6 +288,9 @@ def summary(args, rows: dict) -> str:
                       f"best_stream_workers_{size}{suffix}={max(args.num_workers, key=lambda w: rows[f'd{w}_{tag}'])}",
                       f"augment_share_{size}{suffix}={rows[f'aug_ms_{tag}'] / rows[f'step_ms_{tag}']:.3f}",
                       f"pil_share_{size}{suffix}={rows[f'pil_ms_{tag}'] / rows[f'step_ms_{tag}']:.3f}"]
+            if args.prepared:
+                pairs += [f"views_per_s_e_{size}{suffix}={rows[f'e_{tag}']:.1f}",
+                          f"ratio_e_over_a_{size}{suffix}={rows[f'e_{tag}'] / a:.3f}"]
         if both:
             for path in "ab":
                 pairs.append(f"ratio_bf16_over_fp32_{path}_{size}="
@@ -295,6 +310,9 @@ class TiledStore:
 
     def __len__(self):
         return len(self.images)
+
+    def batch(self, idx):
+        return self.images[idx]
 
 
 def build_real_step(args, store, size: int, batch: int, precision: str, graphs: str, device, steps: int):
@@ -528,6 +546,9 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--num_images", type=int, default=256, help="synthetic PNGs written to a temp folder")
     p.add_argument("--png_size", type=int, default=256, help="side of the synthetic PNGs in pixels")
+    p.add_argument("--prepared", action="store_true",
+                   help="also (e): the same PNGs prepared (data_loader.py --prepare) at each size, read through "
+                        "BatchLoader -> BatchAugment x 2 -> (a); prints ratio_e_over_a")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of BatchAugment")
     g = p.add_argument_group("--train_step: train_ssl.py's own step (issue 23)")
     g.add_argument("--train_step", action="store_true",
