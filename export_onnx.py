@@ -7,6 +7,7 @@ with onnxruntime against PyTorch on the checkpoint's test images (or random inpu
 
     python evaluate.py --checkpoint ./checkpoints/best_finetuned_model.pth --export onnx --output_dir ./export
 """
+import inspect
 import json
 import os
 import warnings
@@ -75,7 +76,7 @@ def write_onnx(ckpt: ClassifierCheckpoint, path: str) -> None:
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(module, (example,), tmp, input_names=["image"], output_names=["probabilities"],
                           dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
-                          opset_version=OPSET, dynamo=False)
+                          opset_version=OPSET, **torchscript_exporter())
     graph = onnx.load(tmp)
     for key, value in metadata(ckpt).items():
         entry = graph.metadata_props.add()
@@ -119,6 +120,12 @@ def compare(ckpt: ClassifierCheckpoint, path: str, images: torch.Tensor) -> dict
     same = (got.argmax(1) == expected.argmax(1)).mean()
     return {"images": len(images), "max_abs_diff": float(np.abs(got - expected).max()), "same_argmax": float(same),
             "onnx": got, "torch": expected}
+
+
+def torchscript_exporter() -> dict:
+    """The keyword that picks the TorchScript exporter where torch.onnx.export has a choice (torch 2.5+);
+    before that it is the only one."""
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
 
 
 def export(ckpt: ClassifierCheckpoint, output_dir: str, data_dir: str | None, cache_gb: float) -> dict:
