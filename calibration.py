@@ -58,6 +58,24 @@ def recalibrated_thresholds(thresholds: list, temperatures: list) -> list:
     return out
 
 
+def thresholds_keeping_val_predictions(thresholds: list, recalibrated: list, logits: torch.Tensor,
+                                       temperatures: list) -> list:
+    """`recalibrated` (sigmoid(logit(t) / T), exact in real numbers) nudged where float32 rounding would flip a
+    val cell across it: each threshold ends up above every calibrated val probability that was below its old
+    threshold and at or below every one that was at or above it, as evaluation computes them."""
+    before = logits.sigmoid().numpy() >= np.asarray(thresholds)
+    after = (logits / torch.tensor(temperatures, dtype=torch.float32)).sigmoid().numpy().astype(np.float64)
+    out = []
+    for k, t in enumerate(recalibrated):
+        positive, negative = after[before[:, k], k], after[~before[:, k], k]
+        if positive.size and t > positive.min():
+            t = float(positive.min())
+        if negative.size and t <= negative.max() and not (positive.size and negative.max() >= positive.min()):
+            t = float(np.nextafter(np.float32(negative.max()), np.float32(np.inf)))
+        out.append(t)
+    return out
+
+
 def binary_ece(y: np.ndarray, prob: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE of one finding's sigmoid over its counted cells: |positive rate - mean probability| per bin."""
     counted = y >= 0

@@ -287,7 +287,9 @@ class MultiLabel(MultiLabelReports):
         probabilities move to the calibrated scale, so the same findings are predicted."""
         ckpt.temperature = calibration.fit_temperature(logits, labels, multilabel=True)
         if (ckpt.val_metrics or {}).get("thresholds"):
-            ckpt.thresholds = calibration.recalibrated_thresholds(ckpt.val_metrics["thresholds"], ckpt.temperature)
+            moved = calibration.recalibrated_thresholds(ckpt.val_metrics["thresholds"], ckpt.temperature)
+            ckpt.thresholds = calibration.thresholds_keeping_val_predictions(
+                ckpt.val_metrics["thresholds"], moved, logits.float().cpu(), ckpt.temperature)
 
     def temperature_text(self, temperature) -> str:
         return "[" + ", ".join(f"{v:.3f}" for v in temperature) + "]"
@@ -358,7 +360,14 @@ def choose_threshold(y, prob, rule: str) -> float:
     if rule == "f1":
         precision, recall, cuts = precision_recall_curve(y, prob)
         f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-        return float(cuts[int(np.argmax(f1))])
+        return between_scores(float(cuts[int(np.argmax(f1))]), prob)
     fpr, tpr, cuts = roc_curve(y, prob)
     best = int(np.argmax(tpr[1:] - fpr[1:])) + 1          # cuts[0] is +inf: nothing predicted positive
-    return float(min(cuts[best], 1.0))
+    return between_scores(float(min(cuts[best], 1.0)), prob)
+
+
+def between_scores(cut: float, prob: np.ndarray) -> float:
+    """The midpoint between the cut (a val score) and the next lower val score: the same val images predicted,
+    and none sitting on the threshold, where the last bit of a recomputed probability would decide."""
+    lower = prob[prob < cut]
+    return float((cut + (lower.max() if lower.size else 0.0)) / 2)

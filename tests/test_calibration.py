@@ -53,3 +53,29 @@ def test_ece_helpers_match_the_reports_ece_and_a_hand_count():
     y2, p2 = np.array([1, 0, 1, 0, -1]), np.array([0.9, 0.9, 0.1, 0.1, 0.5])
     # bins of 0.9 and 0.1: positive rate 0.5 against 0.9 and 0.1, each half of the 4 counted cells
     assert calibration.binary_ece(y2, p2) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+
+
+def test_moved_thresholds_keep_every_val_prediction_in_float32():
+    """Thresholds chosen at a val probability sit on a cell: the exact sigmoid(logit(t) / T) can land a float32
+    rounding away from it, and the nudge keeps every val cell on its side."""
+    rng, checked = np.random.default_rng(0), 0
+    for trial in range(200):
+        logits = torch.from_numpy(rng.normal(0, 3, (60, 3)).astype(np.float32))
+        probs = logits.sigmoid().numpy()
+        thresholds = [float(probs[rng.integers(60), k]) for k in range(3)]
+        temps = list(rng.uniform(0.3, 4.0, 3))
+        moved = calibration.recalibrated_thresholds(thresholds, temps)
+        kept = calibration.thresholds_keeping_val_predictions(thresholds, moved, logits, temps)
+        before = probs >= np.array(thresholds)
+        calibrated = (logits / torch.tensor(temps, dtype=torch.float32)).sigmoid().numpy()
+        after = calibrated >= np.array(kept)
+        # a temperature below 1 can round two cells on either side of a threshold to the same float32 (1.0):
+        # no threshold separates them, and only such findings may differ
+        for k in range(3):
+            if (before[:, k] == after[:, k]).all():
+                continue
+            assert calibrated[~before[:, k], k].max() >= calibrated[before[:, k], k].min(), (trial, k)
+            checked -= 1
+        checked += 3
+        assert np.allclose(kept, moved, atol=1e-6)
+    assert checked > 500

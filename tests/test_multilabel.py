@@ -306,6 +306,6 @@ def test_label_efficiency_multilabel_mode_reports_mean_auc_for_both_methods(pipe
     assert sorted(results.method) == ["scratch", "ssl"] and results.mean_auc.between(0, 1).all()
     summary = open(os.path.join(out, "summary.md")).read()
     assert "| label fraction | method | runs | mean_auc | mean_ap |" in summary
-    assert "SSL - scratch mean AUC" in summary
+    assert "SSL - scratch mean ROC-AUC" in summary
     probe = pd.read_csv(os.path.join(out, "probe.csv"))
     assert sorted(probe.features) == ["random init", "ssl"] and probe.mean_auc.between(0, 1).all()

@@ -78,7 +78,7 @@ def test_ssl_checkpoint_describes_itself_and_leaves_out_the_test_split(pretraine
     assert f'"images": {36 - len(ckpt["excluded_files"])}' in settings
     resolved = json.loads(settings)                  # what ran and why, not the flags' 'auto'
     assert resolved["device"] == "cpu (asked for)" and resolved["precision"].startswith(("fp32 (auto", "bf16 (auto"))
-    assert resolved["num_workers"].startswith("0 (auto: images cached in memory")
+    assert resolved["num_workers"].startswith("0 (auto: images in memory")
 
 
 def test_pretraining_leaves_out_the_test_split_of_the_shares_fine_tuning_uses(tmp_path):
