@@ -63,13 +63,18 @@ def val_logits(ckpt, data):
 
 # ============ the temperature fine_tune.py stores ============
 
-def test_fine_tuning_stores_a_positive_temperature_that_lowers_val_ece_and_keeps_argmax(single):
+def test_fine_tuning_stores_a_positive_temperature_that_lowers_val_nll_and_keeps_argmax(single):
+    """What the fit guarantees on val is the lower negative log-likelihood; the ECE usually follows, but on a
+    handful of val images a confident error can make the NLL-optimal temperature raise it (docs/results.md
+    measures the ECE on the quick start and BreastMNIST)."""
     ckpt = checkpoints.ClassifierCheckpoint.load(single["ckpt"])
     assert isinstance(ckpt.temperature, float) and ckpt.temperature > 0 and ckpt.temperature != 1.0
     logits, y = val_logits(ckpt, single["data"])
     before, after = logits.softmax(1).double().numpy(), (logits / ckpt.temperature).softmax(1).double().numpy()
     np.testing.assert_array_equal(before.argmax(1), after.argmax(1))
-    assert calibration.ece(y, after, False) <= calibration.ece(y, before, False) + 1e-12
+    target = torch.as_tensor(y).long()
+    nll = [torch.nn.functional.cross_entropy(logits.double() / t, target).item() for t in (1.0, ckpt.temperature)]
+    assert nll[1] <= nll[0] + 1e-9
 
 
 def test_a_multilabel_temperature_per_finding_keeps_the_predicted_findings(multi):
@@ -91,7 +96,7 @@ def test_evaluate_reports_the_ece_before_and_after_calibration(single):
     cal = doc["calibration"]
     assert cal["temperature"] == doc["temperature"] > 0
     assert cal["ece_calibrated"] == pytest.approx(doc["metrics"]["ece"]["value"])   # the existing key: calibrated
-    assert cal["ece_calibrated"] <= cal["ece_uncalibrated"] + 1e-12                  # on val, where T was fitted
+    assert 0 <= cal["ece_uncalibrated"] <= 1 and cal["ece_uncalibrated"] != cal["ece_calibrated"]
     assert "calibration: temperature scaling fitted on val" in (out / "report.md").read_text()
 
 
