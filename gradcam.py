@@ -10,7 +10,7 @@ import torch
 import image_io
 import model_ssl
 import utils
-from classification_metrics import bootstrap_weights, fmt, resampling_unit, with_ci
+from classification_metrics import bootstrap_weights, fmt, resampling_unit, wilson_interval, with_ci
 from evaluated_model import Evaluated
 from plots import class_colors, pyplot
 
@@ -143,11 +143,9 @@ def rate_with_ci(hits, resamples: int, seed: int, groups=None) -> dict:
     hits = np.asarray(hits, bool)
     out = mean_with_ci(hits, resamples, seed, groups)
     if resamples and len(hits) and (hits.all() or not hits.any()):
-        from scipy.stats import binomtest
-
         units = resampling_unit(groups, len(hits))["units"]
-        ci = binomtest(units if hits.all() else 0, units).proportion_ci(method="wilson")
-        out |= {"low": float(ci.low), "high": float(ci.high), "interval": "Wilson (all hits or none)"}
+        low, high = wilson_interval(np.float64(hits.all()), np.float64(units))
+        out |= {"low": float(low), "high": float(high), "interval": "Wilson (all hits or none)"}
     return out
 
 
