@@ -2,8 +2,13 @@
 takes `weights` (B, N), how often each of N images is drawn in each of B resamples (a row of ones is
 the point estimate). Resamples draw whole patients when patient ids are given (each drawn patient brings
 all its images), images otherwise. Sensitivity, specificity, precision and recall get Wilson score
-intervals at the patients' effective sample size instead. One-label metrics, multi-label per-finding
-metrics, paired differences, and the formatting of a value with its interval.
+intervals at the patients' effective sample size instead. Where a ROC-AUC's or an average precision's
+bootstrap interval has zero width (every resample ranks the positives the same way, as when a few positives
+all rank first), a score interval over the positive and negative patients takes its place (Newcombe's for
+the AUC, Wilson's for the average precision). The ECE gets no interval (its resampled values are biased
+upward, so a percentile interval can miss its own point value); the Brier score, a mean over images, gets
+one. One-label metrics, multi-label per-finding metrics, paired differences, and the formatting of a value
+with its interval.
 """
 import warnings
 
@@ -28,6 +33,7 @@ SCALAR_METRICS = {                # key -> label in tables
     "pr_auc": "PR-AUC (average precision)",
     "pr_auc_macro": "PR-AUC (macro)",
     "ece": f"expected calibration error ({ECE_BINS} bins)",
+    "brier": "Brier score",
 }
 
 PER_CLASS_METRICS = {
@@ -35,7 +41,10 @@ PER_CLASS_METRICS = {
     "roc_auc_per_class": "ROC-AUC", "pr_auc_per_class": "PR-AUC",
 }
 
-COMPARISON_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro", "ece")
+COMPARISON_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro", "brier", "ece")
+
+NO_INTERVAL = {"ece": "none: the ECE of a resample is biased upward, so a percentile interval can miss its own "
+                      "value; the Brier score carries the interval"}
 
 # Every metric takes `weights` (B, N): how many times each of the N images is drawn in each of B
 # resamples. A row of ones is the point estimate, so one code path gives both.
@@ -130,7 +139,15 @@ def all_metrics(weights, y_true, prob, k: int, scorable: np.ndarray) -> dict:
     out["roc_auc"] = auc[:, 1] if k == 2 else out["roc_auc_macro"]     # binary: class 1 is the positive class
     out["pr_auc"] = ap[:, 1] if k == 2 else out["pr_auc_macro"]
     out["ece"] = expected_calibration_error(weights, y_true, prob)
+    out["brier"] = brier_score(weights, y_true, prob)
     return out
+
+
+def brier_score(weights, y_true, prob) -> np.ndarray:
+    """Multi-class Brier score: the mean over images of the squared distance between the probability vector
+    and the one-hot truth, in [0, 2]; lower is better. (B,)"""
+    per_image = ((prob - _one_hot(y_true, prob.shape[1])) ** 2).sum(1)
+    return (weights @ per_image) / weights.sum(1)
 
 
 def group_codes(groups, n: int) -> np.ndarray:
@@ -221,6 +238,83 @@ def clustered_wilson(success: np.ndarray, counted: np.ndarray, codes: np.ndarray
     return wilson_interval(p, n / design_effect(success, counted, codes))
 
 
+SCORE_GRID = np.linspace(0.0, 1.0, 200_001)
+
+
+def _auc_variance(theta, m, n):
+    """Variance of a Mann-Whitney AUC `theta` over m positives and n negatives: Hanley and McNeil's formula
+    with m - 1 and n - 1 both replaced by (m + n) / 2 - 1 (Newcombe 2006, Stat Med 25:559, method 5)."""
+    k = (m + n) / 2 - 1
+    return theta * (1 - theta) / (m * n) * (1 + k * (1 - theta) / (2 - theta) + k * theta / (1 + theta))
+
+
+def auc_score_interval(auc: np.ndarray, m: np.ndarray, n: np.ndarray, z: float = Z95) -> tuple:
+    """(low, high) per element: the AUCs theta with (auc - theta)^2 <= z^2 var(theta) (a Wilson-type score
+    interval, Newcombe's method 5), which keeps its width at an AUC of 0 or 1 where a percentile bootstrap
+    collapses; m, n are the positive and negative patients. Solved on a grid of step 5e-6; NaN where undefined."""
+    auc, m, n = (np.atleast_1d(np.asarray(a, dtype=float)) for a in (auc, m, n))
+    low, high = np.full(auc.shape, np.nan), np.full(auc.shape, np.nan)
+    for j in np.flatnonzero(np.isfinite(auc) & (m > 0) & (n > 0)):
+        inside = SCORE_GRID[(auc[j] - SCORE_GRID) ** 2 <= z ** 2 * _auc_variance(SCORE_GRID, m[j], n[j])]
+        low[j], high[j] = min(inside.min(), auc[j]), max(inside.max(), auc[j])
+    return low, high
+
+
+def unit_counts(is_positive: np.ndarray, counted: np.ndarray, codes: np.ndarray) -> tuple:
+    """(positive units, negative units), each (K,): patients (or images) with a counted positive image and
+    with a counted negative image, per column of the (N, K) 0/1 arrays."""
+    def units(mask):
+        return np.array([len(np.unique(codes[mask[:, k]])) for k in range(mask.shape[1])], dtype=float)
+    return units(is_positive & counted), units(~is_positive & counted)
+
+
+def collapsed(entry: dict) -> np.ndarray:
+    """Where a bootstrap interval has zero width: every usable resample gave the point value."""
+    low, high = np.asarray(entry["low"], dtype=float), np.asarray(entry["high"], dtype=float)
+    return np.isfinite(low) & (high - low <= 1e-12)
+
+
+def _with_score_fallback(entry: dict, low, high) -> dict:
+    """The entry with `low`/`high` in place of its limits where its percentile interval collapsed; 'score'
+    marks which."""
+    where = collapsed(entry)
+    if not where.any():
+        return entry
+    pick = lambda new, old: np.where(where, new, old) if np.ndim(old) else (float(new) if where else old)  # noqa: E731
+    return entry | {"low": pick(low, entry["low"]), "high": pick(high, entry["high"]), "score": where}
+
+
+def ranking_fallbacks(out: dict, auc_key: str, ap_key: str, pos, counted, codes, means: dict) -> None:
+    """Replaces collapsed per-class (per-finding) AUC and AP intervals by score intervals over the positive
+    and negative patients, and collapsed averages (`means`: key -> (per-class key, columns averaged)) by the
+    mean of their classes' limits."""
+    m, n = unit_counts(pos, counted, codes)
+    out[auc_key] = _with_score_fallback(out[auc_key], *auc_score_interval(out[auc_key]["value"], m, n))
+    out[ap_key] = _with_score_fallback(out[ap_key], *wilson_interval(np.asarray(out[ap_key]["value"]), m))
+    for key, (per_class, columns) in means.items():
+        if collapsed(out[key]).any() and len(columns):
+            limits = [np.mean(np.asarray(out[per_class][side])[columns]) for side in ("low", "high")]
+            out[key] = _with_score_fallback(out[key], *limits)
+
+
+def interval_kind(m: dict, index=None) -> str:
+    """How an entry's (one class's, with `index`) 95% interval was made, for metrics.json."""
+    score = m.get("score")
+    if score is not None and bool(np.asarray(score) if index is None else np.asarray(score)[index]):
+        return "score (the bootstrap interval had zero width)"
+    if m.get("interval") in NO_INTERVAL.values():
+        return "none"
+    return "Wilson score" if m.get("interval") == "wilson" else "percentile bootstrap"
+
+
+def score_notes(m: dict, label: str, names: list, pos_units, neg_units, unit: str) -> list:
+    """A sentence per class (finding) whose AUC or AP interval is a score interval, so none goes unexplained."""
+    score = np.atleast_1d(np.asarray(m.get("score", False)))
+    return [f"{label} of {names[j]!r}: every resample ranked its {int(pos_units[j])} positive {unit}s the same "
+            f"way against its {int(neg_units[j])} negative ones (a zero-width bootstrap interval); its interval is a "
+            f"score interval over those {unit}s instead (docs/design.md)" for j in np.flatnonzero(score)]
+
+
 def _entry(value, samples, resamples: int) -> dict:
     """A metric's point value with its percentile interval over the bootstrap `samples`."""
     low, high, valid = percentile_interval(samples)
@@ -251,6 +345,13 @@ def compute_metrics(y_true, prob, k: int, resamples: int, seed: int, groups=None
         out["recall"] = _with_wilson(out["recall"], pred, true, codes)
         out["specificity"] = _with_wilson(out["specificity"], ~pred, ~true, codes)
         out["precision"] = _with_wilson(out["precision"], true, pred, codes)
+        columns = np.flatnonzero(scorable)
+        means = {"roc_auc_macro": ("roc_auc_per_class", columns), "pr_auc_macro": ("pr_auc_per_class", columns),
+                 "roc_auc": ("roc_auc_per_class", [1] if k == 2 else columns),
+                 "pr_auc": ("pr_auc_per_class", [1] if k == 2 else columns)}
+        ranking_fallbacks(out, "roc_auc_per_class", "pr_auc_per_class", true, np.ones_like(true), codes, means)
+    for key, why in NO_INTERVAL.items():
+        out[key] = out[key] | {"low": np.nan, "high": np.nan, "interval": why}
     return out
 
 
@@ -283,6 +384,8 @@ def with_ci(m: dict, index=None, digits: int = 3) -> str:
     value, low, high = pick(m["value"]), pick(m["low"]), pick(m["high"])
     if not np.isfinite(value):
         return "n/a"
+    if "interval" in m and m["interval"] in NO_INTERVAL.values():
+        return fmt(value, digits)
     if np.isfinite(low):
         return f"{fmt(value, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"
     if m.get("resamples") and "valid" in m:
@@ -291,11 +394,11 @@ def with_ci(m: dict, index=None, digits: int = 3) -> str:
 
 
 VERDICT_METRICS = {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "f1_macro": "macro F1",
-                   "roc_auc_macro": "ROC-AUC", "ece": "calibration error (ECE)"}
+                   "roc_auc_macro": "ROC-AUC", "brier": "Brier score"}
 
 PRIMARY_METRIC = "balanced_accuracy"   # the verdict's metric; the others are secondary, Holm-adjusted
 
-LOWER_IS_BETTER = {"ece"}
+LOWER_IS_BETTER = {"ece", "brier"}
 
 ALPHA = 0.05
 
@@ -324,14 +427,16 @@ def holm_adjusted(p) -> np.ndarray:
     return out
 
 
-def paired_metric_differences(y_true, prob_a, prob_b, k: int, resamples: int, seed: int, groups=None) -> dict:
+def paired_metric_differences(y_true, prob_a, prob_b, k: int, resamples: int, seed: int, groups=None,
+                              skip=()) -> dict:
     """{metric: difference A - B, 95% paired-bootstrap interval, bootstrap p-value}: both models scored on the
     same resampled patients (or images without `groups`), so what they have in common cancels out. The
-    secondary metrics (all but PRIMARY_METRIC) also get Holm-adjusted p-values ('p_holm', 'detected')."""
+    secondary metrics (all but PRIMARY_METRIC) also get Holm-adjusted p-values ('p_holm', 'detected'); the
+    metrics in `skip` (undefined for one of the models) are left out of the family."""
     y_true = np.asarray(y_true)
     n, counts = len(y_true), np.bincount(y_true, minlength=k)
     scorable = (counts > 0) & (counts < n)
-    keys = list(VERDICT_METRICS)
+    keys = [key for key in VERDICT_METRICS if key not in skip]
     a, b = (all_metrics(np.ones((1, n)), y_true, p, k, scorable) for p in (prob_a, prob_b))
     draws = []
     for w in bootstrap_weights(n, resamples, seed, _chunk(n, k), groups):
@@ -412,4 +517,7 @@ def compute_multilabel_metrics(y, prob, thresholds, resamples: int, seed: int, g
         pred, codes = prob >= np.asarray(thresholds)[None, :], group_codes(groups, n)
         out["sensitivity"] = _with_wilson(out["sensitivity"], pred, y == 1, codes)
         out["specificity"] = _with_wilson(out["specificity"], ~pred, y == 0, codes)
+        columns = np.flatnonzero(scorable)
+        ranking_fallbacks(out, "roc_auc", "average_precision", y == 1, y >= 0, codes,
+                          {"mean_auc": ("roc_auc", columns), "mean_ap": ("average_precision", columns)})
     return out

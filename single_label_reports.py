@@ -13,12 +13,16 @@ import numpy as np
 import training_history
 import utils
 from classification_metrics import (COMPARISON_METRICS, PER_CLASS_METRICS, SCALAR_METRICS, compute_metrics, fmt,
+                                    group_codes, interval_kind, score_notes, unit_counts,
                                     paired_accuracy_difference, paired_metric_differences, plain, with_ci)
 from evaluated_model import Evaluated
-from gradcam import plot_pointing_game, pointing_sentences
+from gradcam import plot_pointing_game, pointing_sentences, signed_with_ci
 from plots import plot_confusion, plot_embedding, plot_pr, plot_reliability, plot_roc, plot_roc_comparison
 from verdicts import (bootstrap_document, headline_sentence, interval_text, paired_sentences, provenance_lines,
                       small_split_warnings, units_text, verdict_lines)
+
+
+KNN_UNDEFINED = ("ece", "brier")     # need probabilities; a kNN's class shares are neighbour votes
 
 
 class SingleLabelReports:
@@ -28,7 +32,11 @@ class SingleLabelReports:
         """Any single-label models can be compared on the images they share."""
 
     def compute_metrics(self, ev: Evaluated, resamples: int, seed: int) -> dict:
-        return compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples, seed, ev.patient_ids)
+        out = compute_metrics(ev.y_true, ev.prob, len(ev.class_names), resamples, seed, ev.patient_ids)
+        if ev.kind == "kNN":            # vote shares of the k neighbours: no probabilities to calibrate or score
+            for key in KNN_UNDEFINED:
+                out[key] = out[key] | {"value": np.nan, "low": np.nan, "high": np.nan}
+        return out
 
     def small_split_warnings(self, ev: Evaluated, metrics: dict) -> list:
         return small_split_warnings(ev, metrics)
@@ -36,9 +44,11 @@ class SingleLabelReports:
     def metrics_document(self, ev: Evaluated, metrics: dict, args) -> dict:
         scalars = {key: {"value": plain(metrics[key]["value"]), "ci95": [plain(metrics[key]["low"]),
                                                                          plain(metrics[key]["high"])],
-                         "resamples_used": int(metrics[key]["valid"])} for key in SCALAR_METRICS}
+                         "resamples_used": int(metrics[key]["valid"]), "interval": interval_kind(metrics[key])}
+                   for key in SCALAR_METRICS}
         per_class = {key: {name: {"value": plain(metrics[key]["value"][c]),
-                                  "ci95": [plain(metrics[key]["low"][c]), plain(metrics[key]["high"][c])]}
+                                  "ci95": [plain(metrics[key]["low"][c]), plain(metrics[key]["high"][c])],
+                                  "interval": interval_kind(metrics[key], c)}
                            for c, name in enumerate(ev.class_names)} for key in PER_CLASS_METRICS}
         per_class["support"] = {name: int(n) for name, n in zip(ev.class_names, metrics["support"])}
         return {"model": ev.name, "checkpoint": os.path.abspath(ev.checkpoint), "kind": ev.kind, **ev.info.as_dict(),
@@ -59,6 +69,14 @@ class SingleLabelReports:
         used = int(metrics["roc_auc"]["valid"])
         if resamples and used < resamples:
             notes.append(f"the ROC-AUC interval uses {used} of {resamples} resamples; the others lost a class")
+        if ev.kind == "kNN":
+            notes.append("no ECE or Brier score: a kNN's class shares are votes of its neighbours, not probabilities")
+        if resamples:
+            true, codes = np.eye(len(ev.class_names), dtype=bool)[ev.y_true], group_codes(ev.patient_ids, len(ev.y_true))
+            pos, neg = unit_counts(true, np.ones_like(true), codes)
+            unit = metrics["resampling"]["unit"]
+            for key, label in (("roc_auc_per_class", "ROC-AUC"), ("pr_auc_per_class", "PR-AUC")):
+                notes += score_notes(metrics[key], label, ev.class_names, pos, neg, unit)
         return notes
 
     def write_predictions(self, ev: Evaluated, path: str) -> None:
@@ -89,12 +107,15 @@ class SingleLabelReports:
     def write_figures(self, ev: Evaluated, metrics: dict, folder: str, projections: dict) -> dict:
         """Every figure of one model; returns {file name: caption}, with a reason in place of a skipped one."""
         figures = {"confusion_matrix.png": "Confusion matrix (counts and row-normalised)",
-                   "roc_curves.png": "ROC curves", "pr_curves.png": "Precision-recall curves",
-                   "reliability.png": "Reliability diagram and confidence histogram"}
+                   "roc_curves.png": "ROC curves", "pr_curves.png": "Precision-recall curves"}
         plot_confusion(ev, os.path.join(folder, "confusion_matrix.png"))
         plot_roc(ev, metrics, os.path.join(folder, "roc_curves.png"))
         plot_pr(ev, metrics, os.path.join(folder, "pr_curves.png"))
-        plot_reliability(ev, metrics, os.path.join(folder, "reliability.png"))
+        if ev.kind == "kNN":
+            ev.notes.append("no reliability.png: a kNN's vote shares are not probabilities")
+        else:
+            plot_reliability(ev, metrics, os.path.join(folder, "reliability.png"))
+            figures["reliability.png"] = "Reliability diagram and confidence histogram"
         for method, file in (("t-SNE", "tsne.png"), ("UMAP", "umap.png")):
             coords = projections[method]
             if isinstance(coords, str):
@@ -122,7 +143,8 @@ class SingleLabelReports:
         else:
             rows["roc_auc_macro"] = SCALAR_METRICS["roc_auc_macro"]
             rows["pr_auc_macro"] = "PR-AUC (macro average precision)"
-        return rows | {"ece": SCALAR_METRICS["ece"]}
+        return rows | {"brier": f"{SCALAR_METRICS['brier']} (lower is better)",
+                       "ece": f"{SCALAR_METRICS['ece']}, no interval (docs/design.md)"}
 
     def metrics_table(self, ev: Evaluated, metrics: dict) -> list:
         lines = ["| metric | value [95% CI] |", "|---|---|"]
@@ -143,8 +165,9 @@ class SingleLabelReports:
         ia, ib = np.array(common).T
         groups = None if a.patient_ids is None else a.patient_ids[ia]
         result = paired_accuracy_difference(a.y_true[ia], a.prob[ia], b.prob[ib], resamples, seed, groups)
+        skip = KNN_UNDEFINED if "kNN" in (a.kind, b.kind) else ()
         result["metrics"] = paired_metric_differences(a.y_true[ia], a.prob[ia], b.prob[ib], len(a.class_names),
-                                                      resamples, seed, groups)
+                                                      resamples, seed, groups, skip)
         return result | {"model_a": a.name, "model_b": b.name, "init_a": a.info.init,
                          "init_b": b.info.init, "split": a.info.split}
 
@@ -185,7 +208,8 @@ class SingleLabelReports:
         lines += [f"Values with 95% bootstrap intervals ({args.bootstrap} resamples of the "
                   f"{results[0]['resampling']['unit']}s, seed {args.seed}). "
                   f"ROC-AUC: the macro one-vs-rest average (with two classes, the positive class's AUC); "
-                  f"ECE (expected calibration error): lower is better.", ""] + table
+                  f"Brier score and ECE (expected calibration error): lower is better; the ECE has no interval "
+                  f"(its resampled values are biased upward).", ""] + table
         lines += ["", "## Paired differences", ""] + paired_sentences(paired)
         if pointing:
             lines += ["", "## Grad-CAM pointing game", ""] + pointing_sentences(pointing)
@@ -209,8 +233,8 @@ class SingleLabelReports:
 
     def print_summary(self, evaluated: list, results: list, report: str) -> None:
         width = max(len(ev.name) for ev in evaluated) + 2
-        labels = ("accuracy", "bal. acc", "macro F1", "ROC-AUC", "ECE")
-        keys = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "ece")
+        labels = ("accuracy", "bal. acc", "macro F1", "ROC-AUC", "Brier", "ECE")
+        keys = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "brier", "ece")
         print(f"{'model':<{width}}{'split':<7}{'images':>7}  " + "".join(f"{label:>10}" for label in labels))
         for ev, m in zip(evaluated, results):
             print(f"{ev.name:<{width}}{ev.info.split:<7}{len(ev.y_true):>7}  "
@@ -223,4 +247,6 @@ class SingleLabelReports:
             if line:
                 print(line.replace("**", ""))
         for r in pointing:
-            print(f"pointing game, {r['model']}: {with_ci(r)} ({r['hits']}/{r['images']}; chance {r['chance']:.3f})")
+            print(f"pointing game, {r['model']}: {with_ci(r)} ({r['hits']}/{r['images']}); permutation baseline "
+                  f"{fmt(r['permutation_baseline'])}, hits minus baseline {signed_with_ci(r['above_baseline'])}; "
+                  f"area share {r['chance']:.3f}")

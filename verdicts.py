@@ -36,7 +36,8 @@ def interval_text(resampling: dict, resamples: int, seed: int | None = None) -> 
     seed = "" if seed is None else f", seed {seed}"
     return (f"95% intervals: bootstrap over {units_text(resampling)}, {resamples} resamples, percentile{seed}; an interval needs {MIN_VALID_RESAMPLES} resamples that define the metric, else it reads "
             f"n/a; sensitivity, specificity, precision and recall: Wilson score intervals at the effective "
-            f"sample size of the patients (docs/design.md)")
+            f"sample size of the patients; a ROC-AUC or average precision whose bootstrap interval has zero width: "
+            f"a score interval over its positive and negative patients; the ECE: no interval (docs/design.md)")
 
 
 def bootstrap_document(resampling: dict, args) -> dict:
@@ -44,7 +45,10 @@ def bootstrap_document(resampling: dict, args) -> dict:
     return {"resamples": args.bootstrap, "seed": args.seed, "interval": "percentile, 95%",
             "unit": resampling["unit"], "units": resampling["units"], "images": resampling["images"],
             "min_usable_resamples": MIN_VALID_RESAMPLES,
-            "proportions": "Wilson score, 95%, at the effective sample size of the patients"}
+            "proportions": "Wilson score, 95%, at the effective sample size of the patients",
+            "zero_width_ranking": "ROC-AUC: Newcombe's score interval (method 5); average precision: Wilson score "
+                                  "interval; over the positive and negative patients",
+            "ece": "no interval (biased upward under resampling); the Brier score has one"}
 
 
 def _p(d: dict, key: str = "p_holm") -> str:

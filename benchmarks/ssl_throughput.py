@@ -11,6 +11,7 @@ are fair on a shared or throttling machine:
     python benchmarks/ssl_throughput.py --sizes 64 --steps 30 --precision both
     python benchmarks/ssl_throughput.py --sizes 224 --steps 5 --warmup 1 --num_workers 0 1 2
     python benchmarks/ssl_throughput.py --sizes 64 --profile               # where the augmentation time goes
+    python benchmarks/ssl_throughput.py --sizes 128 --prepared_dir ./data/bench_100k_prepared_128   # (e) at scale
     python benchmarks/ssl_throughput.py --train_step --sizes 64 --batches 64 256 --precision both \
         --optimizer lars --cuda_graphs off on --profile_md step_profile.md   # issue 23, on a GPU
 
@@ -215,8 +216,12 @@ def bench_size(args, size: int, steps: int, warmup: int, rounds: int, root: str,
     store = data_loader.ImageStore(root, names, size, channels=1)
     per_round = -(-steps // rounds)
     rows = {}
-    prepared_root = tempfile.mkdtemp() if args.prepared else None
-    if args.prepared:
+    prepared_root, prepared_names = None, names
+    if args.prepared_dir:
+        prepared_root = args.prepared_dir
+        prepared_names = prepared_images.open_prepared(prepared_root).filenames
+    elif args.prepared:
+        prepared_root = tempfile.mkdtemp()
         prepared_images.prepare(root, prepared_root, size, workers=1)
     for precision in precisions(args.precision):
         dtype = torch.bfloat16 if precision == "bf16" else None
@@ -230,7 +235,7 @@ def bench_size(args, size: int, steps: int, warmup: int, rounds: int, root: str,
             add(totals, "a", timed(model_views, step, first, per_round, device))
             add(totals, "b", timed(batch_views, step, first, per_round, device))
             if args.prepared:
-                prepared_views, _ = path_batch(data_loader.ImageStore(prepared_root, names, size, channels=1),
+                prepared_views, _ = path_batch(data_loader.ImageStore(prepared_root, prepared_names, size, channels=1),
                                                images_per_step, size, device)
                 add(totals, "e", timed(prepared_views, step, first, per_round, device))
             for workers in args.num_workers:
@@ -250,7 +255,7 @@ def bench_size(args, size: int, steps: int, warmup: int, rounds: int, root: str,
         if args.profile:
             profile_augment(augment, store, images_per_step, device)
         print_rows(args, size, precision, rows)
-    if prepared_root:
+    if prepared_root and not args.prepared_dir:
         shutil.rmtree(prepared_root)
     return rows
 
@@ -486,6 +491,14 @@ def main_train_step(args, device, threads: int) -> None:
 
 def main(args):
     device = utils.resolve_device(args.device)
+    if args.prepared_dir:
+        args.prepared = True
+        opened = prepared_images.open_prepared(args.prepared_dir)
+        if opened is None:
+            raise SystemExit(f"--prepared_dir {args.prepared_dir} is not a prepared folder (data_loader.py --prepare)")
+        side = opened.image_size
+        if args.sizes != [side]:
+            raise SystemExit(f"--prepared_dir {args.prepared_dir} holds {side} px images: pass --sizes {side}")
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     if args.train_step:
@@ -549,6 +562,9 @@ def get_args_parser():
     p.add_argument("--prepared", action="store_true",
                    help="also (e): the same PNGs prepared (data_loader.py --prepare) at each size, read through "
                         "BatchLoader -> BatchAugment x 2 -> (a); prints ratio_e_over_a")
+    p.add_argument("--prepared_dir", default=None,
+                   help="(e) reads this prepared folder (every image of it, at its own side: --sizes must be that "
+                        "side) instead of preparing the temporary PNGs; implies --prepared")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of BatchAugment")
     g = p.add_argument_group("--train_step: train_ssl.py's own step (issue 23)")
     g.add_argument("--train_step", action="store_true",

@@ -109,7 +109,7 @@ def test_bootstrap_interval_contains_estimate_and_narrows_with_more_images():
     for n in (60, 1000):
         y, prob = random_predictions(n, 3, seed=3)
         r = classification_metrics.compute_metrics(y, prob, 3, resamples=300, seed=0)
-        for key in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro", "ece"):
+        for key in ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro", "brier"):
             assert r[key]["low"] <= r[key]["value"] <= r[key]["high"], key
         widths.append(r["accuracy"]["high"] - r["accuracy"]["low"])
     assert widths[1] < 0.5 * widths[0]                               # ~ 1/sqrt(n): 4x narrower expected
@@ -252,7 +252,7 @@ def test_classifier_run_writes_every_file(single_run):
     doc = json.loads((single_run / "metrics.json").read_text())
     assert doc["split"] == "test" and doc["num_images"] == 12 and doc["kind"] == "classifier"
     assert doc["per_class"]["support"] == {"effusion": 4, "normal": 4, "pneumonia": 4}
-    for key in ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "roc_auc", "pr_auc", "ece"):
+    for key in ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "roc_auc", "pr_auc", "brier", "ece"):
         assert key in doc["metrics"] and len(doc["metrics"][key]["ci95"]) == 2
     report = (single_run / "report.md").read_text()
     assert "95% CI" in report and "| normal | 4 |" in report
@@ -327,8 +327,14 @@ def test_ssl_checkpoint_is_scored_by_linear_probe_and_knn(world, monkeypatch):
     assert result["models"] == ["SSL encoder linear probe", "SSL encoder kNN"]
     for folder in result["folders"]:
         folder = out / os.path.basename(folder)
-        assert_model_files(folder, skipped=("umap.png",))
+        knn = "kNN" in folder.name              # vote shares: no reliability diagram, ECE or Brier score
+        assert_model_files(folder, skipped=("umap.png", "reliability.png") if knn else ("umap.png",))
         assert not (folder / "umap.png").exists()
+        assert (folder / "reliability.png").exists() != knn
+        if knn:
+            text = (folder / "report.md").read_text()
+            assert "no reliability.png: a kNN's vote shares are not probabilities" in text
+            assert json.loads((folder / "metrics.json").read_text())["metrics"]["ece"]["value"] is None
         assert "no umap.png: UMAP skipped by the test" in (folder / "report.md").read_text()
         assert "no Grad-CAM: a " in (folder / "report.md").read_text()
         doc = json.loads((folder / "metrics.json").read_text())

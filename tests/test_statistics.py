@@ -115,7 +115,7 @@ def test_holm_adjustment_by_hand_and_secondary_metrics_use_it():
     y, good = predictions(300, seed=8, signal=3.0)
     d = cm.paired_metric_differences(y, good, np.roll(good, 1, 1), 3, 300, 0)
     assert d["balanced_accuracy"]["primary"] and "p_holm" not in d["balanced_accuracy"]
-    assert all(d[k]["p_holm"] >= d[k]["p"] for k in ("accuracy", "f1_macro", "roc_auc_macro", "ece"))
+    assert all(d[k]["p_holm"] >= d[k]["p"] for k in ("accuracy", "f1_macro", "roc_auc_macro", "brier"))
     assert d["accuracy"]["detected"] and d["accuracy"]["p_holm"] < 0.05
     same = cm.paired_metric_differences(y, good, good, 3, 300, 0)
     assert all(v["p"] == 1.0 and not v["detected"] for v in same.values())
@@ -169,3 +169,57 @@ def test_small_split_and_val_split_warnings_in_both_tasks():
     head = tasks.MULTI_LABEL.report_head(ml, cm.compute_multilabel_metrics(yk, prob[:, :2], [0.5] * 2, 0, 0),
                                          types.SimpleNamespace(label_file="l.csv", bootstrap=0, seed=0))
     assert head[0] == f"> **Caution:** {warnings[0]}" and "- no intervals (--bootstrap 0)" in head
+
+
+def test_auc_score_interval_matches_the_wald_interval_when_large_and_keeps_width_at_the_boundary():
+    """Newcombe's score interval: near Hanley-McNeil's Wald interval for a mid-range AUC on many patients, and
+    a real width where the AUC is 1 (the Wald and percentile intervals have none there)."""
+    low, high = cm.auc_score_interval(np.array([0.8]), np.array([400.0]), np.array([400.0]))
+    half = cm.Z95 * np.sqrt(cm._auc_variance(0.8, 400, 400))
+    assert low[0] == pytest.approx(0.8 - half, abs=0.003) and high[0] == pytest.approx(0.8 + half, abs=0.003)
+    low, high = cm.auc_score_interval(np.array([1.0, 1.0, 0.0]), np.array([4.0, 40.0, 4.0]), np.array([60.0] * 3))
+    assert high[0] == 1.0 and 0.5 < low[0] < 0.95 and low[0] < low[1] < 1.0       # fewer positives, wider
+    assert low[2] == 0.0 and 0.05 < high[2] < 0.5
+
+
+def test_all_positives_ranked_first_give_a_score_interval_not_a_zero_width_one():
+    """A finding whose 4 positive patients all rank first: every resample gives AUC 1 and AP 1, so the
+    percentile interval is [1, 1]; the score intervals over the patients take its place, and say so."""
+    rng = np.random.default_rng(0)
+    y = np.zeros(120, int)
+    y[:8] = 1                                                       # 8 positive images of 4 patients
+    prob1 = np.where(y == 1, 0.9 + 0.01 * rng.random(120), 0.5 * rng.random(120))
+    prob = np.stack([1 - prob1, prob1], 1)
+    groups = [f"p{i // 2}" for i in range(120)]
+    out = cm.compute_metrics(y, prob, 2, 300, 0, groups=groups)
+    for key in ("roc_auc", "pr_auc"):
+        assert out[key]["value"] == 1.0 and out[key]["high"] == 1.0 and out[key]["low"] < 0.95, key
+        assert cm.interval_kind(out[key]).startswith("score")
+    assert out["pr_auc"]["low"] == pytest.approx(4 / (4 + cm.Z95 ** 2))         # Wilson over 4 positive patients
+    assert cm.interval_kind(out["roc_auc_per_class"], 1).startswith("score")
+    notes = cm.score_notes(out["roc_auc_per_class"], "ROC-AUC", ["normal", "nodule"], *cm.unit_counts(
+        np.eye(2, dtype=bool)[y], np.ones((120, 2), bool), cm.group_codes(groups, 120)), "patient")
+    assert len(notes) == 2 and "its 4 positive patients" in notes[1] and "56 negative ones" in notes[1]
+    # multi-label: the same finding beside an ordinary one
+    y2 = np.stack([y, rng.integers(0, 2, 120)], 1)
+    p2 = np.stack([prob1, rng.random(120)], 1)
+    ml = cm.compute_multilabel_metrics(y2, p2, [0.5, 0.5], 300, 0, groups=groups)
+    assert ml["roc_auc"]["low"][0] < 0.95 and ml["average_precision"]["low"][0] < 0.95
+    assert width(ml["roc_auc"], 1) > 0 and not ml["roc_auc"]["score"][1]
+
+
+def test_brier_by_hand_ece_without_interval_and_knn_without_either():
+    y = np.array([0, 1, 1, 0])
+    prob = np.array([[0.8, 0.2], [0.4, 0.6], [0.9, 0.1], [0.5, 0.5]])
+    brier = cm.brier_score(np.ones((1, 4)), y, prob)[0]
+    assert brier == pytest.approx((0.08 + 0.32 + 1.62 + 0.5) / 4)
+    yy, pp = predictions(200)
+    out = cm.compute_metrics(yy, pp, 3, 300, 0)
+    assert np.isnan(out["ece"]["low"]) and cm.interval_kind(out["ece"]) == "none"
+    assert cm.with_ci(out["ece"]) == cm.fmt(out["ece"]["value"])
+    assert out["brier"]["low"] <= out["brier"]["value"] <= out["brier"]["high"]
+    ev = types.SimpleNamespace(y_true=yy, prob=pp, class_names=["a", "b", "c"], patient_ids=None, kind="kNN",
+                               info=types.SimpleNamespace(split="test"))
+    knn = tasks.SingleLabel().compute_metrics(ev, 300, 0)
+    assert np.isnan(knn["ece"]["value"]) and np.isnan(knn["brier"]["value"]) and cm.with_ci(knn["ece"]) == "n/a"
+    assert any("not probabilities" in n for n in tasks.SingleLabel().metric_notes(ev, knn, 300))
