@@ -255,8 +255,9 @@ class PreparedImages:
             now = list_images(self.source)
         except UserError:
             now = []
+        now_set = set(now)
         added = [f for f in now if f not in then]
-        gone = [f for f in then if f not in set(now)]
+        gone = [f for f in then if f not in now_set]
         changed = [f for f in now if f in then and _stat_pair(os.path.join(self.source, f)) != then[f]]
         if added or gone or changed:
             first = (added + gone + changed)[0]
