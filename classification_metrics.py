@@ -43,8 +43,7 @@ PER_CLASS_METRICS = {
 
 COMPARISON_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc_macro", "brier", "ece")
 
-NO_INTERVAL = {"ece": "none: the ECE of a resample is biased upward, so a percentile interval can miss its own "
-                      "value; the Brier score carries the interval"}
+NO_INTERVAL = ("ece",)   # the ECE of a resample is biased upward: a percentile interval can miss its own value
 
 # Every metric takes `weights` (B, N): how many times each of the N images is drawn in each of B
 # resamples. A row of ones is the point estimate, so one code path gives both.
@@ -274,14 +273,15 @@ def collapsed(entry: dict) -> np.ndarray:
     return np.isfinite(low) & (high - low <= 1e-12)
 
 
-def _with_score_fallback(entry: dict, low, high) -> dict:
+def _with_score_fallback(entry: dict, low, high, units=None) -> dict:
     """The entry with `low`/`high` in place of its limits where its percentile interval collapsed; 'score'
-    marks which."""
+    marks which, 'units' keeps the (positive, negative) patient counts the score interval used."""
     where = collapsed(entry)
     if not where.any():
         return entry
     pick = lambda new, old: np.where(where, new, old) if np.ndim(old) else (float(new) if where else old)  # noqa: E731
-    return entry | {"low": pick(low, entry["low"]), "high": pick(high, entry["high"]), "score": where}
+    extra = {} if units is None else {"units": units}
+    return entry | {"low": pick(low, entry["low"]), "high": pick(high, entry["high"]), "score": where} | extra
 
 
 def ranking_fallbacks(out: dict, auc_key: str, ap_key: str, pos, counted, codes, means: dict) -> None:
@@ -289,8 +289,8 @@ def ranking_fallbacks(out: dict, auc_key: str, ap_key: str, pos, counted, codes,
     and negative patients, and collapsed averages (`means`: key -> (per-class key, columns averaged)) by the
     mean of their classes' limits."""
     m, n = unit_counts(pos, counted, codes)
-    out[auc_key] = _with_score_fallback(out[auc_key], *auc_score_interval(out[auc_key]["value"], m, n))
-    out[ap_key] = _with_score_fallback(out[ap_key], *wilson_interval(np.asarray(out[ap_key]["value"]), m))
+    out[auc_key] = _with_score_fallback(out[auc_key], *auc_score_interval(out[auc_key]["value"], m, n), (m, n))
+    out[ap_key] = _with_score_fallback(out[ap_key], *wilson_interval(np.asarray(out[ap_key]["value"]), m), (m, n))
     for key, (per_class, columns) in means.items():
         if collapsed(out[key]).any() and len(columns):
             limits = [np.mean(np.asarray(out[per_class][side])[columns]) for side in ("low", "high")]
@@ -302,14 +302,16 @@ def interval_kind(m: dict, index=None) -> str:
     score = m.get("score")
     if score is not None and bool(np.asarray(score) if index is None else np.asarray(score)[index]):
         return "score (the bootstrap interval had zero width)"
-    if m.get("interval") in NO_INTERVAL.values():
+    if m.get("interval") == "none":
         return "none"
     return "Wilson score" if m.get("interval") == "wilson" else "percentile bootstrap"
 
 
-def score_notes(m: dict, label: str, names: list, pos_units, neg_units, unit: str) -> list:
+def score_notes(m: dict, label: str, names: list, unit: str) -> list:
     """A sentence per class (finding) whose AUC or AP interval is a score interval, so none goes unexplained."""
-    score = np.atleast_1d(np.asarray(m.get("score", False)))
+    if "units" not in m:
+        return []
+    (pos_units, neg_units), score = m["units"], np.atleast_1d(np.asarray(m["score"]))
     return [f"{label} of {names[j]!r}: every resample ranked its {int(pos_units[j])} positive {unit}s the same "
             f"way against its {int(neg_units[j])} negative ones (a zero-width bootstrap interval); its interval is a "
             f"score interval over those {unit}s instead (docs/design.md)" for j in np.flatnonzero(score)]
@@ -350,8 +352,8 @@ def compute_metrics(y_true, prob, k: int, resamples: int, seed: int, groups=None
                  "roc_auc": ("roc_auc_per_class", [1] if k == 2 else columns),
                  "pr_auc": ("pr_auc_per_class", [1] if k == 2 else columns)}
         ranking_fallbacks(out, "roc_auc_per_class", "pr_auc_per_class", true, np.ones_like(true), codes, means)
-    for key, why in NO_INTERVAL.items():
-        out[key] = out[key] | {"low": np.nan, "high": np.nan, "interval": why}
+    for key in NO_INTERVAL:
+        out[key] = out[key] | {"low": np.nan, "high": np.nan, "interval": "none"}
     return out
 
 
@@ -384,7 +386,7 @@ def with_ci(m: dict, index=None, digits: int = 3) -> str:
     value, low, high = pick(m["value"]), pick(m["low"]), pick(m["high"])
     if not np.isfinite(value):
         return "n/a"
-    if "interval" in m and m["interval"] in NO_INTERVAL.values():
+    if m.get("interval") == "none":
         return fmt(value, digits)
     if np.isfinite(low):
         return f"{fmt(value, digits)} [{fmt(low, digits)}, {fmt(high, digits)}]"

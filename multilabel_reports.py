@@ -15,9 +15,9 @@ import numpy as np
 import training_history
 import utils
 from classification_metrics import (FINDING_METRICS, _chunk, bootstrap_p_value, bootstrap_weights,
-                                    compute_multilabel_metrics, finding_metrics, fmt, group_codes, holm_adjusted,
+                                    compute_multilabel_metrics, finding_metrics, fmt, holm_adjusted,
                                     interval_kind, percentile_interval, plain, resampling_unit, scorable_findings,
-                                    score_notes, unit_counts, with_ci)
+                                    score_notes, with_ci)
 from evaluated_model import Evaluated
 from plots import plot_multilabel_embedding, plot_roc_grid
 from utils import UserError
@@ -143,12 +143,8 @@ class MultiLabelReports:
         if resamples and used < resamples:
             notes.append(f"the mean-AUC interval uses {used} of {resamples} resamples; the others lost a finding's "
                          f"positives or negatives")
-        if resamples:
-            y = np.asarray(ev.y_true)
-            pos, neg = unit_counts(y == 1, y >= 0, group_codes(ev.patient_ids, len(y)))
-            unit = metrics["resampling"]["unit"]
-            for key, label in (("roc_auc", "ROC-AUC"), ("average_precision", "average precision")):
-                notes += score_notes(metrics[key], label, ev.class_names, pos, neg, unit)
+        for key, label in (("roc_auc", "ROC-AUC"), ("average_precision", "average precision")):
+            notes += score_notes(metrics[key], label, ev.class_names, metrics["resampling"]["unit"])
         return notes
 
     def metrics_document(self, ev: Evaluated, metrics: dict, args) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 import training_history
 import utils
 from classification_metrics import (COMPARISON_METRICS, PER_CLASS_METRICS, SCALAR_METRICS, compute_metrics, fmt,
-                                    group_codes, interval_kind, score_notes, unit_counts,
+                                    interval_kind, score_notes,
                                     paired_accuracy_difference, paired_metric_differences, plain, with_ci)
 from evaluated_model import Evaluated
 from gradcam import plot_pointing_game, pointing_sentences, signed_with_ci
@@ -71,12 +71,8 @@ class SingleLabelReports:
             notes.append(f"the ROC-AUC interval uses {used} of {resamples} resamples; the others lost a class")
         if ev.kind == "kNN":
             notes.append("no ECE or Brier score: a kNN's class shares are votes of its neighbours, not probabilities")
-        if resamples:
-            true, codes = np.eye(len(ev.class_names), dtype=bool)[ev.y_true], group_codes(ev.patient_ids, len(ev.y_true))
-            pos, neg = unit_counts(true, np.ones_like(true), codes)
-            unit = metrics["resampling"]["unit"]
-            for key, label in (("roc_auc_per_class", "ROC-AUC"), ("pr_auc_per_class", "PR-AUC")):
-                notes += score_notes(metrics[key], label, ev.class_names, pos, neg, unit)
+        for key, label in (("roc_auc_per_class", "ROC-AUC"), ("pr_auc_per_class", "PR-AUC")):
+            notes += score_notes(metrics[key], label, ev.class_names, metrics["resampling"]["unit"])
         return notes
 
     def write_predictions(self, ev: Evaluated, path: str) -> None:

@@ -197,8 +197,7 @@ def test_all_positives_ranked_first_give_a_score_interval_not_a_zero_width_one()
         assert cm.interval_kind(out[key]).startswith("score")
     assert out["pr_auc"]["low"] == pytest.approx(4 / (4 + cm.Z95 ** 2))         # Wilson over 4 positive patients
     assert cm.interval_kind(out["roc_auc_per_class"], 1).startswith("score")
-    notes = cm.score_notes(out["roc_auc_per_class"], "ROC-AUC", ["normal", "nodule"], *cm.unit_counts(
-        np.eye(2, dtype=bool)[y], np.ones((120, 2), bool), cm.group_codes(groups, 120)), "patient")
+    notes = cm.score_notes(out["roc_auc_per_class"], "ROC-AUC", ["normal", "nodule"], "patient")
     assert len(notes) == 2 and "its 4 positive patients" in notes[1] and "56 negative ones" in notes[1]
     # multi-label: the same finding beside an ordinary one
     y2 = np.stack([y, rng.integers(0, 2, 120)], 1)
