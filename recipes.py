@@ -31,7 +31,7 @@ class RecipeParser(argparse.ArgumentParser):
         self.sets = sets or {}
         assert set(self.recipes) == set(RECIPE_NAMES), self.recipes.keys()
         unless = {k: f" (unless {' or '.join('--' + t for t in ts)} is given)" for k, ts in self.sets.items()}
-        shown = "; ".join(f"{k}={_recipe_text(v)}{unless.get(k, '')}" for k, v in self.recipes["tuned"].items())
+        shown = "; ".join(f"{k}={recipe_text(v)}{unless.get(k, '')}" for k, v in self.recipes["tuned"].items())
         self.add_argument_group("recipe").add_argument(
             "--recipe", default="spec", choices=RECIPE_NAMES,
             help=f"spec: the original recipe's table, i.e. every default below; tuned: the measured recipe of "
@@ -52,7 +52,7 @@ class RecipeParser(argparse.ArgumentParser):
         return {k for k, v in vars(seen).items() if v is not _UNSET}
 
 
-def _recipe_text(value) -> str:
+def recipe_text(value) -> str:
     """A constant as written, a rule by its docstring (for --help)."""
     return (value.__doc__ or value.__name__) if callable(value) else str(value)
 

@@ -475,7 +475,7 @@ class _RecipeHelp:
         self.tuned, self.parser = script.TUNED, script.get_args_parser()
 
     def __call__(self, text: str, flag: str) -> str:
-        tuned = self.tuned.get(flag, self.parser.get_default(flag))
+        tuned = recipes.recipe_text(self.tuned.get(flag, self.parser.get_default(flag)))
         return f"{text} (default: the --recipe's, tuned {tuned}, spec {self.parser.get_default(flag)})"
 
 
