@@ -24,6 +24,7 @@ import os
 import sys
 
 import numpy as np
+import pandas as pd
 import torch
 
 import augmentations
@@ -366,7 +367,8 @@ def main(args):
         calibrate_best(paths.best, val_loader, device, task)
         best_epoch = ClassifierCheckpoint.load(paths.best).epoch
         print(f"done: best epoch {best_epoch} by {task.selection_text(best)} -> {paths.best}")
-        hint = still_improving_hint(best_epoch, args.num_epochs)
+        hint = still_improving_hint(best_epoch, args.num_epochs,
+                                    first_epoch_at_best(paths.history, task.selection_column, best_epoch))
         if hint:
             print(hint)
     distributed.cleanup_distributed(dist)
@@ -378,14 +380,33 @@ def peaked_late(best_epoch, num_epochs: int):
     return best_epoch > 0.9 * num_epochs
 
 
-def still_improving_hint(best_epoch: int, num_epochs: int):
-    """A hint when the best val epoch was among the last 10% of 10 or more. With a few dozen labels an epoch
-    is one step, and from-scratch baselines stopped at 30 epochs were well short of their converged accuracy
-    (CHANGELOG.md)."""
-    if num_epochs >= 10 and peaked_late(best_epoch, num_epochs):
+def first_epoch_at_best(history_file: str, column: str, best_epoch: int) -> int:
+    """The first epoch whose val selection metric (`column` of the history CSV) equals the best epoch's: the
+    best epoch itself unless later epochs only tied it and won on val loss. The best epoch where the history
+    cannot tell."""
+    try:
+        history = pd.read_csv(history_file)
+        values = history.set_index("epoch")[column]
+        first = values.index[values == values.loc[best_epoch]]
+        return int(first.min()) if len(first) else best_epoch
+    except (OSError, ValueError, KeyError, pd.errors.ParserError):
+        return best_epoch
+
+
+def still_improving_hint(best_epoch: int, num_epochs: int, reached_epoch: int = None):
+    """A hint when the val selection metric reached its best among the last 10% of 10 or more epochs. With a
+    few dozen labels an epoch is one step, and from-scratch baselines stopped at 30 epochs were well short of
+    their converged accuracy (CHANGELOG.md). `reached_epoch`: the first epoch at the best value (the best
+    epoch can be later only by a tie won on val loss); a run whose metric levelled off earlier gets a note
+    that says so instead."""
+    reached = best_epoch if reached_epoch is None else reached_epoch
+    if num_epochs < 10 or not peaked_late(best_epoch, num_epochs):
+        return None
+    if peaked_late(reached, num_epochs):
         return (f"note: the best val epoch was {best_epoch} of {num_epochs}, so the model was probably still "
                 f"improving; train longer (--num_epochs), above all with few labels, where an epoch is a step or two")
-    return None
+    return (f"note: the val selection metric has been level since epoch {reached} of {num_epochs}; epoch "
+            f"{best_epoch} tied it with a lower val loss, so the run had levelled off, not still improving")
 
 
 def get_args_parser():

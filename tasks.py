@@ -53,6 +53,7 @@ def epoch_row(task, epoch: int, num_epochs: int, stats: dict, val: dict, frozen:
 class SingleLabel(SingleLabelReports):
     """One class per image: `labels` (N,) int64 class indices."""
     name = "multiclass"
+    selection_column = "val_balanced_accuracy"     # the history column is_better ranks first
     evaluated_kind = "classifier"
     unit = "classes"
 
@@ -178,6 +179,7 @@ class MultiLabel(MultiLabelReports):
     """Several findings per image: `labels` (N, K) float32 targets, 1 present, 0 absent, -1 left out (an
     uncertain cell under --uncertain ignore)."""
     name = "multilabel"
+    selection_column = "val_mean_auc"
     evaluated_kind = "multi-label classifier"
     unit = "findings"
 

@@ -344,6 +344,19 @@ def test_fine_tune_says_when_its_best_epoch_was_one_of_the_last():
     assert fine_tune.still_improving_hint(2, 2) is None             # too short a run to tell
 
 
+def test_a_late_best_epoch_that_only_won_a_tie_on_val_loss_is_called_a_plateau(tmp_path):
+    # the quick start's from-scratch run: val balanced accuracy 0.639 from epoch 135, kept epoch 198 by val loss
+    history = tmp_path / "baseline_history.csv"
+    rows = [(e, 0.5 if e < 135 else 0.638889, 2.1 - e / 1000) for e in range(1, 201)]
+    history.write_text("epoch,val_loss,val_balanced_accuracy\n" + "".join(f"{e},{l},{b}\n" for e, b, l in rows))
+    reached = fine_tune.first_epoch_at_best(str(history), "val_balanced_accuracy", 198)
+    assert reached == 135
+    hint = fine_tune.still_improving_hint(198, 200, reached)
+    assert "level since epoch 135 of 200" in hint and "train longer" not in hint
+    assert "train longer" in fine_tune.still_improving_hint(198, 200, 190)        # it rose late: still improving
+    assert fine_tune.first_epoch_at_best(str(tmp_path / "missing.csv"), "val_balanced_accuracy", 198) == 198
+
+
 def test_training_curves_show_what_matters_and_mark_the_kept_epoch(tmp_path, monkeypatch):
     import pandas as pd
     fine = tmp_path / "finetuned_history.csv"
