@@ -186,11 +186,15 @@ def describe(ev: Evaluated) -> str:
 def paired_sentences(paired) -> list:
     if paired is None:
         return ["The first two models share no evaluated image, so no paired difference is computed."]
-    verdict = ("excludes zero: the difference is unlikely to be resampling noise" if paired["excludes_zero"]
+    # lead with the primary metric (the verdict's); accuracy where a comparison predates the per-metric table
+    lead, name = paired.get("metrics", {}).get(PRIMARY_METRIC), VERDICT_METRICS[PRIMARY_METRIC].capitalize()
+    if lead is None:
+        lead, name = paired, "Accuracy"
+    verdict = ("excludes zero: the difference is unlikely to be resampling noise" if lead["excludes_zero"]
                else "includes zero: no difference detected")
     resampling = paired.get("resampling") or {"unit": "image", "images": paired["num_images"]}
-    lines = [f"Accuracy of **{paired['model_a']}** minus **{paired['model_b']}** on the {units_text(resampling)} "
-             f"both scored: **{paired['difference']:+.3f}** (95% CI [{fmt(paired['low'])}, {fmt(paired['high'])}], "
+    lines = [f"{name} of **{paired['model_a']}** minus **{paired['model_b']}** on the {units_text(resampling)} "
+             f"both scored: **{lead['difference']:+.3f}** (95% CI [{fmt(lead['low'])}, {fmt(lead['high'])}], "
              f"paired bootstrap: the same resampled {resampling['unit']}s for both). The interval {verdict}. "
              f"The primary metric is judged by its interval; the secondary ones by Holm-adjusted p-values "
              f"(bootstrap, two-sided), which control the chance of any false 'detected' among them at 5%.",

@@ -222,3 +222,18 @@ def test_brier_by_hand_ece_without_interval_and_knn_without_either():
     knn = tasks.SingleLabel().compute_metrics(ev, 300, 0)
     assert np.isnan(knn["ece"]["value"]) and np.isnan(knn["brier"]["value"]) and cm.with_ci(knn["ece"]) == "n/a"
     assert any("not probabilities" in n for n in tasks.SingleLabel().metric_notes(ev, knn, 300))
+
+
+def test_the_paired_paragraph_leads_with_the_primary_metric_not_accuracy():
+    paired = {"model_a": "SSL init", "model_b": "from scratch", "difference": 0.20, "low": 0.10, "high": 0.30,
+              "excludes_zero": True, "num_images": 318,
+              "resampling": {"unit": "patient", "units": 107, "images": 318},
+              "metrics": {"balanced_accuracy": {"difference": 0.05, "low": -0.02, "high": 0.12,
+                                                "excludes_zero": False, "primary": True},
+                          "accuracy": {"difference": 0.20, "low": 0.10, "high": 0.30, "excludes_zero": True,
+                                       "p_holm": 0.004, "detected": True}}}
+    lead = verdicts.paired_sentences(paired)[0]
+    assert lead.startswith("Balanced accuracy of **SSL init** minus **from scratch** on the 107 patients")
+    assert "**+0.050**" in lead and "includes zero: no difference detected" in lead
+    del paired["metrics"]                                   # an older comparison: accuracy is all there is
+    assert verdicts.paired_sentences(paired)[0].startswith("Accuracy of **SSL init**")
