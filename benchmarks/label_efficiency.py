@@ -48,6 +48,7 @@ import probes  # noqa: E402
 import recipes  # noqa: E402
 import scoring  # noqa: E402
 import synthetic  # noqa: E402
+import tasks  # noqa: E402
 
 METRICS = ("balanced_accuracy", "accuracy", "f1_macro", "roc_auc_macro")   # the first is the gain metric
 PROBABILITY_METRICS = ("ece", "brier")            # lower is better; of probabilities (not of kNN vote shares)
@@ -171,7 +172,10 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
     row = {"method": method, "recipe": args.recipe, "fraction": fraction, "seed": seed,
            "train_seconds": round(seconds, 1), "train_labels": len(ckpt.train_files),
            "val_labels": len((ckpt.splits or {}).get("val") or []),
-           "best_epoch": ev.info.epoch, "num_epochs": ev.info.num_epochs, "test_images": len(ev.y_true),
+           "best_epoch": ev.info.epoch, "level_from_epoch": fine_tune.first_epoch_at_best(
+               os.path.join(out, ckpt.history_file or "model_history.csv"), tasks.of(ev.info.task).selection_column,
+               ev.info.epoch),
+           "num_epochs": ev.info.num_epochs, "test_images": len(ev.y_true),
            **run_scores(ev.y_true, ev.prob, len(ev.class_names), ev.info.task, ev.info.thresholds)}
     utils.atomic_write_text(done, json.dumps({"argv": key, "row": row}))
     return row
@@ -273,9 +277,12 @@ def run_epochs(df, num_epochs: int):
 
 
 def convergence_warnings(df, num_epochs: int) -> list:
-    """Lines for method x fraction groups whose best-on-val epoch fell in the last 10% of the epochs: those
-    runs were still improving, and a baseline stopped while still improving is a crippled baseline."""
-    late = df[fine_tune.peaked_late(df.best_epoch, run_epochs(df, num_epochs))].groupby(["fraction", "method"]).size()
+    """Lines for method x fraction groups whose val selection metric first reached its best in the last 10% of
+    the epochs: those runs were still improving, and a baseline stopped while still improving is a crippled
+    baseline. A later best epoch that only tied it and won on val loss is a plateau, not counted (runs scored
+    before `level_from_epoch` was recorded count by their best epoch)."""
+    reached = df.level_from_epoch.fillna(df.best_epoch) if "level_from_epoch" in df else df.best_epoch
+    late = df[fine_tune.peaked_late(reached, run_epochs(df, num_epochs))].groupby(["fraction", "method"]).size()
     return [f"- warning: {n} of {len(df[(df.fraction == f) & (df.method == m)])} {m} runs at {f:g} peaked on val in "
             f"the last 10% of their epochs and may still be improving: rerun with more --ft_steps"
             for (f, m), n in late.items()]

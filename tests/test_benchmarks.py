@@ -39,7 +39,8 @@ def test_label_efficiency_writes_its_table_and_figure_and_resumes(tmp_path, monk
     assert results[["ece", "brier"]].notna().all().all() and "brier" in summary
     gains = pd.read_csv(os.path.join(out, "gains.csv"))
     assert list(gains.metric) == ["balanced_accuracy", "accuracy"] and gains.gain_ci95_low.isna().all()  # 1 seed
-    assert set(results.best_epoch) == {1} and "0.5 scratch: median best epoch 1 of 1" in summary
+    assert set(results.best_epoch) == {1} == set(results.level_from_epoch)
+    assert "0.5 scratch: median best epoch 1 of 1" in summary
     assert "1 of 1 scratch runs at 0.5 peaked on val in the last 10%" in summary     # 1 epoch: still improving
     assert os.path.getsize(os.path.join(out, "label_efficiency.png")) > 10_000
     probe = pd.read_csv(os.path.join(out, "probe.csv"))                 # the right-reason check
@@ -130,6 +131,15 @@ def test_seed_interval_is_the_t_interval_with_the_sample_sd():
     assert half == pytest.approx(2.776 * sd / np.sqrt(5), rel=1e-3)           # t(0.975, 4 df), not 1.96
     one = label_efficiency.seed_interval([0.5, float("nan")])
     assert one["seeds"] == 1 and one["mean"] == 0.5 and np.isnan(one["sd"]) and np.isnan(one["low"])
+
+
+def test_a_run_level_since_mid_training_is_not_warned_about_as_still_improving():
+    runs = pd.DataFrame({"fraction": [0.05, 0.05], "method": ["scratch", "scratch"], "best_epoch": [198, 195],
+                         "level_from_epoch": [135, 193], "num_epochs": [200, 200]})
+    (line,) = label_efficiency.convergence_warnings(runs, 200)       # only the run whose metric rose late
+    assert "1 of 2 scratch runs at 0.05 peaked on val in the last 10%" in line
+    older = runs.drop(columns="level_from_epoch")                      # rows scored before the field existed
+    assert "2 of 2" in label_efficiency.convergence_warnings(older, 200)[0]
 
 
 def test_sign_test_of_k_of_n_seeds():
