@@ -173,7 +173,7 @@ def finetune_and_score(args, data_dir, label_file, ssl_path, method, fraction, s
            "train_seconds": round(seconds, 1), "train_labels": len(ckpt.train_files),
            "val_labels": len((ckpt.splits or {}).get("val") or []),
            "best_epoch": ev.info.epoch, "level_from_epoch": fine_tune.first_epoch_at_best(
-               os.path.join(out, ckpt.history_file or "model_history.csv"), tasks.of(ev.info.task).selection_column,
+               os.path.join(out, ckpt.history_file or ""), tasks.of(ev.info.task).selection_column,
                ev.info.epoch),
            "num_epochs": ev.info.num_epochs, "test_images": len(ev.y_true),
            **run_scores(ev.y_true, ev.prob, len(ev.class_names), ev.info.task, ev.info.thresholds)}
